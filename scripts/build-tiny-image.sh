@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Build vm_images/tiny.qcow2: a tiny busybox guest (Debian cloud kernel +
+# busybox-static initramfs on a syslinux-booted FAT "superfloppy").
+# Nothing is mounted: the FAT image is filled with mtools.
+#
+# Usage: scripts/build-tiny-image.sh [--force] [OUTPUT.qcow2]
+set -euo pipefail
+
+force=0
+out=""
+for arg in "$@"; do
+    case "$arg" in
+        --force) force=1 ;;
+        -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+        -*) echo "unknown option: $arg" >&2; exit 2 ;;
+        *) out="$arg" ;;
+    esac
+done
+
+# Resolve paths before changing directory so relative OUTPUT args work.
+script="$(realpath "$0")"
+[ -n "$out" ] && out="$(realpath -m "$out")"
+cd "$(dirname "$script")/.."
+out="${out:-$PWD/vm_images/tiny.qcow2}"
+
+# Idempotent: an output newer than this script is considered up to date.
+if [ "$force" = 0 ] && [ -e "$out" ] && [ "$out" -nt "$script" ]; then
+    echo "up to date: $out (use --force to rebuild)"
+    exit 0
+fi
+
+# Host tools; installed only when missing so the common case needs no root.
+need=()
+for pair in cpio:cpio syslinux:syslinux mcopy:mtools mkfs.vfat:dosfstools \
+            xz:xz-utils qemu-img:qemu-utils; do
+    command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
+done
+[ -d /usr/lib/syslinux ] || need+=(syslinux-common)
+if [ "${#need[@]}" -gt 0 ]; then
+    apt-get install -y --no-install-recommends "${need[@]}"
+fi
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+# apt-get download drops privileges to _apt, which needs to write here.
+chmod 755 "$tmp"
+chown _apt "$tmp" 2>/dev/null || true
+
+# --- Fetch kernel and busybox from the Debian archive (not host state). ---
+kpkg="$(apt-cache depends linux-image-cloud-amd64 |
+        sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)"
+[ -n "$kpkg" ] || { echo "cannot resolve cloud kernel package" >&2; exit 1; }
+(cd "$tmp" && apt-get download -q "$kpkg" busybox-static)
+dpkg -x "$tmp/${kpkg}"_*.deb "$tmp/kernel"
+dpkg -x "$tmp"/busybox-static_*.deb "$tmp/bb"
+kver="${kpkg#linux-image-}"
+vmlinuz="$tmp/kernel/boot/vmlinuz-$kver"
+moddir="$tmp/kernel/lib/modules/$kver/kernel/drivers"
+
+# --- Initramfs tree. ---
+root="$tmp/root"
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc,lib/modules}
+chmod 1777 "$root/tmp"
+chmod 700 "$root/root"
+cp "$tmp/bb/bin/busybox" "$root/bin/busybox"
+# Symlink every applet (like `busybox --install -s`, but into our tree).
+for app in $("$root/bin/busybox" --list-full); do
+    [ -e "$root/$app" ] || ln -s /bin/busybox "$root/$app"
+done
+
+# Power button support: ACPI button driver + evdev to read its events.
+# Busybox insmod may not handle compressed modules, so decompress here.
+for m in acpi/button input/evdev; do
+    if [ -e "$moddir/$m.ko.xz" ]; then
+        xz -dc "$moddir/$m.ko.xz" >"$root/lib/modules/${m#*/}.ko"
+    else
+        cp "$moddir/$m.ko" "$root/lib/modules/${m#*/}.ko"
+    fi
+done
+
+# The kernel opens /dev/console before running /init; without the node it
+# warns on the console. Needs root (we are root anyway for apt/dpkg use).
+mknod -m 600 "$root/dev/console" c 5 1
+
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+printf 'root:x:0:\n' >"$root/etc/group"
+printf 'tiny\n' >"$root/etc/hostname"
+cat >"$root/etc/profile" <<'EOF'
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin
+export HOME=/root
+# ash abbreviates $HOME to ~ so this reads "root@tiny:~# ".
+export PS1='root@tiny:\w# '
+cd "$HOME"
+EOF
+
+cat >"$root/init" <<'EOF'
+#!/bin/sh
+# PID 1 of the tiny guest.
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts
+mount -t devpts devpts /dev/pts
+exec </dev/console >/dev/console 2>&1
+# Keep kernel chatter off the console after boot (clean for the supervisor).
+echo 1 >/proc/sys/kernel/printk
+hostname -F /etc/hostname
+insmod /lib/modules/evdev.ko
+insmod /lib/modules/button.ko
+
+# ttyS1 is a raw side channel for the host: no echo, no \n -> \r\n.
+[ -e /dev/ttyS1 ] && stty -F /dev/ttyS1 115200 raw -echo
+
+# ACPI power button -> immediate poweroff (busybox acpid did not work).
+# Find its evdev node (sysfs entry and devtmpfs node appear asynchronously).
+pwr=""
+for _ in $(seq 50); do
+    for ev in /sys/class/input/event*; do
+        if [ "$(cat "$ev/device/name" 2>/dev/null)" = "Power Button" ] &&
+           [ -c "/dev/input/${ev##*/}" ]; then
+            pwr=/dev/input/${ev##*/}
+            break 2
+        fi
+    done
+    sleep 0.1
+done
+if [ -n "$pwr" ]; then
+    # Open it here, before the shell prompt appears: evdev only queues
+    # events for open clients, so a press right after the prompt must not
+    # be lost. The watcher then blocks until exactly one event arrives.
+    exec 3<"$pwr"
+    (dd of=/dev/null bs=24 count=1 <&3 2>/dev/null; poweroff -f) &
+    exec 3<&-
+else
+    echo "tiny: no power button found"
+fi
+
+# Login shell on the serial console, with ttyS0 as controlling tty
+# (needed for job control, Ctrl-C and stty).
+while :; do
+    setsid cttyhack sh -l </dev/ttyS0 >/dev/ttyS0 2>&1
+    sleep 0.2
+done
+EOF
+chmod 755 "$root/init"
+
+# Deterministic newc archive: sorted names, fixed mtimes, uid/gid 0.
+find "$root" -exec touch -h -d @0 {} +
+(cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
+    cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -9 -n >"$tmp/initrd.gz"
+
+# --- Boot disk: FAT superfloppy with syslinux, filled via mtools. ---
+cat >"$tmp/syslinux.cfg" <<'EOF'
+DEFAULT linux
+PROMPT 0
+TIMEOUT 0
+LABEL linux
+  KERNEL vmlinuz
+  APPEND initrd=initrd.gz console=ttyS0,115200 quiet
+EOF
+cp "$vmlinuz" "$tmp/vmlinuz"
+touch -d '2000-01-01 00:00:00 UTC' "$tmp/vmlinuz" "$tmp/initrd.gz" "$tmp/syslinux.cfg"
+img="$tmp/disk.img"
+truncate -s 64M "$img"
+# --invariant: fixed volume id and dates, for reproducible images.
+mkfs.vfat -n TINY --invariant "$img" >/dev/null
+export MTOOLS_SKIP_CHECK=1
+# syslinux writes ldlinux.* through mtools, which stamps them with this date.
+export SOURCE_DATE_EPOCH=946684800
+syslinux --install "$img"
+mcopy -m -i "$img" "$tmp/vmlinuz" "$tmp/initrd.gz" "$tmp/syslinux.cfg" ::/
+
+mkdir -p "$(dirname "$out")"
+qemu-img convert -f raw -O qcow2 "$img" "$out.tmp"
+mv "$out.tmp" "$out"
+echo "built $out (kernel $kver)"

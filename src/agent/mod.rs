@@ -1,0 +1,118 @@
+//! Agents: claim loops that take pending requests from the store and run each in a throwaway VM.
+//!
+//! In `all` mode the API wakes the agents directly (no polling delay); as a separate process
+//! they poll every `SQLITE_SIM_AGENT_POLL_INTERVAL`. A host-wide slot is taken before claiming,
+//! so no request is claimed that could not start at once.
+
+mod run;
+pub mod slots;
+
+use crate::config::vm::VmCatalog;
+use crate::config::Settings;
+use crate::model::AgentId;
+use crate::store::Store;
+use slots::HostSlots;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tracing::Instrument;
+
+/// How long a claim stays valid without a heartbeat.
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// What every agent of a process shares.
+pub struct AgentContext {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub catalog: VmCatalog,
+    /// Woken by the API when a request is created (in-process mode).
+    pub wake: Arc<Notify>,
+    pub slots: HostSlots,
+    /// Becomes true when the process is stopping: no new claims; running VMs are shut down.
+    pub stopping: watch::Receiver<bool>,
+}
+
+impl AgentContext {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        wake: Arc<Notify>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        AgentContext {
+            catalog: VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir),
+            slots: HostSlots::new(
+                settings.run_dir.join("slots"),
+                settings.max_concurrent_vms,
+                settings.agent_poll_interval,
+            ),
+            settings,
+            store,
+            wake,
+            stopping,
+        }
+    }
+}
+
+/// Runs `SQLITE_SIM_AGENT_COUNT` agents until `stopping` turns true and their runs have ended.
+pub async fn run_agents(ctx: Arc<AgentContext>) {
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "host".into());
+    let pid = std::process::id();
+    let mut tasks = Vec::new();
+    for i in 0..ctx.settings.agent_count {
+        let id = AgentId(format!("{host}:{pid}:{i}"));
+        let span = tracing::info_span!("agent", agent = %id);
+        tasks.push(tokio::spawn(agent_loop(ctx.clone(), id).instrument(span)));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn agent_loop(ctx: Arc<AgentContext>, id: AgentId) {
+    tracing::info!("agent started");
+    let mut stopping = ctx.stopping.clone();
+    loop {
+        if *stopping.borrow() {
+            break;
+        }
+        // Registered before the claim, so a wake-up between claim and wait is not missed.
+        let notified = ctx.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let slot = tokio::select! {
+            s = ctx.slots.acquire() => s,
+            _ = stopping.changed() => break,
+        };
+        let slot = match slot {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot take a VM slot");
+                tokio::time::sleep(ctx.settings.agent_poll_interval).await;
+                continue;
+            }
+        };
+        match ctx.store.claim(&id, LEASE).await {
+            Ok(Some(req)) => {
+                run::execute(&ctx, &id, req).await;
+                drop(slot);
+            }
+            Ok(None) => {
+                drop(slot);
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(ctx.settings.agent_poll_interval) => {}
+                    _ = stopping.changed() => {}
+                }
+            }
+            Err(e) => {
+                drop(slot);
+                tracing::error!(error = %e, "claim failed");
+                tokio::time::sleep(ctx.settings.agent_poll_interval).await;
+            }
+        }
+    }
+    tracing::info!("agent stopped");
+}

@@ -1,0 +1,307 @@
+//! Command line: the services (`all`, `api`, `agents`), `config`, `status`, and `console` (boot a
+//! VM by hand with the agent's own QEMU arguments).
+
+use crate::agent::{self, AgentContext};
+use crate::api::{self, AppState};
+use crate::config::vm::VmCatalog;
+use crate::config::Settings;
+use crate::qemu::{image, launch};
+use crate::store::Store;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::sync::{watch, Notify};
+
+#[derive(Debug, Parser)]
+#[command(name = "sqlite-sim", version, about = "QMP-native QEMU VM supervisor")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// API server and agents in one process (agents woken directly, no polling delay).
+    All,
+    /// The REST API server only.
+    Api,
+    /// The agents only (they poll the shared database).
+    Agents,
+    /// Print the effective settings and validate every VM config.
+    Config,
+    /// Check the database, QEMU, the accelerator and the VM images.
+    Status,
+    /// Boot a VM by hand with the agent's QEMU arguments, console on this terminal.
+    Console {
+        /// VM name (vm_configs/NAME.conf or vm_images/NAME.qcow2).
+        name: String,
+        /// Kill QEMU after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+}
+
+/// Entry point used by `main`.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sqlite-sim: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Config => return print_config(&settings),
+        command => runtime(&settings).and_then(|rt| rt.block_on(dispatch(command, settings))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sqlite-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.api_workers.max(2))
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::All => serve(settings, true, true).await,
+        Command::Api => serve(settings, true, false).await,
+        Command::Agents => serve(settings, false, true).await,
+        Command::Status => status(&settings).await,
+        Command::Console { name, timeout } => console(&settings, &name, timeout).await,
+        Command::Config => unreachable!("handled without a runtime"),
+    }
+}
+
+async fn serve(settings: Settings, with_api: bool, with_agents: bool) -> anyhow::Result<ExitCode> {
+    crate::telemetry::init(&settings)?;
+    let settings = Arc::new(settings);
+    let store = Store::open(&settings.db_path)
+        .await
+        .with_context(|| format!("opening {}", settings.db_path.display()))?;
+    let wake = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let agents = with_agents.then(|| {
+        let ctx = Arc::new(AgentContext::new(
+            settings.clone(),
+            store.clone(),
+            wake.clone(),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(agent::run_agents(ctx))
+    });
+    let mut stopped = stop_rx.clone();
+    let api = with_api.then(|| {
+        let state = AppState::new(settings.clone(), store.clone(), wake.clone());
+        tokio::spawn(api::serve(state, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }))
+    });
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("stopping: shutting running VMs down"),
+        r = async { match api { Some(h) => h.await, None => std::future::pending().await } } => {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = stop_tx.send(true);
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "API on {}:{}", settings.api_host, settings.api_port
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    if let Some(a) = agents {
+        let _ = a.await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn print_config(settings: &Settings) -> ExitCode {
+    for (k, v) in settings.describe() {
+        println!("{k}={v}");
+    }
+    let catalog = VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir);
+    let names = catalog.available();
+    println!();
+    if names.is_empty() {
+        println!(
+            "VMs: none in {} or {}",
+            settings.vm_config_dir.display(),
+            settings.vm_images_dir.display()
+        );
+    }
+    let mut ok = true;
+    for name in names {
+        match catalog.check(&name) {
+            Ok(vm) => println!(
+                "VM {name}: ok (memory {}, cpus {}, image {})",
+                vm.memory,
+                vm.cpus,
+                vm.image
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into())
+            ),
+            Err(e) => {
+                ok = false;
+                println!("VM {name}: INVALID: {e}");
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let mut healthy = true;
+    match Store::open(&settings.db_path).await {
+        Ok(store) => match store.health().await {
+            Ok(()) => println!("database: ok ({})", settings.db_path.display()),
+            Err(e) => {
+                healthy = false;
+                println!("database: ERROR {e}");
+            }
+        },
+        Err(e) => {
+            healthy = false;
+            println!("database: ERROR {e}");
+        }
+    }
+    match tokio::process::Command::new(&settings.qemu_binary)
+        .arg("--version")
+        .output()
+        .await
+    {
+        Ok(out) if out.status.success() => println!(
+            "qemu: {} ({})",
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .unwrap_or("?"),
+            settings.qemu_binary.display()
+        ),
+        Ok(out) => {
+            healthy = false;
+            println!(
+                "qemu: ERROR {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Err(e) => {
+            healthy = false;
+            println!(
+                "qemu: ERROR {} not runnable: {e}",
+                settings.qemu_binary.display()
+            );
+        }
+    }
+    println!(
+        "accelerator: {} (resolves to {}; /dev/kvm usable: {})",
+        settings.accel.as_str(),
+        settings.accel.resolve().as_str(),
+        crate::config::kvm_usable()
+    );
+    let catalog = VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir);
+    let names = catalog.available();
+    println!(
+        "vms: {}",
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    );
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn console(settings: &Settings, name: &str, timeout: u64) -> anyhow::Result<ExitCode> {
+    let catalog = VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir);
+    let vm = catalog.load(name)?;
+    let run_name = format!("console-{}", std::process::id());
+    let paths = launch::RunPaths::new(&settings.run_dir, &run_name);
+    paths.create()?;
+    let result = async {
+        if let Some(base) = &vm.image {
+            image::create_overlay(
+                &image::qemu_img_for(&settings.qemu_binary),
+                base,
+                vm.format,
+                &paths.overlay,
+            )
+            .await?;
+        }
+        let spec = launch::LaunchSpec {
+            vm: &vm,
+            accel: vm.accel.unwrap_or(settings.accel).resolve(),
+            paths: &paths,
+            disk: vm.image.as_ref().map(|_| paths.overlay.as_path()),
+            name: format!("sqlite-sim-{run_name}"),
+        };
+        let args = launch::qemu_args(&spec, launch::Wiring::Interactive);
+        eprintln!(
+            "sqlite-sim: {} {}",
+            settings.qemu_binary.display(),
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        eprintln!(
+            "sqlite-sim: QMP at {}; killed after {timeout} s",
+            paths.qmp.display()
+        );
+        let mut child = tokio::process::Command::new(&settings.qemu_binary)
+            .args(&args)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting QEMU")?;
+        let status =
+            match tokio::time::timeout(std::time::Duration::from_secs(timeout), child.wait()).await
+            {
+                Ok(s) => s?,
+                Err(_) => {
+                    eprintln!("sqlite-sim: timeout; killing QEMU");
+                    child.kill().await?;
+                    child.wait().await?
+                }
+            };
+        anyhow::Ok(if status.success() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+    .await;
+    paths.remove();
+    result
+}

@@ -1,0 +1,401 @@
+//! Settings: the `SQLITE_SIM_*` environment variables (plus an optional `.env`), and the
+//! per-VM `vm_configs/NAME.conf` files (see [`vm`]).
+//!
+//! Every value is validated when the process starts; an invalid one is an error naming the variable.
+
+pub mod kv;
+pub mod vm;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{var}: {message}")]
+    Invalid { var: &'static str, message: String },
+    #[error("{path}: {source}")]
+    EnvFile { path: PathBuf, source: kv::KvError },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM when `/dev/kvm` can be opened read-write, TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Some(Accel::Auto),
+            "kvm" => Some(Accel::Kvm),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// Resolves `auto` against this host.
+    pub fn resolve(self) -> Accel {
+        match self {
+            Accel::Auto if kvm_usable() => Accel::Kvm,
+            Accel::Auto => Accel::Tcg,
+            other => other,
+        }
+    }
+}
+
+/// `/dev/kvm` exists and this user may open it read-write.
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// The effective settings of this process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub db_path: PathBuf,
+    pub api_host: IpAddr,
+    pub api_port: u16,
+    pub api_workers: usize,
+    pub agent_count: usize,
+    pub agent_poll_interval: Duration,
+    pub vm_images_dir: PathBuf,
+    pub vm_config_dir: PathBuf,
+    pub max_concurrent_vms: usize,
+    pub default_timeout: u32,
+    pub max_timeout: u32,
+    pub enable_cors: bool,
+    pub allowed_origins: Vec<String>,
+    pub log_level: String,
+    pub log_file: Option<PathBuf>,
+    pub accel: Accel,
+    pub run_dir: PathBuf,
+    pub qemu_binary: PathBuf,
+    /// Keep a failed run's directory (overlay, sockets, QEMU stderr) for inspection.
+    pub keep_failed_runs: bool,
+}
+
+/// Longest run-dir path that still leaves room for `/<uuid>/console.sock` within the
+/// 107-byte limit of a unix socket path.
+const MAX_RUN_DIR_LEN: usize = 60;
+
+impl Settings {
+    /// Reads the process environment, falling back to `./.env` for unset variables.
+    pub fn load() -> Result<Self, ConfigError> {
+        let dotenv = load_env_file(Path::new(".env"))?;
+        Self::from_lookup(|k| std::env::var(k).ok().or_else(|| dotenv.get(k).cloned()))
+    }
+
+    /// Builds settings from any lookup function (the environment in production, a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let v = Vars { get: &get };
+        let default_timeout = v.num("SQLITE_SIM_DEFAULT_TIMEOUT", 300u32, 1, u32::MAX)?;
+        let max_timeout = v.num("SQLITE_SIM_MAX_TIMEOUT", 3600u32, 1, u32::MAX)?;
+        if default_timeout > max_timeout {
+            return Err(ConfigError::Invalid {
+                var: "SQLITE_SIM_DEFAULT_TIMEOUT",
+                message: format!(
+                    "{default_timeout} exceeds SQLITE_SIM_MAX_TIMEOUT ({max_timeout})"
+                ),
+            });
+        }
+        let run_dir = v.path("SQLITE_SIM_RUN_DIR", default_run_dir());
+        if run_dir.as_os_str().len() > MAX_RUN_DIR_LEN {
+            return Err(ConfigError::Invalid {
+                var: "SQLITE_SIM_RUN_DIR",
+                message: format!(
+                    "{} is longer than {MAX_RUN_DIR_LEN} bytes; unix socket paths inside it would \
+                     exceed the kernel's 107-byte limit",
+                    run_dir.display()
+                ),
+            });
+        }
+        let log_level = v.string("SQLITE_SIM_LOG_LEVEL", "INFO");
+        if !["TRACE", "DEBUG", "INFO", "WARN", "WARNING", "ERROR"]
+            .contains(&log_level.to_ascii_uppercase().as_str())
+        {
+            return Err(ConfigError::Invalid {
+                var: "SQLITE_SIM_LOG_LEVEL",
+                message: format!("{log_level:?} is not one of TRACE, DEBUG, INFO, WARN, ERROR"),
+            });
+        }
+        Ok(Settings {
+            db_path: v.path("SQLITE_SIM_DB_PATH", "./simulation.db".into()),
+            api_host: v.parse("SQLITE_SIM_API_HOST", "127.0.0.1", "an IP address")?,
+            api_port: v.num("SQLITE_SIM_API_PORT", 8000u16, 0, u16::MAX)?,
+            api_workers: v.num("SQLITE_SIM_API_WORKERS", 1usize, 1, 256)?,
+            agent_count: v.num("SQLITE_SIM_AGENT_COUNT", 2usize, 1, 256)?,
+            agent_poll_interval: v.seconds("SQLITE_SIM_AGENT_POLL_INTERVAL", 5.0)?,
+            vm_images_dir: v.path("SQLITE_SIM_VM_IMAGES_DIR", "./vm_images".into()),
+            vm_config_dir: v.path("SQLITE_SIM_VM_CONFIG_DIR", "./vm_configs".into()),
+            max_concurrent_vms: v.num("SQLITE_SIM_MAX_CONCURRENT_VMS", 10usize, 1, 1024)?,
+            default_timeout,
+            max_timeout,
+            enable_cors: v.boolean("SQLITE_SIM_ENABLE_CORS", false)?,
+            allowed_origins: v
+                .string("SQLITE_SIM_ALLOWED_ORIGINS", "*")
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            log_level,
+            log_file: (get)("SQLITE_SIM_LOG_FILE")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            accel: {
+                let s = v.string("SQLITE_SIM_ACCEL", "auto");
+                Accel::parse(&s).ok_or_else(|| ConfigError::Invalid {
+                    var: "SQLITE_SIM_ACCEL",
+                    message: format!("{s:?} is not one of auto, kvm, tcg"),
+                })?
+            },
+            run_dir,
+            qemu_binary: v.path("SQLITE_SIM_QEMU_BINARY", "qemu-system-x86_64".into()),
+            keep_failed_runs: v.boolean("SQLITE_SIM_KEEP_FAILED_RUNS", false)?,
+        })
+    }
+
+    /// `(name, value)` pairs for `sqlite-sim config`.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let p = |p: &Path| p.display().to_string();
+        vec![
+            ("SQLITE_SIM_DB_PATH", p(&self.db_path)),
+            ("SQLITE_SIM_API_HOST", self.api_host.to_string()),
+            ("SQLITE_SIM_API_PORT", self.api_port.to_string()),
+            ("SQLITE_SIM_API_WORKERS", self.api_workers.to_string()),
+            ("SQLITE_SIM_AGENT_COUNT", self.agent_count.to_string()),
+            (
+                "SQLITE_SIM_AGENT_POLL_INTERVAL",
+                format!("{}", self.agent_poll_interval.as_secs_f64()),
+            ),
+            ("SQLITE_SIM_VM_IMAGES_DIR", p(&self.vm_images_dir)),
+            ("SQLITE_SIM_VM_CONFIG_DIR", p(&self.vm_config_dir)),
+            (
+                "SQLITE_SIM_MAX_CONCURRENT_VMS",
+                self.max_concurrent_vms.to_string(),
+            ),
+            (
+                "SQLITE_SIM_DEFAULT_TIMEOUT",
+                self.default_timeout.to_string(),
+            ),
+            ("SQLITE_SIM_MAX_TIMEOUT", self.max_timeout.to_string()),
+            ("SQLITE_SIM_ENABLE_CORS", self.enable_cors.to_string()),
+            ("SQLITE_SIM_ALLOWED_ORIGINS", self.allowed_origins.join(",")),
+            ("SQLITE_SIM_LOG_LEVEL", self.log_level.clone()),
+            (
+                "SQLITE_SIM_LOG_FILE",
+                self.log_file.as_deref().map(p).unwrap_or_default(),
+            ),
+            ("SQLITE_SIM_ACCEL", self.accel.as_str().to_string()),
+            ("SQLITE_SIM_RUN_DIR", p(&self.run_dir)),
+            ("SQLITE_SIM_QEMU_BINARY", p(&self.qemu_binary)),
+            (
+                "SQLITE_SIM_KEEP_FAILED_RUNS",
+                self.keep_failed_runs.to_string(),
+            ),
+        ]
+    }
+}
+
+fn default_run_dir() -> PathBuf {
+    let uid = nix::unistd::getuid();
+    PathBuf::from(format!("/tmp/sqlite-sim-{uid}"))
+}
+
+/// Reads `.env` if it exists; a missing file is not an error, a malformed one is.
+pub fn load_env_file(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => kv::parse(&text)
+            .map(|pairs| pairs.into_iter().collect())
+            .map_err(|source| ConfigError::EnvFile {
+                path: path.to_path_buf(),
+                source,
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+        Err(source) => Err(ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Typed access to the variables, each error naming its variable.
+struct Vars<'a> {
+    get: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Vars<'_> {
+    fn raw(&self, var: &str) -> Option<String> {
+        (self.get)(var)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    }
+
+    fn string(&self, var: &str, default: &str) -> String {
+        self.raw(var).unwrap_or_else(|| default.to_string())
+    }
+
+    fn path(&self, var: &str, default: PathBuf) -> PathBuf {
+        self.raw(var).map(PathBuf::from).unwrap_or(default)
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        default: &str,
+        what: &str,
+    ) -> Result<T, ConfigError> {
+        let s = self.string(var, default);
+        s.parse().map_err(|_| ConfigError::Invalid {
+            var,
+            message: format!("{s:?} is not {what}"),
+        })
+    }
+
+    fn num<T>(&self, var: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+    {
+        let Some(s) = self.raw(var) else {
+            return Ok(default);
+        };
+        match s.parse::<T>() {
+            Ok(n) if n >= min && n <= max => Ok(n),
+            _ => Err(ConfigError::Invalid {
+                var,
+                message: format!("{s:?} is not a whole number from {min} to {max}"),
+            }),
+        }
+    }
+
+    fn seconds(&self, var: &'static str, default: f64) -> Result<Duration, ConfigError> {
+        let Some(s) = self.raw(var) else {
+            return Ok(Duration::from_secs_f64(default));
+        };
+        match s.parse::<f64>() {
+            Ok(n) if n.is_finite() && (0.01..=3600.0).contains(&n) => {
+                Ok(Duration::from_secs_f64(n))
+            }
+            _ => Err(ConfigError::Invalid {
+                var,
+                message: format!("{s:?} is not a number of seconds from 0.01 to 3600"),
+            }),
+        }
+    }
+
+    fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        let Some(s) = self.raw(var) else {
+            return Ok(default);
+        };
+        match s.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(ConfigError::Invalid {
+                var,
+                message: format!("{s:?} is not true or false"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_seed_except_the_bind_address() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.db_path, PathBuf::from("./simulation.db"));
+        assert_eq!(s.api_host.to_string(), "127.0.0.1");
+        assert_eq!(s.api_port, 8000);
+        assert_eq!(s.agent_count, 2);
+        assert_eq!(s.agent_poll_interval, Duration::from_secs(5));
+        assert_eq!(s.max_concurrent_vms, 10);
+        assert_eq!((s.default_timeout, s.max_timeout), (300, 3600));
+        assert!(!s.enable_cors);
+        assert_eq!(s.allowed_origins, vec!["*"]);
+        assert_eq!(s.accel, Accel::Auto);
+    }
+
+    #[test]
+    fn values_are_read() {
+        let s = settings(&[
+            ("SQLITE_SIM_API_PORT", "8080"),
+            ("SQLITE_SIM_AGENT_POLL_INTERVAL", "0.25"),
+            ("SQLITE_SIM_ENABLE_CORS", "true"),
+            ("SQLITE_SIM_ALLOWED_ORIGINS", "http://a, http://b"),
+            ("SQLITE_SIM_ACCEL", "TCG"),
+            ("SQLITE_SIM_API_HOST", "0.0.0.0"),
+        ])
+        .unwrap();
+        assert_eq!(s.api_port, 8080);
+        assert_eq!(s.agent_poll_interval, Duration::from_millis(250));
+        assert!(s.enable_cors);
+        assert_eq!(s.allowed_origins, vec!["http://a", "http://b"]);
+        assert_eq!(s.accel, Accel::Tcg);
+        assert_eq!(s.api_host.to_string(), "0.0.0.0");
+    }
+
+    #[test]
+    fn invalid_values_name_their_variable() {
+        for (var, value) in [
+            ("SQLITE_SIM_API_PORT", "eighty"),
+            ("SQLITE_SIM_API_PORT", "70000"),
+            ("SQLITE_SIM_AGENT_COUNT", "0"),
+            ("SQLITE_SIM_AGENT_POLL_INTERVAL", "-1"),
+            ("SQLITE_SIM_MAX_CONCURRENT_VMS", "many"),
+            ("SQLITE_SIM_ENABLE_CORS", "maybe"),
+            ("SQLITE_SIM_ACCEL", "hvf"),
+            ("SQLITE_SIM_API_HOST", "localhost:80"),
+            ("SQLITE_SIM_LOG_LEVEL", "LOUD"),
+            ("SQLITE_SIM_DEFAULT_TIMEOUT", "5000"),
+            (
+                "SQLITE_SIM_RUN_DIR",
+                "/a/very/long/run/directory/path/that/would/overflow/sun_path/limits",
+            ),
+        ] {
+            let err = settings(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.starts_with(var), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn env_file_missing_is_fine_malformed_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_env_file(&dir.path().join(".env")).unwrap().is_empty());
+        let p = dir.path().join(".env");
+        std::fs::write(&p, "SQLITE_SIM_API_PORT=\"9000\"\n").unwrap();
+        assert_eq!(load_env_file(&p).unwrap()["SQLITE_SIM_API_PORT"], "9000");
+        std::fs::write(&p, "SQLITE_SIM_API_PORT=\"9000\n").unwrap();
+        assert!(load_env_file(&p).is_err());
+    }
+}

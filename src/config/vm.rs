@@ -1,0 +1,470 @@
+//! Per-VM settings from `vm_configs/NAME.conf`, and the catalogue of VMs this host can run.
+
+use super::{kv, Accel};
+use regex::Regex;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum VmConfigError {
+    #[error("invalid VM name {0:?}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")]
+    InvalidName(String),
+    #[error("unknown VM {name:?}; available: {}", if available.is_empty() { "none".to_string() } else { available.join(", ") })]
+    Unknown {
+        name: String,
+        available: Vec<String>,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How the guest's serial console reaches the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleTransport {
+    /// A unix-socket chardev (the default).
+    Socket,
+    /// A pty chardev opened with tokio-serial.
+    Pty,
+}
+
+/// Disk image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+/// One VM's effective settings.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub name: String,
+    /// Memory size as QEMU's `-m` takes it, e.g. `256M`.
+    pub memory: String,
+    pub cpus: u32,
+    /// Extra QEMU arguments, split like a shell would, passed as argv (never through a shell).
+    pub additional_args: Vec<String>,
+    /// Base disk image; `None` for a VM that boots only a kernel and initrd.
+    pub image: Option<PathBuf>,
+    pub format: DiskFormat,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub append: Option<String>,
+    /// Overrides `SQLITE_SIM_ACCEL` for this VM.
+    pub accel: Option<Accel>,
+    /// The shell prompt that says the guest is ready, matched at the end of the console output.
+    pub prompt: Regex,
+    pub login_user: Option<String>,
+    pub login_password: Option<String>,
+    pub boot_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub console: ConsoleTransport,
+    /// Guest device of the second serial port used for stderr (e.g. `/dev/ttyS1`); `None` merges
+    /// stderr into stdout.
+    pub stderr_device: Option<String>,
+}
+
+const KEYS: &[&str] = &[
+    "MEMORY",
+    "CPU",
+    "ADDITIONAL_ARGS",
+    "IMAGE",
+    "FORMAT",
+    "KERNEL",
+    "INITRD",
+    "APPEND",
+    "ACCEL",
+    "PROMPT",
+    "LOGIN_USER",
+    "LOGIN_PASSWORD",
+    "BOOT_TIMEOUT",
+    "SHUTDOWN_TIMEOUT",
+    "CONSOLE",
+    "STDERR_DEVICE",
+];
+
+/// Default prompt: a root or user shell prompt (`# ` or `$ `) at the end of the output.
+pub const DEFAULT_PROMPT: &str = r"[#$] $";
+
+/// `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`, checked without a regex.
+pub fn is_valid_vm_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+impl VmConfig {
+    /// Parses a config's text. `images_dir` resolves the default and relative `IMAGE` paths;
+    /// `config_dir` resolves relative `KERNEL`/`INITRD` paths.
+    pub fn parse(
+        name: &str,
+        text: &str,
+        path: &Path,
+        images_dir: &Path,
+        config_dir: &Path,
+    ) -> Result<Self, VmConfigError> {
+        let invalid = |message: String| VmConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let pairs = kv::parse(text).map_err(|e| invalid(e.to_string()))?;
+        for (k, _) in &pairs {
+            if !KEYS.contains(&k.as_str()) {
+                return Err(invalid(format!(
+                    "unknown key {k}; known keys: {}",
+                    KEYS.join(", ")
+                )));
+            }
+        }
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
+        };
+        let memory = get("MEMORY").unwrap_or_else(|| "512M".into());
+        if !is_memory_size(&memory) {
+            return Err(invalid(format!(
+                "MEMORY {memory:?} is not a size like 512M or 2G"
+            )));
+        }
+        let cpus = match get("CPU") {
+            None => 1,
+            Some(s) => match s.parse::<u32>() {
+                Ok(n @ 1..=64) => n,
+                _ => return Err(invalid(format!("CPU {s:?} is not a number from 1 to 64"))),
+            },
+        };
+        let additional_args = match get("ADDITIONAL_ARGS") {
+            None => Vec::new(),
+            Some(s) => shell_words::split(&s)
+                .map_err(|e| invalid(format!("ADDITIONAL_ARGS cannot be split: {e}")))?,
+        };
+        let resolve = |dir: &Path, p: String| {
+            let p = PathBuf::from(p);
+            if p.is_absolute() {
+                p
+            } else {
+                dir.join(p)
+            }
+        };
+        let kernel = get("KERNEL").map(|p| resolve(config_dir, p));
+        let image = match get("IMAGE") {
+            Some(p) => Some(resolve(images_dir, p)),
+            None => {
+                let default = images_dir.join(format!("{name}.qcow2"));
+                // A kernel-only VM needs no disk; otherwise the default image is expected.
+                if kernel.is_some() && !default.exists() {
+                    None
+                } else {
+                    Some(default)
+                }
+            }
+        };
+        let format = match get("FORMAT").as_deref() {
+            Some("qcow2") => DiskFormat::Qcow2,
+            Some("raw") => DiskFormat::Raw,
+            Some(other) => return Err(invalid(format!("FORMAT {other:?} is not qcow2 or raw"))),
+            None => match image.as_ref().and_then(|p| p.extension()) {
+                Some(ext) if ext == "img" || ext == "raw" => DiskFormat::Raw,
+                _ => DiskFormat::Qcow2,
+            },
+        };
+        let accel = match get("ACCEL") {
+            None => None,
+            Some(s) => Some(
+                Accel::parse(&s)
+                    .ok_or_else(|| invalid(format!("ACCEL {s:?} is not auto, kvm or tcg")))?,
+            ),
+        };
+        let prompt_src = get("PROMPT").unwrap_or_else(|| DEFAULT_PROMPT.into());
+        let prompt = Regex::new(&format!("(?:{prompt_src})$"))
+            .map_err(|e| invalid(format!("PROMPT is not a valid regex: {e}")))?;
+        let seconds = |key: &str, default: u64| -> Result<Duration, VmConfigError> {
+            match get(key) {
+                None => Ok(Duration::from_secs(default)),
+                Some(s) => match s.parse::<u64>() {
+                    Ok(n @ 1..=3600) => Ok(Duration::from_secs(n)),
+                    _ => Err(invalid(format!(
+                        "{key} {s:?} is not a number of seconds from 1 to 3600"
+                    ))),
+                },
+            }
+        };
+        let console = match get("CONSOLE").as_deref() {
+            None | Some("socket") => ConsoleTransport::Socket,
+            Some("pty") => ConsoleTransport::Pty,
+            Some(other) => return Err(invalid(format!("CONSOLE {other:?} is not socket or pty"))),
+        };
+        let stderr_device = get("STDERR_DEVICE");
+        if let Some(dev) = &stderr_device {
+            if !dev.starts_with("/dev/") || dev.contains(|c: char| c.is_whitespace() || c == '\'') {
+                return Err(invalid(format!(
+                    "STDERR_DEVICE {dev:?} is not a guest device path like /dev/ttyS1"
+                )));
+            }
+        }
+        Ok(VmConfig {
+            name: name.to_string(),
+            memory,
+            cpus,
+            additional_args,
+            image,
+            format,
+            kernel,
+            initrd: get("INITRD").map(|p| resolve(config_dir, p)),
+            append: get("APPEND"),
+            accel,
+            prompt,
+            login_user: get("LOGIN_USER"),
+            login_password: get("LOGIN_PASSWORD"),
+            boot_timeout: seconds("BOOT_TIMEOUT", 120)?,
+            shutdown_timeout: seconds("SHUTDOWN_TIMEOUT", 30)?,
+            console,
+            stderr_device,
+        })
+    }
+}
+
+fn is_memory_size(s: &str) -> bool {
+    let digits = s.trim_end_matches(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't']);
+    !digits.is_empty()
+        && digits.len() + 1 >= s.len()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits.parse::<u64>().is_ok_and(|n| n > 0)
+}
+
+/// Finds VMs by name in the images and configs directories.
+#[derive(Debug, Clone)]
+pub struct VmCatalog {
+    pub images_dir: PathBuf,
+    pub config_dir: PathBuf,
+}
+
+impl VmCatalog {
+    pub fn new(images_dir: impl Into<PathBuf>, config_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            images_dir: images_dir.into(),
+            config_dir: config_dir.into(),
+        }
+    }
+
+    /// Names of every VM with a config file or a `.qcow2` image, sorted.
+    pub fn available(&self) -> Vec<String> {
+        let mut names = BTreeSet::new();
+        for (dir, ext) in [(&self.config_dir, "conf"), (&self.images_dir, "qcow2")] {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == ext) {
+                    if let Some(stem) = p.file_stem().and_then(|s| s.to_str()) {
+                        if is_valid_vm_name(stem) {
+                            names.insert(stem.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    /// Loads one VM's config: its `.conf` when present, defaults when only an image exists.
+    pub fn load(&self, name: &str) -> Result<VmConfig, VmConfigError> {
+        if !is_valid_vm_name(name) {
+            return Err(VmConfigError::InvalidName(name.chars().take(80).collect()));
+        }
+        let conf = self.config_dir.join(format!("{name}.conf"));
+        let text = match std::fs::read_to_string(&conf) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.images_dir.join(format!("{name}.qcow2")).exists() {
+                    String::new()
+                } else {
+                    return Err(VmConfigError::Unknown {
+                        name: name.to_string(),
+                        available: self.available(),
+                    });
+                }
+            }
+            Err(source) => return Err(VmConfigError::Io { path: conf, source }),
+        };
+        VmConfig::parse(name, &text, &conf, &self.images_dir, &self.config_dir)
+    }
+
+    /// Loads a VM and checks that the files it needs exist (used by `config` and `status`).
+    pub fn check(&self, name: &str) -> Result<VmConfig, VmConfigError> {
+        let vm = self.load(name)?;
+        let files = vm
+            .image
+            .iter()
+            .chain(vm.kernel.iter())
+            .chain(vm.initrd.iter());
+        for f in files {
+            if !f.is_file() {
+                return Err(VmConfigError::Invalid {
+                    path: self.config_dir.join(format!("{name}.conf")),
+                    message: format!("{} does not exist", f.display()),
+                });
+            }
+        }
+        Ok(vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<VmConfig, VmConfigError> {
+        VmConfig::parse(
+            "t",
+            text,
+            Path::new("vm_configs/t.conf"),
+            Path::new("/imgs"),
+            Path::new("/confs"),
+        )
+    }
+
+    #[test]
+    fn vm_names() {
+        for ok in ["tiny", "ubuntu-server", "a", "v1.2_x", &"a".repeat(64)] {
+            assert!(is_valid_vm_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "/abs",
+            "a/b",
+            ".hidden",
+            "-x",
+            "a\0b",
+            "a b",
+            &"a".repeat(65),
+            "é",
+        ] {
+            assert!(!is_valid_vm_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn seed_example_and_defaults() {
+        let vm = parse(
+            "MEMORY=\"2G\"\nCPU=\"2\"\nADDITIONAL_ARGS=\"-netdev user,id=net0 -device e1000,netdev=net0\"\n",
+        )
+        .unwrap();
+        assert_eq!(vm.memory, "2G");
+        assert_eq!(vm.cpus, 2);
+        assert_eq!(
+            vm.additional_args,
+            ["-netdev", "user,id=net0", "-device", "e1000,netdev=net0"]
+        );
+        assert_eq!(vm.image, Some(PathBuf::from("/imgs/t.qcow2")));
+        assert_eq!(vm.format, DiskFormat::Qcow2);
+        assert_eq!(vm.console, ConsoleTransport::Socket);
+        assert_eq!(vm.boot_timeout, Duration::from_secs(120));
+        assert!(vm.prompt.is_match("root@host:~# "));
+        assert!(vm.prompt.is_match("$ "));
+        assert!(!vm.prompt.is_match("# not at the end"));
+    }
+
+    #[test]
+    fn additional_args_split_like_a_shell_without_running_one() {
+        let vm =
+            parse("ADDITIONAL_ARGS=\"-append 'console=ttyS0 quiet' -smbios type=1,serial=\\$x\"")
+                .unwrap();
+        assert_eq!(
+            vm.additional_args,
+            [
+                "-append",
+                "console=ttyS0 quiet",
+                "-smbios",
+                "type=1,serial=$x"
+            ]
+        );
+    }
+
+    #[test]
+    fn full_config() {
+        let vm = parse(
+            "IMAGE=\"other.img\"\nKERNEL=\"k/vmlinuz\"\nINITRD=\"/abs/initrd\"\nAPPEND=\"console=ttyS0\"\n\
+             ACCEL=\"tcg\"\nPROMPT=\"root@tiny:[^#]*# \"\nLOGIN_USER=\"root\"\nLOGIN_PASSWORD=\"pw\"\n\
+             BOOT_TIMEOUT=\"60\"\nSHUTDOWN_TIMEOUT=\"5\"\nCONSOLE=\"pty\"\nSTDERR_DEVICE=\"/dev/ttyS1\"\n",
+        )
+        .unwrap();
+        assert_eq!(vm.image, Some(PathBuf::from("/imgs/other.img")));
+        assert_eq!(vm.format, DiskFormat::Raw);
+        assert_eq!(vm.kernel, Some(PathBuf::from("/confs/k/vmlinuz")));
+        assert_eq!(vm.initrd, Some(PathBuf::from("/abs/initrd")));
+        assert_eq!(vm.accel, Some(Accel::Tcg));
+        assert!(vm.prompt.is_match("boot...\r\nroot@tiny:~# "));
+        assert_eq!(vm.login_user.as_deref(), Some("root"));
+        assert_eq!(vm.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(vm.console, ConsoleTransport::Pty);
+        assert_eq!(vm.stderr_device.as_deref(), Some("/dev/ttyS1"));
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        for (text, needle) in [
+            ("MEMORY=\"lots\"", "MEMORY"),
+            ("MEMORY=\"0M\"", "MEMORY"),
+            ("CPU=\"0\"", "CPU"),
+            ("CPU=\"two\"", "CPU"),
+            ("FORMAT=\"vmdk\"", "FORMAT"),
+            ("ACCEL=\"hvf\"", "ACCEL"),
+            ("PROMPT=\"(\"", "PROMPT"),
+            ("BOOT_TIMEOUT=\"0\"", "BOOT_TIMEOUT"),
+            ("CONSOLE=\"vnc\"", "CONSOLE"),
+            ("STDERR_DEVICE=\"ttyS1\"", "STDERR_DEVICE"),
+            ("ADDITIONAL_ARGS=\"-x 'unclosed\"", "ADDITIONAL_ARGS"),
+            ("MEMROY=\"1G\"", "unknown key MEMROY"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(err.starts_with("vm_configs/t.conf"), "{err}");
+        }
+    }
+
+    #[test]
+    fn catalog_finds_configs_and_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let (imgs, confs) = (dir.path().join("i"), dir.path().join("c"));
+        std::fs::create_dir_all(&imgs).unwrap();
+        std::fs::create_dir_all(&confs).unwrap();
+        std::fs::write(imgs.join("bare.qcow2"), b"").unwrap();
+        std::fs::write(confs.join("conf-only.conf"), "KERNEL=\"/k\"\n").unwrap();
+        std::fs::write(imgs.join("bad name.qcow2"), b"").unwrap();
+        let cat = VmCatalog::new(&imgs, &confs);
+        assert_eq!(cat.available(), ["bare", "conf-only"]);
+        assert_eq!(cat.load("bare").unwrap().memory, "512M");
+        assert_eq!(cat.load("conf-only").unwrap().image, None);
+        let err = cat.load("nope").unwrap_err().to_string();
+        assert!(err.contains("available: bare, conf-only"), "{err}");
+        assert!(matches!(
+            cat.load("../etc/passwd"),
+            Err(VmConfigError::InvalidName(_))
+        ));
+        assert!(cat.check("conf-only").is_err(), "kernel /k does not exist");
+    }
+}

@@ -1,0 +1,5 @@
+//! `sqlite-sim` binary: everything lives in the library; this only hands over the exit code.
+
+fn main() -> std::process::ExitCode {
+    sqlite_sim::cli::run()
+}

@@ -1,0 +1,317 @@
+//! Domain types shared by the store, the API and the agents: ids, states, log types.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+/// A request's id: a UUID, never a free-form string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(pub Uuid);
+
+impl RequestId {
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+    /// The first 8 hex digits, for tables, run-dir names and log lines.
+    pub fn short(&self) -> String {
+        self.0.simple().to_string()[..8].to_string()
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for RequestId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// Identifies one agent (one claim loop) across processes: `host:pid:index`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AgentId(pub String);
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A request's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Submitted, waiting for an agent.
+    Pending,
+    /// Claimed by an agent, QEMU being prepared.
+    Acknowledged,
+    /// QEMU's vCPUs have been started.
+    Running,
+    /// Paused by an operator.
+    Hold,
+    /// The commands ran to completion (any exit code).
+    Done,
+    /// Infrastructure failure: see `error`.
+    Failed,
+    /// Cancelled by an operator.
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 7] = [
+        Status::Pending,
+        Status::Acknowledged,
+        Status::Running,
+        Status::Hold,
+        Status::Done,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Acknowledged => "acknowledged",
+            Status::Running => "running",
+            Status::Hold => "hold",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    /// Terminal states never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Done | Status::Failed | Status::Cancelled)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Error for a status or log type name that does not exist.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {kind} {value:?}; expected one of: {expected}")]
+pub struct UnknownName {
+    pub kind: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+impl FromStr for Status {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                kind: "status",
+                value: s.to_string(),
+                expected: Status::ALL.map(Status::as_str).join(", "),
+            })
+    }
+}
+
+/// What a stored log chunk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogType {
+    /// Console bytes before the commands start (firmware, kernel, init, login, session set-up).
+    Boot,
+    /// The submitted command text, exactly as submitted.
+    Command,
+    /// The commands' standard output, byte-exact.
+    Stdout,
+    /// The commands' standard error (second serial port), byte-exact.
+    Stderr,
+    /// Console bytes after the commands ended (the guest powering off).
+    Shutdown,
+    /// Supervisor steps and QMP events.
+    System,
+}
+
+impl LogType {
+    pub const ALL: [LogType; 6] = [
+        LogType::Boot,
+        LogType::Command,
+        LogType::Stdout,
+        LogType::Stderr,
+        LogType::Shutdown,
+        LogType::System,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogType::Boot => "boot",
+            LogType::Command => "command",
+            LogType::Stdout => "stdout",
+            LogType::Stderr => "stderr",
+            LogType::Shutdown => "shutdown",
+            LogType::System => "system",
+        }
+    }
+}
+
+impl fmt::Display for LogType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LogType {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        LogType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                kind: "log type",
+                value: s.to_string(),
+                expected: LogType::ALL.map(LogType::as_str).join(", "),
+            })
+    }
+}
+
+/// How the VM of a finished run ended: the step of the shutdown ladder that stopped QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShutdownStep {
+    /// The guest powered itself off after QMP `system_powerdown` (ACPI).
+    Powerdown,
+    /// QMP `quit`.
+    Quit,
+    /// SIGTERM to QEMU's process group.
+    Sigterm,
+    /// SIGKILL to QEMU's process group.
+    Sigkill,
+    /// QEMU was already gone (crash, guest power-off or reset on its own).
+    Exited,
+}
+
+impl ShutdownStep {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShutdownStep::Powerdown => "powerdown",
+            ShutdownStep::Quit => "quit",
+            ShutdownStep::Sigterm => "sigterm",
+            ShutdownStep::Sigkill => "sigkill",
+            ShutdownStep::Exited => "exited",
+        }
+    }
+}
+
+impl FromStr for ShutdownStep {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const ALL: [ShutdownStep; 5] = [
+            ShutdownStep::Powerdown,
+            ShutdownStep::Quit,
+            ShutdownStep::Sigterm,
+            ShutdownStep::Sigkill,
+            ShutdownStep::Exited,
+        ];
+        ALL.into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                kind: "shutdown step",
+                value: s.to_string(),
+                expected: ALL.map(ShutdownStep::as_str).join(", "),
+            })
+    }
+}
+
+/// One request as stored and as returned by the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub uuid: RequestId,
+    pub vm_name: String,
+    pub commands: String,
+    pub timeout: u32,
+    pub status: Status,
+    pub created_at: String,
+    pub updated_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub agent_id: Option<String>,
+    pub desired_status: Option<Status>,
+    pub shutdown_step: Option<ShutdownStep>,
+}
+
+/// A validated submission, ready to store.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    pub vm_name: String,
+    pub commands: String,
+    pub timeout: u32,
+}
+
+/// One stored log chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    pub id: i64,
+    pub timestamp: String,
+    pub log_type: LogType,
+    pub output: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_round_trip() {
+        for s in Status::ALL {
+            assert_eq!(s.as_str().parse::<Status>().unwrap(), s);
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        let err = "finished".parse::<Status>().unwrap_err().to_string();
+        assert!(err.contains("pending, acknowledged"), "{err}");
+    }
+
+    #[test]
+    fn log_type_names_round_trip() {
+        for t in LogType::ALL {
+            assert_eq!(t.as_str().parse::<LogType>().unwrap(), t);
+        }
+        assert!("STDOUT".parse::<LogType>().is_err());
+    }
+
+    #[test]
+    fn terminal_states() {
+        let terminal: Vec<_> = Status::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect();
+        assert_eq!(terminal, [Status::Done, Status::Failed, Status::Cancelled]);
+    }
+
+    #[test]
+    fn request_id_short_and_parse() {
+        let id = RequestId::new();
+        assert_eq!(id.short().len(), 8);
+        assert!(id.to_string().starts_with(&id.short()));
+        assert_eq!(id.to_string().parse::<RequestId>().unwrap(), id);
+        assert!("not-a-uuid".parse::<RequestId>().is_err());
+    }
+}

@@ -1,0 +1,442 @@
+//! The console protocol, as pure functions over bytes: the lines the agent types, and a parser
+//! that classifies every console byte (boot / stdout / shutdown) and spots the markers.
+//!
+//! Markers are `SQSIM_<token>_<WORD>\n` acknowledgements and the exit marker
+//! `SQSIM_<token>:<code>;`. The token is random per request, and the typed text never contains
+//! a marker literally (it is assembled by `printf` in the guest), so neither echoed input nor a
+//! command's own output can fake one.
+
+use crate::model::LogType;
+use base64::Engine;
+use regex::bytes::Regex;
+
+/// What the agent learns from the console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleEvent {
+    /// The configured shell prompt is at the end of the output.
+    Prompt,
+    /// A `login:` prompt.
+    Login,
+    /// A `Password:` prompt.
+    Password,
+    /// `SQSIM_<token>_<WORD>` was printed.
+    Ack(String),
+    /// The commands finished with this exit code.
+    Exit(i32),
+    /// The stderr port delivered everything the commands wrote to it.
+    StderrEnd,
+}
+
+/// Ack words the agent uses.
+pub const ACK_READY: &str = "READY";
+pub const ACK_GO: &str = "GO";
+pub const ACK_NODECODE: &str = "NODECODE";
+
+/// Base64 characters per upload line: well under the tty's 4095-byte canonical line limit,
+/// and one line at a time (each acknowledged) never overflows the guest's input buffer.
+pub const UPLOAD_LINE: usize = 2048;
+
+/// The text the agent types, for one request's token.
+#[derive(Debug, Clone)]
+pub struct Session {
+    token: String,
+    stderr_device: Option<String>,
+}
+
+impl Session {
+    pub fn new(token: impl Into<String>, stderr_device: Option<String>) -> Self {
+        Session {
+            token: token.into(),
+            stderr_device,
+        }
+    }
+
+    /// A fresh random token (16 hex digits).
+    pub fn random_token() -> String {
+        format!("{:016x}", rand::random::<u64>())
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    fn ack(&self, word: &str) -> String {
+        format!("printf 'SQSIM_%s_%s\\n' {} {word}", self.token)
+    }
+
+    fn file(&self, ext: &str) -> String {
+        format!("/tmp/sqsim-{}.{ext}", self.token)
+    }
+
+    /// Echo off, output unprocessed (byte-exact stdout), kernel quiet, empty prompts; then READY.
+    pub fn setup_line(&self) -> String {
+        let mut s = String::from(
+            "stty -echo -opost 2>/dev/null; dmesg -n 1 2>/dev/null; PS1=''; PS2=''; \
+             unset PROMPT_COMMAND 2>/dev/null; bind 'set enable-bracketed-paste off' 2>/dev/null; ",
+        );
+        if let Some(dev) = &self.stderr_device {
+            s.push_str(&format!("stty -F {dev} raw -echo 2>/dev/null; "));
+        }
+        s.push_str(&self.ack(ACK_READY));
+        s.push('\n');
+        s
+    }
+
+    /// The script as base64 lines, each followed by its own ack word (`A1`, `A2`, …).
+    pub fn upload_lines(&self, script: &[u8]) -> Vec<(String, String)> {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+        let file = self.file("b64");
+        let mut lines = Vec::new();
+        let chunks: Vec<&[u8]> = if b64.is_empty() {
+            vec![&[][..]]
+        } else {
+            b64.as_bytes().chunks(UPLOAD_LINE).collect()
+        };
+        for (i, chunk) in chunks.iter().enumerate() {
+            let word = format!("A{}", i + 1);
+            let redirect = if i == 0 { ">" } else { ">>" };
+            let chunk = std::str::from_utf8(chunk).expect("base64 is ASCII");
+            lines.push((
+                format!(
+                    "printf %s '{chunk}' {redirect}{file}; {}\n",
+                    self.ack(&word)
+                ),
+                word,
+            ));
+        }
+        lines
+    }
+
+    /// Decodes and runs the script with stdin from /dev/null, then prints the exit marker.
+    pub fn run_line(&self) -> String {
+        let (b64, sh) = (self.file("b64"), self.file("sh"));
+        let (err, eof) = match &self.stderr_device {
+            Some(dev) => (
+                format!("2>{dev}"),
+                format!(" printf 'SQSIM_%s_EOF\\n' {} >{dev};", self.token),
+            ),
+            None => ("2>&1".to_string(), String::new()),
+        };
+        format!(
+            "if base64 -d {b64} >{sh}; then {go}; sh {sh} </dev/null {err}; __sqsim_rc=$?;{eof} \
+             else __sqsim_rc=255; {nodecode}; fi; rm -f {b64} {sh}; \
+             printf 'SQSIM_%s:%d;' {tok} $__sqsim_rc\n",
+            go = self.ack(ACK_GO),
+            nodecode = self.ack(ACK_NODECODE),
+            tok = self.token,
+        )
+    }
+}
+
+/// Finds a fixed needle in a byte stream split into arbitrary chunks, holding back only a
+/// possible partial needle at the end of a chunk.
+#[derive(Debug)]
+struct Splitter {
+    needle: Vec<u8>,
+    held: Vec<u8>,
+}
+
+impl Splitter {
+    fn new(needle: Vec<u8>) -> Self {
+        Splitter {
+            needle,
+            held: Vec::new(),
+        }
+    }
+
+    /// Returns the bytes before the needle, and the bytes from the needle on if it was found.
+    fn feed(&mut self, data: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+        let mut buf = std::mem::take(&mut self.held);
+        buf.extend_from_slice(data);
+        if let Some(i) = memchr::memmem::find(&buf, &self.needle) {
+            let after = buf.split_off(i);
+            return (buf, Some(after));
+        }
+        let keep = (1..self.needle.len().min(buf.len() + 1))
+            .rev()
+            .find(|&k| buf.ends_with(&self.needle[..k]))
+            .unwrap_or(0);
+        self.held = buf.split_off(buf.len() - keep);
+        (buf, None)
+    }
+
+    fn take_held(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Before `GO`: boot, login, session set-up, upload.
+    Pre,
+    /// Between `GO` and the exit marker: the commands' stdout.
+    Command,
+    /// Inside the exit marker, waiting for its `;`.
+    ExitMarker(Vec<u8>),
+    /// After the exit marker: the guest shutting down.
+    After,
+}
+
+/// Output of one [`ConsoleParser::feed`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub logs: Vec<(LogType, Vec<u8>)>,
+    pub events: Vec<ConsoleEvent>,
+}
+
+impl Parsed {
+    fn log(&mut self, ty: LogType, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        match self.logs.last_mut() {
+            Some((t, b)) if *t == ty => b.extend_from_slice(bytes),
+            _ => self.logs.push((ty, bytes.to_vec())),
+        }
+    }
+}
+
+/// Scan window for prompts and acks before the commands run.
+const TAIL_MAX: usize = 8192;
+/// How much of the output end a prompt is matched against.
+const PROMPT_WINDOW: usize = 512;
+
+/// Classifies the console byte stream of one run.
+#[derive(Debug)]
+pub struct ConsoleParser {
+    phase: Phase,
+    prompt: regex::Regex,
+    login: regex::Regex,
+    password: regex::Regex,
+    ack: Regex,
+    exit_prefix: Vec<u8>,
+    stdout: Splitter,
+    tail: Vec<u8>,
+    scan_from: usize,
+    last_seen: Vec<u8>,
+}
+
+impl ConsoleParser {
+    pub fn new(token: &str, prompt: regex::Regex) -> Self {
+        let exit_prefix = format!("SQSIM_{token}:").into_bytes();
+        ConsoleParser {
+            phase: Phase::Pre,
+            prompt,
+            login: regex::Regex::new(r"(?i)login: ?$").expect("static regex"),
+            password: regex::Regex::new(r"(?i)password: ?$").expect("static regex"),
+            ack: Regex::new(&format!(r"SQSIM_{}_([A-Z0-9]+)\r?\n", regex::escape(token)))
+                .expect("token is hex"),
+            stdout: Splitter::new(exit_prefix.clone()),
+            exit_prefix,
+            tail: Vec::new(),
+            scan_from: 0,
+            last_seen: Vec::new(),
+        }
+    }
+
+    /// The end of what the console printed, readable (for "boot timed out; last seen: …").
+    pub fn last_seen(&self) -> String {
+        let text = strip_ansi(&self.last_seen);
+        let text = String::from_utf8_lossy(&text);
+        let t: String = text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        t.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    pub fn feed(&mut self, data: &[u8]) -> Parsed {
+        let mut out = Parsed::default();
+        self.last_seen.extend_from_slice(data);
+        if self.last_seen.len() > 400 {
+            self.last_seen.drain(..self.last_seen.len() - 300);
+        }
+        let mut rest = data.to_vec();
+        while !rest.is_empty() {
+            rest = self.step(&rest, &mut out);
+        }
+        out
+    }
+
+    /// End of stream: release anything held back.
+    pub fn finish(&mut self) -> Parsed {
+        let mut out = Parsed::default();
+        match &mut self.phase {
+            Phase::Command => out.log(LogType::Stdout, &self.stdout.take_held()),
+            Phase::ExitMarker(buf) => out.log(LogType::Shutdown, buf),
+            _ => {}
+        }
+        out
+    }
+
+    /// Consumes a prefix of `data` in the current phase; returns what belongs to the next phase.
+    fn step(&mut self, data: &[u8], out: &mut Parsed) -> Vec<u8> {
+        match &mut self.phase {
+            Phase::Pre => {
+                let base = self.tail.len();
+                self.tail.extend_from_slice(data);
+                let mut go_end = None;
+                while let Some(m) = self.ack.captures_at(&self.tail, self.scan_from) {
+                    let whole = m.get(0).expect("group 0");
+                    let word = String::from_utf8_lossy(&m[1]).into_owned();
+                    self.scan_from = whole.end();
+                    let is_go = word == ACK_GO;
+                    out.events.push(ConsoleEvent::Ack(word));
+                    if is_go {
+                        go_end = Some(whole.end() - base);
+                        break;
+                    }
+                }
+                if let Some(end) = go_end {
+                    out.log(LogType::Boot, &data[..end]);
+                    self.tail.clear();
+                    self.scan_from = 0;
+                    self.phase = Phase::Command;
+                    return data[end..].to_vec();
+                }
+                out.log(LogType::Boot, data);
+                self.check_prompts(out);
+                if self.tail.len() > TAIL_MAX {
+                    let cut = self.tail.len() - TAIL_MAX / 2;
+                    self.tail.drain(..cut);
+                    self.scan_from = self.scan_from.saturating_sub(cut);
+                }
+                Vec::new()
+            }
+            Phase::Command => {
+                let (before, found) = self.stdout.feed(data);
+                out.log(LogType::Stdout, &before);
+                match found {
+                    Some(after) => {
+                        self.phase = Phase::ExitMarker(Vec::new());
+                        after
+                    }
+                    None => Vec::new(),
+                }
+            }
+            Phase::ExitMarker(buf) => {
+                buf.extend_from_slice(data);
+                let prefix = self.exit_prefix.len();
+                if let Some(semi) = buf[prefix.min(buf.len())..].iter().position(|&b| b == b';') {
+                    let end = prefix + semi + 1;
+                    let code = std::str::from_utf8(&buf[prefix..end - 1])
+                        .ok()
+                        .and_then(|s| s.parse::<i32>().ok());
+                    let marker = buf[..end].to_vec();
+                    let rest = buf[end..].to_vec();
+                    out.log(LogType::Shutdown, &marker);
+                    out.events.push(ConsoleEvent::Exit(code.unwrap_or(-1)));
+                    self.phase = Phase::After;
+                    rest
+                } else if buf.len() > prefix + 12 {
+                    // Not a marker after all (cannot happen with a random token): it was output.
+                    let bytes = std::mem::take(buf);
+                    self.phase = Phase::Command;
+                    out.log(LogType::Stdout, &bytes[..prefix]);
+                    bytes[prefix..].to_vec()
+                } else {
+                    Vec::new()
+                }
+            }
+            Phase::After => {
+                out.log(LogType::Shutdown, data);
+                Vec::new()
+            }
+        }
+    }
+
+    fn check_prompts(&mut self, out: &mut Parsed) {
+        let start = self.tail.len().saturating_sub(PROMPT_WINDOW);
+        let text = strip_ansi(&self.tail[start..]);
+        let text = String::from_utf8_lossy(&text);
+        let event = if self.prompt.is_match(&text) {
+            Some(ConsoleEvent::Prompt)
+        } else if self.password.is_match(&text) {
+            Some(ConsoleEvent::Password)
+        } else if self.login.is_match(&text) {
+            Some(ConsoleEvent::Login)
+        } else {
+            None
+        };
+        if let Some(e) = event {
+            out.events.push(e);
+            // Each prompt is reported once.
+            self.tail.clear();
+            self.scan_from = 0;
+        }
+    }
+}
+
+/// Splits the stderr port's stream at the end-of-stderr marker.
+#[derive(Debug)]
+pub struct StderrParser {
+    splitter: Splitter,
+    done: bool,
+}
+
+impl StderrParser {
+    pub fn new(token: &str) -> Self {
+        StderrParser {
+            splitter: Splitter::new(format!("SQSIM_{token}_EOF\n").into_bytes()),
+            done: false,
+        }
+    }
+
+    pub fn feed(&mut self, data: &[u8]) -> Parsed {
+        let mut out = Parsed::default();
+        if self.done {
+            out.log(LogType::Stderr, data);
+            return out;
+        }
+        let (before, found) = self.splitter.feed(data);
+        out.log(LogType::Stderr, &before);
+        if let Some(after) = found {
+            self.done = true;
+            let marker_len = self.splitter.needle.len();
+            out.events.push(ConsoleEvent::StderrEnd);
+            out.log(LogType::Stderr, &after[marker_len..]);
+        }
+        out
+    }
+
+    pub fn finish(&mut self) -> Parsed {
+        let mut out = Parsed::default();
+        out.log(LogType::Stderr, &self.splitter.take_held());
+        out
+    }
+}
+
+/// Removes ANSI escape sequences (CSI, OSC, two-byte ESC) so prompts match as text.
+pub fn strip_ansi(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] != 0x1b {
+            out.push(input[i]);
+            i += 1;
+            continue;
+        }
+        match input.get(i + 1) {
+            Some(b'[') => {
+                i += 2;
+                while i < input.len() && !(0x40..=0x7e).contains(&input[i]) {
+                    i += 1;
+                }
+                i += 1;
+            }
+            Some(b']') => {
+                i += 2;
+                while i < input.len() && input[i] != 0x07 && input[i] != 0x1b {
+                    i += 1;
+                }
+                i += if input.get(i) == Some(&0x1b) { 2 } else { 1 };
+            }
+            Some(_) => i += 2,
+            None => i += 1,
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

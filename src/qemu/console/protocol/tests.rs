@@ -1,0 +1,207 @@
+use super::*;
+use crate::model::LogType;
+
+const TOK: &str = "0123456789abcdef";
+
+fn parser() -> ConsoleParser {
+    ConsoleParser::new(TOK, regex::Regex::new(r"(?:root@tiny:[^#]*# )$").unwrap())
+}
+
+/// Feeds `chunks`, merging logs per type, collecting events.
+fn run(p: &mut ConsoleParser, chunks: &[&[u8]]) -> (Vec<(LogType, Vec<u8>)>, Vec<ConsoleEvent>) {
+    let mut all = Parsed::default();
+    for c in chunks {
+        let out = p.feed(c);
+        for (t, b) in out.logs {
+            all.log(t, &b);
+        }
+        all.events.extend(out.events);
+    }
+    let fin = p.finish();
+    for (t, b) in fin.logs {
+        all.log(t, &b);
+    }
+    (all.logs, all.events)
+}
+
+fn by_type(logs: &[(LogType, Vec<u8>)], ty: LogType) -> Vec<u8> {
+    logs.iter()
+        .filter(|(t, _)| *t == ty)
+        .flat_map(|(_, b)| b.clone())
+        .collect()
+}
+
+fn session_stream(stdout: &[u8], code: i32) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(b"SeaBIOS\r\n[    0.1] Linux\r\nroot@tiny:~# \x1b[6n");
+    s.extend_from_slice(b"stty -echo ...\r\n");
+    s.extend_from_slice(format!("SQSIM_{TOK}_READY\n").as_bytes());
+    s.extend_from_slice(format!("SQSIM_{TOK}_A1\n").as_bytes());
+    s.extend_from_slice(format!("SQSIM_{TOK}_GO\n").as_bytes());
+    s.extend_from_slice(stdout);
+    s.extend_from_slice(format!("SQSIM_{TOK}:{code};").as_bytes());
+    s.extend_from_slice(b"\r\nreboot: Power down\r\n");
+    s
+}
+
+#[test]
+fn whole_session_in_one_chunk() {
+    let stream = session_stream(b"Hello World\nLinux tiny 6.1\n", 0);
+    // The agent types nothing before the prompt, so the prompt always ends a read.
+    let at = memchr::memmem::find(&stream, b"# ").unwrap() + 2;
+    let (logs, events) = run(&mut parser(), &[&stream[..at], &stream[at..]]);
+    assert_eq!(
+        events,
+        [
+            ConsoleEvent::Prompt,
+            ConsoleEvent::Ack("READY".into()),
+            ConsoleEvent::Ack("A1".into()),
+            ConsoleEvent::Ack("GO".into()),
+            ConsoleEvent::Exit(0),
+        ]
+    );
+    assert_eq!(
+        by_type(&logs, LogType::Stdout),
+        b"Hello World\nLinux tiny 6.1\n"
+    );
+    let boot = by_type(&logs, LogType::Boot);
+    assert!(boot.starts_with(b"SeaBIOS") && boot.ends_with(b"_GO\n"));
+    let shut = by_type(&logs, LogType::Shutdown);
+    assert!(shut.starts_with(format!("SQSIM_{TOK}:0;").as_bytes()));
+    // Nothing lost, nothing duplicated.
+    let total: usize = logs.iter().map(|(_, b)| b.len()).sum();
+    assert_eq!(total, stream.len());
+}
+
+#[test]
+fn byte_at_a_time_gives_the_same_result() {
+    let stream = session_stream(b"a\nSQSIM_ almost SQSIM_0123 a marker\n\xff\x00", 7);
+    let at = memchr::memmem::find(&stream, b"# ").unwrap() + 2;
+    let (whole_logs, whole_events) = run(&mut parser(), &[&stream[..at], &stream[at..]]);
+    let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+    let (logs, events) = run(&mut parser(), &bytes);
+    assert_eq!(events.last(), Some(&ConsoleEvent::Exit(7)));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| **e == ConsoleEvent::Prompt)
+            .count(),
+        1
+    );
+    for ty in [LogType::Boot, LogType::Stdout, LogType::Shutdown] {
+        assert_eq!(by_type(&logs, ty), by_type(&whole_logs, ty), "{ty}");
+    }
+    assert_eq!(events, whole_events);
+    assert_eq!(
+        by_type(&logs, LogType::Stdout),
+        b"a\nSQSIM_ almost SQSIM_0123 a marker\n\xff\x00"
+    );
+}
+
+#[test]
+fn output_without_trailing_newline_is_exact() {
+    let (logs, events) = run(&mut parser(), &[&session_stream(b"no newline", 1)]);
+    assert_eq!(by_type(&logs, LogType::Stdout), b"no newline");
+    assert_eq!(events.last(), Some(&ConsoleEvent::Exit(1)));
+}
+
+#[test]
+fn echoed_typed_text_never_fakes_a_marker() {
+    let s = Session::new(TOK, Some("/dev/ttyS1".into()));
+    let mut p = parser();
+    let mut echo = Vec::new();
+    echo.extend_from_slice(s.setup_line().as_bytes());
+    for (line, _) in s.upload_lines(b"echo hi") {
+        echo.extend_from_slice(line.as_bytes());
+    }
+    echo.extend_from_slice(s.run_line().as_bytes());
+    let (_, events) = run(&mut p, &[&echo]);
+    assert!(events.is_empty(), "{events:?}");
+}
+
+#[test]
+fn login_and_password_prompts() {
+    let mut p = parser();
+    let (_, ev) = run(
+        &mut p,
+        &[b"Debian GNU/Linux 12 tiny ttyS0\r\n\r\ntiny login: "],
+    );
+    assert_eq!(ev, [ConsoleEvent::Login]);
+    let (_, ev) = run(&mut p, &[b"root\r\n", b"Password: "]);
+    assert_eq!(ev, [ConsoleEvent::Password]);
+    let (_, ev) = run(&mut p, &[b"\r\nmotd\r\n\x1b[?2004hroot@tiny:~# "]);
+    assert_eq!(ev, [ConsoleEvent::Prompt]);
+}
+
+#[test]
+fn prompt_must_be_at_the_end() {
+    let (_, ev) = run(&mut parser(), &[b"root@tiny:~# but more text follows\r\n"]);
+    assert!(ev.is_empty());
+}
+
+#[test]
+fn last_seen_is_readable() {
+    let mut p = parser();
+    p.feed(b"\x1b[0;32m[  OK  ]\x1b[0m Started\r\nWaiting for root device /dev/vda\r\n");
+    assert_eq!(
+        p.last_seen(),
+        "[ OK ] Started Waiting for root device /dev/vda"
+    );
+}
+
+#[test]
+fn stderr_split_at_its_marker() {
+    let mut p = StderrParser::new(TOK);
+    let marker = format!("SQSIM_{TOK}_EOF\n");
+    let stream = [b"err1\nSQSIM_".as_slice(), b"x\n", marker.as_bytes()].concat();
+    let mut got = Vec::new();
+    let mut events = Vec::new();
+    for c in stream.chunks(3) {
+        let out = p.feed(c);
+        got.extend(out.logs.into_iter().flat_map(|(_, b)| b));
+        events.extend(out.events);
+    }
+    assert_eq!(got, b"err1\nSQSIM_x\n");
+    assert_eq!(events, [ConsoleEvent::StderrEnd]);
+}
+
+#[test]
+fn upload_lines_round_trip_and_stay_short() {
+    let script: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    let s = Session::new(TOK, None);
+    let lines = s.upload_lines(&script);
+    assert!(lines.len() > 40);
+    let mut b64 = String::new();
+    for (i, (line, word)) in lines.iter().enumerate() {
+        assert!(line.len() < 4000, "tty canonical limit");
+        assert_eq!(word, &format!("A{}", i + 1));
+        assert!(line.ends_with(&format!(" {TOK} {word}\n")));
+        let start = line.find('\'').unwrap() + 1;
+        let end = start + line[start..].find('\'').unwrap();
+        b64.push_str(&line[start..end]);
+    }
+    assert!(lines[0].0.contains(&format!(" >/tmp/sqsim-{TOK}.b64")));
+    assert!(lines[1].0.contains(&format!(" >>/tmp/sqsim-{TOK}.b64")));
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    assert_eq!(decoded, script);
+}
+
+#[test]
+fn run_line_routes_stderr_only_when_configured() {
+    let with = Session::new(TOK, Some("/dev/ttyS1".into())).run_line();
+    assert!(with.contains("</dev/null 2>/dev/ttyS1"));
+    assert!(with.contains("EOF\\n' 0123456789abcdef >/dev/ttyS1"));
+    let without = Session::new(TOK, None).run_line();
+    assert!(without.contains("</dev/null 2>&1"));
+    assert!(!without.contains("EOF"));
+    assert!(without.ends_with("$__sqsim_rc\n"));
+}
+
+#[test]
+fn strip_ansi_handles_csi_osc_and_truncation() {
+    assert_eq!(strip_ansi(b"a\x1b[6nb\x1b[?2004hc"), b"abc");
+    assert_eq!(strip_ansi(b"\x1b]0;title\x07x"), b"x");
+    assert_eq!(strip_ansi(b"x\x1b["), b"x");
+}

@@ -1,0 +1,137 @@
+//! The work log: one table for every request's console bytes and supervisor lines.
+
+use super::{Store, StoreError};
+use crate::model::{LogEntry, LogType, RequestId};
+use rusqlite::{params, TransactionBehavior};
+
+/// Filters for reading a request's log.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    pub log_type: Option<LogType>,
+    /// Only entries with `id > after` (incremental polling).
+    pub after: Option<i64>,
+    pub limit: Option<u32>,
+}
+
+impl Store {
+    /// Appends chunks in one transaction; `seq` continues from the request's last entry.
+    pub async fn append_logs(
+        &self,
+        id: RequestId,
+        chunks: Vec<(String, LogType, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let uuid = id.to_string();
+            let mut next: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = ?1",
+                [&uuid],
+                |r| r.get(0),
+            )?;
+            {
+                let mut ins = tx.prepare_cached(
+                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (ts, ty, bytes) in &chunks {
+                    ins.execute(params![uuid, next, ts, ty.as_str(), bytes])?;
+                    next += 1;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A request's log entries in order.
+    pub async fn logs(&self, id: RequestId, q: LogQuery) -> Result<Vec<LogEntry>, StoreError> {
+        self.call(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, timestamp, log_type, output FROM work_log
+                 WHERE request_uuid = ?1 AND seq > ?2 AND (?3 IS NULL OR log_type = ?3)
+                 ORDER BY seq LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    id.to_string(),
+                    q.after.unwrap_or(0),
+                    q.log_type.map(|t| t.as_str()),
+                    q.limit.map(i64::from).unwrap_or(-1)
+                ],
+                |r| {
+                    let ty: String = r.get(2)?;
+                    Ok((r.get(0)?, r.get(1)?, ty, r.get(3)?))
+                },
+            )?;
+            rows.map(|row| {
+                let (id, timestamp, ty, output): (i64, String, String, Vec<u8>) = row?;
+                Ok(LogEntry {
+                    id,
+                    timestamp,
+                    log_type: ty
+                        .parse()
+                        .map_err(|e| StoreError::Corrupt(format!("log {id}: {e}")))?,
+                    output,
+                })
+            })
+            .collect()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NewRequest;
+    use crate::store::test_support::temp_store;
+
+    #[tokio::test]
+    async fn append_and_filter() {
+        let (s, _d) = temp_store().await;
+        let r = s
+            .create(NewRequest {
+                vm_name: "t".into(),
+                commands: "x".into(),
+                timeout: 1,
+            })
+            .await
+            .unwrap();
+        s.append_logs(
+            r.uuid,
+            vec![
+                ("t1".into(), LogType::Boot, b"boot\r\n".to_vec()),
+                ("t2".into(), LogType::Stdout, vec![0, 159, 146, 150, 255]),
+            ],
+        )
+        .await
+        .unwrap();
+        s.append_logs(r.uuid, vec![("t3".into(), LogType::Stdout, b"x".to_vec())])
+            .await
+            .unwrap();
+        let all = s.logs(r.uuid, LogQuery::default()).await.unwrap();
+        assert_eq!(all.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            all[1].output,
+            vec![0, 159, 146, 150, 255],
+            "bytes kept exactly"
+        );
+        let out = s
+            .logs(
+                r.uuid,
+                LogQuery {
+                    log_type: Some(LogType::Stdout),
+                    after: Some(2),
+                    limit: Some(5),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].id, 3);
+    }
+}

@@ -1,0 +1,153 @@
+//! SQLite storage behind one narrow boundary: requests, their state changes and their logs.
+//!
+//! rusqlite is synchronous, so every operation runs on tokio's blocking pool with a connection
+//! taken from a small pool of open connections. The database runs in WAL mode with a busy
+//! timeout, so the API and any number of agent processes can share one file. Every write
+//! starts with `BEGIN IMMEDIATE`, which makes claims atomic across processes.
+
+mod logs;
+mod requests;
+mod schema;
+pub mod sink;
+
+pub use logs::LogQuery;
+pub use requests::{Finish, RequestQuery};
+
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("creating {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("database holds an invalid value: {0}")]
+    Corrupt(String),
+    #[error("database schema version {found} is newer than this binary supports ({supported})")]
+    TooNew { found: i64, supported: i64 },
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+/// How long a writer waits for another process's lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle connections kept open.
+const POOL_SIZE: usize = 8;
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and brings its schema up to date.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let store = Store {
+            inner: Arc::new(Inner {
+                path,
+                idle: Mutex::new(Vec::new()),
+            }),
+        };
+        store.call(schema::migrate).await?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn connect(path: &Path) -> Result<Connection, StoreError> {
+        let open = || -> rusqlite::Result<Connection> {
+            let conn = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_CREATE
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            // WAL + NORMAL survives any process crash; only an OS crash may lose the last commits.
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            Ok(conn)
+        };
+        open().map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Runs `f` with a pooled connection on the blocking thread pool.
+    pub(crate) async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.idle.lock().expect("pool lock poisoned").pop();
+            let mut conn = match pooled {
+                Some(c) => c,
+                None => Self::connect(&inner.path)?,
+            };
+            let result = f(&mut conn);
+            let mut idle = inner.idle.lock().expect("pool lock poisoned");
+            if idle.len() < POOL_SIZE {
+                idle.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// `PRAGMA integrity_check` and a trivial query: the database is reachable and sound.
+    pub async fn health(&self) -> Result<(), StoreError> {
+        self.call(|c| {
+            let r: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+            if r == "ok" {
+                Ok(())
+            } else {
+                Err(StoreError::Corrupt(r))
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::Store;
+
+    /// A fresh database in a temp dir (kept alive by the returned guard).
+    pub async fn temp_store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("t.db")).await.unwrap();
+        (store, dir)
+    }
+}

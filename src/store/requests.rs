@@ -1,0 +1,370 @@
+//! Request rows: create, read, claim, and the agent's state changes.
+
+use super::{Store, StoreError};
+use crate::model::{AgentId, NewRequest, Request, RequestId, ShutdownStep, Status};
+use crate::timefmt;
+use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
+use std::time::Duration;
+
+const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
+     started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step";
+
+fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
+    let uuid: String = r.get(0)?;
+    let status: String = r.get(4)?;
+    let desired: Option<String> = r.get(12)?;
+    let step: Option<String> = r.get(13)?;
+    let build = || -> Result<Request, StoreError> {
+        let bad = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("request {uuid}: {e}"));
+        Ok(Request {
+            uuid: uuid.parse().map_err(|e| bad(&e))?,
+            vm_name: r.get(1)?,
+            commands: r.get(2)?,
+            timeout: r.get(3)?,
+            status: status.parse().map_err(|e| bad(&e))?,
+            created_at: r.get(5)?,
+            updated_at: r.get(6)?,
+            started_at: r.get(7)?,
+            finished_at: r.get(8)?,
+            exit_code: r.get(9)?,
+            error: r.get(10)?,
+            agent_id: r.get(11)?,
+            desired_status: desired
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|e| bad(&e))?,
+            shutdown_step: step.map(|s| s.parse()).transpose().map_err(|e| bad(&e))?,
+        })
+    };
+    Ok(build())
+}
+
+/// Filters for listing requests, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct RequestQuery {
+    pub statuses: Vec<Status>,
+    pub vm_name: Option<String>,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+/// How a run ended, as the agent records it.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub status: Status,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub shutdown_step: Option<ShutdownStep>,
+}
+
+fn lease_until(lease: Duration) -> String {
+    timefmt::format(time::OffsetDateTime::now_utc() + lease)
+}
+
+impl Store {
+    /// Stores a new `pending` request.
+    pub async fn create(&self, new: NewRequest) -> Result<Request, StoreError> {
+        self.call(move |c| {
+            let id = RequestId::new();
+            let now = timefmt::now();
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5)",
+                params![id.to_string(), new.vm_name, new.commands, new.timeout, now],
+            )?;
+            let req = get_in(&tx, id)?.ok_or_else(|| StoreError::Corrupt("insert vanished".into()))?;
+            tx.commit()?;
+            Ok(req)
+        })
+        .await
+    }
+
+    pub async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
+        self.call(move |c| get_in(c, id)).await
+    }
+
+    /// Requests matching `q`, newest first, and the total number matching (ignoring limit/offset).
+    pub async fn list(&self, q: RequestQuery) -> Result<(Vec<Request>, u64), StoreError> {
+        self.call(move |c| {
+            let mut wh = Vec::new();
+            let mut args: Vec<String> = Vec::new();
+            if !q.statuses.is_empty() {
+                let marks = vec!["?"; q.statuses.len()].join(",");
+                wh.push(format!("status IN ({marks})"));
+                args.extend(q.statuses.iter().map(|s| s.as_str().to_string()));
+            }
+            if let Some(vm) = &q.vm_name {
+                wh.push("vm_name = ?".into());
+                args.push(vm.clone());
+            }
+            let wh = if wh.is_empty() {
+                String::new()
+            } else {
+                format!("WHERE {}", wh.join(" AND "))
+            };
+            let total: u64 = c.query_row(
+                &format!("SELECT COUNT(*) FROM requests {wh}"),
+                rusqlite::params_from_iter(args.iter()),
+                |r| r.get(0),
+            )?;
+            let sql = format!(
+                "SELECT {COLUMNS} FROM requests {wh} ORDER BY created_at DESC, rowid DESC LIMIT {} OFFSET {}",
+                q.limit, q.offset
+            );
+            let mut stmt = c.prepare(&sql)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((rows, total))
+        })
+        .await
+    }
+
+    /// Atomically takes the oldest `pending` request for `agent`, or `None`.
+    /// `BEGIN IMMEDIATE` serialises claimers across processes, so no request is ever run twice.
+    pub async fn claim(
+        &self,
+        agent: &AgentId,
+        lease: Duration,
+    ) -> Result<Option<Request>, StoreError> {
+        let agent = agent.0.clone();
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = timefmt::now();
+            let id: Option<String> = tx
+                .query_row(
+                    "UPDATE requests
+                     SET status = 'acknowledged', agent_id = ?1, lease_expires_at = ?2, updated_at = ?3
+                     WHERE uuid = (SELECT uuid FROM requests WHERE status = 'pending'
+                                   ORDER BY created_at, rowid LIMIT 1)
+                     RETURNING uuid",
+                    params![agent, lease_until(lease), now],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let req = match id {
+                Some(id) => get_in(
+                    &tx,
+                    id.parse()
+                        .map_err(|e| StoreError::Corrupt(format!("uuid {id}: {e}")))?,
+                )?,
+                None => None,
+            };
+            tx.commit()?;
+            Ok(req)
+        })
+        .await
+    }
+
+    /// `acknowledged → running`, recording when the VM started.
+    pub async fn mark_running(&self, id: RequestId, agent: &AgentId) -> Result<bool, StoreError> {
+        let agent = agent.0.clone();
+        self.call(move |c| {
+            let now = timefmt::now();
+            let n = c.execute(
+                "UPDATE requests SET status = 'running', started_at = ?1, updated_at = ?1
+                 WHERE uuid = ?2 AND agent_id = ?3 AND status = 'acknowledged'",
+                params![now, id.to_string(), agent],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Extends the lease of a request the agent still owns.
+    pub async fn heartbeat(
+        &self,
+        id: RequestId,
+        agent: &AgentId,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let agent = agent.0.clone();
+        self.call(move |c| {
+            let n = c.execute(
+                "UPDATE requests SET lease_expires_at = ?1
+                 WHERE uuid = ?2 AND agent_id = ?3 AND status IN ('acknowledged','running','hold')",
+                params![lease_until(lease), id.to_string(), agent],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Records the final state of a run the agent owns; a request already terminal is left alone.
+    pub async fn finish(
+        &self,
+        id: RequestId,
+        agent: &AgentId,
+        fin: Finish,
+    ) -> Result<bool, StoreError> {
+        debug_assert!(fin.status.is_terminal());
+        let agent = agent.0.clone();
+        self.call(move |c| {
+            let now = timefmt::now();
+            let n = c.execute(
+                "UPDATE requests SET status = ?1, exit_code = ?2, error = ?3, shutdown_step = ?4,
+                        finished_at = ?5, updated_at = ?5, lease_expires_at = NULL, desired_status = NULL
+                 WHERE uuid = ?6 AND agent_id = ?7
+                   AND status NOT IN ('done','failed','cancelled')",
+                params![
+                    fin.status.as_str(),
+                    fin.exit_code,
+                    fin.error,
+                    fin.shutdown_step.map(|s| s.as_str()),
+                    now,
+                    id.to_string(),
+                    agent
+                ],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+}
+
+fn get_in(c: &rusqlite::Connection, id: RequestId) -> Result<Option<Request>, StoreError> {
+    let row = c
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM requests WHERE uuid = ?1"),
+            [id.to_string()],
+            from_row,
+        )
+        .optional()?;
+    row.transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_support::temp_store;
+
+    fn new(vm: &str) -> NewRequest {
+        NewRequest {
+            vm_name: vm.into(),
+            commands: "echo hi".into(),
+            timeout: 30,
+        }
+    }
+
+    #[tokio::test]
+    async fn create_get_round_trip() {
+        let (s, _d) = temp_store().await;
+        let r = s.create(new("tiny")).await.unwrap();
+        assert_eq!(r.status, Status::Pending);
+        assert_eq!(r.created_at, r.updated_at);
+        assert_eq!(s.get(r.uuid).await.unwrap().unwrap(), r);
+        assert!(s.get(RequestId::new()).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn claim_takes_oldest_once() {
+        let (s, _d) = temp_store().await;
+        let a = s.create(new("a")).await.unwrap();
+        let b = s.create(new("b")).await.unwrap();
+        let agent = AgentId("t:1:0".into());
+        let lease = Duration::from_secs(30);
+        let c1 = s.claim(&agent, lease).await.unwrap().unwrap();
+        assert_eq!((c1.uuid, c1.status), (a.uuid, Status::Acknowledged));
+        assert_eq!(c1.agent_id.as_deref(), Some("t:1:0"));
+        assert_eq!(s.claim(&agent, lease).await.unwrap().unwrap().uuid, b.uuid);
+        assert!(s.claim(&agent, lease).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn concurrent_claims_never_share_a_request() {
+        let (s, _d) = temp_store().await;
+        for _ in 0..40 {
+            s.create(new("x")).await.unwrap();
+        }
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let agent = AgentId(format!("t:1:{i}"));
+                let mut got = Vec::new();
+                while let Some(r) = s.claim(&agent, Duration::from_secs(30)).await.unwrap() {
+                    got.push(r.uuid);
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!((n, all.len()), (40, 40));
+    }
+
+    #[tokio::test]
+    async fn running_and_finish_need_ownership() {
+        let (s, _d) = temp_store().await;
+        let r = s.create(new("a")).await.unwrap();
+        let me = AgentId("me".into());
+        let other = AgentId("other".into());
+        s.claim(&me, Duration::from_secs(30)).await.unwrap();
+        assert!(!s.mark_running(r.uuid, &other).await.unwrap());
+        assert!(s.mark_running(r.uuid, &me).await.unwrap());
+        assert!(s
+            .heartbeat(r.uuid, &me, Duration::from_secs(5))
+            .await
+            .unwrap());
+        let fin = Finish {
+            status: Status::Done,
+            exit_code: Some(3),
+            error: None,
+            shutdown_step: Some(ShutdownStep::Powerdown),
+        };
+        assert!(!s.finish(r.uuid, &other, fin.clone()).await.unwrap());
+        assert!(s.finish(r.uuid, &me, fin.clone()).await.unwrap());
+        assert!(
+            !s.finish(r.uuid, &me, fin).await.unwrap(),
+            "terminal stays terminal"
+        );
+        let got = s.get(r.uuid).await.unwrap().unwrap();
+        assert_eq!(got.status, Status::Done);
+        assert_eq!(got.exit_code, Some(3));
+        assert_eq!(got.shutdown_step, Some(ShutdownStep::Powerdown));
+        assert!(got.started_at.is_some() && got.finished_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn list_filters_newest_first() {
+        let (s, _d) = temp_store().await;
+        let a = s.create(new("a")).await.unwrap();
+        let b = s.create(new("b")).await.unwrap();
+        s.claim(&AgentId("x".into()), Duration::from_secs(9))
+            .await
+            .unwrap();
+        let (all, total) = s
+            .list(RequestQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(total, 2);
+        assert_eq!(
+            all.iter().map(|r| r.uuid).collect::<Vec<_>>(),
+            [b.uuid, a.uuid]
+        );
+        let (pending, total) = s
+            .list(RequestQuery {
+                statuses: vec![Status::Pending],
+                vm_name: Some("b' OR 1=1 --".into()),
+                limit: 10,
+                offset: 0,
+            })
+            .await
+            .unwrap();
+        assert!(
+            pending.is_empty() && total == 0,
+            "filters are bound, not spliced"
+        );
+    }
+}

@@ -1,0 +1,80 @@
+//! Schema migrations, tracked with `PRAGMA user_version`. Each step runs in one transaction.
+
+use super::StoreError;
+use rusqlite::{Connection, TransactionBehavior};
+
+/// Ordered migrations; index + 1 is the schema version they produce.
+const MIGRATIONS: &[&str] = &[
+    // v1: requests + one work_log table for all requests (not a table per request).
+    r#"
+    CREATE TABLE requests (
+        uuid              TEXT PRIMARY KEY,
+        vm_name           TEXT NOT NULL,
+        commands          TEXT NOT NULL,
+        timeout           INTEGER NOT NULL CHECK (timeout > 0),
+        status            TEXT NOT NULL DEFAULT 'pending' CHECK (status IN
+                            ('pending','acknowledged','running','hold','done','failed','cancelled')),
+        created_at        TEXT NOT NULL,
+        updated_at        TEXT NOT NULL,
+        started_at        TEXT,
+        finished_at       TEXT,
+        exit_code         INTEGER,
+        error             TEXT,
+        agent_id          TEXT,
+        lease_expires_at  TEXT,
+        desired_status    TEXT,
+        shutdown_step     TEXT
+    );
+    CREATE INDEX requests_by_status ON requests (status, created_at);
+    CREATE INDEX requests_by_created ON requests (created_at);
+    CREATE TABLE work_log (
+        request_uuid  TEXT NOT NULL REFERENCES requests (uuid) ON DELETE CASCADE,
+        seq           INTEGER NOT NULL,
+        timestamp     TEXT NOT NULL,
+        log_type      TEXT NOT NULL CHECK (log_type IN
+                        ('boot','command','stdout','stderr','shutdown','system')),
+        output        BLOB NOT NULL,
+        PRIMARY KEY (request_uuid, seq)
+    );
+    "#,
+];
+
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let supported = MIGRATIONS.len() as i64;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > supported {
+        return Err(StoreError::TooNew {
+            found: current,
+            supported,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_refuses_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(dir.path().join("m.db")).unwrap();
+        migrate(&mut c).unwrap();
+        migrate(&mut c).unwrap(); // idempotent
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        c.pragma_update(None, "user_version", 99).unwrap();
+        assert!(matches!(
+            migrate(&mut c),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}

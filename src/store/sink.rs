@@ -1,0 +1,264 @@
+//! Batched log writing: chunks are merged and committed at most every 100 ms or 64 KiB, in one
+//! transaction per flush. The channel in front is bounded, so a slow disk slows the console pump
+//! (and through QEMU's chardev, the guest) instead of growing memory.
+
+use super::{Store, StoreError};
+use crate::model::{LogType, RequestId};
+use crate::timefmt;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Longest time a byte waits before it is committed.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Largest batch before an immediate flush.
+pub const FLUSH_BYTES: usize = 64 * 1024;
+/// Chunks queued before writers wait.
+const CHANNEL_DEPTH: usize = 256;
+
+/// Sends log chunks of one request; cheap to clone.
+#[derive(Clone)]
+pub struct LogSink {
+    tx: mpsc::Sender<(String, LogType, Vec<u8>)>,
+}
+
+/// The writer task; [`SinkTask::close`] waits until everything sent is committed.
+pub struct SinkTask {
+    join: JoinHandle<SinkStats>,
+}
+
+/// What the writer committed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SinkStats {
+    pub bytes: u64,
+    pub rows: u64,
+    pub flushes: u64,
+    /// Bytes that could not be stored after every retry (the disk full, the database gone).
+    pub lost_bytes: u64,
+}
+
+impl LogSink {
+    pub fn start(store: Store, id: RequestId) -> (LogSink, SinkTask) {
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        let join = tokio::spawn(writer(store, id, rx));
+        (LogSink { tx }, SinkTask { join })
+    }
+
+    /// Queues bytes; waits only when the writer is behind.
+    pub async fn write(&self, ty: LogType, bytes: Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.tx.send((timefmt::now(), ty, bytes)).await.is_err() {
+            tracing::error!("log writer is gone; chunk dropped");
+        }
+    }
+
+    /// A `system` line (newline added).
+    pub async fn system(&self, text: impl Into<String>) {
+        let mut s = text.into();
+        tracing::info!(target: "sqlite_sim::run", "{s}");
+        s.push('\n');
+        self.write(LogType::System, s.into_bytes()).await;
+    }
+}
+
+impl SinkTask {
+    /// Waits for every clone of the sink to be dropped and everything to be committed.
+    pub async fn close(self) -> SinkStats {
+        self.join.await.unwrap_or_default()
+    }
+}
+
+async fn writer(
+    store: Store,
+    id: RequestId,
+    mut rx: mpsc::Receiver<(String, LogType, Vec<u8>)>,
+) -> SinkStats {
+    let mut stats = SinkStats::default();
+    let mut batch: Vec<(String, LogType, Vec<u8>)> = Vec::new();
+    let mut size = 0usize;
+    let mut due: Option<Instant> = None;
+    loop {
+        let msg = match due {
+            None => rx.recv().await,
+            Some(at) => tokio::select! {
+                m = rx.recv() => m,
+                _ = tokio::time::sleep_until(at) => {
+                    flush(&store, id, &mut batch, false, &mut stats).await;
+                    size = batch.iter().map(|c| c.2.len()).sum();
+                    due = (!batch.is_empty()).then(|| Instant::now() + FLUSH_INTERVAL);
+                    continue;
+                }
+            },
+        };
+        let Some((ts, ty, bytes)) = msg else {
+            flush(&store, id, &mut batch, true, &mut stats).await;
+            return stats;
+        };
+        size += bytes.len();
+        match batch.last_mut() {
+            Some((_, t, b)) if *t == ty => b.extend_from_slice(&bytes),
+            _ => batch.push((ts, ty, bytes)),
+        }
+        due.get_or_insert_with(|| Instant::now() + FLUSH_INTERVAL);
+        if size >= FLUSH_BYTES {
+            flush(&store, id, &mut batch, false, &mut stats).await;
+            size = batch.iter().map(|c| c.2.len()).sum();
+            due = (!batch.is_empty()).then(|| Instant::now() + FLUSH_INTERVAL);
+        }
+    }
+}
+
+/// Commits the batch, retrying with back-off. Unless `last`, an incomplete UTF-8 sequence at the
+/// very end stays for the next flush, so no row splits a character.
+async fn flush(
+    store: &Store,
+    id: RequestId,
+    batch: &mut Vec<(String, LogType, Vec<u8>)>,
+    last: bool,
+    stats: &mut SinkStats,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut carry = None;
+    if !last {
+        if let Some((ts, ty, bytes)) = batch.last_mut() {
+            let keep = incomplete_utf8_suffix(bytes);
+            if keep > 0 && keep < bytes.len() {
+                carry = Some((ts.clone(), *ty, bytes.split_off(bytes.len() - keep)));
+            }
+        }
+    }
+    let rows = std::mem::take(batch);
+    let n_bytes: u64 = rows.iter().map(|r| r.2.len() as u64).sum();
+    let n_rows = rows.len() as u64;
+    let mut delay = Duration::from_millis(20);
+    let mut attempt = 0;
+    loop {
+        match store.append_logs(id, rows.clone()).await {
+            Ok(()) => {
+                stats.bytes += n_bytes;
+                stats.rows += n_rows;
+                stats.flushes += 1;
+                break;
+            }
+            Err(e) if attempt < 12 => {
+                tracing::warn!(request = %id, error = %e, attempt, "log flush failed; retrying");
+                attempt += 1;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                log_lost(id, n_bytes, &e);
+                stats.lost_bytes += n_bytes;
+                break;
+            }
+        }
+    }
+    batch.extend(carry);
+}
+
+fn log_lost(id: RequestId, n: u64, e: &StoreError) {
+    tracing::error!(request = %id, bytes = n, error = %e, "log chunk could not be stored after retries");
+}
+
+/// Length of a trailing, possibly incomplete UTF-8 sequence (0 if the end is complete).
+fn incomplete_utf8_suffix(b: &[u8]) -> usize {
+    for back in 1..=3.min(b.len()) {
+        let c = b[b.len() - back];
+        if c & 0xC0 == 0x80 {
+            continue; // continuation byte: look further back
+        }
+        let need = match c {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return 0,
+        };
+        return if need > back { back } else { 0 };
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NewRequest;
+    use crate::store::test_support::temp_store;
+    use crate::store::LogQuery;
+
+    #[test]
+    fn utf8_suffix() {
+        assert_eq!(incomplete_utf8_suffix(b"abc"), 0);
+        assert_eq!(incomplete_utf8_suffix("é".as_bytes()), 0);
+        assert_eq!(incomplete_utf8_suffix(&"é".as_bytes()[..1]), 1);
+        assert_eq!(incomplete_utf8_suffix(&"€".as_bytes()[..2]), 2);
+        assert_eq!(incomplete_utf8_suffix(&"😀".as_bytes()[..3]), 3);
+        assert_eq!(incomplete_utf8_suffix(b"\xff"), 0);
+    }
+
+    #[tokio::test]
+    async fn batches_merge_and_everything_is_committed_on_close() {
+        let (s, _d) = temp_store().await;
+        let r = s
+            .create(NewRequest {
+                vm_name: "t".into(),
+                commands: "x".into(),
+                timeout: 1,
+            })
+            .await
+            .unwrap();
+        let (sink, task) = LogSink::start(s.clone(), r.uuid);
+        let mut expected = Vec::new();
+        for i in 0..1000u32 {
+            let chunk = format!("line {i} é\n").into_bytes();
+            expected.extend_from_slice(&chunk);
+            // Split inside the two-byte é now and then.
+            let cut = chunk.len() - 2;
+            sink.write(LogType::Stdout, chunk[..cut].to_vec()).await;
+            sink.write(LogType::Stdout, chunk[cut..].to_vec()).await;
+        }
+        sink.system("done").await;
+        drop(sink);
+        let stats = task.close().await;
+        assert_eq!(stats.lost_bytes, 0);
+        let logs = s.logs(r.uuid, LogQuery::default()).await.unwrap();
+        let stdout: Vec<u8> = logs
+            .iter()
+            .filter(|e| e.log_type == LogType::Stdout)
+            .flat_map(|e| e.output.clone())
+            .collect();
+        assert_eq!(stdout, expected);
+        assert!(logs.len() < 100, "merged into few rows, got {}", logs.len());
+        for e in &logs {
+            assert!(
+                std::str::from_utf8(&e.output).is_ok(),
+                "row {} splits a char",
+                e.id
+            );
+        }
+        assert_eq!(logs.last().unwrap().output, b"done\n");
+    }
+
+    #[tokio::test]
+    async fn bytes_are_visible_within_the_flush_interval() {
+        let (s, _d) = temp_store().await;
+        let r = s
+            .create(NewRequest {
+                vm_name: "t".into(),
+                commands: "x".into(),
+                timeout: 1,
+            })
+            .await
+            .unwrap();
+        let (sink, task) = LogSink::start(s.clone(), r.uuid);
+        sink.write(LogType::Boot, b"x".to_vec()).await;
+        tokio::time::sleep(FLUSH_INTERVAL * 3).await;
+        assert_eq!(s.logs(r.uuid, LogQuery::default()).await.unwrap().len(), 1);
+        drop(sink);
+        task.close().await;
+    }
+}
