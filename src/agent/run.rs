@@ -140,8 +140,8 @@ async fn drive(ctx: &AgentContext, agent: &AgentId, req: &Request, sink: &LogSin
         }
     };
     let token = Session::random_token();
-    let result = match attach_console(&vm, &paths, &machine, &token, sink).await {
-        Err(e) => Err(e),
+    let (result, step) = match attach_console(&vm, &paths, &machine, &token, sink).await {
+        Err(e) => (Err(e), shut_down(&mut machine, &vm, sink).await),
         Ok(mut console) => {
             let result = session(
                 ctx,
@@ -154,17 +154,16 @@ async fn drive(ctx: &AgentContext, agent: &AgentId, req: &Request, sink: &LogSin
                 sink,
             )
             .await;
+            if result.is_err() {
+                console.interrupt();
+            }
             let step = shut_down(&mut machine, &vm, sink).await;
+            // QEMU is gone: the pumps reach end of stream and every byte reaches the sink.
             console.drain(Duration::from_secs(2)).await;
-            finish_dir(ctx, &paths, result.is_ok());
-            return Outcome {
-                result,
-                step: Some(step),
-            };
+            (result, step)
         }
     };
-    let step = shut_down(&mut machine, &vm, sink).await;
-    finish_dir(ctx, &paths, false);
+    finish_dir(ctx, &paths, result.is_ok());
     Outcome {
         result,
         step: Some(step),

@@ -216,9 +216,12 @@ pub fn serial_args(console: ConsoleTransport, paths: &RunPaths, wiring: Wiring) 
     let mut a: Vec<OsString> = Vec::new();
     match (wiring, console) {
         (Wiring::Interactive, _) => {
+            // Multiplexed with a monitor, so Ctrl-A X quits and Ctrl-A C reaches the monitor.
             a.extend(os(&[
                 "-chardev",
-                &format!("stdio,id={CONSOLE_CHARDEV},signal=off"),
+                &format!("stdio,id={CONSOLE_CHARDEV},mux=on,signal=off"),
+                "-mon",
+                &format!("chardev={CONSOLE_CHARDEV},mode=readline"),
             ]));
         }
         (Wiring::Agent, ConsoleTransport::Socket) => {

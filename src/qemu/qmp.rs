@@ -87,7 +87,9 @@ impl QmpEvent {
 /// Receives the events of one connection; ends when QEMU closes the socket.
 pub type QmpEvents = mpsc::UnboundedReceiver<QmpEvent>;
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+/// Waiters by command id; `None` once the read loop has ended, so no new waiter can be left
+/// behind (it would only ever see the reply timeout).
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Value>>>>>;
 
 /// A connected, negotiated QMP session.
 pub struct Qmp {
@@ -127,7 +129,7 @@ impl Qmp {
         }
         let greeting: QapiCapabilities = serde_json::from_str(&line)
             .map_err(|e| QmpError::Handshake(format!("bad greeting {:?}: {e}", line.trim())))?;
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(read_loop(reader, pending.clone(), tx));
         let qmp = Qmp {
@@ -178,7 +180,10 @@ impl Qmp {
     async fn execute_raw(&self, name: &'static str, args: Value) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending lock").insert(id, tx);
+        match self.pending.lock().expect("pending lock").as_mut() {
+            Some(pending) => pending.insert(id, tx),
+            None => return Err(QmpError::Disconnected),
+        };
         let mut msg = serde_json::json!({ "execute": name, "id": id });
         if args.as_object().is_some_and(|o| !o.is_empty()) {
             msg["arguments"] = args;
@@ -193,7 +198,7 @@ impl Qmp {
             }
         };
         if let Err(e) = written {
-            self.pending.lock().expect("pending lock").remove(&id);
+            self.forget(id);
             return Err(if e.kind() == std::io::ErrorKind::BrokenPipe {
                 QmpError::Disconnected
             } else {
@@ -204,9 +209,15 @@ impl Qmp {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(_)) => Err(QmpError::Disconnected),
             Err(_) => {
-                self.pending.lock().expect("pending lock").remove(&id);
+                self.forget(id);
                 Err(QmpError::Timeout(name))
             }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        if let Some(pending) = self.pending.lock().expect("pending lock").as_mut() {
+            pending.remove(&id);
         }
     }
 }
@@ -246,7 +257,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let waiter = msg
                 .get("id")
                 .and_then(Value::as_u64)
-                .and_then(|id| pending.lock().expect("pending lock").remove(&id));
+                .and_then(|id| pending.lock().expect("pending lock").as_mut()?.remove(&id));
             match waiter {
                 Some(tx) => {
                     let _ = tx.send(msg);
@@ -257,6 +268,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
             tracing::info!(raw = %msg, "QMP message of unknown shape; ignored");
         }
     }
-    // Dropping the senders wakes every waiter with `Disconnected`.
-    pending.lock().expect("pending lock").clear();
+    // Dropping the senders wakes every waiter with `Disconnected`; later commands fail at once.
+    pending.lock().expect("pending lock").take();
 }

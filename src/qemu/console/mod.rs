@@ -133,6 +133,11 @@ impl Console {
         self.events.recv().await
     }
 
+    /// From now on console bytes are shutdown noise, not the commands' output.
+    pub fn interrupt(&self) {
+        self.parser.lock().expect("parser lock").interrupt();
+    }
+
     /// Readable end of the console output.
     pub fn last_seen(&self) -> String {
         self.parser.lock().expect("parser lock").last_seen()

@@ -214,6 +214,8 @@ pub struct ConsoleParser {
     tail: Vec<u8>,
     scan_from: usize,
     last_seen: Vec<u8>,
+    /// Stdout held back when the command was interrupted, emitted with the next output.
+    interrupted_stdout: Vec<u8>,
 }
 
 impl ConsoleParser {
@@ -231,6 +233,17 @@ impl ConsoleParser {
             tail: Vec::new(),
             scan_from: 0,
             last_seen: Vec::new(),
+            interrupted_stdout: Vec::new(),
+        }
+    }
+
+    /// The agent gave up on the commands (timeout, cancel, fault): whatever the console prints
+    /// from now on is the guest going down, not the commands' output.
+    pub fn interrupt(&mut self) {
+        match std::mem::replace(&mut self.phase, Phase::After) {
+            Phase::Command => self.interrupted_stdout = self.stdout.take_held(),
+            Phase::ExitMarker(buf) => self.interrupted_stdout = buf,
+            other => self.phase = other,
         }
     }
 
@@ -247,6 +260,10 @@ impl ConsoleParser {
 
     pub fn feed(&mut self, data: &[u8]) -> Parsed {
         let mut out = Parsed::default();
+        out.log(
+            LogType::Stdout,
+            &std::mem::take(&mut self.interrupted_stdout),
+        );
         self.last_seen.extend_from_slice(data);
         if self.last_seen.len() > 400 {
             self.last_seen.drain(..self.last_seen.len() - 300);
@@ -261,6 +278,10 @@ impl ConsoleParser {
     /// End of stream: release anything held back.
     pub fn finish(&mut self) -> Parsed {
         let mut out = Parsed::default();
+        out.log(
+            LogType::Stdout,
+            &std::mem::take(&mut self.interrupted_stdout),
+        );
         match &mut self.phase {
             Phase::Command => out.log(LogType::Stdout, &self.stdout.take_held()),
             Phase::ExitMarker(buf) => out.log(LogType::Shutdown, buf),

@@ -205,3 +205,24 @@ fn strip_ansi_handles_csi_osc_and_truncation() {
     assert_eq!(strip_ansi(b"\x1b]0;title\x07x"), b"x");
     assert_eq!(strip_ansi(b"x\x1b["), b"x");
 }
+
+#[test]
+fn interrupted_command_keeps_held_bytes_as_stdout_and_the_rest_as_shutdown() {
+    let mut p = parser();
+    let mut head = session_stream(b"", 0);
+    let go = memchr::memmem::find(&head, b"_GO\n").unwrap() + 4;
+    head.truncate(go);
+    let at = memchr::memmem::find(&head, b"# ").unwrap() + 2;
+    let (mut logs, _) = (Vec::new(), ());
+    for chunk in [&head[..at], &head[at..], b"partial SQSIM_0123".as_slice()] {
+        logs.extend(p.feed(chunk).logs);
+    }
+    p.interrupt();
+    logs.extend(p.feed(b"\r\nreboot: Power down\r\n").logs);
+    logs.extend(p.finish().logs);
+    assert_eq!(by_type(&logs, LogType::Stdout), b"partial SQSIM_0123");
+    assert_eq!(
+        by_type(&logs, LogType::Shutdown),
+        b"\r\nreboot: Power down\r\n"
+    );
+}

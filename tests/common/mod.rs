@@ -1,0 +1,341 @@
+//! Test harness: the real `sqlite-sim` binary on a free port with a fresh database, run dir and
+//! (optionally) extra VM configs; a host-wide cap on concurrently booting guests; helpers to
+//! wait for a request to finish and to look for leftover QEMU processes.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether the demo image exists (scripts/setup.sh builds it). Tests that need it fail loudly
+/// when it is missing rather than passing vacuously.
+pub fn require_image() {
+    let img = repo().join("vm_images/tiny.qcow2");
+    assert!(
+        img.exists(),
+        "{} missing: run scripts/setup.sh (scripts/test.sh does)",
+        img.display()
+    );
+}
+
+/// A slot among `SQLITE_SIM_TEST_VMS` (default 2) shared by every test process on this host.
+pub struct VmSlot(#[allow(dead_code)] nix::fcntl::Flock<File>);
+
+pub fn vm_slot() -> VmSlot {
+    let n: usize = std::env::var("SQLITE_SIM_TEST_VMS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2)
+        .max(1);
+    let dir = std::env::temp_dir().join("sqlite-sim-test-slots");
+    std::fs::create_dir_all(&dir).unwrap();
+    loop {
+        for i in 0..n {
+            let f = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("slot-{i}")))
+                .unwrap();
+            if let Ok(lock) =
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            {
+                return VmSlot(lock);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Which services the process runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    All,
+    Api,
+    Agents,
+}
+
+pub struct Server {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub run_dir: PathBuf,
+    pub config_dir: PathBuf,
+    child: Option<Child>,
+    pub client: reqwest::Client,
+    env: Vec<(String, String)>,
+}
+
+pub struct Options {
+    pub mode: Mode,
+    /// Extra VM configs: (name, text) written next to a copy of the shipped configs.
+    pub configs: Vec<(String, String)>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mode: Mode::All,
+            configs: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Server {
+    pub async fn start(opts: Options) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("sqs")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let config_dir = dir.path().join("vm_configs");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        for e in std::fs::read_dir(repo().join("vm_configs")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), config_dir.join(e.file_name())).unwrap();
+        }
+        for (name, text) in &opts.configs {
+            std::fs::write(config_dir.join(format!("{name}.conf")), text).unwrap();
+        }
+        let db = dir.path().join("sim.db");
+        let run_dir = dir.path().join("run");
+        let port = free_port();
+        let mut env: Vec<(String, String)> = vec![
+            ("SQLITE_SIM_DB_PATH".into(), db.display().to_string()),
+            ("SQLITE_SIM_API_PORT".into(), port.to_string()),
+            ("SQLITE_SIM_RUN_DIR".into(), run_dir.display().to_string()),
+            (
+                "SQLITE_SIM_VM_CONFIG_DIR".into(),
+                config_dir.display().to_string(),
+            ),
+            (
+                "SQLITE_SIM_VM_IMAGES_DIR".into(),
+                repo().join("vm_images").display().to_string(),
+            ),
+            ("SQLITE_SIM_ACCEL".into(), "tcg".into()),
+            ("SQLITE_SIM_AGENT_COUNT".into(), "1".into()),
+            ("SQLITE_SIM_AGENT_POLL_INTERVAL".into(), "0.2".into()),
+            ("SQLITE_SIM_LOG_LEVEL".into(), "DEBUG".into()),
+        ];
+        env.extend(opts.env.iter().cloned());
+        let mut s = Server {
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+            db,
+            run_dir,
+            config_dir,
+            child: None,
+            client: reqwest::Client::new(),
+            env,
+        };
+        s.spawn(opts.mode);
+        if opts.mode != Mode::Agents {
+            s.wait_ready().await;
+        }
+        s
+    }
+
+    /// Starts (another) process of the binary with this server's environment.
+    pub fn spawn_process(&self, mode: Mode) -> Child {
+        let sub = match mode {
+            Mode::All => "all",
+            Mode::Api => "api",
+            Mode::Agents => "agents",
+        };
+        let log = File::create(
+            self.dir
+                .path()
+                .join(format!("{sub}-{}.log", self.env.len())),
+        )
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sqlite-sim"));
+        cmd.arg(sub)
+            .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0);
+        cmd.spawn().unwrap()
+    }
+
+    fn spawn(&mut self, mode: Mode) {
+        self.child = Some(self.spawn_process(mode));
+    }
+
+    async fn wait_ready(&self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(r) = self.client.get(format!("{}/health", self.url)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("server did not become ready; log:\n{}", self.logs());
+    }
+
+    /// Everything the server processes wrote to stderr.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    pub async fn submit(&self, vm: &str, commands: &str, timeout: u32) -> String {
+        let r = self
+            .client
+            .post(format!("{}/requests", self.url))
+            .json(&json!({"vm_name": vm, "commands": commands, "timeout": timeout}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["status"], "pending");
+        assert_eq!(body["message"], "Request created successfully");
+        body["uuid"].as_str().unwrap().to_string()
+    }
+
+    pub async fn get(&self, uuid: &str) -> Value {
+        self.client
+            .get(format!("{}/requests/{uuid}", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn logs_of(&self, uuid: &str) -> Vec<Value> {
+        let v: Value = self
+            .client
+            .get(format!("{}/requests/{uuid}/logs", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v.as_array().unwrap().clone()
+    }
+
+    /// Concatenated output of one log type.
+    pub async fn output(&self, uuid: &str, log_type: &str) -> String {
+        self.logs_of(uuid)
+            .await
+            .iter()
+            .filter(|e| e["log_type"] == log_type)
+            .map(|e| e["output"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Polls until the request is terminal; panics with the logs after `limit`.
+    pub async fn wait_terminal(&self, uuid: &str, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let r = self.get(uuid).await;
+            if matches!(r["status"].as_str(), Some("done" | "failed" | "cancelled")) {
+                return r;
+            }
+            if start.elapsed() > limit {
+                panic!(
+                    "request {uuid} not finished after {limit:?}: {r}\nlogs: {:?}\nserver: {}",
+                    self.logs_of(uuid).await,
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// QEMU processes started for this server (their argv names its run dir).
+    pub fn qemu_processes(&self) -> Vec<i32> {
+        qemu_processes_under(&self.run_dir)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                if c.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// PIDs of live processes whose command line mentions `dir`.
+pub fn qemu_processes_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system") && cmd.contains(&needle) {
+            // Zombies have an empty cmdline, so this is a live process.
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits up to `limit` for `f` to hold.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(p).unwrap();
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}

@@ -1,0 +1,288 @@
+//! The whole path with real QEMU (TCG) and the tiny guest: REST submission → agent → QMP →
+//! serial console → SQLite logs → shutdown ladder. Each test boots at least one VM.
+
+mod common;
+
+use common::{eventually, require_image, sha256_file, vm_slot, Options, Server};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs `commands` on `vm` in a fresh server and returns (request, stdout).
+async fn run_one(vm: &str, commands: &str, opts: Options) -> (serde_json::Value, String, Server) {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(opts).await;
+    let id = s.submit(vm, commands, 60).await;
+    let r = s.wait_terminal(&id, LIMIT).await;
+    let out = s.output(&id, "stdout").await;
+    (r, out, s)
+}
+
+async fn assert_no_qemu_left(s: &Server) {
+    let gone = eventually(Duration::from_secs(5), || s.qemu_processes().is_empty()).await;
+    assert!(gone, "QEMU left behind: {:?}", s.qemu_processes());
+}
+
+#[tokio::test]
+async fn hello_world_reaches_done_with_every_log_type() {
+    let (r, out, s) = run_one("tiny", "echo Hello World && uname -a", Options::default()).await;
+    assert_eq!(r["status"], "done", "{r}");
+    assert_eq!(r["exit_code"], 0);
+    assert!(r["error"].is_null());
+    assert_eq!(
+        r["shutdown_step"], "powerdown",
+        "ACPI power-off ends the tiny guest"
+    );
+    for f in ["created_at", "started_at", "finished_at", "agent_id"] {
+        assert!(r[f].is_string(), "{f} missing: {r}");
+    }
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("Hello World"));
+    assert!(lines.next().unwrap().starts_with("Linux tiny "), "{out}");
+
+    let id = r["uuid"].as_str().unwrap();
+    let logs = s.logs_of(id).await;
+    let ids: Vec<i64> = logs.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ordered by id");
+    assert_eq!(
+        s.output(id, "command").await,
+        "echo Hello World && uname -a"
+    );
+    assert!(s.output(id, "boot").await.contains("root@tiny:~# "));
+    let system = s.output(id, "system").await;
+    for needle in [
+        "QMP connected",
+        "vCPUs started",
+        "SHUTDOWN",
+        "VM ended by guest powered off",
+    ] {
+        assert!(
+            system.contains(needle),
+            "{needle:?} not in system log:\n{system}"
+        );
+    }
+    for e in &logs {
+        let ts = e["timestamp"].as_str().unwrap();
+        assert!(ts.ends_with('Z') && ts.contains('T'), "RFC 3339 UTC: {ts}");
+    }
+    assert_no_qemu_left(&s).await;
+    assert!(
+        !s.run_dir.join(id).exists(),
+        "run directory removed after success"
+    );
+}
+
+#[tokio::test]
+async fn false_gives_exit_code_1_and_status_done() {
+    let (r, out, s) = run_one("tiny", "false", Options::default()).await;
+    assert_eq!(
+        (r["status"].as_str(), r["exit_code"].as_i64()),
+        (Some("done"), Some(1)),
+        "{r}"
+    );
+    assert_eq!(out, "");
+    assert_no_qemu_left(&s).await;
+}
+
+#[tokio::test]
+async fn multi_line_script_with_exit_3() {
+    let script = "echo one\nfor i in 1 2 3; do\n  echo \"n=$i\"\ndone\nexit 3\necho never\n";
+    let (r, out, _s) = run_one("tiny", script, Options::default()).await;
+    assert_eq!(r["exit_code"], 3, "{r}");
+    assert_eq!(out, "one\nn=1\nn=2\nn=3\n");
+}
+
+#[tokio::test]
+async fn quoting_heavy_and_non_ascii_commands_survive_byte_exact() {
+    let script = r#"printf '%s\n' "double \"quoted\"" 'single '\''quoted'\''' back\\slash '$HOME' "$((6*7))"
+echo "héllo wörld ✓ 日本語" `echo tick` $(echo dollar)
+printf 'tab\there\nno newline at end'"#;
+    let (r, out, _s) = run_one("tiny", script, Options::default()).await;
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(
+        out,
+        "double \"quoted\"\nsingle 'quoted'\nback\\slash\n$HOME\n42\n\
+         héllo wörld ✓ 日本語 tick dollar\ntab\there\nno newline at end"
+    );
+}
+
+#[tokio::test]
+async fn script_near_the_size_limit_is_typed_intact() {
+    // ~60 KiB of script: many upload lines, each acknowledged by the guest.
+    let mut script = String::new();
+    for i in 0..1500 {
+        script.push_str(&format!("echo line-{i:05}-{}\n", "x".repeat(24)));
+    }
+    assert!(script.len() > 50_000 && script.len() < 64 * 1024);
+    let (r, out, _s) = run_one("tiny", &script, Options::default()).await;
+    assert_eq!(r["exit_code"], 0, "{r}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1500);
+    assert_eq!(lines[1499], format!("line-01499-{}", "x".repeat(24)));
+}
+
+#[tokio::test]
+async fn stderr_arrives_on_its_own_port() {
+    let (r, out, s) = run_one(
+        "tiny",
+        "echo to-out; echo to-err >&2; ls /nonexistent",
+        Options::default(),
+    )
+    .await;
+    assert_eq!(r["status"], "done");
+    assert_ne!(r["exit_code"], 0);
+    assert_eq!(out, "to-out\n");
+    let err = s.output(r["uuid"].as_str().unwrap(), "stderr").await;
+    assert!(err.starts_with("to-err\n"), "{err:?}");
+    assert!(err.contains("nonexistent"), "{err:?}");
+}
+
+#[tokio::test]
+async fn base_image_is_never_written() {
+    let img = common::repo().join("vm_images/tiny.qcow2");
+    require_image();
+    let before = sha256_file(&img);
+    // Scribble over the guest's disk: the writes land in the per-run overlay.
+    let (r, _out, _s) = run_one(
+        "tiny",
+        "dd if=/dev/zero of=/dev/vda bs=4096 count=64 conv=fsync 2>/dev/null; sync; echo wrote",
+        Options::default(),
+    )
+    .await;
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(sha256_file(&img), before);
+}
+
+#[tokio::test]
+async fn pty_console_transport_works_the_same() {
+    let conf =
+        "IMAGE=\"tiny.qcow2\"\nMEMORY=\"128M\"\nACCEL=\"tcg\"\nPROMPT=\"root@tiny:[^#]*# \"\n\
+                CONSOLE=\"pty\"\nSTDERR_DEVICE=\"/dev/ttyS1\"\nBOOT_TIMEOUT=\"60\"\n";
+    let opts = Options {
+        configs: vec![("tiny-pty".into(), conf.into())],
+        ..Default::default()
+    };
+    let (r, out, s) = run_one("tiny-pty", "echo via pty; exit 5", opts).await;
+    assert_eq!(
+        (r["status"].as_str(), r["exit_code"].as_i64()),
+        (Some("done"), Some(5)),
+        "{r}"
+    );
+    assert_eq!(out, "via pty\n");
+    let id = r["uuid"].as_str().unwrap();
+    assert!(s
+        .output(id, "system")
+        .await
+        .contains("console on pty /dev/pts/"));
+    assert!(
+        s.output(id, "boot").await.contains("BusyBox"),
+        "boot bytes before the prompt kept"
+    );
+    assert_no_qemu_left(&s).await;
+}
+
+#[tokio::test]
+async fn boot_timeout_says_what_the_console_showed_last() {
+    let conf = "IMAGE=\"tiny.qcow2\"\nMEMORY=\"128M\"\nACCEL=\"tcg\"\nPROMPT=\"never-matches> \"\n\
+                BOOT_TIMEOUT=\"8\"\nSHUTDOWN_TIMEOUT=\"3\"\n";
+    let opts = Options {
+        configs: vec![("wrong-prompt".into(), conf.into())],
+        ..Default::default()
+    };
+    let (r, _out, s) = run_one("wrong-prompt", "echo hi", opts).await;
+    assert_eq!(r["status"], "failed", "{r}");
+    let err = r["error"].as_str().unwrap();
+    assert!(
+        err.contains("did not reach a shell prompt within 8 s"),
+        "{err}"
+    );
+    assert!(
+        err.contains("root@tiny"),
+        "last console output quoted: {err}"
+    );
+    assert!(r["exit_code"].is_null());
+    assert_no_qemu_left(&s).await;
+}
+
+#[tokio::test]
+async fn timeout_fails_the_request_and_stops_the_vm() {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(Options::default()).await;
+    let id = s.submit("tiny", "echo started; sleep 600", 8).await;
+    let r = s.wait_terminal(&id, LIMIT).await;
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["error"], "timed out after 8 s");
+    assert_eq!(s.output(&id, "stdout").await, "started\n");
+    assert!(r["shutdown_step"].is_string());
+    assert_no_qemu_left(&s).await;
+}
+
+#[tokio::test]
+async fn qemu_that_cannot_start_fails_with_its_stderr() {
+    let conf = "IMAGE=\"tiny.qcow2\"\nACCEL=\"tcg\"\nADDITIONAL_ARGS=\"-no-such-option\"\n";
+    let opts = Options {
+        configs: vec![("broken".into(), conf.into())],
+        ..Default::default()
+    };
+    let (r, _out, s) = run_one("broken", "echo hi", opts).await;
+    assert_eq!(r["status"], "failed", "{r}");
+    let err = r["error"].as_str().unwrap();
+    assert!(err.contains("QEMU exited during start-up"), "{err}");
+    assert!(
+        err.contains("no-such-option"),
+        "QEMU's stderr included: {err}"
+    );
+    assert_no_qemu_left(&s).await;
+}
+
+#[tokio::test]
+async fn missing_image_fails_clearly() {
+    require_image();
+    let conf = "IMAGE=\"does-not-exist.qcow2\"\nACCEL=\"tcg\"\n";
+    let s = Server::start(Options {
+        configs: vec![("ghost".into(), conf.into())],
+        ..Default::default()
+    })
+    .await;
+    let id = s.submit("ghost", "echo hi", 30).await;
+    let r = s.wait_terminal(&id, LIMIT).await;
+    assert_eq!(r["status"], "failed");
+    let err = r["error"].as_str().unwrap();
+    assert!(
+        err.contains("does-not-exist.qcow2") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn host_vm_limit_is_respected() {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(Options {
+        env: vec![
+            ("SQLITE_SIM_AGENT_COUNT".into(), "2".into()),
+            ("SQLITE_SIM_MAX_CONCURRENT_VMS".into(), "1".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let a = s.submit("tiny", "sleep 1; echo a", 60).await;
+    let b = s.submit("tiny", "sleep 1; echo b", 60).await;
+    let ra = s.wait_terminal(&a, LIMIT).await;
+    let rb = s.wait_terminal(&b, LIMIT).await;
+    assert_eq!(
+        (ra["exit_code"].as_i64(), rb["exit_code"].as_i64()),
+        (Some(0), Some(0))
+    );
+    let (first, second) = if ra["started_at"].as_str() < rb["started_at"].as_str() {
+        (&ra, &rb)
+    } else {
+        (&rb, &ra)
+    };
+    assert!(
+        first["finished_at"].as_str().unwrap() <= second["started_at"].as_str().unwrap(),
+        "runs overlapped with MAX_CONCURRENT_VMS=1: {first} {second}"
+    );
+}
