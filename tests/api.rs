@@ -1,0 +1,270 @@
+//! The REST API's contract without booting VMs: the `api` process alone, so nothing is claimed.
+//! Every rejection is a 4xx with the JSON error shape, and changes nothing.
+
+mod common;
+
+use common::{Mode, Options, Server};
+use serde_json::{json, Value};
+
+async fn api() -> Server {
+    Server::start(Options {
+        mode: Mode::Api,
+        ..Default::default()
+    })
+    .await
+}
+
+async fn post(s: &Server, body: Value) -> (u16, Value) {
+    let r = s
+        .client
+        .post(format!("{}/requests", s.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        !body["error"]["message"].as_str().unwrap_or("").is_empty(),
+        "{body}"
+    );
+}
+
+fn count_requests(s: &Server) -> i64 {
+    let c = rusqlite::Connection::open(&s.db).unwrap();
+    c.query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn create_and_read_back() {
+    let s = api().await;
+    let r = s
+        .client
+        .post(format!("{}/requests", s.url))
+        .json(&json!({"vm_name": "tiny", "commands": "echo hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    let uuid = body["uuid"].as_str().unwrap();
+    assert_eq!(location, format!("/requests/{uuid}"));
+    assert_eq!(body["message"], "Request created successfully");
+
+    let got = s.get(uuid).await;
+    assert_eq!(got["uuid"], uuid);
+    assert_eq!(got["vm_name"], "tiny");
+    assert_eq!(got["commands"], "echo hi");
+    assert_eq!(got["timeout"], 300, "SQLITE_SIM_DEFAULT_TIMEOUT applies");
+    assert_eq!(got["status"], "pending");
+    for f in [
+        "exit_code",
+        "error",
+        "started_at",
+        "finished_at",
+        "agent_id",
+    ] {
+        assert!(got[f].is_null(), "{f}: {got}");
+    }
+    let created = got["created_at"].as_str().unwrap();
+    assert!(created.ends_with('Z') && created.len() == 27, "{created}");
+    assert_eq!(s.logs_of(uuid).await, Vec::<Value>::new());
+}
+
+#[tokio::test]
+async fn invalid_submissions_are_rejected_and_change_nothing() {
+    let s = api().await;
+    let big = "x".repeat(64 * 1024 + 1);
+    let long_name = "a".repeat(1024);
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"vm_name": "nope", "commands": "x"}),
+            "available: tiny",
+        ),
+        (json!({"vm_name": "../x", "commands": "x"}), "is invalid"),
+        (json!({"vm_name": "/abs", "commands": "x"}), "is invalid"),
+        (json!({"vm_name": "a/b", "commands": "x"}), "is invalid"),
+        (json!({"vm_name": "a\u{0}b", "commands": "x"}), "is invalid"),
+        (json!({"vm_name": long_name, "commands": "x"}), "is invalid"),
+        (json!({"vm_name": "", "commands": "x"}), "is invalid"),
+        (
+            json!({"vm_name": "tiny", "commands": ""}),
+            "must not be empty",
+        ),
+        (
+            json!({"vm_name": "tiny", "commands": " \n\t"}),
+            "must not be empty",
+        ),
+        (
+            json!({"vm_name": "tiny", "commands": big}),
+            "the limit is 65536",
+        ),
+        (
+            json!({"vm_name": "tiny", "commands": "x", "timeout": 0}),
+            "timeout must be from 1 to 3600",
+        ),
+        (
+            json!({"vm_name": "tiny", "commands": "x", "timeout": 3601}),
+            "timeout must be from 1 to 3600",
+        ),
+        (
+            json!({"vm_name": "tiny", "commands": "x", "timeout": -1}),
+            "timeout",
+        ),
+        (
+            json!({"vm_name": "tiny", "commands": "x", "timeout": 1e12}),
+            "timeout",
+        ),
+        (
+            json!({"vm_name": "tiny", "commands": "x", "timeout": "300"}),
+            "timeout",
+        ),
+        (json!({"vm_name": "tiny", "commands": 5}), "commands"),
+        (json!({"vm_name": "tiny"}), "commands"),
+        (
+            json!({"vm_name": "tiny", "commands": "x", "extra": 1}),
+            "unknown field",
+        ),
+        (json!(["tiny", "x"]), ""),
+    ];
+    for (body, needle) in cases {
+        let (status, resp) = post(&s, body.clone()).await;
+        assert_error(status, &resp, 422, "validation_error");
+        let msg = resp["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{body} → {msg}");
+    }
+    let exactly_max = "y".repeat(64 * 1024);
+    let (status, _) = post(&s, json!({"vm_name": "tiny", "commands": exactly_max})).await;
+    assert_eq!(status, 201, "64 KiB is allowed");
+    assert_eq!(
+        count_requests(&s),
+        1,
+        "only the valid submission was stored"
+    );
+}
+
+#[tokio::test]
+async fn malformed_bodies_get_4xx_never_5xx() {
+    let s = api().await;
+    let url = format!("{}/requests", s.url);
+    let send = |body: Vec<u8>, ctype: Option<&'static str>| {
+        let mut r = s.client.post(&url).body(body);
+        if let Some(c) = ctype {
+            r = r.header("content-type", c);
+        }
+        r.send()
+    };
+    let r = send(b"{\"vm_name\": ".to_vec(), Some("application/json"))
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().await.unwrap(), 400, "malformed_json");
+    let r = send(
+        b"{\"vm_name\":\"tiny\",\"commands\":\"\xff\xfe\"}".to_vec(),
+        Some("application/json"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        r.status().is_client_error(),
+        "invalid UTF-8: {}",
+        r.status()
+    );
+    let r = send(b"{}".to_vec(), None).await.unwrap();
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().await.unwrap(), 415, "unsupported_media_type");
+    let huge = format!(
+        "{{\"vm_name\":\"tiny\",\"commands\":\"{}\"}}",
+        "z".repeat(200 * 1024)
+    );
+    let r = send(huge.into_bytes(), Some("application/json"))
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().await.unwrap(), 413, "payload_too_large");
+    assert_eq!(count_requests(&s), 0);
+}
+
+#[tokio::test]
+async fn reads_of_bad_or_unknown_ids() {
+    let s = api().await;
+    for path in ["/requests/not-a-uuid", "/requests/1%27%20OR%201=1--/logs"] {
+        let r = s
+            .client
+            .get(format!("{}{path}", s.url))
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        assert_error(st, &r.json().await.unwrap(), 400, "invalid_uuid");
+    }
+    let unknown = "123e4567-e89b-12d3-a456-426614174000";
+    for path in [
+        format!("/requests/{unknown}"),
+        format!("/requests/{unknown}/logs"),
+    ] {
+        let r = s
+            .client
+            .get(format!("{}{path}", s.url))
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        assert_error(st, &r.json().await.unwrap(), 404, "not_found");
+    }
+    let r = s
+        .client
+        .get(format!("{}/nope", s.url))
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().await.unwrap(), 404, "no_route");
+}
+
+#[tokio::test]
+async fn log_filters_are_validated() {
+    let s = api().await;
+    let id = s.submit("tiny", "echo x", 30).await;
+    for q in ["log_type=bogus", "limit=0", "after=abc", "nonsense=1"] {
+        let r = s
+            .client
+            .get(format!("{}/requests/{id}/logs?{q}", s.url))
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        assert_error(st, &r.json().await.unwrap(), 422, "validation_error");
+    }
+    let r = s
+        .client
+        .get(format!(
+            "{}/requests/{id}/logs?log_type=stdout&after=0&limit=10",
+            s.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn health_reports_the_database() {
+    let s = api().await;
+    let r = s
+        .client
+        .get(format!("{}/health", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["database"], "ok");
+}
