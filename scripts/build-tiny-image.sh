@@ -2,6 +2,11 @@
 # Build vm_images/tiny.qcow2: a tiny busybox guest (Debian cloud kernel +
 # busybox-static initramfs on a syslinux-booted FAT "superfloppy").
 # Nothing is mounted: the FAT image is filled with mtools.
+# The same kernel and initramfs are also written next to the image as
+# <stem>-vmlinuz and <stem>-initrd.gz (vm_images/tiny-vmlinuz,
+# vm_images/tiny-initrd.gz) for direct boot with -kernel/-initrd/-append.
+# Kernel command line "sqsim.login=1": getty/login on ttyS0 (root, password
+# sqsim) instead of a root shell straight away.
 #
 # Usage: scripts/build-tiny-image.sh [--force] [OUTPUT.qcow2]
 set -euo pipefail
@@ -11,7 +16,7 @@ out=""
 for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
-        -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^# Usage:/p' "$0"; exit 0 ;;
         -*) echo "unknown option: $arg" >&2; exit 2 ;;
         *) out="$arg" ;;
     esac
@@ -22,11 +27,22 @@ script="$(realpath "$0")"
 [ -n "$out" ] && out="$(realpath -m "$out")"
 cd "$(dirname "$script")/.."
 out="${out:-$PWD/vm_images/tiny.qcow2}"
+# Kernel and initramfs for direct boot: <dir>/<stem>-vmlinuz, -initrd.gz.
+stem="$(dirname "$out")/$(basename "$out" .qcow2)"
+kout="$stem-vmlinuz"
+iout="$stem-initrd.gz"
 
-# Idempotent: an output newer than this script is considered up to date.
-if [ "$force" = 0 ] && [ -e "$out" ] && [ "$out" -nt "$script" ]; then
-    echo "up to date: $out (use --force to rebuild)"
-    exit 0
+# Idempotent: outputs newer than this script are considered up to date
+# (all three must exist).
+if [ "$force" = 0 ]; then
+    fresh=1
+    for f in "$out" "$kout" "$iout"; do
+        [ -e "$f" ] && [ "$f" -nt "$script" ] || fresh=0
+    done
+    if [ "$fresh" = 1 ]; then
+        echo "up to date: $out $kout $iout (use --force to rebuild)"
+        exit 0
+    fi
 fi
 
 # Host tools; installed only when missing so the common case needs no root.
@@ -84,6 +100,12 @@ mknod -m 600 "$root/dev/console" c 5 1
 
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
 printf 'root:x:0:\n' >"$root/etc/group"
+# Root password "sqsim" for the sqsim.login=1 console login. A fixed salt
+# (and fixed last-change day) keeps the build reproducible.
+hash="$("$root/bin/busybox" mkpasswd -m sha512 -S sqsimtinysalt sqsim)"
+case "$hash" in '$6$sqsimtinysalt$'?*) ;; *) echo "mkpasswd failed" >&2; exit 1 ;; esac
+printf 'root:%s:10957:0:99999:7:::\n' "$hash" >"$root/etc/shadow"
+chmod 600 "$root/etc/shadow"
 printf 'tiny\n' >"$root/etc/hostname"
 cat >"$root/etc/profile" <<'EOF'
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin
@@ -136,10 +158,21 @@ else
     echo "tiny: no power button found"
 fi
 
+# "sqsim.login=1" on the kernel command line: log in first.
+login=0
+case " $(cat /proc/cmdline) " in *" sqsim.login=1 "*) login=1 ;; esac
+
 # Login shell on the serial console, with ttyS0 as controlling tty
 # (needed for job control, Ctrl-C and stty).
 while :; do
-    setsid cttyhack sh -l </dev/ttyS0 >/dev/ttyS0 2>&1
+    if [ "$login" = 1 ]; then
+        # getty makes ttyS0 the controlling tty of a new session, prints
+        # "tiny login: " and execs login, which asks "Password: " (no echo)
+        # and execs the same "sh -l" as below.
+        setsid getty -L 115200 ttyS0 </dev/ttyS0 >/dev/ttyS0 2>&1
+    else
+        setsid cttyhack sh -l </dev/ttyS0 >/dev/ttyS0 2>&1
+    fi
     sleep 0.2
 done
 EOF
@@ -172,6 +205,11 @@ syslinux --install "$img"
 mcopy -m -i "$img" "$tmp/vmlinuz" "$tmp/initrd.gz" "$tmp/syslinux.cfg" ::/
 
 mkdir -p "$(dirname "$out")"
+# Plain cp (fresh mtimes) so the up-to-date check sees them as new.
+cp "$tmp/vmlinuz" "$kout.tmp"
+cp "$tmp/initrd.gz" "$iout.tmp"
 qemu-img convert -f raw -O qcow2 "$img" "$out.tmp"
+mv "$kout.tmp" "$kout"
+mv "$iout.tmp" "$iout"
 mv "$out.tmp" "$out"
-echo "built $out (kernel $kver)"
+echo "built $out $kout $iout (kernel $kver)"

@@ -506,7 +506,12 @@ mod tests {
         assert!(has_pair(
             &inter,
             "-chardev",
-            "stdio,id=sqsim-console,signal=off"
+            "stdio,id=sqsim-console,mux=on,signal=off"
+        ));
+        assert!(has_pair(
+            &inter,
+            "-mon",
+            "chardev=sqsim-console,mode=readline"
         ));
     }
 
