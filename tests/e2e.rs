@@ -286,3 +286,43 @@ async fn host_vm_limit_is_respected() {
         "runs overlapped with MAX_CONCURRENT_VMS=1: {first} {second}"
     );
 }
+
+#[tokio::test]
+async fn separate_api_and_agents_processes_run_each_request_once() {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(Options {
+        mode: common::Mode::Api,
+        env: vec![("SQLITE_SIM_MAX_CONCURRENT_VMS".into(), "2".into())],
+        ..Default::default()
+    })
+    .await;
+    // Two agents processes compete for the same database.
+    let mut agents = [
+        s.spawn_process(common::Mode::Agents),
+        s.spawn_process(common::Mode::Agents),
+    ];
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(s.submit("tiny", &format!("echo job-{i}"), 60).await);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let r = s.wait_terminal(id, LIMIT).await;
+        assert_eq!(r["exit_code"], 0, "{r}");
+        assert_eq!(s.output(id, "stdout").await, format!("job-{i}\n"));
+        let claims = s
+            .output(id, "system")
+            .await
+            .matches("claimed by agent")
+            .count();
+        assert_eq!(claims, 1, "request {id} claimed {claims} times");
+    }
+    for a in agents.iter_mut() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(a.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = a.wait();
+    }
+    assert_no_qemu_left(&s).await;
+}

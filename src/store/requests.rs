@@ -302,6 +302,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn separate_handles_on_one_file_never_share_a_request() {
+        // Each Store has its own connections, as separate processes would.
+        let (first, dir) = temp_store().await;
+        for _ in 0..30 {
+            first.create(new("x")).await.unwrap();
+        }
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let s = Store::open(dir.path().join("t.db")).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let agent = AgentId(format!("p{i}"));
+                let mut got = Vec::new();
+                while let Some(r) = s.claim(&agent, Duration::from_secs(30)).await.unwrap() {
+                    got.push(r.uuid);
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort();
+        let n = all.len();
+        all.dedup();
+        assert_eq!((n, all.len()), (30, 30));
+    }
+
+    #[tokio::test]
     async fn running_and_finish_need_ownership() {
         let (s, _d) = temp_store().await;
         let r = s.create(new("a")).await.unwrap();
