@@ -167,9 +167,10 @@ case " $(cat /proc/cmdline) " in *" sqsim.login=1 "*) login=1 ;; esac
 while :; do
     if [ "$login" = 1 ]; then
         # getty makes ttyS0 the controlling tty of a new session, prints
-        # "tiny login: " and execs login, which asks "Password: " (no echo)
-        # and execs the same "sh -l" as below.
-        setsid getty -L 115200 ttyS0 </dev/ttyS0 >/dev/ttyS0 2>&1
+        # "tiny login: " and execs /sbin/sqsim-login with the name, which
+        # asks "Password: " (no echo) and execs the same "sh -l" as below.
+        setsid getty -L -l /sbin/sqsim-login 115200 ttyS0 \
+            </dev/ttyS0 >/dev/ttyS0 2>&1
     else
         setsid cttyhack sh -l </dev/ttyS0 >/dev/ttyS0 2>&1
     fi
@@ -177,6 +178,37 @@ while :; do
 done
 EOF
 chmod 755 "$root/init"
+
+# Password check for getty (sqsim.login=1). Not busybox login: it prints
+# "Password: " before turning echo off, so a password sent as soon as the
+# prompt appears can be echoed on the console. Here echo goes off first.
+cat >"$root/sbin/sqsim-login" <<'EOF'
+#!/bin/sh
+# Called by getty as: sqsim-login -- USERNAME (stdio and ctty: ttyS0).
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin
+[ "$1" = "--" ] && shift
+user="$1"
+stty -echo
+printf 'Password: '
+IFS= read -r pw
+stty echo
+echo
+# Only root can log in: compare with its sha512 hash ($6$SALT$DIGEST).
+IFS=: read -r _ hash _ </etc/shadow
+salt="${hash#\$6\$}"
+salt="${salt%%\$*}"
+if [ "$user" = root ] &&
+   [ "$(printf '%s\n' "$pw" | mkpasswd -P 0 -m sha512 -S "$salt")" = "$hash" ]; then
+    # Same environment and shell as without login.
+    export HOME=/root SHELL=/bin/sh USER=root LOGNAME=root
+    cd /root
+    exec sh -l
+fi
+echo "Login incorrect"
+# getty is respawned by /init and prompts "tiny login: " again.
+exit 1
+EOF
+chmod 755 "$root/sbin/sqsim-login"
 
 # Deterministic newc archive: sorted names, fixed mtimes, uid/gid 0.
 find "$root" -exec touch -h -d @0 {} +

@@ -51,10 +51,11 @@ impl fmt::Display for AgentId {
 }
 
 /// A request's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Submitted, waiting for an agent.
+    #[default]
     Pending,
     /// Claimed by an agent, QEMU being prepared.
     Acknowledged,
@@ -253,6 +254,12 @@ pub struct Request {
     pub agent_id: Option<String>,
     pub desired_status: Option<Status>,
     pub shutdown_step: Option<ShutdownStep>,
+    /// Milliseconds from starting the vCPUs to the shell prompt.
+    pub boot_ms: Option<i64>,
+    /// Milliseconds the commands ran (time held excluded).
+    pub run_ms: Option<i64>,
+    /// Milliseconds the shutdown ladder took.
+    pub shutdown_ms: Option<i64>,
 }
 
 /// A validated submission, ready to store.
@@ -313,5 +320,163 @@ mod tests {
         assert!(id.to_string().starts_with(&id.short()));
         assert_eq!(id.to_string().parse::<RequestId>().unwrap(), id);
         assert!("not-a-uuid".parse::<RequestId>().is_err());
+    }
+}
+
+/// What an operator's status change does to a request in a given state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    /// Written at once; no VM is involved (the request is not claimed).
+    Immediate(Status),
+    /// Recorded as desired state; the agent that owns the VM applies it through QMP.
+    Desired(Status),
+    /// Not allowed from here; the allowed targets, possibly none.
+    Refused(Vec<Status>),
+}
+
+/// Targets an operator may ask for.
+pub const CONTROL_TARGETS: [Status; 4] = [
+    Status::Hold,
+    Status::Pending,
+    Status::Running,
+    Status::Cancelled,
+];
+
+/// The control state machine. `claimed`: an agent owns the request (a VM exists or is being
+/// prepared); `desired`: a change already requested and not yet applied.
+pub fn transition(
+    current: Status,
+    claimed: bool,
+    desired: Option<Status>,
+    target: Status,
+) -> Transition {
+    use Status::*;
+    let verdict = |target| -> Option<Transition> {
+        if desired == Some(Cancelled) {
+            // A cancellation in progress is final.
+            return (target == Cancelled).then_some(Transition::Desired(Cancelled));
+        }
+        match (current, claimed, target) {
+            (Pending, _, Hold) => Some(Transition::Immediate(Hold)),
+            (Pending, _, Cancelled) => Some(Transition::Immediate(Cancelled)),
+            (Hold, false, Pending) => Some(Transition::Immediate(Pending)),
+            (Hold, false, Cancelled) => Some(Transition::Immediate(Cancelled)),
+            (Acknowledged | Running, _, Hold) => Some(Transition::Desired(Hold)),
+            // Withdraws a hold the agent has not applied yet.
+            (Acknowledged | Running, _, Running) if desired == Some(Hold) => {
+                Some(Transition::Desired(Running))
+            }
+            (Hold, true, Running) => Some(Transition::Desired(Running)),
+            (Acknowledged | Running | Hold, _, Cancelled) => Some(Transition::Desired(Cancelled)),
+            _ => None,
+        }
+    };
+    verdict(target).unwrap_or_else(|| {
+        Transition::Refused(
+            CONTROL_TARGETS
+                .into_iter()
+                .filter(|t| verdict(*t).is_some())
+                .collect(),
+        )
+    })
+}
+
+#[cfg(test)]
+mod transition_tests {
+    use super::Status::*;
+    use super::*;
+
+    #[test]
+    fn pending_can_be_held_and_cancelled_at_once() {
+        assert_eq!(
+            transition(Pending, false, None, Hold),
+            Transition::Immediate(Hold)
+        );
+        assert_eq!(
+            transition(Pending, false, None, Cancelled),
+            Transition::Immediate(Cancelled)
+        );
+        assert_eq!(
+            transition(Pending, false, None, Running),
+            Transition::Refused(vec![Hold, Cancelled])
+        );
+    }
+
+    #[test]
+    fn unclaimed_hold_resumes_to_pending_only() {
+        assert_eq!(
+            transition(Hold, false, None, Pending),
+            Transition::Immediate(Pending)
+        );
+        assert_eq!(
+            transition(Hold, false, None, Running),
+            Transition::Refused(vec![Pending, Cancelled])
+        );
+    }
+
+    #[test]
+    fn vm_states_go_through_the_agent() {
+        for st in [Acknowledged, Running] {
+            assert_eq!(transition(st, true, None, Hold), Transition::Desired(Hold));
+            assert_eq!(
+                transition(st, true, None, Cancelled),
+                Transition::Desired(Cancelled)
+            );
+            assert_eq!(
+                transition(st, true, None, Pending),
+                Transition::Refused(vec![Hold, Cancelled])
+            );
+        }
+        assert_eq!(
+            transition(Hold, true, None, Running),
+            Transition::Desired(Running)
+        );
+        assert_eq!(
+            transition(Hold, true, None, Cancelled),
+            Transition::Desired(Cancelled)
+        );
+        assert_eq!(
+            transition(Hold, true, None, Pending),
+            Transition::Refused(vec![Running, Cancelled])
+        );
+    }
+
+    #[test]
+    fn a_pending_hold_can_be_withdrawn() {
+        assert_eq!(
+            transition(Running, true, Some(Hold), Running),
+            Transition::Desired(Running)
+        );
+    }
+
+    #[test]
+    fn cancellation_in_progress_is_final() {
+        assert_eq!(
+            transition(Running, true, Some(Cancelled), Hold),
+            Transition::Refused(vec![Cancelled])
+        );
+        assert_eq!(
+            transition(Running, true, Some(Cancelled), Cancelled),
+            Transition::Desired(Cancelled)
+        );
+    }
+
+    #[test]
+    fn terminal_states_and_agent_only_targets_are_refused() {
+        for st in [Done, Failed, Cancelled] {
+            for target in Status::ALL {
+                assert_eq!(
+                    transition(st, true, None, target),
+                    Transition::Refused(vec![]),
+                    "{st} → {target}"
+                );
+            }
+        }
+        for target in [Done, Failed, Acknowledged] {
+            assert!(matches!(
+                transition(Running, true, None, target),
+                Transition::Refused(_)
+            ));
+        }
     }
 }

@@ -326,3 +326,67 @@ async fn separate_api_and_agents_processes_run_each_request_once() {
     }
     assert_no_qemu_left(&s).await;
 }
+
+fn kernel_conf(extra_append: &str, extra: &str) -> String {
+    let img = common::repo().join("vm_images");
+    format!(
+        "KERNEL=\"{k}\"\nINITRD=\"{i}\"\nAPPEND=\"console=ttyS0,115200 quiet{extra_append}\"\n\
+         MEMORY=\"128M\"\nACCEL=\"tcg\"\nPROMPT=\"root@tiny:[^#]*# \"\nBOOT_TIMEOUT=\"60\"\n\
+         SHUTDOWN_TIMEOUT=\"10\"\nSTDERR_DEVICE=\"/dev/ttyS1\"\n{extra}",
+        k = img.join("tiny-vmlinuz").display(),
+        i = img.join("tiny-initrd.gz").display(),
+    )
+}
+
+#[tokio::test]
+async fn direct_kernel_boot_needs_no_disk() {
+    let opts = Options {
+        configs: vec![("tiny-kernel".into(), kernel_conf("", ""))],
+        ..Default::default()
+    };
+    let (r, out, s) = run_one("tiny-kernel", "cat /proc/cmdline; ls /dev/vda 2>&1", opts).await;
+    assert_eq!(r["status"], "done", "{r}");
+    assert!(out.starts_with("console=ttyS0,115200 quiet\n"), "{out}");
+    assert!(out.contains("No such file"), "no disk attached: {out}");
+    let system = s.output(r["uuid"].as_str().unwrap(), "system").await;
+    assert!(
+        system.contains("-kernel") && !system.contains("-drive"),
+        "{system}"
+    );
+}
+
+#[tokio::test]
+async fn login_and_password_prompts_are_answered_from_the_config() {
+    let conf = kernel_conf(
+        " sqsim.login=1",
+        "LOGIN_USER=\"root\"\nLOGIN_PASSWORD=\"sqsim\"\n",
+    );
+    let opts = Options {
+        configs: vec![("tiny-login".into(), conf)],
+        ..Default::default()
+    };
+    let (r, out, s) = run_one("tiny-login", "id -u; readlink /proc/self/fd/1", opts).await;
+    assert_eq!(r["status"], "done", "{r}");
+    assert_eq!(out, "0\n/dev/ttyS0\n");
+    let boot = s.output(r["uuid"].as_str().unwrap(), "boot").await;
+    assert!(
+        boot.contains("tiny login: ") && boot.contains("Password: "),
+        "{boot}"
+    );
+    assert!(
+        !boot.contains("sqsim\r\n"),
+        "the password is never echoed: {boot}"
+    );
+}
+
+#[tokio::test]
+async fn login_prompt_without_credentials_fails_clearly() {
+    let opts = Options {
+        configs: vec![("tiny-nologin".into(), kernel_conf(" sqsim.login=1", ""))],
+        ..Default::default()
+    };
+    let (r, _out, s) = run_one("tiny-nologin", "true", opts).await;
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("LOGIN_USER"), "{r}");
+    assert_no_qemu_left(&s).await;
+}

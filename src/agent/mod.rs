@@ -5,6 +5,7 @@
 //! so no request is claimed that could not start at once.
 
 mod run;
+mod session;
 pub mod slots;
 
 use crate::config::vm::VmCatalog;

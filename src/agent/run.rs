@@ -1,21 +1,19 @@
 //! One request's run: prepare, boot, drive the console, shut down, record the outcome.
 
+use super::session::{log_event, Drive};
 use super::{AgentContext, LEASE};
 use crate::config::vm::{ConsoleTransport, VmConfig};
 use crate::model::{AgentId, LogType, Request, ShutdownStep, Status};
-use crate::qemu::console::protocol::{
-    ConsoleEvent, ConsoleParser, Session, StderrParser, ACK_NODECODE, ACK_READY,
-};
+use crate::qemu::console::protocol::{ConsoleParser, Session, StderrParser};
 use crate::qemu::console::{self, Console, ConsoleError};
 use crate::qemu::image::{self, ImageError};
-use crate::qemu::launch::{self, describe_status, LaunchError, LaunchSpec, RunPaths, Wiring};
+use crate::qemu::launch::{self, LaunchError, LaunchSpec, RunPaths, Wiring};
 use crate::qemu::machine::{Machine, MachineError};
-use crate::qemu::qmp::{QmpError, QmpEvent};
+use crate::qemu::qmp::QmpError;
 use crate::store::sink::LogSink;
 use crate::store::Finish;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::time::Instant;
 use tracing::Instrument;
 
 /// Why a run failed; the message becomes the request's `error`.
@@ -53,6 +51,10 @@ pub enum RunError {
     ConsoleClosed(String),
     #[error("agent stopping")]
     AgentStopping,
+    #[error("cancelled")]
+    Cancelled,
+    #[error("database: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Runs one claimed request to a terminal state. Never panics the agent; always ends QEMU.
@@ -66,26 +68,29 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
         let heartbeat = spawn_heartbeat(ctx, agent, &req);
         let outcome = drive(ctx, agent, &req, &sink).await;
         heartbeat.abort();
-        let fin = match &outcome.result {
+        let mut fin = Finish {
+            shutdown_step: outcome.step,
+            boot_ms: outcome.boot_ms,
+            run_ms: outcome.run_ms,
+            shutdown_ms: outcome.shutdown_ms,
+            ..Default::default()
+        };
+        match &outcome.result {
             Ok(code) => {
                 sink.system(format!("commands exited with status {code}")).await;
-                Finish {
-                    status: Status::Done,
-                    exit_code: Some(*code),
-                    error: None,
-                    shutdown_step: outcome.step,
-                }
+                fin.status = Status::Done;
+                fin.exit_code = Some(*code);
+            }
+            Err(RunError::Cancelled) => {
+                sink.system("cancelled by an operator").await;
+                fin.status = Status::Cancelled;
             }
             Err(e) => {
                 sink.system(format!("failed: {e}")).await;
-                Finish {
-                    status: Status::Failed,
-                    exit_code: None,
-                    error: Some(e.to_string()),
-                    shutdown_step: outcome.step,
-                }
+                fin.status = Status::Failed;
+                fin.error = Some(e.to_string());
             }
-        };
+        }
         // Every log byte is committed before the request turns terminal.
         drop(sink);
         let stats = sink_task.close().await;
@@ -117,12 +122,27 @@ fn spawn_heartbeat(
 struct Outcome {
     result: Result<i32, RunError>,
     step: Option<ShutdownStep>,
+    boot_ms: Option<i64>,
+    run_ms: Option<i64>,
+    shutdown_ms: Option<i64>,
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome {
+            result: Err(RunError::AgentStopping),
+            step: None,
+            boot_ms: None,
+            run_ms: None,
+            shutdown_ms: None,
+        }
+    }
 }
 
 async fn drive(ctx: &AgentContext, agent: &AgentId, req: &Request, sink: &LogSink) -> Outcome {
     let fail = |e: RunError| Outcome {
         result: Err(e),
-        step: None,
+        ..Default::default()
     };
     let vm = match ctx.catalog.load(&req.vm_name) {
         Ok(vm) => vm,
@@ -140,33 +160,46 @@ async fn drive(ctx: &AgentContext, agent: &AgentId, req: &Request, sink: &LogSin
         }
     };
     let token = Session::random_token();
-    let (result, step) = match attach_console(&vm, &paths, &machine, &token, sink).await {
-        Err(e) => (Err(e), shut_down(&mut machine, &vm, sink).await),
+    let mut out = Outcome::default();
+    let (result, held) = match attach_console(&vm, &paths, &machine, &token, sink).await {
+        Err(e) => (Err(e), false),
         Ok(mut console) => {
-            let result = session(
-                ctx,
-                agent,
-                req,
-                &vm,
-                &mut machine,
-                &mut console,
-                &token,
-                sink,
-            )
-            .await;
+            let mut d = Drive::new(ctx, agent, req, &vm, &mut machine, &mut console, sink);
+            let result = d.run(&token).await;
+            let held = d.is_held();
+            (out.boot_ms, out.run_ms) = d.timings();
             if result.is_err() {
                 console.interrupt();
             }
-            let step = shut_down(&mut machine, &vm, sink).await;
+            let report = shut_down(&mut machine, grace(ctx, &vm, &result, held), sink).await;
+            (out.step, out.shutdown_ms) = (Some(report.0), Some(report.1));
             // QEMU is gone: the pumps reach end of stream and every byte reaches the sink.
             console.drain(Duration::from_secs(2)).await;
-            (result, step)
+            finish_dir(ctx, &paths, result.is_ok());
+            out.result = result;
+            return out;
         }
     };
-    finish_dir(ctx, &paths, result.is_ok());
-    Outcome {
-        result,
-        step: Some(step),
+    let report = shut_down(&mut machine, grace(ctx, &vm, &result, held), sink).await;
+    (out.step, out.shutdown_ms) = (Some(report.0), Some(report.1));
+    finish_dir(ctx, &paths, false);
+    out.result = result;
+    out
+}
+
+/// How long the ladder waits for an ACPI power-off: the VM's `SHUTDOWN_TIMEOUT` normally, the
+/// short cancel grace when an operator or a stopping agent ends the run, none for a paused VM
+/// (its vCPUs could not react).
+fn grace(
+    ctx: &AgentContext,
+    vm: &VmConfig,
+    result: &Result<i32, RunError>,
+    held: bool,
+) -> Duration {
+    match result {
+        _ if held => Duration::ZERO,
+        Err(RunError::Cancelled | RunError::AgentStopping) => ctx.settings.cancel_grace,
+        _ => vm.shutdown_timeout,
     }
 }
 
@@ -261,263 +294,9 @@ async fn attach_console(
     ))
 }
 
-/// Starts the vCPUs and drives the guest from boot to the exit code.
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    ctx: &AgentContext,
-    agent: &AgentId,
-    req: &Request,
-    vm: &VmConfig,
-    machine: &mut Machine,
-    console: &mut Console,
-    token: &str,
-    sink: &LogSink,
-) -> Result<i32, RunError> {
-    machine.qmp.execute(&qapi::qmp::cont {}).await?;
-    let started = Instant::now();
-    if !ctx
-        .store
-        .mark_running(req.uuid, agent)
-        .await
-        .unwrap_or(false)
-    {
-        tracing::warn!("request was not acknowledged by this agent any more");
-    }
-    sink.system("vCPUs started").await;
-    let run_deadline = started + Duration::from_secs(u64::from(req.timeout));
-    // Whichever ends first bounds the boot, and names the error.
-    let (boot_deadline, boot_kind) = if started + vm.boot_timeout < run_deadline {
-        (
-            started + vm.boot_timeout,
-            Deadline::Boot(vm.boot_timeout.as_secs()),
-        )
-    } else {
-        (run_deadline, Deadline::Run(req.timeout))
-    };
-    let mut w = Waiter {
-        machine,
-        console,
-        sink,
-        stopping: ctx.stopping.clone(),
-        stderr_done: false,
-    };
-
-    // Boot: wait for the prompt, logging in when asked.
-    loop {
-        let ev = w
-            .wait_nudging(
-                |e| {
-                    matches!(
-                        e,
-                        ConsoleEvent::Prompt | ConsoleEvent::Login | ConsoleEvent::Password
-                    )
-                },
-                boot_deadline,
-                boot_kind,
-                true,
-            )
-            .await?;
-        match ev {
-            ConsoleEvent::Prompt => break,
-            ConsoleEvent::Login => {
-                let user = vm.login_user.as_deref().ok_or(RunError::NoLogin)?;
-                w.console.send(&format!("{user}\n")).await?;
-            }
-            _ => {
-                let pw = vm.login_password.as_deref().unwrap_or("");
-                w.console.send(&format!("{pw}\n")).await?;
-            }
-        }
-    }
-    sink.system(format!(
-        "shell prompt after {:.2} s",
-        started.elapsed().as_secs_f64()
-    ))
-    .await;
-
-    let s = Session::new(token, vm.stderr_device.clone());
-    let run = Deadline::Run(req.timeout);
-    w.console.send(&s.setup_line()).await?;
-    w.wait_ack(ACK_READY, run_deadline, run).await?;
-    for (line, word) in s.upload_lines(req.commands.as_bytes()) {
-        w.console.send(&line).await?;
-        w.wait_ack(&word, run_deadline, run).await?;
-    }
-    w.console.send(&s.run_line()).await?;
-    sink.system("commands started").await;
-    let code = match w
-        .wait(|e| matches!(e, ConsoleEvent::Exit(_)), run_deadline, run)
-        .await?
-    {
-        ConsoleEvent::Exit(c) => c,
-        _ => unreachable!("filtered by the predicate"),
-    };
-    if vm.stderr_device.is_some() && !w.stderr_done {
-        // Stderr travels on its own port: wait (briefly) until it has all arrived.
-        let soon = Instant::now() + Duration::from_secs(2);
-        if w.wait(|e| *e == ConsoleEvent::StderrEnd, soon, run)
-            .await
-            .is_err()
-        {
-            sink.system("stderr end marker not seen within 2 s").await;
-        }
-    }
-    Ok(code)
-}
-
-/// Console silence during boot after which the agent sends a newline.
-const NUDGE_AFTER: Duration = Duration::from_secs(5);
-
-#[derive(Clone, Copy)]
-enum Deadline {
-    /// The boot timeout (seconds) expires first.
-    Boot(u64),
-    Run(u32),
-}
-
-/// Waits for console events while watching QEMU, QMP events, the clock and the agent's stop.
-struct Waiter<'a> {
-    machine: &'a mut Machine,
-    console: &'a mut Console,
-    sink: &'a LogSink,
-    stopping: tokio::sync::watch::Receiver<bool>,
-    /// The stderr port's end marker has been seen (it may come before the exit marker).
-    stderr_done: bool,
-}
-
-impl Waiter<'_> {
-    async fn wait_ack(
-        &mut self,
-        word: &str,
-        deadline: Instant,
-        d: Deadline,
-    ) -> Result<(), RunError> {
-        let ev = self
-            .wait(
-                |e| matches!(e, ConsoleEvent::Ack(w) if w == word || w == ACK_NODECODE),
-                deadline,
-                d,
-            )
-            .await?;
-        match ev {
-            ConsoleEvent::Ack(w) if w == ACK_NODECODE => Err(RunError::NoDecode),
-            _ => Ok(()),
-        }
-    }
-
-    async fn wait(
-        &mut self,
-        want: impl Fn(&ConsoleEvent) -> bool,
-        deadline: Instant,
-        d: Deadline,
-    ) -> Result<ConsoleEvent, RunError> {
-        self.wait_nudging(want, deadline, d, false).await
-    }
-
-    /// With `nudge`, a console silent for [`NUDGE_AFTER`] gets a newline, which makes a shell
-    /// or getty print its prompt again (a prompt followed by late kernel output is not at the
-    /// end of the output any more).
-    async fn wait_nudging(
-        &mut self,
-        want: impl Fn(&ConsoleEvent) -> bool,
-        deadline: Instant,
-        d: Deadline,
-        nudge: bool,
-    ) -> Result<ConsoleEvent, RunError> {
-        let mut tick = tokio::time::interval_at(Instant::now() + NUDGE_AFTER, NUDGE_AFTER);
-        let mut seen = self.console.received();
-        loop {
-            let m = &mut *self.machine;
-            tokio::select! {
-                _ = tick.tick(), if nudge => {
-                    let now = self.console.received();
-                    if now == seen && now > 0 {
-                        self.sink.system("console silent; sending a newline").await;
-                        self.console.send("\n").await?;
-                    }
-                    seen = now;
-                }
-                ev = self.console.next_event() => match ev {
-                    Some(ConsoleEvent::Ack(w)) if w == ACK_NODECODE => return Err(RunError::NoDecode),
-                    Some(e) if want(&e) => {
-                        self.stderr_done |= e == ConsoleEvent::StderrEnd;
-                        return Ok(e);
-                    }
-                    Some(ConsoleEvent::StderrEnd) => self.stderr_done = true,
-                    Some(_) => {}
-                    None => return Err(self.ended_error()),
-                },
-                ev = m.events.recv(), if !m.qmp_closed => match ev {
-                    Some(ev) => {
-                        log_event(self.sink, &ev).await;
-                        if let Some(err) = fatal_event(&ev) {
-                            return Err(err);
-                        }
-                    }
-                    None => m.qmp_closed = true,
-                },
-                status = m.process.wait() => {
-                    return Err(RunError::QemuExited {
-                        status: describe_status(status),
-                        stderr: m.process.stderr_tail(2048),
-                    });
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(match d {
-                        Deadline::Boot(secs) => RunError::BootTimeout {
-                            secs,
-                            last_seen: self.console.last_seen(),
-                        },
-                        Deadline::Run(timeout) => RunError::Timeout(timeout),
-                    });
-                }
-                _ = self.stopping.changed() => return Err(RunError::AgentStopping),
-            }
-        }
-    }
-
-    /// The console ended: say why, preferring QEMU's own exit.
-    fn ended_error(&mut self) -> RunError {
-        match self.machine.process.try_status() {
-            Some(status) => RunError::QemuExited {
-                status: describe_status(status),
-                stderr: self.machine.process.stderr_tail(2048),
-            },
-            None => RunError::ConsoleClosed(self.console.last_seen()),
-        }
-    }
-}
-
-/// QMP events that end a run at once.
-fn fatal_event(ev: &QmpEvent) -> Option<RunError> {
-    match ev.name.as_str() {
-        "GUEST_PANICKED" => Some(RunError::GuestPanicked(ev.data.to_string())),
-        "SHUTDOWN" => {
-            let (_, reason) = ev.shutdown_reason().unwrap_or_default();
-            Some(RunError::GuestShutdown(reason))
-        }
-        _ => None,
-    }
-}
-
-async fn log_event(sink: &LogSink, ev: &QmpEvent) {
-    let data = if ev.data.is_null() {
-        String::new()
-    } else {
-        format!(" {}", ev.data)
-    };
-    let known = if ev.typed.is_some() {
-        ""
-    } else {
-        " (unknown event, raw)"
-    };
-    sink.system(format!("QMP event {}{data}{known}", ev.name))
-        .await;
-}
-
-/// Runs the shutdown ladder and logs what happened.
-async fn shut_down(machine: &mut Machine, vm: &VmConfig, sink: &LogSink) -> ShutdownStep {
-    let report = machine.shutdown(vm.shutdown_timeout).await;
+/// Runs the shutdown ladder and logs what happened; returns the step and its duration (ms).
+async fn shut_down(machine: &mut Machine, grace: Duration, sink: &LogSink) -> (ShutdownStep, i64) {
+    let report = machine.shutdown(grace).await;
     for ev in &report.events {
         log_event(sink, ev).await;
     }
@@ -534,5 +313,5 @@ async fn shut_down(machine: &mut Machine, vm: &VmConfig, sink: &LogSink) -> Shut
         report.status
     ))
     .await;
-    report.step
+    (report.step, report.elapsed.as_millis() as i64)
 }

@@ -94,6 +94,8 @@ pub struct Settings {
     pub qemu_binary: PathBuf,
     /// Keep a failed run's directory (overlay, sockets, QEMU stderr) for inspection.
     pub keep_failed_runs: bool,
+    /// How long a cancelled VM gets to power off through ACPI before `quit`.
+    pub cancel_grace: Duration,
 }
 
 /// Longest run-dir path that still leaves room for `/<uuid>/console.sock` within the
@@ -173,6 +175,7 @@ impl Settings {
             run_dir,
             qemu_binary: v.path("SQLITE_SIM_QEMU_BINARY", "qemu-system-x86_64".into()),
             keep_failed_runs: v.boolean("SQLITE_SIM_KEEP_FAILED_RUNS", false)?,
+            cancel_grace: v.seconds("SQLITE_SIM_CANCEL_GRACE", 3.0)?,
         })
     }
 
@@ -213,6 +216,10 @@ impl Settings {
             (
                 "SQLITE_SIM_KEEP_FAILED_RUNS",
                 self.keep_failed_runs.to_string(),
+            ),
+            (
+                "SQLITE_SIM_CANCEL_GRACE",
+                format!("{}", self.cancel_grace.as_secs_f64()),
             ),
         ]
     }

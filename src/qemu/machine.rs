@@ -78,7 +78,8 @@ impl Machine {
         })
     }
 
-    /// Runs the ladder until QEMU is gone. `grace` bounds the wait for the ACPI power-off.
+    /// Runs the ladder until QEMU is gone. `grace` bounds the wait for the ACPI power-off;
+    /// zero skips it.
     pub async fn shutdown(&mut self, grace: Duration) -> ShutdownReport {
         let start = Instant::now();
         let mut seen = Vec::new();

@@ -45,6 +45,7 @@ impl Store {
             Ok(())
         })
         .await
+        .inspect(|_| self.bump())
     }
 
     /// A request's log entries in order.

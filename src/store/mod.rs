@@ -5,12 +5,16 @@
 //! timeout, so the API and any number of agent processes can share one file. Every write
 //! starts with `BEGIN IMMEDIATE`, which makes claims atomic across processes.
 
+mod control;
 mod logs;
+mod metrics;
 mod requests;
 mod schema;
 pub mod sink;
 
+pub use control::{ControlOutcome, DeleteOutcome};
 pub use logs::LogQuery;
+pub use metrics::{Histogram, MetricsSnapshot, BUCKETS};
 pub use requests::{Finish, RequestQuery};
 
 use rusqlite::{Connection, OpenFlags};
@@ -55,6 +59,9 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Bumped after every write this process makes, so followers and agents in this process
+    /// react at once; other processes' writes are noticed by polling.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -71,6 +78,7 @@ impl Store {
             inner: Arc::new(Inner {
                 path,
                 idle: Mutex::new(Vec::new()),
+                changes: tokio::sync::watch::channel(0).0,
             }),
         };
         store.call(schema::migrate).await?;
@@ -79,6 +87,15 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Changes whenever this process writes to the database.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    pub(crate) fn bump(&self) {
+        self.inner.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     fn connect(path: &Path) -> Result<Connection, StoreError> {

@@ -7,9 +7,10 @@ use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
 use std::time::Duration;
 
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
-     started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step";
+     started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
+     boot_ms, run_ms, shutdown_ms";
 
-fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
+pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
     let status: String = r.get(4)?;
     let desired: Option<String> = r.get(12)?;
@@ -34,6 +35,9 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
                 .transpose()
                 .map_err(|e| bad(&e))?,
             shutdown_step: step.map(|s| s.parse()).transpose().map_err(|e| bad(&e))?,
+            boot_ms: r.get(14)?,
+            run_ms: r.get(15)?,
+            shutdown_ms: r.get(16)?,
         })
     };
     Ok(build())
@@ -49,12 +53,18 @@ pub struct RequestQuery {
 }
 
 /// How a run ended, as the agent records it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Finish {
     pub status: Status,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
     pub shutdown_step: Option<ShutdownStep>,
+    /// Start of the vCPUs to the shell prompt.
+    pub boot_ms: Option<i64>,
+    /// Prompt to the end of the commands (time held excluded).
+    pub run_ms: Option<i64>,
+    /// The shutdown ladder.
+    pub shutdown_ms: Option<i64>,
 }
 
 fn lease_until(lease: Duration) -> String {
@@ -78,6 +88,7 @@ impl Store {
             Ok(req)
         })
         .await
+        .inspect(|_| self.bump())
     }
 
     pub async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
@@ -157,6 +168,11 @@ impl Store {
             Ok(req)
         })
         .await
+        .inspect(|r| {
+            if r.is_some() {
+                self.bump()
+            }
+        })
     }
 
     /// `acknowledged → running`, recording when the VM started.
@@ -172,6 +188,7 @@ impl Store {
             Ok(n == 1)
         })
         .await
+        .inspect(|_| self.bump())
     }
 
     /// Extends the lease of a request the agent still owns.
@@ -206,7 +223,8 @@ impl Store {
             let now = timefmt::now();
             let n = c.execute(
                 "UPDATE requests SET status = ?1, exit_code = ?2, error = ?3, shutdown_step = ?4,
-                        finished_at = ?5, updated_at = ?5, lease_expires_at = NULL, desired_status = NULL
+                        finished_at = ?5, updated_at = ?5, lease_expires_at = NULL, desired_status = NULL,
+                        boot_ms = ?8, run_ms = ?9, shutdown_ms = ?10
                  WHERE uuid = ?6 AND agent_id = ?7
                    AND status NOT IN ('done','failed','cancelled')",
                 params![
@@ -216,16 +234,23 @@ impl Store {
                     fin.shutdown_step.map(|s| s.as_str()),
                     now,
                     id.to_string(),
-                    agent
+                    agent,
+                    fin.boot_ms,
+                    fin.run_ms,
+                    fin.shutdown_ms,
                 ],
             )?;
             Ok(n == 1)
         })
         .await
+        .inspect(|_| self.bump())
     }
 }
 
-fn get_in(c: &rusqlite::Connection, id: RequestId) -> Result<Option<Request>, StoreError> {
+pub(super) fn get_in(
+    c: &rusqlite::Connection,
+    id: RequestId,
+) -> Result<Option<Request>, StoreError> {
     let row = c
         .query_row(
             &format!("SELECT {COLUMNS} FROM requests WHERE uuid = ?1"),
@@ -346,8 +371,9 @@ mod tests {
         let fin = Finish {
             status: Status::Done,
             exit_code: Some(3),
-            error: None,
             shutdown_step: Some(ShutdownStep::Powerdown),
+            boot_ms: Some(2500),
+            ..Default::default()
         };
         assert!(!s.finish(r.uuid, &other, fin.clone()).await.unwrap());
         assert!(s.finish(r.uuid, &me, fin.clone()).await.unwrap());
@@ -359,6 +385,7 @@ mod tests {
         assert_eq!(got.status, Status::Done);
         assert_eq!(got.exit_code, Some(3));
         assert_eq!(got.shutdown_step, Some(ShutdownStep::Powerdown));
+        assert_eq!(got.boot_ms, Some(2500));
         assert!(got.started_at.is_some() && got.finished_at.is_some());
     }
 

@@ -37,6 +37,12 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (request_uuid, seq)
     );
     "#,
+    // v2: phase durations, for metrics across processes.
+    r#"
+    ALTER TABLE requests ADD COLUMN boot_ms INTEGER;
+    ALTER TABLE requests ADD COLUMN run_ms INTEGER;
+    ALTER TABLE requests ADD COLUMN shutdown_ms INTEGER;
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
