@@ -3,11 +3,15 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// A request's id: a UUID, never a free-form string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(transparent)]
+#[schema(value_type = String, format = Uuid)]
 pub struct RequestId(pub Uuid);
 
 impl RequestId {
@@ -51,7 +55,7 @@ impl fmt::Display for AgentId {
 }
 
 /// A request's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Submitted, waiting for an agent.
@@ -130,7 +134,7 @@ impl FromStr for Status {
 }
 
 /// What a stored log chunk is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogType {
     /// Console bytes before the commands start (firmware, kernel, init, login, session set-up).
@@ -190,7 +194,7 @@ impl FromStr for LogType {
 }
 
 /// How the VM of a finished run ended: the step of the shutdown ladder that stopped QEMU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ShutdownStep {
     /// The guest powered itself off after QMP `system_powerdown` (ACPI).
@@ -238,7 +242,7 @@ impl FromStr for ShutdownStep {
 }
 
 /// One request as stored and as returned by the API.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Request {
     pub uuid: RequestId,
     pub vm_name: String,

@@ -1,6 +1,7 @@
 //! The one place where errors become HTTP status codes and the JSON error shape
 //! `{"error": {"code": "...", "message": "..."}}`.
 
+use crate::model::Status;
 use crate::store::StoreError;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
@@ -27,10 +28,30 @@ pub enum ApiError {
     NotFound(String),
     #[error("no such route")]
     NoRoute,
+    #[error(
+        "cannot change a {current} request to {target}; {}",
+        allowed_text(allowed)
+    )]
+    Conflict {
+        current: Status,
+        target: Status,
+        allowed: Vec<Status>,
+    },
+    #[error("missing or wrong bearer token (Authorization: Bearer <SQLITE_SIM_API_TOKEN>)")]
+    Unauthorized,
     #[error("database busy, retry shortly: {0}")]
     Busy(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn allowed_text(allowed: &[Status]) -> String {
+    if allowed.is_empty() {
+        "it allows no change".to_string()
+    } else {
+        let names: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
+        format!("allowed: {}", names.join(", "))
+    }
 }
 
 #[derive(Serialize)]
@@ -57,6 +78,8 @@ impl ApiError {
             ApiError::InvalidUuid(_) => (StatusCode::BAD_REQUEST, "invalid_uuid"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            ApiError::Conflict { .. } => (StatusCode::CONFLICT, "invalid_transition"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_busy"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -75,7 +98,14 @@ impl IntoResponse for ApiError {
                 message: self.to_string(),
             },
         };
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
     }
 }
 
@@ -129,12 +159,27 @@ mod tests {
             ApiError::InvalidUuid("x".into()),
             ApiError::NotFound("x".into()),
             ApiError::NoRoute,
+            ApiError::Unauthorized,
+            ApiError::Conflict {
+                current: Status::Done,
+                target: Status::Hold,
+                allowed: vec![],
+            },
         ] {
             assert!(e.status_and_code().0.is_client_error(), "{e}");
         }
         assert_eq!(
             ApiError::Busy("x".into()).status_and_code().0,
             StatusCode::SERVICE_UNAVAILABLE
+        );
+        let c = ApiError::Conflict {
+            current: Status::Running,
+            target: Status::Pending,
+            allowed: vec![Status::Hold, Status::Cancelled],
+        };
+        assert_eq!(
+            c.to_string(),
+            "cannot change a running request to pending; allowed: hold, cancelled"
         );
     }
 }

@@ -1,12 +1,18 @@
-//! The REST API (axum). Handlers live per resource; errors map to HTTP in [`error`].
+//! The REST API (axum). Handlers live per resource (`requests`, `logs`, `metrics`); errors map
+//! to HTTP in exactly one place ([`error`]); the OpenAPI document is generated from the
+//! handlers' annotations and served with Swagger UI, offline.
 
 pub mod error;
+mod logs;
+mod metrics;
 mod requests;
 
 use crate::config::vm::VmCatalog;
 use crate::config::Settings;
 use crate::store::Store;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use error::ApiError;
@@ -14,6 +20,8 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
 
 /// Largest accepted request body.
 pub const BODY_LIMIT: usize = 128 * 1024;
@@ -39,18 +47,67 @@ impl AppState {
     }
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "sqlite-sim", description = "QMP-native QEMU VM supervisor"),
+    paths(
+        requests::create,
+        requests::list,
+        requests::show,
+        requests::set_status,
+        requests::delete,
+        logs::logs,
+        logs::raw,
+        logs::stream_logs,
+        metrics::metrics,
+        health,
+    ),
+    components(schemas(crate::model::Request, crate::model::Status, crate::model::LogType,
+        crate::model::ShutdownStep, crate::model::RequestId, ErrorSchema)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+/// The error shape every failure uses.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct ErrorSchema {
+    /// `{"code": "...", "message": "..."}`
+    error: std::collections::HashMap<String, String>,
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let cors = state
         .settings
         .enable_cors
         .then(|| cors_layer(&state.settings));
     let mut app = Router::new()
+        .route("/requests", get(requests::list).post(requests::create))
         .route(
-            "/requests",
-            axum::routing::post(requests::create),
+            "/requests/{uuid}",
+            get(requests::show).delete(requests::delete),
         )
-        .route("/requests/{uuid}", get(requests::show))
-        .route("/requests/{uuid}/logs", get(requests::logs))
+        .route("/requests/{uuid}/status", axum::routing::put(requests::set_status))
+        .route("/requests/{uuid}/logs", get(logs::logs))
+        .route("/requests/{uuid}/logs/raw", get(logs::raw))
+        .route("/requests/{uuid}/logs/stream", get(logs::stream_logs))
+        .route("/metrics", get(metrics::metrics))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        // Liveness stays open to load balancers.
         .route("/health", get(health))
         .fallback(|| async { ApiError::NoRoute })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -66,6 +123,35 @@ pub fn router(state: AppState) -> Router {
     app
 }
 
+/// With `SQLITE_SIM_API_TOKEN` set, requires `Authorization: Bearer <token>`.
+async fn auth(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &state.settings.api_token {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    Ok(next.run(req).await)
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
 fn cors_layer(settings: &Settings) -> CorsLayer {
     let origins = &settings.allowed_origins;
     let allow = if origins.iter().any(|o| o == "*") {
@@ -79,9 +165,10 @@ fn cors_layer(settings: &Settings) -> CorsLayer {
         .allow_headers(tower_http::cors::Any)
 }
 
-async fn health(
-    axum::extract::State(state): axum::extract::State<AppState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+/// Liveness and a database check; never requires auth.
+#[utoipa::path(get, path = "/health", tag = "system",
+    responses((status = 200, description = "alive, database reachable")))]
+async fn health(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     state.store.health().await?;
     Ok(Json(
         serde_json::json!({ "status": "ok", "database": "ok" }),
@@ -99,4 +186,18 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secre", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(!constant_time_eq(b"secretsecret", b"secret"));
+    }
 }

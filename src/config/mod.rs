@@ -96,6 +96,8 @@ pub struct Settings {
     pub keep_failed_runs: bool,
     /// How long a cancelled VM gets to power off through ACPI before `quit`.
     pub cancel_grace: Duration,
+    /// When set, every endpoint but `/health` requires `Authorization: Bearer <token>`.
+    pub api_token: Option<String>,
 }
 
 /// Longest run-dir path that still leaves room for `/<uuid>/console.sock` within the
@@ -176,6 +178,7 @@ impl Settings {
             qemu_binary: v.path("SQLITE_SIM_QEMU_BINARY", "qemu-system-x86_64".into()),
             keep_failed_runs: v.boolean("SQLITE_SIM_KEEP_FAILED_RUNS", false)?,
             cancel_grace: v.seconds("SQLITE_SIM_CANCEL_GRACE", 3.0)?,
+            api_token: v.raw("SQLITE_SIM_API_TOKEN"),
         })
     }
 
@@ -220,6 +223,13 @@ impl Settings {
             (
                 "SQLITE_SIM_CANCEL_GRACE",
                 format!("{}", self.cancel_grace.as_secs_f64()),
+            ),
+            (
+                "SQLITE_SIM_API_TOKEN",
+                match &self.api_token {
+                    Some(_) => "<set, redacted>".into(),
+                    None => String::new(),
+                },
             ),
         ]
     }

@@ -1,0 +1,288 @@
+//! A request's logs: as JSON, as raw bytes, and live as Server-Sent Events.
+
+use super::error::ApiError;
+use super::requests::load;
+use super::AppState;
+use crate::model::{LogEntry, LogType, Request, RequestId, Status};
+use crate::store::{LogQuery, Store};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use futures_util::stream::{self, Stream};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+use utoipa::{IntoParams, ToSchema};
+
+/// Rows fetched per database round trip when streaming.
+const PAGE: u32 = 256;
+/// How often a follower re-reads the database when no in-process write woke it (writes by an
+/// agents process elsewhere).
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// `GET /requests/{uuid}/logs` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogParams {
+    /// boot, command, stdout, stderr, shutdown or system.
+    pub log_type: Option<String>,
+    /// Only entries with `id > after`.
+    pub after: Option<i64>,
+    /// At most this many entries (1..=100000).
+    pub limit: Option<u32>,
+}
+
+/// One log entry as JSON. `output` is UTF-8 (invalid sequences replaced); when the bytes are
+/// not valid UTF-8, `output_base64` carries them exactly.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogView {
+    pub id: i64,
+    pub timestamp: String,
+    pub log_type: LogType,
+    pub output: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_base64: Option<String>,
+}
+
+impl From<LogEntry> for LogView {
+    fn from(e: LogEntry) -> Self {
+        let (output, output_base64) = match String::from_utf8(e.output) {
+            Ok(s) => (s, None),
+            Err(err) => {
+                let bytes = err.into_bytes();
+                (
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                    Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+                )
+            }
+        };
+        LogView {
+            id: e.id,
+            timestamp: e.timestamp,
+            log_type: e.log_type,
+            output,
+            output_base64,
+        }
+    }
+}
+
+fn parse_log_type(s: Option<&str>) -> Result<Option<LogType>, ApiError> {
+    s.map(str::parse::<LogType>)
+        .transpose()
+        .map_err(|e| ApiError::Validation(e.to_string()))
+}
+
+/// A request's log entries, in order.
+#[utoipa::path(get, path = "/requests/{uuid}/logs", tag = "logs",
+    params(("uuid" = String, Path), LogParams),
+    responses((status = 200, body = Vec<LogView>)))]
+pub async fn logs(
+    State(state): State<AppState>,
+    Path(uuid): Path<String>,
+    params: Result<Query<LogParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<LogView>>, ApiError> {
+    let Query(p) = params?;
+    let req = load(&state, &uuid).await?;
+    let log_type = parse_log_type(p.log_type.as_deref())?;
+    if p.limit == Some(0) || p.limit.is_some_and(|l| l > 100_000) {
+        return Err(ApiError::Validation(
+            "limit must be from 1 to 100000".into(),
+        ));
+    }
+    let entries = state
+        .store
+        .logs(
+            req.uuid,
+            LogQuery {
+                log_type,
+                after: p.after,
+                limit: p.limit,
+            },
+        )
+        .await?;
+    Ok(Json(entries.into_iter().map(LogView::from).collect()))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct RawParams {
+    /// Which log (default `stdout`).
+    pub log_type: Option<String>,
+}
+
+/// The exact bytes of one log type, concatenated, streamed page by page.
+#[utoipa::path(get, path = "/requests/{uuid}/logs/raw", tag = "logs",
+    params(("uuid" = String, Path), RawParams),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>)))]
+pub async fn raw(
+    State(state): State<AppState>,
+    Path(uuid): Path<String>,
+    params: Result<Query<RawParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params?;
+    let req = load(&state, &uuid).await?;
+    let log_type = parse_log_type(p.log_type.as_deref())?.unwrap_or(LogType::Stdout);
+    let store = state.store.clone();
+    let body = stream::unfold(Some(0i64), move |after| {
+        let store = store.clone();
+        async move {
+            let after = after?;
+            let q = LogQuery {
+                log_type: Some(log_type),
+                after: Some(after),
+                limit: Some(PAGE),
+            };
+            match store.logs(req.uuid, q).await {
+                Ok(rows) if rows.is_empty() => None,
+                Ok(rows) => {
+                    let next = rows.last().map(|r| r.id);
+                    let more = rows.len() as u32 == PAGE;
+                    let bytes: Vec<u8> = rows.into_iter().flat_map(|r| r.output).collect();
+                    Some((
+                        Ok::<_, std::io::Error>(Bytes::from(bytes)),
+                        next.filter(|_| more),
+                    ))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct StreamParams {
+    /// Resume after this log id (as `Last-Event-ID` does).
+    pub after: Option<i64>,
+}
+
+/// Live log: `log` events (id = log id, data = a log entry), `status` events (data = the
+/// request) whenever its status or desired status changes, and a final `end` event once the
+/// request is finished and every entry was sent. `Last-Event-ID` (or `?after=`) resumes
+/// without gaps or duplicates.
+#[utoipa::path(get, path = "/requests/{uuid}/logs/stream", tag = "logs",
+    params(("uuid" = String, Path), StreamParams),
+    responses((status = 200, content_type = "text/event-stream", description = "SSE stream")))]
+pub async fn stream_logs(
+    State(state): State<AppState>,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    params: Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let Query(p) = params?;
+    let req = load(&state, &uuid).await?;
+    let resume = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .ok_or_else(|| ApiError::Validation("Last-Event-ID must be a log id".into()))
+        })
+        .transpose()?;
+    let follower = Follower {
+        changes: state.store.subscribe(),
+        store: state.store.clone(),
+        id: req.uuid,
+        after: resume.or(p.after).unwrap_or(0),
+        last: None,
+        queue: VecDeque::new(),
+        done: false,
+    };
+    let events = stream::unfold(follower, |mut f| async move {
+        let ev = f.next().await?;
+        Some((Ok(ev), f))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// State of one SSE follower.
+struct Follower {
+    store: Store,
+    changes: tokio::sync::watch::Receiver<u64>,
+    id: RequestId,
+    after: i64,
+    last: Option<(Status, Option<Status>)>,
+    queue: VecDeque<Event>,
+    done: bool,
+}
+
+fn json_event(kind: &str, data: &impl Serialize) -> Event {
+    Event::default()
+        .event(kind)
+        .data(serde_json::to_string(data).expect("serialisable"))
+}
+
+impl Follower {
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(ev) = self.queue.pop_front() {
+                return Some(ev);
+            }
+            if self.done {
+                return None;
+            }
+            match self.poll().await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    self.done = true;
+                    return Some(json_event(
+                        "error",
+                        &serde_json::json!({ "message": e.to_string() }),
+                    ));
+                }
+            }
+            tokio::select! {
+                _ = self.changes.changed() => {}
+                _ = tokio::time::sleep(FOLLOW_POLL) => {}
+            }
+        }
+    }
+
+    /// Reads what is new; true if events were queued. The status is read *before* the logs:
+    /// logs are committed before a request turns terminal, so a terminal status followed by an
+    /// empty page means everything was sent.
+    async fn poll(&mut self) -> Result<bool, crate::store::StoreError> {
+        let req: Option<Request> = self.store.get(self.id).await?;
+        let q = LogQuery {
+            log_type: None,
+            after: Some(self.after),
+            limit: Some(PAGE),
+        };
+        let rows = self.store.logs(self.id, q).await?;
+        let full_page = rows.len() as u32 == PAGE;
+        for row in rows {
+            self.after = row.id;
+            let id = row.id;
+            self.queue
+                .push_back(json_event("log", &LogView::from(row)).id(id.to_string()));
+        }
+        let Some(req) = req else {
+            self.queue
+                .push_back(json_event("end", &serde_json::json!({ "deleted": true })));
+            self.done = true;
+            return Ok(true);
+        };
+        let now = (req.status, req.desired_status);
+        if self.last != Some(now) {
+            self.last = Some(now);
+            self.queue.push_back(json_event("status", &req));
+        }
+        if req.status.is_terminal() && !full_page {
+            self.queue.push_back(json_event("end", &req));
+            self.done = true;
+        }
+        Ok(!self.queue.is_empty())
+    }
+}
