@@ -268,3 +268,317 @@ async fn health_reports_the_database() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["database"], "ok");
 }
+
+async fn put_status(s: &Server, id: &str, status: &str) -> (u16, Value) {
+    let r = s
+        .client
+        .put(format!("{}/requests/{id}/status", s.url))
+        .json(&json!({ "status": status }))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn list_filters_pages_and_counts() {
+    let s = api().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(s.submit("tiny", &format!("echo {i}"), 30).await);
+    }
+    put_status(&s, &ids[0], "hold").await;
+    put_status(&s, &ids[1], "cancelled").await;
+    let list = |q: &'static str| {
+        let s = &s;
+        async move {
+            let r = s
+                .client
+                .get(format!("{}/requests{q}", s.url))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{q}");
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let all = list("").await;
+    assert_eq!(all["total"], 5);
+    assert_eq!(all["limit"], 50);
+    let got: Vec<&str> = all["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["uuid"].as_str().unwrap())
+        .collect();
+    let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
+    assert_eq!(got, newest_first);
+    let page = list("?limit=2&offset=1").await;
+    assert_eq!(page["total"], 5);
+    assert_eq!(page["requests"].as_array().unwrap().len(), 2);
+    assert_eq!(page["requests"][0]["uuid"], ids[3]);
+    let held = list("?status=hold&status=cancelled").await;
+    assert_eq!(held["total"], 2);
+    let held = list("?status=hold,cancelled&vm_name=tiny").await;
+    assert_eq!(held["total"], 2);
+    assert_eq!(list("?vm_name=other").await["total"], 0);
+    assert_eq!(list("?vm_name=%27%20OR%201%3D1%20--").await["total"], 0);
+    for bad in [
+        "?status=paused",
+        "?limit=0",
+        "?limit=1001",
+        "?offset=-1",
+        "?order=asc",
+    ] {
+        let r = s
+            .client
+            .get(format!("{}/requests{bad}", s.url))
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        assert_error(st, &r.json().await.unwrap(), 422, "validation_error");
+    }
+}
+
+#[tokio::test]
+async fn control_of_requests_without_a_vm() {
+    let s = api().await;
+    let id = s.submit("tiny", "echo x", 30).await;
+    let (code, r) = put_status(&s, &id, "hold").await;
+    assert_eq!(
+        (code, r["status"].as_str(), r["applied"].as_bool()),
+        (200, Some("hold"), Some(true))
+    );
+    let (code, r) = put_status(&s, &id, "running").await;
+    assert_error(code, &r, 409, "invalid_transition");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("allowed: pending, cancelled"),
+        "{r}"
+    );
+    let (code, r) = put_status(&s, &id, "pending").await;
+    assert_eq!((code, r["status"].as_str()), (200, Some("pending")));
+    for target in ["done", "failed", "acknowledged", "pending"] {
+        let (code, r) = put_status(&s, &id, target).await;
+        assert_error(code, &r, 409, "invalid_transition");
+    }
+    let (code, r) = put_status(&s, &id, "paused").await;
+    assert_error(code, &r, 422, "validation_error");
+    let r = s
+        .client
+        .put(format!("{}/requests/{id}/status", s.url))
+        .json(&json!({"status": "hold", "force": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422, "unknown fields rejected");
+
+    // DELETE of a pending request cancels it; of a finished one deletes it.
+    let r = s
+        .client
+        .delete(format!("{}/requests/{id}", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["status"].as_str(), body["applied"].as_bool()),
+        (Some("cancelled"), Some(true))
+    );
+    assert!(body["finished_at"].is_string());
+    let (code, r) = put_status(&s, &id, "pending").await;
+    assert_error(code, &r, 409, "invalid_transition");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allows no change"),
+        "{r}"
+    );
+    let r = s
+        .client
+        .delete(format!("{}/requests/{id}", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = s
+        .client
+        .delete(format!("{}/requests/{id}", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(count_requests(&s), 0);
+}
+
+#[tokio::test]
+async fn raw_logs_of_a_request_without_output_are_empty() {
+    let s = api().await;
+    let id = s.submit("tiny", "echo x", 30).await;
+    let r = s
+        .client
+        .get(format!("{}/requests/{id}/logs/raw", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = s
+        .client
+        .get(format!("{}/requests/{id}/logs/raw?log_type=nope", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+}
+
+#[tokio::test]
+async fn bearer_token_guards_everything_but_health() {
+    let s = Server::start(Options {
+        mode: Mode::Api,
+        env: vec![("SQLITE_SIM_API_TOKEN".into(), "s3cret-token".into())],
+        ..Default::default()
+    })
+    .await;
+    let get = |path: &'static str, token: Option<&'static str>| {
+        let mut r = s.client.get(format!("{}{path}", s.url));
+        if let Some(t) = token {
+            r = r.header("authorization", t);
+        }
+        r.send()
+    };
+    assert_eq!(get("/health", None).await.unwrap().status(), 200);
+    for path in ["/requests", "/metrics", "/openapi.json"] {
+        let r = get(path, None).await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized");
+        assert_eq!(get(path, Some("Bearer wrong")).await.unwrap().status(), 401);
+        assert_eq!(get(path, Some("s3cret-token")).await.unwrap().status(), 401);
+        assert_eq!(
+            get(path, Some("Bearer s3cret-token"))
+                .await
+                .unwrap()
+                .status(),
+            200,
+            "{path}"
+        );
+    }
+    let r = s
+        .client
+        .post(format!("{}/requests", s.url))
+        .json(&json!({"vm_name": "tiny", "commands": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(count_requests(&s), 0);
+    assert!(
+        !s.logs().contains("s3cret-token"),
+        "the token is never logged"
+    );
+}
+
+#[tokio::test]
+async fn openapi_lists_every_route_and_docs_are_served() {
+    let s = api().await;
+    let doc: Value = s
+        .client
+        .get(format!("{}/openapi.json", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, methods) in [
+        ("/requests", &["get", "post"][..]),
+        ("/requests/{uuid}", &["get", "delete"]),
+        ("/requests/{uuid}/status", &["put"]),
+        ("/requests/{uuid}/logs", &["get"]),
+        ("/requests/{uuid}/logs/raw", &["get"]),
+        ("/requests/{uuid}/logs/stream", &["get"]),
+        ("/metrics", &["get"]),
+        ("/health", &["get"]),
+    ] {
+        for m in methods {
+            assert!(
+                paths.get(path).and_then(|p| p.get(*m)).is_some(),
+                "{m} {path} missing"
+            );
+        }
+    }
+    let r = s
+        .client
+        .get(format!("{}/docs/", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.text().await.unwrap().contains("swagger"),
+        "Swagger UI served offline"
+    );
+}
+
+#[tokio::test]
+async fn cors_only_when_enabled() {
+    let origin = "http://example.test";
+    for (enabled, expect) in [(false, false), (true, true)] {
+        let s = Server::start(Options {
+            mode: Mode::Api,
+            env: vec![
+                ("SQLITE_SIM_ENABLE_CORS".into(), enabled.to_string()),
+                ("SQLITE_SIM_ALLOWED_ORIGINS".into(), origin.into()),
+            ],
+            ..Default::default()
+        })
+        .await;
+        let r = s
+            .client
+            .get(format!("{}/requests", s.url))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers().get("access-control-allow-origin").is_some(),
+            expect,
+            "enabled={enabled}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text() {
+    let s = api().await;
+    s.submit("tiny", "echo x", 30).await;
+    let r = s
+        .client
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    for needle in [
+        "# TYPE sqlite_sim_requests gauge",
+        "sqlite_sim_requests{status=\"pending\"} 1",
+        "sqlite_sim_vms_running 0",
+        "# TYPE sqlite_sim_boot_seconds histogram",
+        "sqlite_sim_run_seconds_bucket{le=\"+Inf\"} 0",
+        "sqlite_sim_shutdown_seconds_count 0",
+        "sqlite_sim_log_bytes_total 0",
+    ] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
+}

@@ -107,3 +107,18 @@ fn status_checks_database_qemu_and_images() {
     assert_eq!(code, 1);
     assert!(out.contains("qemu: ERROR"), "{out}");
 }
+
+#[test]
+fn config_redacts_the_api_token() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, out, _) = sqlite_sim(
+        d.path(),
+        &["config"],
+        &[("SQLITE_SIM_API_TOKEN", "hunter2")],
+    );
+    assert!(
+        out.contains("SQLITE_SIM_API_TOKEN=<set, redacted>"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2"));
+}

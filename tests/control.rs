@@ -1,0 +1,240 @@
+//! Lifecycle control against the real tiny guest: hold/resume through QMP stop/cont, cancel
+//! during boot and during a command, from the same process and across processes.
+
+mod common;
+
+use common::{eventually, require_image, vm_slot, Mode, Options, Server};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+async fn put_status(s: &Server, id: &str, status: &str) -> (u16, Value) {
+    let r = s
+        .client
+        .put(format!("{}/requests/{id}/status", s.url))
+        .json(&json!({ "status": status }))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap())
+}
+
+/// Waits until `pred` holds for the request (polling its JSON).
+async fn wait_for(s: &Server, id: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let r = s.get(id).await;
+        if pred(&r) {
+            return r;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "condition not reached: {r}\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_output(s: &Server, id: &str, log_type: &str, needle: &str) {
+    let start = Instant::now();
+    while !s.output(id, log_type).await.contains(needle) {
+        assert!(
+            start.elapsed() < LIMIT,
+            "{needle:?} never appeared in {log_type}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn stdout_entries(s: &Server, id: &str) -> usize {
+    s.logs_of(id)
+        .await
+        .iter()
+        .filter(|e| e["log_type"] == "stdout")
+        .count()
+}
+
+const TICKS: &str = "for i in 1 2 3 4 5 6; do echo tick $i; sleep 0.5; done";
+
+/// Hold a running script: the console stays silent while held, the held time does not count
+/// towards the timeout, and the script finishes after resume.
+async fn hold_and_resume(s: &Server) {
+    // Boot (3-6 s under TCG) and 3 s of work fit a 14 s timeout; held for 15 s more, the run
+    // only finishes if time held is not counted.
+    let id = s.submit("tiny", TICKS, 14).await;
+    wait_output(s, &id, "stdout", "tick 2").await;
+    let (code, r) = put_status(s, &id, "hold").await;
+    assert!(code == 200 || code == 202, "{code} {r}");
+    let r = wait_for(s, &id, Duration::from_secs(10), |r| r["status"] == "hold").await;
+    assert!(r["desired_status"].is_null(), "{r}");
+    let before = stdout_entries(s, &id).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(
+        stdout_entries(s, &id).await,
+        before,
+        "console silent while held"
+    );
+    assert_eq!(s.get(&id).await["status"], "hold");
+    let (code, r) = put_status(s, &id, "running").await;
+    assert!(code == 200 || code == 202, "{code} {r}");
+    let r = s.wait_terminal(&id, LIMIT).await;
+    assert_eq!(
+        (r["status"].as_str(), r["exit_code"].as_i64()),
+        (Some("done"), Some(0)),
+        "{r}"
+    );
+    let out = s.output(&id, "stdout").await;
+    assert_eq!(out.lines().count(), 6, "{out}");
+    let system = s.output(&id, "system").await;
+    for needle in [
+        "QMP event STOP at ",
+        "QMP event RESUME at ",
+        "held: vCPUs stopped",
+        "resumed",
+    ] {
+        assert!(system.contains(needle), "{needle} missing:\n{system}");
+    }
+    assert!(s.qemu_processes().is_empty());
+}
+
+#[tokio::test]
+async fn hold_pauses_the_vm_and_resume_continues_it() {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(Options::default()).await;
+    hold_and_resume(&s).await;
+}
+
+#[tokio::test]
+async fn hold_before_an_agent_claims_keeps_the_request_waiting() {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(Options {
+        mode: Mode::Api,
+        ..Default::default()
+    })
+    .await;
+    let id = s.submit("tiny", "echo released", 60).await;
+    let (code, r) = put_status(&s, &id, "hold").await;
+    assert_eq!((code, r["status"].as_str()), (200, Some("hold")));
+    let mut agents = s.spawn_process(Mode::Agents);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = s.get(&id).await;
+    assert_eq!(r["status"], "hold", "never claimed while held: {r}");
+    assert!(r["agent_id"].is_null());
+    let (code, r) = put_status(&s, &id, "pending").await;
+    assert_eq!((code, r["status"].as_str()), (200, Some("pending")));
+    let r = s.wait_terminal(&id, LIMIT).await;
+    assert_eq!(r["exit_code"], 0, "{r}");
+    assert_eq!(s.output(&id, "stdout").await, "released\n");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = agents.wait();
+}
+
+#[tokio::test]
+async fn cancel_during_boot_ends_qemu_promptly() {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(Options::default()).await;
+    let id = s.submit("tiny", "echo never", 60).await;
+    wait_for(&s, &id, LIMIT, |r| r["status"] == "running").await;
+    assert!(
+        !s.output(&id, "system").await.contains("shell prompt"),
+        "still booting"
+    );
+    let start = Instant::now();
+    let r = s
+        .client
+        .delete(format!("{}/requests/{id}", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(r.status().as_u16(), 200 | 202), "{}", r.status());
+    let r = s.wait_terminal(&id, LIMIT).await;
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(r["exit_code"].is_null());
+    assert!(r["shutdown_step"].is_string());
+    assert!(
+        eventually(Duration::from_secs(5), || s.qemu_processes().is_empty()).await,
+        "QEMU gone"
+    );
+    assert!(!s.output(&id, "system").await.is_empty(), "logs kept");
+    assert_eq!(s.output(&id, "stdout").await, "");
+}
+
+#[tokio::test]
+async fn cancel_during_a_command() {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(Options::default()).await;
+    let id = s.submit("tiny", "echo started; sleep 600", 300).await;
+    wait_output(&s, &id, "stdout", "started").await;
+    let start = Instant::now();
+    let (code, r) = put_status(&s, &id, "cancelled").await;
+    assert_eq!(code, 200, "applied within the wait: {r}");
+    assert_eq!(
+        (r["status"].as_str(), r["applied"].as_bool()),
+        (Some("cancelled"), Some(true))
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        r["shutdown_step"], "powerdown",
+        "a cooperative guest powers off"
+    );
+    assert!(
+        s.qemu_processes().is_empty(),
+        "QEMU gone when cancelled is reported"
+    );
+    assert_eq!(s.output(&id, "stdout").await, "started\n");
+    // Finished now: further control is refused, deletion works.
+    let (code, _) = put_status(&s, &id, "hold").await;
+    assert_eq!(code, 409);
+    let r = s
+        .client
+        .delete(format!("{}/requests/{id}", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+}
+
+#[tokio::test]
+async fn control_crosses_from_the_api_process_to_an_agents_process() {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(Options {
+        mode: Mode::Api,
+        ..Default::default()
+    })
+    .await;
+    let mut agents = s.spawn_process(Mode::Agents);
+    hold_and_resume(&s).await;
+    // And a cancel across processes.
+    let id = s.submit("tiny", "echo started; sleep 600", 300).await;
+    wait_output(&s, &id, "stdout", "started").await;
+    let (code, _) = put_status(&s, &id, "cancelled").await;
+    assert!(code == 200 || code == 202);
+    let r = s.wait_terminal(&id, LIMIT).await;
+    assert_eq!(r["status"], "cancelled");
+    assert!(eventually(Duration::from_secs(5), || s.qemu_processes().is_empty()).await);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = agents.wait();
+}
