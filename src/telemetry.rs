@@ -27,6 +27,7 @@ pub fn init(settings: &Settings) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?;
         }
         None => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .try_init()
             .map_err(|e| anyhow::anyhow!(e))?,

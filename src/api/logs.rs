@@ -164,6 +164,8 @@ pub async fn raw(
 pub struct StreamParams {
     /// Resume after this log id (as `Last-Event-ID` does).
     pub after: Option<i64>,
+    /// Only entries of this type (ids stay the request's log ids).
+    pub log_type: Option<String>,
 }
 
 /// Live log: `log` events (id = log id, data = a log entry), `status` events (data = the
@@ -181,6 +183,7 @@ pub async fn stream_logs(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(p) = params?;
     let req = load(&state, &uuid).await?;
+    let log_type = parse_log_type(p.log_type.as_deref())?;
     let resume = headers
         .get("last-event-id")
         .map(|v| {
@@ -194,6 +197,7 @@ pub async fn stream_logs(
         changes: state.store.subscribe(),
         store: state.store.clone(),
         id: req.uuid,
+        log_type,
         after: resume.or(p.after).unwrap_or(0),
         last: None,
         queue: VecDeque::new(),
@@ -211,6 +215,7 @@ struct Follower {
     store: Store,
     changes: tokio::sync::watch::Receiver<u64>,
     id: RequestId,
+    log_type: Option<LogType>,
     after: i64,
     last: Option<(Status, Option<Status>)>,
     queue: VecDeque<Event>,
@@ -256,7 +261,7 @@ impl Follower {
     async fn poll(&mut self) -> Result<bool, crate::store::StoreError> {
         let req: Option<Request> = self.store.get(self.id).await?;
         let q = LogQuery {
-            log_type: None,
+            log_type: self.log_type,
             after: Some(self.after),
             limit: Some(PAGE),
         };

@@ -81,3 +81,12 @@ fn histogram(w: &mut String, name: &str, help: &str, h: &Histogram) {
     let _ = writeln!(w, "{name}_sum {}", h.sum_seconds);
     let _ = writeln!(w, "{name}_count {}", h.count);
 }
+
+/// Summary statistics: counts by status, VMs running, success rate, boot and run times, log volume.
+#[utoipa::path(get, path = "/stats", tag = "system",
+    responses((status = 200, body = crate::store::Stats)))]
+pub async fn stats(
+    State(state): State<AppState>,
+) -> Result<axum::Json<crate::store::Stats>, ApiError> {
+    Ok(axum::Json(state.store.stats().await?))
+}

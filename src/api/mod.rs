@@ -60,6 +60,7 @@ impl AppState {
         logs::raw,
         logs::stream_logs,
         metrics::metrics,
+        metrics::stats,
         health,
     ),
     components(schemas(crate::model::Request, crate::model::Status, crate::model::LogType,
@@ -105,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .route("/requests/{uuid}/logs/raw", get(logs::raw))
         .route("/requests/{uuid}/logs/stream", get(logs::stream_logs))
         .route("/metrics", get(metrics::metrics))
+        .route("/stats", get(metrics::stats))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         // Liveness stays open to load balancers.

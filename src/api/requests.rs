@@ -165,6 +165,17 @@ pub(super) fn parse_list_query(raw: Option<&str>) -> Result<RequestQuery, ApiErr
                 }
             }
             "vm_name" => q.vm_name = Some(v),
+            "uuid_prefix" => {
+                if v.is_empty()
+                    || v.len() > 36
+                    || !v.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+                {
+                    return Err(ApiError::Validation(
+                        "uuid_prefix must be 1-36 hex digits or hyphens".into(),
+                    ));
+                }
+                q.uuid_prefix = Some(v.to_ascii_lowercase());
+            }
             "limit" => {
                 q.limit = number("limit", &v, 1000)?;
                 if q.limit == 0 {
@@ -174,7 +185,7 @@ pub(super) fn parse_list_query(raw: Option<&str>) -> Result<RequestQuery, ApiErr
             "offset" => q.offset = number("offset", &v, u32::MAX)?,
             other => {
                 return Err(ApiError::Validation(format!(
-                    "unknown query parameter {other:?}; use status, vm_name, limit, offset"
+                    "unknown query parameter {other:?}; use status, vm_name, uuid_prefix, limit, offset"
                 )))
             }
         }
@@ -188,6 +199,7 @@ pub(super) fn parse_list_query(raw: Option<&str>) -> Result<RequestQuery, ApiErr
     params(
         ("status" = Option<Vec<Status>>, Query, description = "repeatable"),
         ("vm_name" = Option<String>, Query),
+        ("uuid_prefix" = Option<String>, Query, description = "requests whose id starts with this"),
         ("limit" = Option<u32>, Query, description = "1..=1000, default 50"),
         ("offset" = Option<u32>, Query),
     ),

@@ -52,7 +52,82 @@ fn histogram(c: &rusqlite::Connection, column: &str) -> Result<Histogram, StoreE
     .map_err(Into::into)
 }
 
+/// Mean and 95th percentile of a duration column, in milliseconds.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
+pub struct Summary {
+    pub count: u64,
+    pub mean_ms: Option<f64>,
+    pub p95_ms: Option<i64>,
+}
+
+/// What `sqlite-sim cli stats` shows.
+#[derive(Debug, Default, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Stats {
+    pub by_status: std::collections::BTreeMap<String, u64>,
+    pub vms_running: u64,
+    pub finished: u64,
+    /// Finished requests that ended `done` with exit code 0, as a fraction of finished ones.
+    pub success_rate: Option<f64>,
+    pub boot: Summary,
+    pub run: Summary,
+    pub log_bytes: u64,
+}
+
+fn summary(c: &rusqlite::Connection, column: &str) -> Result<Summary, StoreError> {
+    let (count, mean): (i64, Option<f64>) = c.query_row(
+        &format!("SELECT COUNT({column}), AVG({column}) FROM requests"),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let p95 = if count == 0 {
+        None
+    } else {
+        // Nearest-rank percentile.
+        let rank = ((count as f64) * 0.95).ceil() as i64 - 1;
+        Some(c.query_row(
+            &format!(
+                "SELECT {column} FROM requests WHERE {column} IS NOT NULL
+                 ORDER BY {column} LIMIT 1 OFFSET ?1"
+            ),
+            [rank],
+            |r| r.get(0),
+        )?)
+    };
+    Ok(Summary {
+        count: count as u64,
+        mean_ms: mean,
+        p95_ms: p95,
+    })
+}
+
 impl Store {
+    /// Summary statistics over every request.
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let m = self.metrics().await?;
+        self.call(move |c| {
+            let (finished, ok): (i64, i64) = c.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(status = 'done' AND exit_code = 0), 0)
+                 FROM requests WHERE status IN ('done','failed','cancelled')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok(Stats {
+                by_status: m
+                    .by_status
+                    .iter()
+                    .map(|(s, n)| (s.as_str().to_string(), *n))
+                    .collect(),
+                vms_running: m.vms_active,
+                finished: finished as u64,
+                success_rate: (finished > 0).then(|| ok as f64 / finished as f64),
+                boot: summary(c, "boot_ms")?,
+                run: summary(c, "run_ms")?,
+                log_bytes: m.log_bytes,
+            })
+        })
+        .await
+    }
+
     pub async fn metrics(&self) -> Result<MetricsSnapshot, StoreError> {
         self.call(|c| {
             let mut by_status: Vec<(Status, u64)> = Status::ALL.iter().map(|s| (*s, 0)).collect();
@@ -171,5 +246,31 @@ mod tests {
         assert_eq!(le(&m.shutdown, 0.1), 1);
         assert_eq!(m.shutdown_steps, vec![(ShutdownStep::Powerdown, 1)]);
         assert_eq!(m.log_bytes, 1000);
+        let st = s.stats().await.unwrap();
+        assert_eq!((st.finished, st.success_rate), (1, Some(1.0)));
+        assert_eq!(st.boot.p95_ms, Some(2200));
+        assert_eq!(st.by_status["pending"], 1);
+    }
+
+    #[tokio::test]
+    async fn p95_is_nearest_rank() {
+        let (s, _d) = temp_store().await;
+        s.call(|c| {
+            for i in 1..=20 {
+                c.execute(
+                    "INSERT INTO requests (uuid, vm_name, commands, timeout, created_at, updated_at, boot_ms)
+                     VALUES (?1, 't', 'x', 1, 't', 't', ?2)",
+                    rusqlite::params![format!("00000000-0000-0000-0000-{i:012}"), i * 100],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let st = s.stats().await.unwrap();
+        assert_eq!(st.boot.count, 20);
+        assert_eq!(st.boot.p95_ms, Some(1900));
+        assert_eq!(st.boot.mean_ms, Some(1050.0));
+        assert_eq!(st.success_rate, None);
     }
 }

@@ -14,7 +14,7 @@ pub mod sink;
 
 pub use control::{ControlOutcome, DeleteOutcome};
 pub use logs::LogQuery;
-pub use metrics::{Histogram, MetricsSnapshot, BUCKETS};
+pub use metrics::{Histogram, MetricsSnapshot, Stats, Summary, BUCKETS};
 pub use requests::{Finish, RequestQuery};
 
 use rusqlite::{Connection, OpenFlags};

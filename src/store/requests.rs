@@ -48,6 +48,8 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
 pub struct RequestQuery {
     pub statuses: Vec<Status>,
     pub vm_name: Option<String>,
+    /// Lower-case hex digits and hyphens only (checked by the caller), so it is a plain prefix.
+    pub uuid_prefix: Option<String>,
     pub limit: u32,
     pub offset: u32,
 }
@@ -108,6 +110,12 @@ impl Store {
             if let Some(vm) = &q.vm_name {
                 wh.push("vm_name = ?".into());
                 args.push(vm.clone());
+            }
+            if let Some(p) = &q.uuid_prefix {
+                debug_assert!(p.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+                // substr keeps it a prefix match with no LIKE wildcards to escape.
+                wh.push(format!("substr(uuid, 1, {}) = ?", p.len()));
+                args.push(p.to_ascii_lowercase());
             }
             let wh = if wh.is_empty() {
                 String::new()
@@ -414,7 +422,7 @@ mod tests {
                 statuses: vec![Status::Pending],
                 vm_name: Some("b' OR 1=1 --".into()),
                 limit: 10,
-                offset: 0,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -90,14 +90,6 @@ impl Default for Options {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Server {
     pub async fn start(opts: Options) -> Server {
         let dir = tempfile::Builder::new()
@@ -115,10 +107,11 @@ impl Server {
         }
         let db = dir.path().join("sim.db");
         let run_dir = dir.path().join("run");
-        let port = free_port();
         let mut env: Vec<(String, String)> = vec![
             ("SQLITE_SIM_DB_PATH".into(), db.display().to_string()),
-            ("SQLITE_SIM_API_PORT".into(), port.to_string()),
+            // The kernel picks a free port; the harness reads it from the server's log, so two
+            // tests can never race for one.
+            ("SQLITE_SIM_API_PORT".into(), "0".into()),
             ("SQLITE_SIM_RUN_DIR".into(), run_dir.display().to_string()),
             (
                 "SQLITE_SIM_VM_CONFIG_DIR".into(),
@@ -135,7 +128,7 @@ impl Server {
         ];
         env.extend(opts.env.iter().cloned());
         let mut s = Server {
-            url: format!("http://127.0.0.1:{port}"),
+            url: String::new(),
             dir,
             db,
             run_dir,
@@ -180,8 +173,28 @@ impl Server {
         self.child = Some(self.spawn_process(mode));
     }
 
-    async fn wait_ready(&self) {
+    async fn wait_ready(&mut self) {
         let start = Instant::now();
+        while self.url.is_empty() {
+            let log = self.logs();
+            if let Some(addr) = log
+                .lines()
+                .find(|l| l.contains("API listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+            {
+                let addr: String = addr
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                self.url = format!("http://{addr}");
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "server did not start; log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         while start.elapsed() < Duration::from_secs(20) {
             if let Ok(r) = self.client.get(format!("{}/health", self.url)).send().await {
                 if r.status().is_success() {

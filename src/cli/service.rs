@@ -1,5 +1,5 @@
-//! Command line: the services (`all`, `api`, `agents`), `config`, `status`, and `console` (boot a
-//! VM by hand with the agent's own QEMU arguments).
+//! The service commands (`all`, `api`, `agents`) and the local checks (`config`, `status`,
+//! `console`): everything that works on this host's settings rather than through the API.
 
 use crate::agent::{self, AgentContext};
 use crate::api::{self, AppState};
@@ -8,83 +8,15 @@ use crate::config::Settings;
 use crate::qemu::{image, launch};
 use crate::store::Store;
 use anyhow::Context;
-use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::sync::Arc;
 use tokio::sync::{watch, Notify};
 
-#[derive(Debug, Parser)]
-#[command(name = "sqlite-sim", version, about = "QMP-native QEMU VM supervisor")]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// API server and agents in one process (agents woken directly, no polling delay).
-    All,
-    /// The REST API server only.
-    Api,
-    /// The agents only (they poll the shared database).
-    Agents,
-    /// Print the effective settings and validate every VM config.
-    Config,
-    /// Check the database, QEMU, the accelerator and the VM images.
-    Status,
-    /// Boot a VM by hand with the agent's QEMU arguments, console on this terminal.
-    Console {
-        /// VM name (vm_configs/NAME.conf or vm_images/NAME.qcow2).
-        name: String,
-        /// Kill QEMU after this many seconds.
-        #[arg(long, default_value_t = 300)]
-        timeout: u64,
-    },
-}
-
-/// Entry point used by `main`.
-pub fn run() -> ExitCode {
-    let cli = Cli::parse();
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("sqlite-sim: configuration error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let result = match cli.command {
-        Command::Config => return print_config(&settings),
-        command => runtime(&settings).and_then(|rt| rt.block_on(dispatch(command, settings))),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("sqlite-sim: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.api_workers.max(2))
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
-async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
-    match command {
-        Command::All => serve(settings, true, true).await,
-        Command::Api => serve(settings, true, false).await,
-        Command::Agents => serve(settings, false, true).await,
-        Command::Status => status(&settings).await,
-        Command::Console { name, timeout } => console(&settings, &name, timeout).await,
-        Command::Config => unreachable!("handled without a runtime"),
-    }
-}
-
-async fn serve(settings: Settings, with_api: bool, with_agents: bool) -> anyhow::Result<ExitCode> {
+pub(super) async fn serve(
+    settings: Settings,
+    with_api: bool,
+    with_agents: bool,
+) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(&settings)?;
     let settings = Arc::new(settings);
     let store = Store::open(&settings.db_path)
@@ -139,7 +71,7 @@ async fn shutdown_signal() {
     }
 }
 
-fn print_config(settings: &Settings) -> ExitCode {
+pub(super) fn print_config(settings: &Settings) -> ExitCode {
     for (k, v) in settings.describe() {
         println!("{k}={v}");
     }
@@ -178,7 +110,7 @@ fn print_config(settings: &Settings) -> ExitCode {
     }
 }
 
-async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
+pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let mut healthy = true;
     match Store::open(&settings.db_path).await {
         Ok(store) => match store.health().await {
@@ -244,7 +176,11 @@ async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn console(settings: &Settings, name: &str, timeout: u64) -> anyhow::Result<ExitCode> {
+pub(super) async fn console(
+    settings: &Settings,
+    name: &str,
+    timeout: u64,
+) -> anyhow::Result<ExitCode> {
     let catalog = VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir);
     let vm = catalog.load(name)?;
     let run_name = format!("console-{}", std::process::id());

@@ -1,0 +1,303 @@
+//! `sqlite-sim cli …`: list, show, delete, logs, stats, cancel/hold/resume.
+
+use super::client::{ApiClient, CliError, Controlled};
+use super::render::{self, LogPrinter};
+use super::{exit, CliCommand, Conn};
+use crate::model::{LogType, Request, Status};
+use serde_json::Value;
+use std::io::{IsTerminal, Write};
+
+pub async fn run(conn: Conn, command: CliCommand) -> Result<u8, CliError> {
+    let client = ApiClient::new(&conn.api_url);
+    match command {
+        CliCommand::ListRequests {
+            status,
+            vm,
+            limit,
+            json,
+        } => list(&client, &status, vm.as_deref(), limit, json).await,
+        CliCommand::ShowRequest { id, json } => show(&client, &id, json).await,
+        CliCommand::DeleteRequest { id, yes } => delete(&client, &id, yes).await,
+        CliCommand::ShowLogs {
+            id,
+            limit,
+            log_type,
+            follow,
+            json,
+        } => logs(&client, &id, limit, log_type, follow, json).await,
+        CliCommand::Stats { json } => stats(&client, json).await,
+        CliCommand::Cancel { id, json } => control(&client, &id, Action::Cancel, json).await,
+        CliCommand::Hold { id, json } => control(&client, &id, Action::Hold, json).await,
+        CliCommand::Resume { id, json } => control(&client, &id, Action::Resume, json).await,
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v).map_err(|e| CliError::Protocol(e.to_string()))?;
+    writeln!(out)?;
+    Ok(())
+}
+
+async fn list(
+    client: &ApiClient,
+    statuses: &[Status],
+    vm: Option<&str>,
+    limit: u32,
+    json: bool,
+) -> Result<u8, CliError> {
+    let mut q: Vec<(&str, String)> = statuses.iter().map(|s| ("status", s.to_string())).collect();
+    if let Some(vm) = vm {
+        q.push(("vm_name", vm.to_string()));
+    }
+    q.push(("limit", limit.to_string()));
+    let req = client.request(reqwest::Method::GET, "/requests").query(&q);
+    let page: Value = client.json(req).await?;
+    if json {
+        print_json(&page)?;
+        return Ok(0);
+    }
+    let requests: Vec<Request> = serde_json::from_value(page["requests"].clone())
+        .map_err(|e| CliError::Protocol(e.to_string()))?;
+    let rows: Vec<Vec<String>> = requests
+        .iter()
+        .map(|r| {
+            vec![
+                r.uuid.short(),
+                r.vm_name.clone(),
+                render::status_cell(r),
+                render::exit_cell(r),
+                render::age(r),
+                render::duration(r),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render::table(&["UUID", "VM", "STATUS", "EXIT", "AGE", "DURATION"], &rows)
+    );
+    let total = page["total"].as_u64().unwrap_or(0);
+    if total > requests.len() as u64 {
+        eprintln!("({} of {total} shown; --limit raises it)", requests.len());
+    }
+    Ok(0)
+}
+
+async fn show(client: &ApiClient, id: &str, json: bool) -> Result<u8, CliError> {
+    let r = client.resolve(id).await?;
+    if json {
+        print_json(&r)?;
+        return Ok(0);
+    }
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let ms = |v: Option<i64>| {
+        v.map(|m| format!("{:.2} s", m as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut lines = vec![
+        ("uuid", r.uuid.to_string()),
+        ("vm", r.vm_name.clone()),
+        ("status", render::status_cell(&r)),
+        (
+            "exit code",
+            r.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("timeout", format!("{} s", r.timeout)),
+        ("created", r.created_at.clone()),
+        ("started", opt(&r.started_at)),
+        ("finished", opt(&r.finished_at)),
+        ("duration", render::duration(&r)),
+        ("boot", ms(r.boot_ms)),
+        ("run", ms(r.run_ms)),
+        (
+            "shutdown",
+            match r.shutdown_step {
+                Some(step) => format!("{} in {}", step.as_str(), ms(r.shutdown_ms)),
+                None => "-".into(),
+            },
+        ),
+        ("agent", opt(&r.agent_id)),
+    ];
+    if let Some(e) = &r.error {
+        lines.push(("error", e.clone()));
+    }
+    for (k, v) in lines {
+        println!("{k:<10} {v}");
+    }
+    println!("commands:");
+    for l in r.commands.lines() {
+        println!("  {l}");
+    }
+    Ok(0)
+}
+
+fn confirm(question: &str) -> Result<bool, CliError> {
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+async fn delete(client: &ApiClient, id: &str, yes: bool) -> Result<u8, CliError> {
+    let r = client.resolve(id).await?;
+    let finished = r.status.is_terminal();
+    if !yes && std::io::stdin().is_terminal() {
+        let q = if finished {
+            format!("Delete request {} and its logs?", r.uuid)
+        } else {
+            format!("Cancel {} request {}?", r.status, r.uuid)
+        };
+        if !confirm(&q)? {
+            eprintln!("nothing done");
+            return Ok(exit::ERROR);
+        }
+    }
+    let resp = client
+        .send(client.request(reqwest::Method::DELETE, &format!("/requests/{}", r.uuid)))
+        .await?;
+    if resp.status() == reqwest::StatusCode::NO_CONTENT {
+        println!("deleted {}", r.uuid);
+    } else {
+        let c: Controlled = resp
+            .json()
+            .await
+            .map_err(|e| CliError::Protocol(e.to_string()))?;
+        report_control(&c, "cancel");
+    }
+    Ok(0)
+}
+
+async fn logs(
+    client: &ApiClient,
+    id: &str,
+    limit: Option<usize>,
+    log_type: Option<LogType>,
+    follow: bool,
+    json: bool,
+) -> Result<u8, CliError> {
+    let r = client.resolve(id).await?;
+    let pretty = !json && std::io::stdout().is_terminal();
+    if follow {
+        let mut printer = LogPrinter::new(pretty, json);
+        super::follow::follow(client, r.uuid, log_type, |e| printer.print(e), |_| {}).await?;
+        return Ok(0);
+    }
+    // Page through everything, keeping only the last `limit` entries.
+    let mut kept: std::collections::VecDeque<Value> = Default::default();
+    let mut after = 0i64;
+    loop {
+        let mut q = vec![("after", after.to_string()), ("limit", "1000".to_string())];
+        if let Some(t) = log_type {
+            q.push(("log_type", t.to_string()));
+        }
+        let req = client
+            .request(reqwest::Method::GET, &format!("/requests/{}/logs", r.uuid))
+            .query(&q);
+        let page: Vec<Value> = client.json(req).await?;
+        let n = page.len();
+        for e in page {
+            after = e["id"].as_i64().unwrap_or(after);
+            kept.push_back(e);
+            if limit.is_some_and(|l| kept.len() > l) {
+                kept.pop_front();
+            }
+        }
+        if n < 1000 {
+            break;
+        }
+    }
+    if json {
+        print_json(&kept)?;
+        return Ok(0);
+    }
+    let mut printer = LogPrinter::new(pretty, false);
+    for e in &kept {
+        printer.print(e)?;
+    }
+    Ok(0)
+}
+
+async fn stats(client: &ApiClient, json: bool) -> Result<u8, CliError> {
+    let s: Value = client.get("/stats").await?;
+    if json {
+        print_json(&s)?;
+        return Ok(0);
+    }
+    let by: Vec<String> = Status::ALL
+        .iter()
+        .map(|st| format!("{st} {}", s["by_status"][st.as_str()].as_u64().unwrap_or(0)))
+        .collect();
+    let secs = |v: &Value| {
+        v.as_f64()
+            .map(|ms| format!("{:.2} s", ms / 1000.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!("requests      {}", by.join(", "));
+    println!("vms running   {}", s["vms_running"]);
+    println!(
+        "success rate  {}",
+        s["success_rate"]
+            .as_f64()
+            .map(|r| format!("{:.1}% of {} finished", r * 100.0, s["finished"]))
+            .unwrap_or_else(|| "- (nothing finished yet)".into())
+    );
+    for (name, key) in [("boot time", "boot"), ("run time", "run")] {
+        println!(
+            "{name:<13} mean {}, p95 {} ({} runs)",
+            secs(&s[key]["mean_ms"]),
+            secs(&s[key]["p95_ms"]),
+            s[key]["count"]
+        );
+    }
+    println!(
+        "log volume    {:.1} MiB",
+        s["log_bytes"].as_f64().unwrap_or(0.0) / 1_048_576.0
+    );
+    Ok(0)
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    Cancel,
+    Hold,
+    Resume,
+}
+
+async fn control(client: &ApiClient, id: &str, action: Action, json: bool) -> Result<u8, CliError> {
+    let r = client.resolve(id).await?;
+    let (target, verb) = match action {
+        Action::Cancel => (Status::Cancelled, "cancel"),
+        Action::Hold => (Status::Hold, "hold"),
+        // Resuming a request that has no VM yet re-queues it; a paused VM continues.
+        Action::Resume if r.agent_id.is_none() => (Status::Pending, "resume"),
+        Action::Resume => (Status::Running, "resume"),
+    };
+    let req = client
+        .request(
+            reqwest::Method::PUT,
+            &format!("/requests/{}/status", r.uuid),
+        )
+        .json(&serde_json::json!({ "status": target }));
+    let c: Controlled = client.json(req).await?;
+    if json {
+        print_json(&serde_json::json!({ "request": c.request, "applied": c.applied }))?;
+    } else {
+        report_control(&c, verb);
+    }
+    Ok(0)
+}
+
+fn report_control(c: &Controlled, verb: &str) {
+    let r = &c.request;
+    if c.applied {
+        println!("{verb}: {} is now {}", r.uuid, r.status);
+    } else {
+        println!(
+            "{verb}: requested for {} (now {}); its agent applies it shortly",
+            r.uuid, r.status
+        );
+    }
+}
