@@ -4,6 +4,7 @@
 //! they poll every `SQLITE_SIM_AGENT_POLL_INTERVAL`. A host-wide slot is taken before claiming,
 //! so no request is claimed that could not start at once.
 
+mod recovery;
 mod run;
 mod session;
 pub mod slots;
@@ -14,12 +15,8 @@ use crate::model::AgentId;
 use crate::store::Store;
 use slots::HostSlots;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
-
-/// How long a claim stays valid without a heartbeat.
-pub const LEASE: Duration = Duration::from_secs(30);
 
 /// What every agent of a process shares.
 pub struct AgentContext {
@@ -57,6 +54,10 @@ impl AgentContext {
 
 /// Runs `SQLITE_SIM_AGENT_COUNT` agents until `stopping` turns true and their runs have ended.
 pub async fn run_agents(ctx: Arc<AgentContext>) {
+    // Leftovers of a previous life first: lost requests, stale run directories, stray QEMU.
+    recovery::reap(&ctx).await;
+    recovery::clean_leftovers(&ctx).await;
+    let reaper = tokio::spawn(recovery::reaper(ctx.clone()));
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "host".into());
@@ -70,6 +71,7 @@ pub async fn run_agents(ctx: Arc<AgentContext>) {
     for t in tasks {
         let _ = t.await;
     }
+    reaper.abort();
 }
 
 async fn agent_loop(ctx: Arc<AgentContext>, id: AgentId) {
@@ -95,7 +97,7 @@ async fn agent_loop(ctx: Arc<AgentContext>, id: AgentId) {
                 continue;
             }
         };
-        match ctx.store.claim(&id, LEASE).await {
+        match ctx.store.claim(&id, ctx.settings.agent_lease).await {
             Ok(Some(req)) => {
                 run::execute(&ctx, &id, req).await;
                 drop(slot);

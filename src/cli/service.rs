@@ -156,7 +156,7 @@ pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     println!(
         "accelerator: {} (resolves to {}; /dev/kvm usable: {})",
         settings.accel.as_str(),
-        settings.accel.resolve().as_str(),
+        settings.accel.resolve(&settings.run_dir).as_str(),
         crate::config::kvm_usable()
     );
     let catalog = VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir);
@@ -198,7 +198,10 @@ pub(super) async fn console(
         }
         let spec = launch::LaunchSpec {
             vm: &vm,
-            accel: vm.accel.unwrap_or(settings.accel).resolve(),
+            accel: vm
+                .accel
+                .unwrap_or(settings.accel)
+                .resolve(&settings.run_dir),
             paths: &paths,
             disk: vm.image.as_ref().map(|_| paths.overlay.as_path()),
             name: format!("sqlite-sim-{run_name}"),

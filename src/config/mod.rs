@@ -52,14 +52,33 @@ impl Accel {
         }
     }
 
-    /// Resolves `auto` against this host.
-    pub fn resolve(self) -> Accel {
+    /// Resolves `auto` against this host: KVM when `/dev/kvm` opens and no agent on this host
+    /// found it silently broken (the marker in `run_dir`).
+    pub fn resolve(self, run_dir: &Path) -> Accel {
         match self {
-            Accel::Auto if kvm_usable() => Accel::Kvm,
+            Accel::Auto if kvm_usable() && !run_dir.join(KVM_UNUSABLE_MARKER).exists() => {
+                Accel::Kvm
+            }
             Accel::Auto => Accel::Tcg,
             other => other,
         }
     }
+}
+
+/// File in the run directory recording that KVM hung here; the run directory is host-local
+/// and usually cleared at boot, when KVM may have become usable again.
+pub const KVM_UNUSABLE_MARKER: &str = "kvm-unusable";
+
+/// Remembers (for every agent on this host) that KVM guests hang silently here.
+pub fn mark_kvm_unusable(run_dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(run_dir)?;
+    std::fs::write(
+        run_dir.join(KVM_UNUSABLE_MARKER),
+        format!(
+            "KVM guests printed nothing; found at {}\n",
+            crate::timefmt::now()
+        ),
+    )
 }
 
 /// `/dev/kvm` exists and this user may open it read-write.
@@ -98,6 +117,9 @@ pub struct Settings {
     pub cancel_grace: Duration,
     /// When set, every endpoint but `/health` requires `Authorization: Bearer <token>`.
     pub api_token: Option<String>,
+    /// How long a claim stays valid without a heartbeat (heartbeats come every third of it).
+    /// An agent that dies loses its requests after this long.
+    pub agent_lease: Duration,
 }
 
 /// Longest run-dir path that still leaves room for `/<uuid>/console.sock` within the
@@ -179,6 +201,7 @@ impl Settings {
             keep_failed_runs: v.boolean("SQLITE_SIM_KEEP_FAILED_RUNS", false)?,
             cancel_grace: v.seconds("SQLITE_SIM_CANCEL_GRACE", 3.0)?,
             api_token: v.raw("SQLITE_SIM_API_TOKEN"),
+            agent_lease: v.seconds("SQLITE_SIM_AGENT_LEASE", 30.0)?,
         })
     }
 
@@ -223,6 +246,10 @@ impl Settings {
             (
                 "SQLITE_SIM_CANCEL_GRACE",
                 format!("{}", self.cancel_grace.as_secs_f64()),
+            ),
+            (
+                "SQLITE_SIM_AGENT_LEASE",
+                format!("{}", self.agent_lease.as_secs_f64()),
             ),
             (
                 "SQLITE_SIM_API_TOKEN",

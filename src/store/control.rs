@@ -106,6 +106,80 @@ impl Store {
         .inspect(|_| self.bump())
     }
 
+    /// Recovers requests whose agent stopped heart-beating: one that never started running
+    /// goes back to `pending` (or to its pending hold/cancel); one whose VM ran ends `failed`
+    /// with `agent lost` (its VM died with the agent). A `system` log line says which.
+    pub async fn reap_expired(&self) -> Result<Vec<(RequestId, Status)>, StoreError> {
+        let reaped = self
+            .call(move |c| {
+                let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let now = timefmt::now();
+                let expired: Vec<(String, String, Option<String>, Option<String>)> = {
+                    let mut stmt = tx.prepare(
+                        "SELECT uuid, status, desired_status, agent_id FROM requests
+                         WHERE status IN ('acknowledged','running','hold') AND agent_id IS NOT NULL
+                           AND lease_expires_at IS NOT NULL AND lease_expires_at < ?1",
+                    )?;
+                    let rows = stmt.query_map([&now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+                    rows.collect::<rusqlite::Result<_>>()?
+                };
+                let mut out = Vec::new();
+                for (uuid, status, desired, agent) in expired {
+                    let agent = agent.unwrap_or_default();
+                    let (new, note) = match (status.as_str(), desired.as_deref()) {
+                        ("acknowledged", Some("cancelled")) => (Status::Cancelled, "cancelled"),
+                        ("acknowledged", Some("hold")) => (Status::Hold, "held, no VM"),
+                        ("acknowledged", _) => (Status::Pending, "re-queued: it had not started"),
+                        _ => (Status::Failed, "failed: its VM ended with the agent"),
+                    };
+                    let finished = new.is_terminal().then_some(now.as_str());
+                    let error = (new == Status::Failed).then_some("agent lost");
+                    tx.execute(
+                        "UPDATE requests SET status = ?1, error = COALESCE(?2, error), updated_at = ?3,
+                                finished_at = COALESCE(?4, finished_at), desired_status = NULL,
+                                lease_expires_at = NULL,
+                                agent_id = CASE WHEN ?1 IN ('pending','hold') THEN NULL ELSE agent_id END
+                         WHERE uuid = ?5",
+                        params![new.as_str(), error, now, finished, uuid],
+                    )?;
+                    let line = format!("agent {agent} lost (lease expired); request {note}\n");
+                    tx.execute(
+                        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
+                         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = ?1),
+                                 ?2, 'system', ?3)",
+                        params![uuid, now, line.into_bytes()],
+                    )?;
+                    let id = uuid
+                        .parse()
+                        .map_err(|e| StoreError::Corrupt(format!("uuid {uuid}: {e}")))?;
+                    out.push((id, new));
+                }
+                tx.commit()?;
+                Ok(out)
+            })
+            .await?;
+        if !reaped.is_empty() {
+            self.bump();
+        }
+        Ok(reaped)
+    }
+
+    /// Whether another agent still holds a live claim on the request (used before removing
+    /// what looks like a leftover run directory).
+    pub async fn claimed_alive(&self, id: RequestId) -> Result<bool, StoreError> {
+        self.call(move |c| {
+            let n: i64 = c.query_row(
+                "SELECT COUNT(*) FROM requests WHERE uuid = ?1
+                   AND status IN ('acknowledged','running','hold') AND agent_id IS NOT NULL
+                   AND lease_expires_at >= ?2",
+                params![id.to_string(), timefmt::now()],
+                |r| r.get(0),
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     /// The desired state of a request, if any (what the agent polls).
     pub async fn desired(&self, id: RequestId) -> Result<Option<Status>, StoreError> {
         Ok(self.get(id).await?.and_then(|r| r.desired_status))
@@ -250,6 +324,51 @@ mod tests {
             s.delete_finished(r.uuid).await.unwrap(),
             DeleteOutcome::NotFound
         ));
+    }
+
+    #[tokio::test]
+    async fn expired_leases_are_recovered_truthfully() {
+        let (s, _d) = temp_store().await;
+        let agent = AgentId("dead".into());
+        let short = Duration::from_millis(1);
+        let ack = s.create(new()).await.unwrap();
+        let run = s.create(new()).await.unwrap();
+        let held = s.create(new()).await.unwrap();
+        s.claim(&agent, short).await.unwrap();
+        s.claim(&agent, short).await.unwrap();
+        s.mark_running(run.uuid, &agent).await.unwrap();
+        s.control(held.uuid, Status::Hold).await.unwrap(); // unclaimed hold: no lease
+        let live = s.create(new()).await.unwrap();
+        s.claim(&AgentId("alive".into()), Duration::from_secs(60))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut reaped = s.reap_expired().await.unwrap();
+        reaped.sort_by_key(|(id, _)| *id);
+        let mut want = vec![(ack.uuid, Status::Pending), (run.uuid, Status::Failed)];
+        want.sort_by_key(|(id, _)| *id);
+        assert_eq!(reaped, want);
+        let r = s.get(run.uuid).await.unwrap().unwrap();
+        assert_eq!(
+            (r.status, r.error.as_deref()),
+            (Status::Failed, Some("agent lost"))
+        );
+        assert!(r.finished_at.is_some());
+        let a = s.get(ack.uuid).await.unwrap().unwrap();
+        assert_eq!((a.status, a.agent_id), (Status::Pending, None));
+        assert_eq!(
+            s.get(held.uuid).await.unwrap().unwrap().status,
+            Status::Hold
+        );
+        assert_eq!(
+            s.get(live.uuid).await.unwrap().unwrap().status,
+            Status::Acknowledged
+        );
+        assert!(s.claimed_alive(live.uuid).await.unwrap());
+        assert!(!s.claimed_alive(run.uuid).await.unwrap());
+        let log = s.logs(run.uuid, LogQuery::default()).await.unwrap();
+        assert!(String::from_utf8_lossy(&log[0].output).contains("agent dead lost"));
+        assert!(s.reap_expired().await.unwrap().is_empty(), "idempotent");
     }
 
     #[tokio::test]

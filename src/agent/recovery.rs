@@ -1,0 +1,93 @@
+//! Recovery after crashes: requests whose agent stopped heart-beating, and leftovers (run
+//! directories, QEMU processes) of runs whose agent died.
+
+use super::AgentContext;
+use crate::model::{RequestId, Status};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::path::Path;
+use std::time::Duration;
+
+/// Fails or re-queues requests with expired leases; logs what it did.
+pub async fn reap(ctx: &AgentContext) {
+    match ctx.store.reap_expired().await {
+        Ok(reaped) => {
+            for (id, status) in reaped {
+                tracing::warn!(request = %id, now = %status, "recovered a request whose agent was lost");
+            }
+            // Re-queued work may be claimable now.
+            ctx.wake.notify_waiters();
+        }
+        Err(e) => tracing::warn!(error = %e, "lease recovery failed"),
+    }
+}
+
+/// Runs [`reap`] and [`clean_leftovers`] every half lease until the process stops (a lost
+/// agent's leftovers become removable only once its lease has expired).
+pub async fn reaper(ctx: std::sync::Arc<AgentContext>) {
+    let mut stopping = ctx.stopping.clone();
+    let every = (ctx.settings.agent_lease / 2).max(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {
+                reap(&ctx).await;
+                clean_leftovers(&ctx).await;
+            }
+            _ = stopping.changed() => return,
+        }
+    }
+}
+
+/// Removes run directories (and kills their QEMU, if any survived) whose request no live
+/// agent holds. Called at start-up, before any claim.
+pub async fn clean_leftovers(ctx: &AgentContext) {
+    let Ok(entries) = std::fs::read_dir(&ctx.settings.run_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(id) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<RequestId>().ok())
+        else {
+            continue; // slots/, console-* runs: not ours to judge
+        };
+        match ctx.store.claimed_alive(id).await {
+            Ok(false) => {}
+            Ok(true) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check a leftover run; kept");
+                continue;
+            }
+        }
+        if let Some(pid) = leftover_qemu(&path) {
+            tracing::warn!(request = %id, pid, "killing QEMU left over from a lost agent");
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if ctx.settings.keep_failed_runs {
+            let failed =
+                matches!(ctx.store.get(id).await, Ok(Some(r)) if r.status == Status::Failed);
+            if failed {
+                continue; // kept on purpose for inspection
+            }
+        }
+        tracing::info!(dir = %path.display(), "removing a leftover run directory");
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!(dir = %path.display(), error = %e, "could not remove a leftover run");
+        }
+    }
+}
+
+/// The pid in `dir/qemu.pid`, if that process is alive and is a QEMU of this run (its command
+/// line names the run directory), so a recycled pid is never killed.
+fn leftover_qemu(dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (cmdline.contains("qemu") && cmdline.contains(&*dir.to_string_lossy())).then_some(pid)
+}
