@@ -5,8 +5,14 @@
 # The same kernel and initramfs are also written next to the image as
 # <stem>-vmlinuz and <stem>-initrd.gz (vm_images/tiny-vmlinuz,
 # vm_images/tiny-initrd.gz) for direct boot with -kernel/-initrd/-append.
-# Kernel command line "sqsim.login=1": getty/login on ttyS0 (root, password
-# sqsim) instead of a root shell straight away.
+# Kernel command line switches (direct boot with -append; the disk's syslinux
+# APPEND sets neither):
+#   sqsim.login=1  getty/login on ttyS0 (root, password sqsim) instead of a
+#                  root shell straight away.
+#   sqsim.acpi=0   ignore ACPI power-button presses (QMP system_powerdown):
+#                  no button driver, no watcher; the host has to quit QEMU.
+# Always: the pvpanic driver is loaded, so a guest kernel panic is reported
+# to QEMU (QMP GUEST_PANICKED) when the VM has -device pvpanic.
 #
 # Usage: scripts/build-tiny-image.sh [--force] [OUTPUT.qcow2]
 set -euo pipefail
@@ -84,14 +90,40 @@ for app in $("$root/bin/busybox" --list-full); do
     [ -e "$root/$app" ] || ln -s /bin/busybox "$root/$app"
 done
 
-# Power button support: ACPI button driver + evdev to read its events.
+# Kernel modules for /init, as /lib/modules/NAME.ko, each listed after those
+# it depends on (checked below; /init loads them in this order per group).
+# Power button support: evdev to read events + the ACPI button driver.
+# Panic reporting: pvpanic core, then its ACPI/platform driver (QEMU0001,
+# what the ISA "-device pvpanic" shows up as) and its PCI driver
+# ("-device pvpanic-pci"). Those after "optional:" may be missing (e.g.
+# built in); /init loads what is there.
 # Busybox insmod may not handle compressed modules, so decompress here.
-for m in acpi/button input/evdev; do
+loaded=" "
+opt=0
+for m in input/evdev acpi/button optional: misc/pvpanic/pvpanic \
+         misc/pvpanic/pvpanic-mmio misc/pvpanic/pvpanic-pci; do
+    [ "$m" = optional: ] && { opt=1; continue; }
+    ko="$root/lib/modules/${m##*/}.ko"
     if [ -e "$moddir/$m.ko.xz" ]; then
-        xz -dc "$moddir/$m.ko.xz" >"$root/lib/modules/${m#*/}.ko"
+        xz -dc "$moddir/$m.ko.xz" >"$ko"
+    elif [ -e "$moddir/$m.ko" ]; then
+        cp "$moddir/$m.ko" "$ko"
+    elif [ "$opt" = 1 ]; then
+        echo "note: $kpkg has no module $m (built in or not at all)" >&2
+        continue
     else
-        cp "$moddir/$m.ko" "$root/lib/modules/${m#*/}.ko"
+        echo "missing kernel module $m in $kpkg" >&2; exit 1
     fi
+    # insmod does no dependency resolution: check that every module this
+    # one depends on (modinfo "depends=") is loaded before it.
+    deps="$(tr '\0' '\n' <"$ko" | sed -n 's/^depends=//p' | tr , ' ')"
+    for d in $deps; do
+        case "$loaded" in *" $(echo "$d" | tr - _) "*) ;; *)
+            echo "module $m needs $d, which is not loaded before it" >&2
+            exit 1 ;;
+        esac
+    done
+    loaded="$loaded$(echo "${m##*/}" | tr - _) "
 done
 
 # The kernel opens /dev/console before running /init; without the node it
@@ -128,39 +160,55 @@ exec </dev/console >/dev/console 2>&1
 # Keep kernel chatter off the console after boot (clean for the supervisor).
 echo 1 >/proc/sys/kernel/printk
 hostname -F /etc/hostname
-insmod /lib/modules/evdev.ko
-insmod /lib/modules/button.ko
+# Kernel panic -> pvpanic device -> QMP GUEST_PANICKED (if the VM has one).
+# Core module first: insmod does not resolve dependencies.
+for m in pvpanic pvpanic-mmio pvpanic-pci; do
+    [ -e /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
+done
+
+# Kernel command line: "sqsim.login=1" log in first; "sqsim.acpi=0"
+# ignore the power button.
+login=0
+acpi=1
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        sqsim.login=1) login=1 ;;
+        sqsim.acpi=0) acpi=0 ;;
+    esac
+done
 
 # ttyS1 is a raw side channel for the host: no echo, no \n -> \r\n.
 [ -e /dev/ttyS1 ] && stty -F /dev/ttyS1 115200 raw -echo
 
 # ACPI power button -> immediate poweroff (busybox acpid did not work).
-# Find its evdev node (sysfs entry and devtmpfs node appear asynchronously).
-pwr=""
-for _ in $(seq 50); do
-    for ev in /sys/class/input/event*; do
-        if [ "$(cat "$ev/device/name" 2>/dev/null)" = "Power Button" ] &&
-           [ -c "/dev/input/${ev##*/}" ]; then
-            pwr=/dev/input/${ev##*/}
-            break 2
-        fi
+# With sqsim.acpi=0 no button driver is loaded, so nothing sees a press.
+if [ "$acpi" = 1 ]; then
+    insmod /lib/modules/evdev.ko
+    insmod /lib/modules/button.ko
+    # Find its evdev node (sysfs entry and devtmpfs node appear
+    # asynchronously).
+    pwr=""
+    for _ in $(seq 50); do
+        for ev in /sys/class/input/event*; do
+            if [ "$(cat "$ev/device/name" 2>/dev/null)" = "Power Button" ] &&
+               [ -c "/dev/input/${ev##*/}" ]; then
+                pwr=/dev/input/${ev##*/}
+                break 2
+            fi
+        done
+        sleep 0.1
     done
-    sleep 0.1
-done
-if [ -n "$pwr" ]; then
-    # Open it here, before the shell prompt appears: evdev only queues
-    # events for open clients, so a press right after the prompt must not
-    # be lost. The watcher then blocks until exactly one event arrives.
-    exec 3<"$pwr"
-    (dd of=/dev/null bs=24 count=1 <&3 2>/dev/null; poweroff -f) &
-    exec 3<&-
-else
-    echo "tiny: no power button found"
+    if [ -n "$pwr" ]; then
+        # Open it here, before the shell prompt appears: evdev only queues
+        # events for open clients, so a press right after the prompt must not
+        # be lost. The watcher then blocks until exactly one event arrives.
+        exec 3<"$pwr"
+        (dd of=/dev/null bs=24 count=1 <&3 2>/dev/null; poweroff -f) &
+        exec 3<&-
+    else
+        echo "tiny: no power button found"
+    fi
 fi
-
-# "sqsim.login=1" on the kernel command line: log in first.
-login=0
-case " $(cat /proc/cmdline) " in *" sqsim.login=1 "*) login=1 ;; esac
 
 # Login shell on the serial console, with ttyS0 as controlling tty
 # (needed for job control, Ctrl-C and stty).

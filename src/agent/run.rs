@@ -1,8 +1,10 @@
 //! One request's run: prepare, boot, drive the console, shut down, record the outcome.
 
+use super::session::KVM_SILENCE;
 use super::session::{log_event, Drive};
-use super::{AgentContext, LEASE};
+use super::AgentContext;
 use crate::config::vm::{ConsoleTransport, VmConfig};
+use crate::config::{mark_kvm_unusable, Accel};
 use crate::model::{AgentId, LogType, Request, ShutdownStep, Status};
 use crate::qemu::console::protocol::{ConsoleParser, Session, StderrParser};
 use crate::qemu::console::{self, Console, ConsoleError};
@@ -51,6 +53,12 @@ pub enum RunError {
     ConsoleClosed(String),
     #[error("agent stopping")]
     AgentStopping,
+    #[error("agent lost its claim (heartbeats failed for a whole lease)")]
+    LeaseLost,
+    #[error("the guest's shell exited while the commands ran (a new shell prompt appeared)")]
+    ShellGone,
+    #[error("no console output under KVM")]
+    KvmSilent,
     #[error("cancelled")]
     Cancelled,
     #[error("database: {0}")]
@@ -65,8 +73,9 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
         sink.write(LogType::Command, req.commands.clone().into_bytes())
             .await;
         sink.system(format!("claimed by agent {agent}")).await;
-        let heartbeat = spawn_heartbeat(ctx, agent, &req);
-        let outcome = drive(ctx, agent, &req, &sink).await;
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let heartbeat = spawn_heartbeat(ctx, agent, &req, lost_tx);
+        let outcome = drive(ctx, agent, &req, &sink, lost).await;
         heartbeat.abort();
         let mut fin = Finish {
             shutdown_step: outcome.step,
@@ -94,26 +103,72 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
         // Every log byte is committed before the request turns terminal.
         drop(sink);
         let stats = sink_task.close().await;
-        tracing::info!(status = %fin.status, exit_code = ?fin.exit_code, log_bytes = stats.bytes, "run finished");
-        if let Err(e) = ctx.store.finish(req.uuid, agent, fin).await {
-            tracing::error!(error = %e, "could not record the outcome");
+        if stats.lost_bytes > 0 {
+            // Never a silent gap: the outcome says the record is incomplete.
+            let why = stats.last_error.as_deref().unwrap_or("unknown error");
+            let mut error = format!(
+                "{} bytes of log output could not be stored ({why})",
+                stats.lost_bytes
+            );
+            if let Some(code) = fin.exit_code {
+                error.push_str(&format!("; the commands exited with status {code}"));
+            }
+            if let Some(e) = &fin.error {
+                error.push_str(&format!("; {e}"));
+            }
+            tracing::error!(lost = stats.lost_bytes, "{error}");
+            if fin.status == Status::Done {
+                fin.status = Status::Failed;
+            }
+            fin.error = Some(error);
         }
+        tracing::info!(status = %fin.status, exit_code = ?fin.exit_code, log_bytes = stats.bytes, "run finished");
+        record_outcome(ctx, agent, &req, fin).await;
     }
     .instrument(span)
     .await
 }
 
+/// Records the final state, retrying for a while: a locked or full database may recover.
+async fn record_outcome(ctx: &AgentContext, agent: &AgentId, req: &Request, fin: Finish) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=20 {
+        match ctx.store.finish(req.uuid, agent, fin.clone()).await {
+            Ok(_) => return,
+            Err(e) if e.is_full() && ctx.store.release_reserve() => {
+                tracing::error!(error = %e, "disk full; retrying with the reserved space");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, attempt, "could not record the outcome; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::error!("gave up recording the outcome; lease recovery will mark it agent lost");
+}
+
+/// Renews the lease every third of it. If the claim is gone (another agent recovered the
+/// request after heartbeats failed for a whole lease), `lost` turns true and the run stops.
 fn spawn_heartbeat(
     ctx: &AgentContext,
     agent: &AgentId,
     req: &Request,
+    lost: tokio::sync::watch::Sender<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let (store, agent, id) = (ctx.store.clone(), agent.clone(), req.uuid);
+    let lease = ctx.settings.agent_lease;
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(LEASE / 3).await;
-            if let Err(e) = store.heartbeat(id, &agent, LEASE).await {
-                tracing::warn!(error = %e, "heartbeat failed");
+            tokio::time::sleep(lease / 3).await;
+            match store.heartbeat(id, &agent, lease).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!("lease lost: another agent recovered this request");
+                    let _ = lost.send(true);
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
         }
     })
@@ -139,50 +194,94 @@ impl Default for Outcome {
     }
 }
 
-async fn drive(ctx: &AgentContext, agent: &AgentId, req: &Request, sink: &LogSink) -> Outcome {
-    let fail = |e: RunError| Outcome {
-        result: Err(e),
-        ..Default::default()
-    };
+async fn drive(
+    ctx: &AgentContext,
+    agent: &AgentId,
+    req: &Request,
+    sink: &LogSink,
+    lost: tokio::sync::watch::Receiver<bool>,
+) -> Outcome {
     let vm = match ctx.catalog.load(&req.vm_name) {
         Ok(vm) => vm,
-        Err(e) => return fail(e.into()),
+        Err(e) => {
+            return Outcome {
+                result: Err(e.into()),
+                ..Default::default()
+            }
+        }
     };
+    let policy = vm.accel.unwrap_or(ctx.settings.accel);
+    let mut accel = policy.resolve(&ctx.settings.run_dir);
+    loop {
+        // Under `auto`, KVM that hangs silently (nested virtualisation) is caught once.
+        let kvm_watch = policy == Accel::Auto && accel == Accel::Kvm;
+        let out = attempt(ctx, agent, req, &vm, accel, kvm_watch, sink, lost.clone()).await;
+        if kvm_watch && matches!(out.result, Err(RunError::KvmSilent)) {
+            if let Err(e) = mark_kvm_unusable(&ctx.settings.run_dir) {
+                tracing::warn!(error = %e, "could not record that KVM is unusable");
+            }
+            sink.system(format!(
+                "no console output under KVM within {} s: retrying under TCG; KVM is marked \
+                 unusable on this host for ACCEL=auto",
+                KVM_SILENCE.as_secs()
+            ))
+            .await;
+            accel = Accel::Tcg;
+            continue;
+        }
+        return out;
+    }
+}
+
+/// One boot of the VM: run directory, QEMU, console, commands, shutdown ladder.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    ctx: &AgentContext,
+    agent: &AgentId,
+    req: &Request,
+    vm: &VmConfig,
+    accel: Accel,
+    kvm_watch: bool,
+    sink: &LogSink,
+    lost: tokio::sync::watch::Receiver<bool>,
+) -> Outcome {
+    let mut out = Outcome::default();
     let paths = RunPaths::new(&ctx.settings.run_dir, &req.uuid.to_string());
     if let Err(e) = paths.create() {
-        return fail(e.into());
+        out.result = Err(e.into());
+        return out;
     }
-    let mut machine = match boot_machine(ctx, &vm, req, &paths, sink).await {
+    let mut machine = match boot_machine(ctx, vm, req, &paths, accel, sink).await {
         Ok(m) => m,
         Err(e) => {
             finish_dir(ctx, &paths, false);
-            return fail(e);
+            out.result = Err(e);
+            return out;
         }
     };
     let token = Session::random_token();
-    let mut out = Outcome::default();
-    let (result, held) = match attach_console(&vm, &paths, &machine, &token, sink).await {
-        Err(e) => (Err(e), false),
+    let (result, held, console) = match attach_console(vm, &paths, &machine, &token, sink).await {
+        Err(e) => (Err(e), false, None),
         Ok(mut console) => {
-            let mut d = Drive::new(ctx, agent, req, &vm, &mut machine, &mut console, sink);
+            let mut d = Drive::new(ctx, agent, req, vm, &mut machine, &mut console, sink, lost);
+            d.kvm_watch = kvm_watch;
             let result = d.run(&token).await;
             let held = d.is_held();
             (out.boot_ms, out.run_ms) = d.timings();
             if result.is_err() {
                 console.interrupt();
             }
-            let report = shut_down(&mut machine, grace(ctx, &vm, &result, held), sink).await;
-            (out.step, out.shutdown_ms) = (Some(report.0), Some(report.1));
-            // QEMU is gone: the pumps reach end of stream and every byte reaches the sink.
-            console.drain(Duration::from_secs(2)).await;
-            finish_dir(ctx, &paths, result.is_ok());
-            out.result = result;
-            return out;
+            (result, held, Some(console))
         }
     };
-    let report = shut_down(&mut machine, grace(ctx, &vm, &result, held), sink).await;
+    let report = shut_down(&mut machine, grace(ctx, vm, &result, held), sink).await;
     (out.step, out.shutdown_ms) = (Some(report.0), Some(report.1));
-    finish_dir(ctx, &paths, false);
+    if let Some(console) = console {
+        // QEMU is gone: the pumps reach end of stream and every byte reaches the sink.
+        console.drain(Duration::from_secs(2)).await;
+    }
+    let keep = result.is_err() && !matches!(result, Err(RunError::KvmSilent));
+    finish_dir(ctx, &paths, !keep);
     out.result = result;
     out
 }
@@ -197,8 +296,12 @@ fn grace(
     held: bool,
 ) -> Duration {
     match result {
+        // A paused or hung guest cannot react to ACPI.
         _ if held => Duration::ZERO,
-        Err(RunError::Cancelled | RunError::AgentStopping) => ctx.settings.cancel_grace,
+        Err(RunError::KvmSilent) => Duration::ZERO,
+        Err(RunError::Cancelled | RunError::AgentStopping | RunError::LeaseLost) => {
+            ctx.settings.cancel_grace
+        }
         _ => vm.shutdown_timeout,
     }
 }
@@ -217,6 +320,7 @@ async fn boot_machine(
     vm: &VmConfig,
     req: &Request,
     paths: &RunPaths,
+    accel: Accel,
     sink: &LogSink,
 ) -> Result<Machine, RunError> {
     let s = &ctx.settings;
@@ -229,7 +333,6 @@ async fn boot_machine(
         )
         .await?;
     }
-    let accel = vm.accel.unwrap_or(s.accel).resolve();
     let spec = LaunchSpec {
         vm,
         accel,

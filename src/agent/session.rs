@@ -20,6 +20,15 @@ use tokio::time::{Instant, MissedTickBehavior};
 /// end of the output).
 const NUDGE_AFTER: Duration = Duration::from_secs(5);
 
+/// Under `ACCEL=auto` with KVM, a console still silent after this long means KVM does not
+/// work on this host (nested virtualisation can hang silently): the run is retried under TCG.
+pub(super) const KVM_SILENCE: Duration = Duration::from_secs(15);
+/// After the output ends in a prompt during the commands, how long it must stay silent before
+/// the agent probes with a newline.
+const PROMPT_QUIET: Duration = Duration::from_secs(2);
+/// How soon a second prompt must follow the probe to confirm the shell has gone.
+const PROBE_WINDOW: Duration = Duration::from_secs(3);
+
 /// Which limit a wait is bounded by, to name it when it expires.
 #[derive(Clone, Copy)]
 enum Limit {
@@ -39,6 +48,7 @@ pub(super) struct Drive<'a> {
     console: &'a mut Console,
     sink: &'a LogSink,
     stopping: watch::Receiver<bool>,
+    lost: watch::Receiver<bool>,
     changes: watch::Receiver<u64>,
     /// The stderr port's end marker has been seen (it may come before the exit marker).
     stderr_done: bool,
@@ -48,9 +58,16 @@ pub(super) struct Drive<'a> {
     prompt_at: Option<Instant>,
     exit_at: Option<Instant>,
     held_at_prompt: Duration,
+    /// Watch for a silent console under KVM (`ACCEL=auto` chose KVM).
+    pub(super) kvm_watch: bool,
+    /// A prompt-like end of output seen during the commands: (when, console bytes then).
+    prompt_suspect: Option<(Instant, u64)>,
+    /// When the agent sent its probing newline.
+    probe_sent: Option<Instant>,
 }
 
 impl<'a> Drive<'a> {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         ctx: &'a AgentContext,
         agent: &'a AgentId,
@@ -59,8 +76,10 @@ impl<'a> Drive<'a> {
         machine: &'a mut Machine,
         console: &'a mut Console,
         sink: &'a LogSink,
+        lost: watch::Receiver<bool>,
     ) -> Self {
         Drive {
+            lost,
             stopping: ctx.stopping.clone(),
             changes: ctx.store.subscribe(),
             ctx,
@@ -77,6 +96,9 @@ impl<'a> Drive<'a> {
             prompt_at: None,
             exit_at: None,
             held_at_prompt: Duration::ZERO,
+            kvm_watch: false,
+            prompt_suspect: None,
+            probe_sent: None,
         }
     }
 
@@ -229,13 +251,24 @@ impl<'a> Drive<'a> {
         let mut poll = tokio::time::interval(self.ctx.settings.agent_poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seen = self.console.received();
+        let mut probe_tick = tokio::time::interval(Duration::from_millis(500));
+        let silence_deadline = self.started.unwrap_or_else(Instant::now) + KVM_SILENCE;
         loop {
             let held = self.held_since.is_some();
             let effective = deadline + self.held_total;
+            let kvm_silent = self.kvm_watch && !held && self.console.received() == 0;
+            let probing = self.prompt_suspect.is_some();
             let m = &mut *self.machine;
             tokio::select! {
                 ev = self.console.next_event() => match ev {
                     Some(ConsoleEvent::Ack(w)) if w == ACK_NODECODE => return Err(RunError::NoDecode),
+                    Some(ConsoleEvent::KernelPanic(line)) => return Err(RunError::GuestPanicked(line)),
+                    Some(ConsoleEvent::PromptDuringCommand) => {
+                        if self.probe_sent.is_some_and(|t| t.elapsed() < PROBE_WINDOW) {
+                            return Err(RunError::ShellGone);
+                        }
+                        self.prompt_suspect = Some((Instant::now(), self.console.received()));
+                    }
                     Some(e) => {
                         self.stderr_done |= e == ConsoleEvent::StderrEnd;
                         if want(&e) {
@@ -268,6 +301,21 @@ impl<'a> Drive<'a> {
                         Limit::Run(timeout) => RunError::Timeout(timeout),
                     });
                 }
+                _ = tokio::time::sleep_until(silence_deadline), if kvm_silent => {
+                    return Err(RunError::KvmSilent);
+                }
+                _ = probe_tick.tick(), if probing && !held => {
+                    // The prompt stayed the last thing printed: probe whether a shell is there.
+                    if let Some((at, bytes)) = self.prompt_suspect {
+                        if self.console.received() != bytes {
+                            self.prompt_suspect = None;
+                        } else if at.elapsed() >= PROMPT_QUIET {
+                            self.prompt_suspect = None;
+                            self.probe_sent = Some(Instant::now());
+                            self.console.send("\n").await?;
+                        }
+                    }
+                }
                 _ = nudge_tick.tick(), if nudge && !held => {
                     let now = self.console.received();
                     if now == seen && now > 0 {
@@ -280,6 +328,7 @@ impl<'a> Drive<'a> {
                 _ = self.changes.changed() => self.check_control().await?,
                 _ = poll.tick() => self.check_control().await?,
                 _ = self.stopping.changed() => return Err(RunError::AgentStopping),
+                _ = self.lost.changed() => return Err(RunError::LeaseLost),
             }
         }
     }

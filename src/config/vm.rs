@@ -159,6 +159,13 @@ impl VmConfig {
             Some(s) => shell_words::split(&s)
                 .map_err(|e| invalid(format!("ADDITIONAL_ARGS cannot be split: {e}")))?,
         };
+        // Extra devices, monitors and chardevs are the operator's choice, but the agent's own
+        // console and stderr chardevs must stay the agent's.
+        if let Some(a) = additional_args.iter().find(|a| a.contains("id=sqsim-")) {
+            return Err(invalid(format!(
+                "ADDITIONAL_ARGS uses the reserved id prefix sqsim- ({a:?}); choose another id"
+            )));
+        }
         let resolve = |dir: &Path, p: String| {
             let p = PathBuf::from(p);
             if p.is_absolute() {
@@ -439,6 +446,10 @@ mod tests {
             ("STDERR_DEVICE=\"ttyS1\"", "STDERR_DEVICE"),
             ("ADDITIONAL_ARGS=\"-x 'unclosed\"", "ADDITIONAL_ARGS"),
             ("MEMROY=\"1G\"", "unknown key MEMROY"),
+            (
+                "ADDITIONAL_ARGS=\"-chardev socket,id=sqsim-console,path=/x\"",
+                "reserved id prefix sqsim-",
+            ),
         ] {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

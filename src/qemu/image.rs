@@ -65,6 +65,14 @@ pub async fn create_overlay(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
+    // The guest's writes land here: private to this user, like the run directory.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(overlay, std::fs::Permissions::from_mode(0o600)).map_err(
+        |source| ImageError::Unreadable {
+            path: overlay.to_path_buf(),
+            source,
+        },
+    )?;
     Ok(())
 }
 

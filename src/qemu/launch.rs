@@ -380,9 +380,11 @@ pub fn describe_status(s: ExitStatus) -> String {
 #[allow(unsafe_code)]
 fn set_parent_death_signal(cmd: &mut tokio::process::Command) {
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // syscalls (prctl, getppid, kill); it allocates nothing.
+    // syscalls (umask, prctl, getppid); it allocates nothing.
     unsafe {
         cmd.pre_exec(|| {
+            // QEMU's sockets and the overlay it writes are private to this user (0600/0700).
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
                 .map_err(std::io::Error::from)?;
             // The parent may have died between fork and prctl: then nobody would kill us.

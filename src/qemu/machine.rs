@@ -98,11 +98,13 @@ impl Machine {
             self.collect_events(seen);
             return ShutdownStep::Exited;
         }
-        if self
-            .qmp
-            .execute(&qapi::qmp::system_powerdown {})
-            .await
-            .is_ok()
+        // A zero grace (a paused or hung guest, which could not react) goes straight to `quit`.
+        if !grace.is_zero()
+            && self
+                .qmp
+                .execute(&qapi::qmp::system_powerdown {})
+                .await
+                .is_ok()
             && self.wait_exit(grace, seen).await
         {
             return ShutdownStep::Powerdown;

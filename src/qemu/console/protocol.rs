@@ -25,6 +25,11 @@ pub enum ConsoleEvent {
     Exit(i32),
     /// The stderr port delivered everything the commands wrote to it.
     StderrEnd,
+    /// The guest kernel panicked (the console showed `Kernel panic - not syncing…`).
+    KernelPanic(String),
+    /// While the commands ran, the output ended in something that matches the shell prompt:
+    /// either the commands printed it, or the shell running them died and a new one started.
+    PromptDuringCommand,
 }
 
 /// Ack words the agent uses.
@@ -40,6 +45,9 @@ pub const UPLOAD_LINE: usize = 2048;
 #[derive(Debug, Clone)]
 pub struct Session {
     token: String,
+    /// Names the guest's temporary files. Not the token: the commands can see their own
+    /// script's path (`$0`), and must not learn how to fake the exit marker from it.
+    file_tag: String,
     stderr_device: Option<String>,
 }
 
@@ -47,6 +55,7 @@ impl Session {
     pub fn new(token: impl Into<String>, stderr_device: Option<String>) -> Self {
         Session {
             token: token.into(),
+            file_tag: Self::random_token(),
             stderr_device,
         }
     }
@@ -65,7 +74,7 @@ impl Session {
     }
 
     fn file(&self, ext: &str) -> String {
-        format!("/tmp/sqsim-{}.{ext}", self.token)
+        format!("/tmp/sqsim-{}.{ext}", self.file_tag)
     }
 
     /// Echo off, output unprocessed (byte-exact stdout), kernel quiet, empty prompts; then READY.
@@ -216,7 +225,14 @@ pub struct ConsoleParser {
     last_seen: Vec<u8>,
     /// Stdout held back when the command was interrupted, emitted with the next output.
     interrupted_stdout: Vec<u8>,
+    /// End of the previous chunk, so a panic message split across reads is still seen.
+    panic_tail: Vec<u8>,
+    panicked: bool,
+    /// End of the commands' output, to notice a shell prompt there.
+    command_tail: Vec<u8>,
 }
+
+const PANIC: &[u8] = b"Kernel panic - not syncing";
 
 impl ConsoleParser {
     pub fn new(token: &str, prompt: regex::Regex) -> Self {
@@ -234,7 +250,31 @@ impl ConsoleParser {
             scan_from: 0,
             last_seen: Vec::new(),
             interrupted_stdout: Vec::new(),
+            panic_tail: Vec::new(),
+            panicked: false,
+            command_tail: Vec::new(),
         }
+    }
+
+    /// Looks for a kernel panic message in any phase, across chunk boundaries.
+    fn scan_panic(&mut self, data: &[u8], out: &mut Parsed) {
+        if self.panicked {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.panic_tail);
+        buf.extend_from_slice(data);
+        if let Some(i) = memchr::memmem::find(&buf, PANIC) {
+            self.panicked = true;
+            let line_end = buf[i..]
+                .iter()
+                .position(|&b| b == b'\r' || b == b'\n')
+                .map_or(buf.len(), |p| i + p);
+            let line = String::from_utf8_lossy(&buf[i..line_end]).into_owned();
+            out.events.push(ConsoleEvent::KernelPanic(line));
+            return;
+        }
+        let keep = buf.len().min(PANIC.len() - 1);
+        self.panic_tail = buf.split_off(buf.len() - keep);
     }
 
     /// The agent gave up on the commands (timeout, cancel, fault): whatever the console prints
@@ -268,9 +308,29 @@ impl ConsoleParser {
         if self.last_seen.len() > 400 {
             self.last_seen.drain(..self.last_seen.len() - 300);
         }
+        let was_after = matches!(self.phase, Phase::After);
+        // Bytes of `data` consumed before the commands' exit marker completed.
+        let mut before_exit = data.len();
         let mut rest = data.to_vec();
         while !rest.is_empty() {
             rest = self.step(&rest, &mut out);
+            if !was_after && before_exit == data.len() && matches!(self.phase, Phase::After) {
+                before_exit = data.len() - rest.len();
+            }
+        }
+        // A panic only matters while the commands have not finished; it is reported before
+        // the exit, as it came before it.
+        if !was_after {
+            let mut panic = Parsed::default();
+            self.scan_panic(&data[..before_exit], &mut panic);
+            if let Some(ev) = panic.events.pop() {
+                let at = out
+                    .events
+                    .iter()
+                    .position(|e| matches!(e, ConsoleEvent::Exit(_)))
+                    .unwrap_or(out.events.len());
+                out.events.insert(at, ev);
+            }
         }
         out
     }
@@ -332,37 +392,61 @@ impl ConsoleParser {
                         self.phase = Phase::ExitMarker(Vec::new());
                         after
                     }
-                    None => Vec::new(),
+                    None => {
+                        self.check_command_prompt(&before, out);
+                        Vec::new()
+                    }
                 }
             }
             Phase::ExitMarker(buf) => {
                 buf.extend_from_slice(data);
                 let prefix = self.exit_prefix.len();
-                if let Some(semi) = buf[prefix.min(buf.len())..].iter().position(|&b| b == b';') {
-                    let end = prefix + semi + 1;
-                    let code = std::str::from_utf8(&buf[prefix..end - 1])
-                        .ok()
-                        .and_then(|s| s.parse::<i32>().ok());
-                    let marker = buf[..end].to_vec();
-                    let rest = buf[end..].to_vec();
-                    out.log(LogType::Shutdown, &marker);
-                    out.events.push(ConsoleEvent::Exit(code.unwrap_or(-1)));
-                    self.phase = Phase::After;
-                    rest
-                } else if buf.len() > prefix + 12 {
-                    // Not a marker after all (cannot happen with a random token): it was output.
-                    let bytes = std::mem::take(buf);
-                    self.phase = Phase::Command;
-                    out.log(LogType::Stdout, &bytes[..prefix]);
-                    bytes[prefix..].to_vec()
-                } else {
-                    Vec::new()
+                // The marker is exactly 1-3 digits and `;`, decided by content alone, so the
+                // outcome never depends on how the bytes were split into reads.
+                match marker_end(&buf[prefix..]) {
+                    None => Vec::new(),
+                    Some(Some(len)) => {
+                        let end = prefix + len;
+                        let code = std::str::from_utf8(&buf[prefix..end - 1])
+                            .ok()
+                            .and_then(|s| s.parse::<i32>().ok())
+                            .unwrap_or(-1);
+                        let marker = buf[..end].to_vec();
+                        let rest = buf[end..].to_vec();
+                        out.log(LogType::Shutdown, &marker);
+                        out.events.push(ConsoleEvent::Exit(code));
+                        self.phase = Phase::After;
+                        rest
+                    }
+                    Some(None) => {
+                        // Not a marker after all: it was output.
+                        let bytes = std::mem::take(buf);
+                        self.phase = Phase::Command;
+                        out.log(LogType::Stdout, &bytes[..prefix]);
+                        bytes[prefix..].to_vec()
+                    }
                 }
             }
             Phase::After => {
                 out.log(LogType::Shutdown, data);
                 Vec::new()
             }
+        }
+    }
+
+    fn check_command_prompt(&mut self, stdout: &[u8], out: &mut Parsed) {
+        if stdout.is_empty() {
+            return;
+        }
+        self.command_tail.extend_from_slice(stdout);
+        if self.command_tail.len() > PROMPT_WINDOW {
+            let cut = self.command_tail.len() - PROMPT_WINDOW;
+            self.command_tail.drain(..cut);
+        }
+        let text = strip_ansi(&self.command_tail);
+        if self.prompt.is_match(&String::from_utf8_lossy(&text)) {
+            out.events.push(ConsoleEvent::PromptDuringCommand);
+            self.command_tail.clear();
         }
     }
 
@@ -386,6 +470,19 @@ impl ConsoleParser {
             self.scan_from = 0;
         }
     }
+}
+
+/// After the exit prefix: `None` while undecided, `Some(Some(n))` when the first `n` bytes are
+/// `<1-3 digits>;`, `Some(None)` when it cannot be a marker.
+fn marker_end(after_prefix: &[u8]) -> Option<Option<usize>> {
+    for (i, &b) in after_prefix.iter().enumerate() {
+        match b {
+            b'0'..=b'9' if i < 3 => continue,
+            b';' if i > 0 => return Some(Some(i + 1)),
+            _ => return Some(None),
+        }
+    }
+    None
 }
 
 /// Splits the stderr port's stream at the end-of-stderr marker.

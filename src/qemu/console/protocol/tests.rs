@@ -180,8 +180,21 @@ fn upload_lines_round_trip_and_stay_short() {
         let end = start + line[start..].find('\'').unwrap();
         b64.push_str(&line[start..end]);
     }
-    assert!(lines[0].0.contains(&format!(" >/tmp/sqsim-{TOK}.b64")));
-    assert!(lines[1].0.contains(&format!(" >>/tmp/sqsim-{TOK}.b64")));
+    // The temporary file is not named after the token (the commands can see its path).
+    let file = lines[0]
+        .0
+        .split(" >")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    assert!(
+        file.starts_with("/tmp/sqsim-") && !file.contains(TOK),
+        "{file}"
+    );
+    assert!(lines[1].0.contains(&format!(" >>{file};")));
+    assert!(s.run_line().contains(&format!("base64 -d {file} ")));
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(b64)
         .unwrap();
@@ -225,4 +238,87 @@ fn interrupted_command_keeps_held_bytes_as_stdout_and_the_rest_as_shutdown() {
         by_type(&logs, LogType::Shutdown),
         b"\r\nreboot: Power down\r\n"
     );
+}
+
+#[test]
+fn kernel_panic_is_reported_once_even_when_split() {
+    let msg = b"[ 5.1] Kernel panic - not syncing: sysrq triggered crash\r\n";
+    for split in 1..msg.len() {
+        let mut p = parser();
+        let mut events = p.feed(&msg[..split]).events;
+        events.extend(p.feed(&msg[split..]).events);
+        events.extend(p.feed(msg).events);
+        let panics: Vec<_> = events
+            .iter()
+            .filter(|e| matches!(e, ConsoleEvent::KernelPanic(_)))
+            .collect();
+        assert_eq!(panics.len(), 1, "split at {split}");
+        // The message is as much of the line as had arrived.
+        let ConsoleEvent::KernelPanic(text) = panics[0] else {
+            unreachable!()
+        };
+        assert!(text.starts_with("Kernel panic - not syncing"), "{text}");
+        if split >= msg.len() - 2 {
+            assert_eq!(text, "Kernel panic - not syncing: sysrq triggered crash");
+        }
+    }
+}
+
+#[test]
+fn a_prompt_at_the_end_of_command_output_is_flagged() {
+    let mut p = parser();
+    let head = session_stream(b"", 0);
+    let go = memchr::memmem::find(&head, b"_GO\n").unwrap() + 4;
+    let at = memchr::memmem::find(&head, b"# ").unwrap() + 2;
+    p.feed(&head[..at]);
+    p.feed(&head[at..go]);
+    assert!(p.feed(b"working\n").events.is_empty());
+    let ev = p.feed(b"\r\nBusyBox v1.35\r\nroot@tiny:~# \x1b[6n").events;
+    assert_eq!(ev, [ConsoleEvent::PromptDuringCommand]);
+}
+
+#[test]
+fn exit_marker_is_exactly_digits_and_a_semicolon() {
+    for (after, code) in [("0;", Some(0)), ("255;", Some(255)), ("7;tail", Some(7))] {
+        let mut p = parser();
+        let mut s = session_stream(b"", 0);
+        let go = memchr::memmem::find(&s, b"_GO\n").unwrap() + 4;
+        s.truncate(go);
+        let at = memchr::memmem::find(&s, b"# ").unwrap() + 2;
+        s.extend_from_slice(format!("SQSIM_{TOK}:{after}").as_bytes());
+        let (_, events) = run(&mut p, &[&s[..at], &s[at..]]);
+        assert_eq!(
+            events.last(),
+            code.map(ConsoleEvent::Exit).as_ref(),
+            "{after}"
+        );
+    }
+    for fake in ["0000;", "1a;", ";", "-1;", "+5;"] {
+        let mut s = session_stream(b"", 0);
+        let go = memchr::memmem::find(&s, b"_GO\n").unwrap() + 4;
+        s.truncate(go);
+        let at = memchr::memmem::find(&s, b"# ").unwrap() + 2;
+        s.extend_from_slice(format!("SQSIM_{TOK}:{fake}").as_bytes());
+        let (logs, events) = run(&mut parser(), &[&s[..at], &s[at..]]);
+        assert!(
+            !events.iter().any(|e| matches!(e, ConsoleEvent::Exit(_))),
+            "{fake}"
+        );
+        assert_eq!(
+            by_type(&logs, LogType::Stdout),
+            format!("SQSIM_{TOK}:{fake}").as_bytes()
+        );
+    }
+}
+
+#[test]
+fn a_panic_after_the_exit_marker_is_not_reported() {
+    let mut s = session_stream(b"out\n", 0);
+    s.extend_from_slice(b"Kernel panic - not syncing: at shutdown\r\n");
+    let at = memchr::memmem::find(&s, b"# ").unwrap() + 2;
+    let (_, events) = run(&mut parser(), &[&s[..at], &s[at..]]);
+    assert_eq!(events.last(), Some(&ConsoleEvent::Exit(0)));
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, ConsoleEvent::KernelPanic(_))));
 }
