@@ -45,10 +45,20 @@ pub enum StoreError {
     Task(String),
 }
 
+impl StoreError {
+    /// The disk (or the database's size limit) is full.
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+            if f.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
 /// How long a writer waits for another process's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections kept open.
 const POOL_SIZE: usize = 8;
+/// Disk space set aside for recording final states when the disk fills up.
+const RESERVE_BYTES: usize = 1024 * 1024;
 
 /// A handle on the database; cheap to clone.
 #[derive(Clone)]
@@ -82,7 +92,44 @@ impl Store {
             }),
         };
         store.call(schema::migrate).await?;
+        store.make_reserve();
         Ok(store)
+    }
+
+    /// Space set aside next to the database, released when the disk fills up so that final
+    /// states can still be recorded (`<db>.reserve`).
+    fn reserve_path(&self) -> PathBuf {
+        let mut p = self.inner.path.clone().into_os_string();
+        p.push(".reserve");
+        PathBuf::from(p)
+    }
+
+    fn make_reserve(&self) {
+        let path = self.reserve_path();
+        if path.exists() {
+            return;
+        }
+        let made = std::fs::File::create(&path).and_then(|f| {
+            use std::io::Write;
+            let mut f = std::io::BufWriter::new(f);
+            // Written, not sparse: the blocks must really be allocated.
+            f.write_all(&vec![0u8; RESERVE_BYTES])?;
+            f.into_inner()?.sync_all()
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(path = %path.display(), error = %e, "could not set disk space aside");
+        }
+    }
+
+    /// Frees the reserved space; true if there was any. Used when a write failed because the
+    /// disk is full.
+    pub fn release_reserve(&self) -> bool {
+        let released = std::fs::remove_file(self.reserve_path()).is_ok();
+        if released {
+            tracing::warn!("disk full: released the reserved space to record final states");
+        }
+        released
     }
 
     pub fn path(&self) -> &Path {

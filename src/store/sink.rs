@@ -16,6 +16,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub const FLUSH_BYTES: usize = 64 * 1024;
 /// Chunks queued before writers wait.
 const CHANNEL_DEPTH: usize = 256;
+/// Tries per batch (about 12 s of back-off in all) before its bytes count as lost.
+const RETRIES: u32 = 12;
 
 /// Sends log chunks of one request; cheap to clone.
 #[derive(Clone)]
@@ -29,13 +31,15 @@ pub struct SinkTask {
 }
 
 /// What the writer committed.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct SinkStats {
     pub bytes: u64,
     pub rows: u64,
     pub flushes: u64,
     /// Bytes that could not be stored after every retry (the disk full, the database gone).
     pub lost_bytes: u64,
+    /// Why the last lost batch could not be stored.
+    pub last_error: Option<String>,
 }
 
 impl LogSink {
@@ -135,17 +139,26 @@ async fn flush(
     let rows = std::mem::take(batch);
     let n_bytes: u64 = rows.iter().map(|r| r.2.len() as u64).sum();
     let n_rows = rows.len() as u64;
+    // Retry with back-off (a locked database frees up, a full disk may get space). Once a
+    // batch was lost, later ones get a single try until one succeeds, so a broken database
+    // does not stall the guest's console for minutes per batch.
+    let attempts = if stats.last_error.is_some() && stats.lost_bytes > 0 {
+        1
+    } else {
+        RETRIES
+    };
     let mut delay = Duration::from_millis(20);
-    let mut attempt = 0;
+    let mut attempt = 1;
     loop {
         match store.append_logs(id, rows.clone()).await {
             Ok(()) => {
                 stats.bytes += n_bytes;
                 stats.rows += n_rows;
                 stats.flushes += 1;
+                stats.last_error = None;
                 break;
             }
-            Err(e) if attempt < 12 => {
+            Err(e) if attempt < attempts => {
                 tracing::warn!(request = %id, error = %e, attempt, "log flush failed; retrying");
                 attempt += 1;
                 tokio::time::sleep(delay).await;
@@ -154,6 +167,7 @@ async fn flush(
             Err(e) => {
                 log_lost(id, n_bytes, &e);
                 stats.lost_bytes += n_bytes;
+                stats.last_error = Some(e.to_string());
                 break;
             }
         }
@@ -162,7 +176,7 @@ async fn flush(
 }
 
 fn log_lost(id: RequestId, n: u64, e: &StoreError) {
-    tracing::error!(request = %id, bytes = n, error = %e, "log chunk could not be stored after retries");
+    tracing::error!(request = %id, bytes = n, error = %e, "log output could not be stored after retries");
 }
 
 /// Length of a trailing, possibly incomplete UTF-8 sequence (0 if the end is complete).
