@@ -185,7 +185,7 @@ async fn pty_console_transport_works_the_same() {
 #[tokio::test]
 async fn boot_timeout_says_what_the_console_showed_last() {
     let conf = "IMAGE=\"tiny.qcow2\"\nMEMORY=\"128M\"\nACCEL=\"tcg\"\nPROMPT=\"never-matches> \"\n\
-                BOOT_TIMEOUT=\"8\"\nSHUTDOWN_TIMEOUT=\"3\"\n";
+                BOOT_TIMEOUT=\"25\"\nSHUTDOWN_TIMEOUT=\"3\"\n";
     let opts = Options {
         configs: vec![("wrong-prompt".into(), conf.into())],
         ..Default::default()
@@ -194,7 +194,7 @@ async fn boot_timeout_says_what_the_console_showed_last() {
     assert_eq!(r["status"], "failed", "{r}");
     let err = r["error"].as_str().unwrap();
     assert!(
-        err.contains("did not reach a shell prompt within 8 s"),
+        err.contains("did not reach a shell prompt within 25 s"),
         "{err}"
     );
     assert!(
@@ -210,10 +210,11 @@ async fn timeout_fails_the_request_and_stops_the_vm() {
     require_image();
     let _slot = vm_slot();
     let s = Server::start(Options::default()).await;
-    let id = s.submit("tiny", "echo started; sleep 600", 8).await;
+    // Long enough to boot on a loaded 2-core machine, far shorter than the command.
+    let id = s.submit("tiny", "echo started; sleep 600", 25).await;
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(r["status"], "failed", "{r}");
-    assert_eq!(r["error"], "timed out after 8 s");
+    assert_eq!(r["error"], "timed out after 25 s");
     assert_eq!(s.output(&id, "stdout").await, "started\n");
     assert!(r["shutdown_step"].is_string());
     assert_no_qemu_left(&s).await;

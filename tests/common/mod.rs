@@ -290,6 +290,11 @@ impl Server {
         qemu_processes_under(&self.run_dir)
     }
 
+    /// PID of the main server process.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
@@ -311,6 +316,18 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                eprintln!("server process had exited: {status}");
+            }
+        }
+        if std::thread::panicking() {
+            // The failing test's server log, for the CI output.
+            eprintln!(
+                "---- server log ----\n{}\n---- end of server log ----",
+                self.logs()
+            );
+        }
         self.stop();
     }
 }
@@ -351,4 +368,20 @@ pub fn sha256_file(p: &Path) -> String {
     use sha2::Digest;
     let bytes = std::fs::read(p).unwrap();
     format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Sends `sig` to a child process and reaps it.
+pub fn signal_and_wait(child: &mut Child, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
+    let _ = child.wait();
 }
