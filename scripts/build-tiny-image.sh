@@ -135,6 +135,7 @@ printf 'root:x:0:\n' >"$root/etc/group"
 # Root password "sqsim" for the sqsim.login=1 console login. A fixed salt
 # (and fixed last-change day) keeps the build reproducible.
 hash="$("$root/bin/busybox" mkpasswd -m sha512 -S sqsimtinysalt sqsim)"
+# shellcheck disable=SC2016 # the literal $6$ prefix of a SHA-512 crypt hash
 case "$hash" in '$6$sqsimtinysalt$'?*) ;; *) echo "mkpasswd failed" >&2; exit 1 ;; esac
 printf 'root:%s:10957:0:99999:7:::\n' "$hash" >"$root/etc/shadow"
 chmod 600 "$root/etc/shadow"

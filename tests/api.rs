@@ -508,6 +508,8 @@ async fn openapi_lists_every_route_and_docs_are_served() {
         ("/requests/{uuid}/logs/raw", &["get"]),
         ("/requests/{uuid}/logs/stream", &["get"]),
         ("/metrics", &["get"]),
+        ("/stats", &["get"]),
+        ("/prune", &["post"]),
         ("/health", &["get"]),
     ] {
         for m in methods {

@@ -362,3 +362,46 @@ async fn follow_output_equals_the_stored_bytes() {
         text(&out.stdout)
     );
 }
+
+#[tokio::test]
+async fn prune_deletes_old_finished_requests_only() {
+    let s = api_only().await;
+    let done = s.submit("tiny", "echo a", 30).await;
+    let active = s.submit("tiny", "echo b", 30).await;
+    let out = sqlite_sim(&s, &["cli", "cancel", &done]);
+    assert!(out.status.success());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let out = sqlite_sim(&s, &["cli", "prune", "--older-than", "30d"]);
+    assert!(
+        text(&out.stdout).starts_with("deleted 0 finished requests"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = sqlite_sim(
+        &s,
+        &["cli", "prune", "--older-than", "1s", "--dry-run", "--json"],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["requests"].as_u64(), v["dry_run"].as_bool()),
+        (Some(1), Some(true))
+    );
+    let out = sqlite_sim(&s, &["cli", "prune", "--older-than", "1s"]);
+    assert!(
+        text(&out.stdout).starts_with("deleted 1 finished requests"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(
+        s.client
+            .get(format!("{}/requests/{done}", s.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(s.get(&active).await["status"], "pending");
+    let out = sqlite_sim(&s, &["cli", "prune", "--older-than", "soon"]);
+    assert_eq!(out.status.code(), Some(2), "bad durations are usage errors");
+}

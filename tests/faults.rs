@@ -579,3 +579,32 @@ async fn run_directory_is_private_and_the_base_image_read_only() {
         .unwrap();
     s.wait_terminal(&id, LIMIT).await;
 }
+
+#[tokio::test]
+async fn sigterm_stops_gracefully_shutting_vms_down() {
+    let (mut s, _slot) = one_vm(Options::default()).await;
+    let id = s.submit("tiny", "echo started; sleep 600", 300).await;
+    wait_output(&s, &id, "stdout", "started").await;
+    let start = Instant::now();
+    s.stop(); // SIGTERM, then waits for the process to exit
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(s.qemu_processes().is_empty(), "no QEMU left");
+    let c = rusqlite::Connection::open(&s.db).unwrap();
+    let (status, error, step): (String, String, String) = c
+        .query_row(
+            "SELECT status, error, shutdown_step FROM requests WHERE uuid = ?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (status.as_str(), error.as_str()),
+        ("failed", "agent stopping")
+    );
+    assert_eq!(step, "powerdown", "shut down through ACPI, not killed");
+    assert!(s.logs().contains("stopping: shutting running VMs down"));
+}

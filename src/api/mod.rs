@@ -56,6 +56,7 @@ impl AppState {
         requests::show,
         requests::set_status,
         requests::delete,
+        requests::prune,
         logs::logs,
         logs::raw,
         logs::stream_logs,
@@ -107,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/requests/{uuid}/logs/stream", get(logs::stream_logs))
         .route("/metrics", get(metrics::metrics))
         .route("/stats", get(metrics::stats))
+        .route("/prune", axum::routing::post(requests::prune))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         // Liveness stays open to load balancers.

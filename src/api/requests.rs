@@ -376,3 +376,47 @@ mod tests {
         assert_eq!(q.vm_name.as_deref(), Some("'; DROP TABLE requests;--"));
     }
 }
+
+/// `POST /prune` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PruneBody {
+    /// Delete finished requests that finished more than this many seconds ago.
+    pub older_than_seconds: u64,
+    /// Only count what would be deleted.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Pruned {
+    pub requests: u64,
+    pub log_bytes: u64,
+    pub dry_run: bool,
+    /// Requests that finished before this time were selected.
+    pub finished_before: String,
+}
+
+/// Delete old finished requests and their logs (active ones are never touched).
+#[utoipa::path(post, path = "/prune", tag = "requests", request_body = PruneBody,
+    responses((status = 200, body = Pruned)))]
+pub async fn prune(
+    State(state): State<AppState>,
+    body: Result<Json<PruneBody>, JsonRejection>,
+) -> Result<Json<Pruned>, ApiError> {
+    let Json(body) = body?;
+    let cutoff = time::OffsetDateTime::now_utc()
+        .checked_sub(time::Duration::seconds(
+            i64::try_from(body.older_than_seconds).unwrap_or(i64::MAX),
+        ))
+        .ok_or_else(|| ApiError::Validation("older_than_seconds is too large".into()))?;
+    let before = crate::timefmt::format(cutoff);
+    let (requests, log_bytes) = state.store.prune(before.clone(), body.dry_run).await?;
+    tracing::info!(requests, log_bytes, dry_run = body.dry_run, "pruned");
+    Ok(Json(Pruned {
+        requests,
+        log_bytes,
+        dry_run: body.dry_run,
+        finished_before: before,
+    }))
+}

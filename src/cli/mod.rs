@@ -159,6 +159,35 @@ pub enum CliCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Delete finished requests (and their logs) older than a duration: 30d, 12h, 90m, 3600s.
+    Prune {
+        #[arg(long, value_parser = parse_age)]
+        older_than: u64,
+        /// Only report what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `30d`, `12h`, `90m`, `45s` or plain seconds, as seconds.
+fn parse_age(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30d, 12h, 90m or 3600s"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h, d or w")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 fn parse_status(s: &str) -> Result<Status, String> {
@@ -270,6 +299,18 @@ mod tests {
                 Command::Cli { conn, .. } => assert_eq!(conn.api_url, "http://h:1"),
                 other => panic!("{other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(parse_age("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_age("12h"), Ok(12 * 3600));
+        assert_eq!(parse_age("90m"), Ok(5400));
+        assert_eq!(parse_age("45"), Ok(45));
+        assert_eq!(parse_age("2w"), Ok(14 * 86_400));
+        for bad in ["", "d", "3y", "-1d", "1.5h"] {
+            assert!(parse_age(bad).is_err(), "{bad}");
         }
     }
 

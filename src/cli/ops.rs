@@ -29,7 +29,39 @@ pub async fn run(conn: Conn, command: CliCommand) -> Result<u8, CliError> {
         CliCommand::Cancel { id, json } => control(&client, &id, Action::Cancel, json).await,
         CliCommand::Hold { id, json } => control(&client, &id, Action::Hold, json).await,
         CliCommand::Resume { id, json } => control(&client, &id, Action::Resume, json).await,
+        CliCommand::Prune {
+            older_than,
+            dry_run,
+            json,
+        } => prune(&client, older_than, dry_run, json).await,
     }
+}
+
+async fn prune(
+    client: &ApiClient,
+    older_than: u64,
+    dry_run: bool,
+    json: bool,
+) -> Result<u8, CliError> {
+    let req = client
+        .request(reqwest::Method::POST, "/prune")
+        .json(&serde_json::json!({ "older_than_seconds": older_than, "dry_run": dry_run }));
+    let v: Value = client.json(req).await?;
+    if json {
+        print_json(&v)?;
+    } else {
+        println!(
+            "{} {} finished requests ({:.1} MiB of logs) that finished before {}",
+            if dry_run { "would delete" } else { "deleted" },
+            v["requests"],
+            v["log_bytes"].as_f64().unwrap_or(0.0) / 1_048_576.0,
+            v["finished_before"].as_str().unwrap_or("?")
+        );
+        if !dry_run && v["requests"].as_u64().unwrap_or(0) > 0 {
+            eprintln!("(the database file shrinks only after VACUUM; see the README)");
+        }
+    }
+    Ok(0)
 }
 
 fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
