@@ -269,18 +269,6 @@ async fn health_reports_the_database() {
     assert_eq!(v["database"], "ok");
 }
 
-async fn put_status(s: &Server, id: &str, status: &str) -> (u16, Value) {
-    let r = s
-        .client
-        .put(format!("{}/requests/{id}/status", s.url))
-        .json(&json!({ "status": status }))
-        .send()
-        .await
-        .unwrap();
-    let code = r.status().as_u16();
-    (code, r.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test]
 async fn list_filters_pages_and_counts() {
     let s = api().await;
@@ -288,8 +276,8 @@ async fn list_filters_pages_and_counts() {
     for i in 0..5 {
         ids.push(s.submit("tiny", &format!("echo {i}"), 30).await);
     }
-    put_status(&s, &ids[0], "hold").await;
-    put_status(&s, &ids[1], "cancelled").await;
+    s.put_status(&ids[0], "hold").await;
+    s.put_status(&ids[1], "cancelled").await;
     let list = |q: &'static str| {
         let s = &s;
         async move {
@@ -346,12 +334,12 @@ async fn list_filters_pages_and_counts() {
 async fn control_of_requests_without_a_vm() {
     let s = api().await;
     let id = s.submit("tiny", "echo x", 30).await;
-    let (code, r) = put_status(&s, &id, "hold").await;
+    let (code, r) = s.put_status(&id, "hold").await;
     assert_eq!(
         (code, r["status"].as_str(), r["applied"].as_bool()),
         (200, Some("hold"), Some(true))
     );
-    let (code, r) = put_status(&s, &id, "running").await;
+    let (code, r) = s.put_status(&id, "running").await;
     assert_error(code, &r, 409, "invalid_transition");
     assert!(
         r["error"]["message"]
@@ -360,13 +348,13 @@ async fn control_of_requests_without_a_vm() {
             .ends_with("allowed: pending, cancelled"),
         "{r}"
     );
-    let (code, r) = put_status(&s, &id, "pending").await;
+    let (code, r) = s.put_status(&id, "pending").await;
     assert_eq!((code, r["status"].as_str()), (200, Some("pending")));
     for target in ["done", "failed", "acknowledged", "pending"] {
-        let (code, r) = put_status(&s, &id, target).await;
+        let (code, r) = s.put_status(&id, target).await;
         assert_error(code, &r, 409, "invalid_transition");
     }
-    let (code, r) = put_status(&s, &id, "paused").await;
+    let (code, r) = s.put_status(&id, "paused").await;
     assert_error(code, &r, 422, "validation_error");
     let r = s
         .client
@@ -391,7 +379,7 @@ async fn control_of_requests_without_a_vm() {
         (Some("cancelled"), Some(true))
     );
     assert!(body["finished_at"].is_string());
-    let (code, r) = put_status(&s, &id, "pending").await;
+    let (code, r) = s.put_status(&id, "pending").await;
     assert_error(code, &r, 409, "invalid_transition");
     assert!(
         r["error"]["message"]

@@ -321,15 +321,7 @@ async fn follow_output_equals_the_stored_bytes() {
         .find_map(|l| l.strip_prefix("submitted "))
         .unwrap()
         .to_string();
-    let raw = s
-        .client
-        .get(format!("{}/requests/{id}/logs/raw", s.url))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let raw = s.raw(&id, None).await;
     assert_eq!(out.stdout, &raw[..]);
 
     // show-logs --follow on a finished request replays and ends; piped bytes are exact.
@@ -404,4 +396,40 @@ async fn prune_deletes_old_finished_requests_only() {
     assert_eq!(s.get(&active).await["status"], "pending");
     let out = sqlite_sim(&s, &["cli", "prune", "--older-than", "soon"]);
     assert_eq!(out.status.code(), Some(2), "bad durations are usage errors");
+}
+
+#[tokio::test]
+async fn follow_survives_an_api_restart() {
+    require_image();
+    let _slot = vm_slot();
+    let mut s = api_only().await;
+    let mut agents = s.spawn_process(Mode::Agents);
+    let id = s
+        .submit(
+            "tiny",
+            "for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.5; done",
+            120,
+        )
+        .await;
+    let follower = Command::new(env!("CARGO_BIN_EXE_sqlite-sim"))
+        .args(["cli", "show-logs", &id, "--follow", "--log-type", "stdout"])
+        .env("SQLITE_SIM_API_URL", &s.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.wait_output(&id, "stdout", "tick 2").await;
+    // The API dies mid-stream and comes back on the same address.
+    s.restart_hard(Mode::Api).await;
+    let out = tokio::task::spawn_blocking(move || follower.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let want: String = (1..=8).map(|i| format!("tick {i}\n")).collect();
+    assert_eq!(
+        text(&out.stdout),
+        want,
+        "every line exactly once across the reconnect"
+    );
+    common::signal_and_wait(&mut agents, nix::sys::signal::Signal::SIGTERM);
 }

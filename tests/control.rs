@@ -4,22 +4,10 @@
 mod common;
 
 use common::{eventually, require_image, vm_slot, Mode, Options, Server};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-async fn put_status(s: &Server, id: &str, status: &str) -> (u16, Value) {
-    let r = s
-        .client
-        .put(format!("{}/requests/{id}/status", s.url))
-        .json(&json!({ "status": status }))
-        .send()
-        .await
-        .unwrap();
-    let code = r.status().as_u16();
-    (code, r.json().await.unwrap())
-}
 
 /// Waits until `pred` holds for the request (polling its JSON).
 async fn wait_for(s: &Server, id: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
@@ -33,17 +21,6 @@ async fn wait_for(s: &Server, id: &str, limit: Duration, pred: impl Fn(&Value) -
             start.elapsed() < limit,
             "condition not reached: {r}\n{}",
             s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_output(s: &Server, id: &str, log_type: &str, needle: &str) {
-    let start = Instant::now();
-    while !s.output(id, log_type).await.contains(needle) {
-        assert!(
-            start.elapsed() < LIMIT,
-            "{needle:?} never appeared in {log_type}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -65,8 +42,8 @@ async fn hold_and_resume(s: &Server) {
     // Boot (3-6 s under TCG) and 3 s of work fit a 14 s timeout; held for 15 s more, the run
     // only finishes if time held is not counted.
     let id = s.submit("tiny", TICKS, 14).await;
-    wait_output(s, &id, "stdout", "tick 2").await;
-    let (code, r) = put_status(s, &id, "hold").await;
+    s.wait_output(&id, "stdout", "tick 2").await;
+    let (code, r) = s.put_status(&id, "hold").await;
     assert!(code == 200 || code == 202, "{code} {r}");
     let r = wait_for(s, &id, Duration::from_secs(10), |r| r["status"] == "hold").await;
     assert!(r["desired_status"].is_null(), "{r}");
@@ -78,7 +55,7 @@ async fn hold_and_resume(s: &Server) {
         "console silent while held"
     );
     assert_eq!(s.get(&id).await["status"], "hold");
-    let (code, r) = put_status(s, &id, "running").await;
+    let (code, r) = s.put_status(&id, "running").await;
     assert!(code == 200 || code == 202, "{code} {r}");
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(
@@ -118,14 +95,14 @@ async fn hold_before_an_agent_claims_keeps_the_request_waiting() {
     })
     .await;
     let id = s.submit("tiny", "echo released", 60).await;
-    let (code, r) = put_status(&s, &id, "hold").await;
+    let (code, r) = s.put_status(&id, "hold").await;
     assert_eq!((code, r["status"].as_str()), (200, Some("hold")));
     let mut agents = s.spawn_process(Mode::Agents);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let r = s.get(&id).await;
     assert_eq!(r["status"], "hold", "never claimed while held: {r}");
     assert!(r["agent_id"].is_null());
-    let (code, r) = put_status(&s, &id, "pending").await;
+    let (code, r) = s.put_status(&id, "pending").await;
     assert_eq!((code, r["status"].as_str()), (200, Some("pending")));
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(r["exit_code"], 0, "{r}");
@@ -179,9 +156,9 @@ async fn cancel_during_a_command() {
     let _slot = vm_slot();
     let s = Server::start(Options::default()).await;
     let id = s.submit("tiny", "echo started; sleep 600", 300).await;
-    wait_output(&s, &id, "stdout", "started").await;
+    s.wait_output(&id, "stdout", "started").await;
     let start = Instant::now();
-    let (code, r) = put_status(&s, &id, "cancelled").await;
+    let (code, r) = s.put_status(&id, "cancelled").await;
     assert_eq!(code, 200, "applied within the wait: {r}");
     assert_eq!(
         (r["status"].as_str(), r["applied"].as_bool()),
@@ -202,7 +179,7 @@ async fn cancel_during_a_command() {
     );
     assert_eq!(s.output(&id, "stdout").await, "started\n");
     // Finished now: further control is refused, deletion works.
-    let (code, _) = put_status(&s, &id, "hold").await;
+    let (code, _) = s.put_status(&id, "hold").await;
     assert_eq!(code, 409);
     let r = s
         .client
@@ -226,8 +203,8 @@ async fn control_crosses_from_the_api_process_to_an_agents_process() {
     hold_and_resume(&s).await;
     // And a cancel across processes.
     let id = s.submit("tiny", "echo started; sleep 600", 300).await;
-    wait_output(&s, &id, "stdout", "started").await;
-    let (code, _) = put_status(&s, &id, "cancelled").await;
+    s.wait_output(&id, "stdout", "started").await;
+    let (code, _) = s.put_status(&id, "cancelled").await;
     assert!(code == 200 || code == 202);
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(r["status"], "cancelled");

@@ -13,17 +13,6 @@ use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
-async fn wait_output(s: &Server, id: &str, log_type: &str, needle: &str) {
-    let start = Instant::now();
-    while !s.output(id, log_type).await.contains(needle) {
-        assert!(
-            start.elapsed() < LIMIT,
-            "{needle:?} never appeared in {log_type}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn kernel_conf(append: &str, extra: &str) -> String {
     let img = common::repo().join("vm_images");
     format!(
@@ -51,7 +40,7 @@ async fn agent_killed_mid_run_then_restarted() {
     .await;
     let mut agents = s.spawn_process(Mode::Agents);
     let id = s.submit("tiny", "echo started; sleep 600", 300).await;
-    wait_output(&s, &id, "stdout", "started").await;
+    s.wait_output(&id, "stdout", "started").await;
     assert_eq!(s.qemu_processes().len(), 1);
     signal_and_wait(&mut agents, Signal::SIGKILL);
     // PR_SET_PDEATHSIG takes QEMU down with its agent.
@@ -166,7 +155,7 @@ async fn qemu_killed_during_boot_or_command_fails_with_its_status() {
     let (s, _slot) = one_vm(Options::default()).await;
     // During a command.
     let id = s.submit("tiny", "echo started; sleep 600", 300).await;
-    wait_output(&s, &id, "stdout", "started").await;
+    s.wait_output(&id, "stdout", "started").await;
     kill_qemu(&s).await;
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(r["status"], "failed", "{r}");
@@ -230,7 +219,7 @@ async fn guest_panic_fails_promptly() {
             300,
         )
         .await;
-    wait_output(&s, &id, "stdout", "about to panic").await;
+    s.wait_output(&id, "stdout", "about to panic").await;
     let start = Instant::now();
     let r = s.wait_terminal(&id, LIMIT).await;
     assert!(
@@ -311,15 +300,7 @@ async fn console_flood_arrives_byte_exact_with_bounded_memory() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let raw = s
-        .client
-        .get(format!("{}/requests/{id}/logs/raw", s.url))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let raw = s.raw(&id, None).await;
     assert!(raw.len() as u64 >= lines * 6, "{} bytes", raw.len());
     let host = format!("{:x}", sha2::Sha256::digest(&raw));
     let guest = s.output(&id, "stderr").await;
@@ -373,18 +354,9 @@ async fn burst_of_50_never_exceeds_the_vm_limit() {
     let start = Instant::now();
     loop {
         max_qemu = max_qemu.max(s.qemu_processes().len());
-        let (done, _) = {
-            let v: Value = s
-                .client
-                .get(format!("{}/requests?status=done&limit=1", s.url))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (v["total"].as_u64().unwrap(), ())
-        };
+        let done = s.get_json("/requests?status=done&limit=1").await.1["total"]
+            .as_u64()
+            .unwrap();
         if done == 50 {
             break;
         }
@@ -412,7 +384,7 @@ async fn a_locked_database_delays_logs_but_loses_none() {
             120,
         )
         .await;
-    wait_output(&s, &id, "stdout", "line 1").await;
+    s.wait_output(&id, "stdout", "line 1").await;
     // Another process holds the write lock for 4 s (under the 10 s busy timeout).
     let db = s.db.clone();
     tokio::task::spawn_blocking(move || {
@@ -536,7 +508,7 @@ async fn smuggled_qemu_options_never_break_the_agents_sockets() {
 async fn run_directory_is_private_and_the_base_image_read_only() {
     let (s, _slot) = one_vm(Options::default()).await;
     let id = s.submit("tiny", "echo started; sleep 600", 300).await;
-    wait_output(&s, &id, "stdout", "started").await;
+    s.wait_output(&id, "stdout", "started").await;
     let dir = s.run_dir.join(&id);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
@@ -584,7 +556,7 @@ async fn run_directory_is_private_and_the_base_image_read_only() {
 async fn sigterm_stops_gracefully_shutting_vms_down() {
     let (mut s, _slot) = one_vm(Options::default()).await;
     let id = s.submit("tiny", "echo started; sleep 600", 300).await;
-    wait_output(&s, &id, "stdout", "started").await;
+    s.wait_output(&id, "stdout", "started").await;
     let start = Instant::now();
     s.stop(); // SIGTERM, then waits for the process to exit
     assert!(

@@ -143,32 +143,9 @@ async fn raw_logs_are_the_exact_bytes() {
         .await;
     let r = s.wait_terminal(&id, Duration::from_secs(120)).await;
     assert_eq!(r["exit_code"], 0, "{r}");
-    let raw = |t: &'static str| {
-        let s = &s;
-        let id = &id;
-        async move {
-            s.client
-                .get(format!("{}/requests/{id}/logs/raw?log_type={t}", s.url))
-                .send()
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap()
-                .to_vec()
-        }
-    };
-    assert_eq!(raw("stdout").await, b"a\xff\xfeb\n\x00x");
-    assert_eq!(raw("stderr").await, b"err\x01");
-    let default = s
-        .client
-        .get(format!("{}/requests/{id}/logs/raw", s.url))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    assert_eq!(s.raw(&id, Some("stdout")).await, b"a\xff\xfeb\n\x00x");
+    assert_eq!(s.raw(&id, Some("stderr")).await, b"err\x01");
+    let default = s.raw(&id, None).await;
     assert_eq!(&default[..], b"a\xff\xfeb\n\x00x", "stdout is the default");
     // The JSON view carries invalid UTF-8 exactly in output_base64.
     let logs = s.logs_of(&id).await;

@@ -88,20 +88,12 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::NewRequest;
-    use crate::store::test_support::temp_store;
+    use crate::store::test_support::{pending_request, temp_store};
 
     #[tokio::test]
     async fn append_and_filter() {
         let (s, _d) = temp_store().await;
-        let r = s
-            .create(NewRequest {
-                vm_name: "t".into(),
-                commands: "x".into(),
-                timeout: 1,
-            })
-            .await
-            .unwrap();
+        let r = pending_request(&s).await;
         s.append_logs(
             r.uuid,
             vec![

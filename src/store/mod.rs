@@ -214,4 +214,16 @@ pub(crate) mod test_support {
         let store = Store::open(dir.path().join("t.db")).await.unwrap();
         (store, dir)
     }
+
+    /// A pending request with throwaway values.
+    pub async fn pending_request(store: &Store) -> crate::model::Request {
+        store
+            .create(crate::model::NewRequest {
+                vm_name: "t".into(),
+                commands: "x".into(),
+                timeout: 1,
+            })
+            .await
+            .unwrap()
+    }
 }

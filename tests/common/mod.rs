@@ -256,6 +256,59 @@ impl Server {
         v.as_array().unwrap().clone()
     }
 
+    /// GET `path` (e.g. `/requests?status=done`) as JSON, with its status code.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `PUT /requests/{id}/status`.
+    pub async fn put_status(&self, id: &str, status: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .put(format!("{}/requests/{id}/status", self.url))
+            .json(&json!({ "status": status }))
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The exact bytes of one log type (`GET /logs/raw`; the server's default when `None`).
+    pub async fn raw(&self, id: &str, log_type: Option<&str>) -> Vec<u8> {
+        let query = log_type
+            .map(|t| format!("?log_type={t}"))
+            .unwrap_or_default();
+        self.client
+            .get(format!("{}/requests/{id}/logs/raw{query}", self.url))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    /// Waits until `needle` appears in the request's `log_type` output.
+    pub async fn wait_output(&self, id: &str, log_type: &str, needle: &str) {
+        let start = Instant::now();
+        while !self.output(id, log_type).await.contains(needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "{needle:?} never appeared in {log_type}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Concatenated output of one log type.
     pub async fn output(&self, uuid: &str, log_type: &str) -> String {
         self.logs_of(uuid)
@@ -288,6 +341,23 @@ impl Server {
     /// QEMU processes started for this server (their argv names its run dir).
     pub fn qemu_processes(&self) -> Vec<i32> {
         qemu_processes_under(&self.run_dir)
+    }
+
+    /// Kills the main process (SIGKILL) and starts it again on the same port, as a crashed and
+    /// restarted service would be.
+    pub async fn restart_hard(&mut self, mode: Mode) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let port = self.url.rsplit(':').next().unwrap().to_string();
+        for (k, v) in self.env.iter_mut() {
+            if k == "SQLITE_SIM_API_PORT" {
+                *v = port.clone();
+            }
+        }
+        self.spawn(mode);
+        self.wait_ready().await;
     }
 
     /// PID of the main server process.
