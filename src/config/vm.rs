@@ -265,6 +265,10 @@ fn is_memory_size(s: &str) -> bool {
 pub struct VmCatalog {
     pub images_dir: PathBuf,
     pub config_dir: PathBuf,
+    /// Parsed configs by name, with the text they were parsed from: a config is re-read on
+    /// every load (edits apply at once) but parsed (and its PROMPT regex compiled) only when
+    /// its text changed.
+    parsed: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (String, VmConfig)>>>,
 }
 
 impl VmCatalog {
@@ -272,6 +276,7 @@ impl VmCatalog {
         Self {
             images_dir: images_dir.into(),
             config_dir: config_dir.into(),
+            parsed: Default::default(),
         }
     }
 
@@ -316,7 +321,15 @@ impl VmCatalog {
             }
             Err(source) => return Err(VmConfigError::Io { path: conf, source }),
         };
-        VmConfig::parse(name, &text, &conf, &self.images_dir, &self.config_dir)
+        let mut parsed = self.parsed.lock().expect("catalog cache lock");
+        if let Some((cached_text, vm)) = parsed.get(name) {
+            if *cached_text == text {
+                return Ok(vm.clone());
+            }
+        }
+        let vm = VmConfig::parse(name, &text, &conf, &self.images_dir, &self.config_dir)?;
+        parsed.insert(name.to_string(), (text, vm.clone()));
+        Ok(vm)
     }
 
     /// Loads a VM and checks that the files it needs exist (used by `config` and `status`).
@@ -477,5 +490,17 @@ mod tests {
             Err(VmConfigError::InvalidName(_))
         ));
         assert!(cat.check("conf-only").is_err(), "kernel /k does not exist");
+        // Edits apply at once (the cache is keyed by the file's text).
+        std::fs::write(
+            confs.join("conf-only.conf"),
+            "KERNEL=\"/k\"\nMEMORY=\"1G\"\n",
+        )
+        .unwrap();
+        assert_eq!(cat.load("conf-only").unwrap().memory, "1G");
+        std::fs::write(confs.join("conf-only.conf"), "MEMORY=\"lots\"\n").unwrap();
+        assert!(
+            cat.load("conf-only").is_err(),
+            "a broken edit is reported, not masked by the cache"
+        );
     }
 }

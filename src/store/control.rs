@@ -37,7 +37,7 @@ impl Store {
         id: RequestId,
         target: Status,
     ) -> Result<ControlOutcome, StoreError> {
-        self.call(move |c| {
+        self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let Some(req) = get_in(&tx, id)? else {
                 return Ok(ControlOutcome::NotFound);
@@ -93,7 +93,7 @@ impl Store {
         status: Status,
     ) -> Result<bool, StoreError> {
         let agent = agent.0.clone();
-        self.call(move |c| {
+        self.call_write(move |c| {
             let n = c.execute(
                 "UPDATE requests SET status = ?1, updated_at = ?2,
                         desired_status = CASE WHEN desired_status = ?1 THEN NULL ELSE desired_status END
@@ -111,7 +111,7 @@ impl Store {
     /// with `agent lost` (its VM died with the agent). A `system` log line says which.
     pub async fn reap_expired(&self) -> Result<Vec<(RequestId, Status)>, StoreError> {
         let reaped = self
-            .call(move |c| {
+            .call_write(move |c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let now = timefmt::now();
                 let expired: Vec<(String, String, Option<String>, Option<String>)> = {
@@ -208,7 +208,7 @@ impl Store {
         loop {
             let before = before.clone();
             let n = self
-                .call(move |c| {
+                .call_write(move |c| {
                     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
                     let n = tx.execute(
                         &format!("DELETE FROM requests WHERE uuid IN ({SELECTED} LIMIT 200)"),
@@ -233,7 +233,7 @@ impl Store {
 
     /// Deletes a finished request and (by cascade) its logs.
     pub async fn delete_finished(&self, id: RequestId) -> Result<DeleteOutcome, StoreError> {
-        self.call(move |c| {
+        self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let Some(req) = get_in(&tx, id)? else {
                 return Ok(DeleteOutcome::NotFound);

@@ -23,7 +23,7 @@ impl Store {
         if chunks.is_empty() {
             return Ok(());
         }
-        self.call(move |c| {
+        self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let uuid = id.to_string();
             let mut next: i64 = tx.query_row(

@@ -72,6 +72,8 @@ struct Inner {
     /// Bumped after every write this process makes, so followers and agents in this process
     /// react at once; other processes' writes are noticed by polling.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Serialises this process's write transactions.
+    write_turn: Mutex<()>,
 }
 
 impl Store {
@@ -89,9 +91,10 @@ impl Store {
                 path,
                 idle: Mutex::new(Vec::new()),
                 changes: tokio::sync::watch::channel(0).0,
+                write_turn: Mutex::new(()),
             }),
         };
-        store.call(schema::migrate).await?;
+        store.call_write(schema::migrate).await?;
         store.make_reserve();
         Ok(store)
     }
@@ -166,14 +169,34 @@ impl Store {
         })
     }
 
-    /// Runs `f` with a pooled connection on the blocking thread pool.
+    /// Runs a read with a pooled connection on the blocking thread pool.
     pub(crate) async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.run(f, false).await
+    }
+
+    /// Runs a write. Writers of this process take turns here instead of meeting on SQLite's
+    /// lock, whose busy handler sleeps in milliseconds and would cap write throughput;
+    /// other processes' writers are still arbitrated by SQLite.
+    pub(crate) async fn call_write<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.run(f, true).await
+    }
+
+    async fn run<R, F>(&self, f: F, write: bool) -> Result<R, StoreError>
     where
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
         R: Send + 'static,
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
+            let _turn = write.then(|| inner.write_turn.lock().unwrap_or_else(|p| p.into_inner()));
             let pooled = inner.idle.lock().expect("pool lock poisoned").pop();
             let mut conn = match pooled {
                 Some(c) => c,

@@ -76,7 +76,7 @@ fn lease_until(lease: Duration) -> String {
 impl Store {
     /// Stores a new `pending` request.
     pub async fn create(&self, new: NewRequest) -> Result<Request, StoreError> {
-        self.call(move |c| {
+        self.call_write(move |c| {
             let id = RequestId::new();
             let now = timefmt::now();
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -150,7 +150,7 @@ impl Store {
         lease: Duration,
     ) -> Result<Option<Request>, StoreError> {
         let agent = agent.0.clone();
-        self.call(move |c| {
+        self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = timefmt::now();
             let id: Option<String> = tx
@@ -186,7 +186,7 @@ impl Store {
     /// `acknowledged → running`, recording when the VM started.
     pub async fn mark_running(&self, id: RequestId, agent: &AgentId) -> Result<bool, StoreError> {
         let agent = agent.0.clone();
-        self.call(move |c| {
+        self.call_write(move |c| {
             let now = timefmt::now();
             let n = c.execute(
                 "UPDATE requests SET status = 'running', started_at = ?1, updated_at = ?1
@@ -207,7 +207,7 @@ impl Store {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let agent = agent.0.clone();
-        self.call(move |c| {
+        self.call_write(move |c| {
             let n = c.execute(
                 "UPDATE requests SET lease_expires_at = ?1
                  WHERE uuid = ?2 AND agent_id = ?3 AND status IN ('acknowledged','running','hold')",
@@ -227,7 +227,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         debug_assert!(fin.status.is_terminal());
         let agent = agent.0.clone();
-        self.call(move |c| {
+        self.call_write(move |c| {
             let now = timefmt::now();
             let n = c.execute(
                 "UPDATE requests SET status = ?1, exit_code = ?2, error = ?3, shutdown_step = ?4,

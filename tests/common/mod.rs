@@ -68,7 +68,7 @@ pub struct Server {
     pub db: PathBuf,
     pub run_dir: PathBuf,
     pub config_dir: PathBuf,
-    child: Option<Child>,
+    child: Option<Proc>,
     pub client: reqwest::Client,
     env: Vec<(String, String)>,
 }
@@ -145,18 +145,15 @@ impl Server {
     }
 
     /// Starts (another) process of the binary with this server's environment.
-    pub fn spawn_process(&self, mode: Mode) -> Child {
+    pub fn spawn_process(&self, mode: Mode) -> Proc {
+        static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let sub = match mode {
             Mode::All => "all",
             Mode::Api => "api",
             Mode::Agents => "agents",
         };
-        let log = File::create(
-            self.dir
-                .path()
-                .join(format!("{sub}-{}.log", self.env.len())),
-        )
-        .unwrap();
+        let n = SPAWNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = File::create(self.dir.path().join(format!("{sub}-{n}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sqlite-sim"));
         cmd.arg(sub)
             .current_dir(self.dir.path())
@@ -166,7 +163,7 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0);
-        cmd.spawn().unwrap()
+        Proc(cmd.spawn().unwrap())
     }
 
     fn spawn(&mut self, mode: Mode) {
@@ -399,6 +396,42 @@ impl Drop for Server {
             );
         }
         self.stop();
+    }
+}
+
+/// A server process that is stopped (SIGTERM, then SIGKILL) when dropped, so a failing test
+/// never leaves one behind.
+pub struct Proc(pub Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
