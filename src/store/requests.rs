@@ -306,15 +306,11 @@ mod tests {
         assert!(s.claim(&agent, lease).await.unwrap().is_none());
     }
 
-    #[tokio::test]
-    async fn concurrent_claims_never_share_a_request() {
-        let (s, _d) = temp_store().await;
-        for _ in 0..40 {
-            s.create(new("x")).await.unwrap();
-        }
+    /// Claims with one agent per store until nothing is left; asserts nothing was claimed twice
+    /// and returns how many were claimed.
+    async fn claim_all_concurrently(stores: Vec<Store>) -> usize {
         let mut tasks = Vec::new();
-        for i in 0..8 {
-            let s = s.clone();
+        for (i, s) in stores.into_iter().enumerate() {
             tasks.push(tokio::spawn(async move {
                 let agent = AgentId(format!("t:1:{i}"));
                 let mut got = Vec::new();
@@ -331,7 +327,18 @@ mod tests {
         let n = all.len();
         all.sort();
         all.dedup();
-        assert_eq!((n, all.len()), (40, 40));
+        assert_eq!(n, all.len(), "a request was claimed twice");
+        n
+    }
+
+    #[tokio::test]
+    async fn concurrent_claims_never_share_a_request() {
+        let (s, _d) = temp_store().await;
+        for _ in 0..40 {
+            s.create(new("x")).await.unwrap();
+        }
+        // One store: its pool's connections claim in parallel.
+        assert_eq!(claim_all_concurrently(vec![s.clone(); 8]).await, 40);
     }
 
     #[tokio::test]
@@ -341,26 +348,11 @@ mod tests {
         for _ in 0..30 {
             first.create(new("x")).await.unwrap();
         }
-        let mut tasks = Vec::new();
-        for i in 0..4 {
-            let s = Store::open(dir.path().join("t.db")).await.unwrap();
-            tasks.push(tokio::spawn(async move {
-                let agent = AgentId(format!("p{i}"));
-                let mut got = Vec::new();
-                while let Some(r) = s.claim(&agent, Duration::from_secs(30)).await.unwrap() {
-                    got.push(r.uuid);
-                }
-                got
-            }));
+        let mut stores = Vec::new();
+        for _ in 0..4 {
+            stores.push(Store::open(dir.path().join("t.db")).await.unwrap());
         }
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-        all.sort();
-        let n = all.len();
-        all.dedup();
-        assert_eq!((n, all.len()), (30, 30));
+        assert_eq!(claim_all_concurrently(stores).await, 30);
     }
 
     #[tokio::test]
