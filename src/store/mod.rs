@@ -189,6 +189,26 @@ impl Store {
         self.run(f, true).await
     }
 
+    /// Runs a point read (a primary-key lookup, microseconds from the page cache) on the
+    /// calling thread. Handing such a read to the blocking pool costs more in thread
+    /// hand-offs than the read itself, and WAL readers never wait for writers.
+    pub(crate) fn call_point_read<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let pooled = self.inner.idle.lock().expect("pool lock poisoned").pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => Self::connect(&self.inner.path)?,
+        };
+        let result = f(&mut conn);
+        let mut idle = self.inner.idle.lock().expect("pool lock poisoned");
+        if idle.len() < POOL_SIZE {
+            idle.push(conn);
+        }
+        result
+    }
+
     async fn run<R, F>(&self, f: F, write: bool) -> Result<R, StoreError>
     where
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,

@@ -94,7 +94,7 @@ impl Store {
     }
 
     pub async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
-        self.call(move |c| get_in(c, id)).await
+        self.call_point_read(move |c| get_in(c, id))
     }
 
     /// Requests matching `q`, newest first, and the total number matching (ignoring limit/offset).
