@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Measures the performance figures of issue 6 side by side, in one run, and keeps them:
+# prints a table and writes BENCHMARKS.md (machine, date, QEMU version, commit, results, notes).
+#
+#   scripts/bench.sh            full run (about 15-25 minutes on 2 cores under TCG)
+#   scripts/bench.sh --quick    tiny repetitions, to check that everything works end to end
+#
+# Environment:
+#   BENCH_FLOOD_MB   MB the real guest prints for figure 4b (default 20; 2 with --quick).
+#                    The TCG serial port moves ~0.1-0.3 MB/s, so 100 MB takes 10+ minutes.
+#
+# Figures 4a and 5 (synthetic console ingest, SSE follow latency) come from
+# `cargo bench --bench hot_paths`; every other figure from scripts/bench_vm.py, which drives
+# the release binary and real QEMU. Each prints one JSON object per line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+
+quick=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) quick=1 ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *)
+            echo "bench: unknown argument: $arg" >&2
+            usage >&2
+            exit 2
+            ;;
+    esac
+done
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Other heavy processes (compilers, QEMU guests) distort every figure: record them.
+busy_processes() { pgrep -c -x 'cargo|rustc|qemu-system-x86' 2>/dev/null || true; }
+load_at_start="$(cut -d' ' -f1-3 /proc/loadavg)"
+busy_at_start="$(busy_processes)"
+
+work="$(mktemp -d /tmp/bench-sh.XXXXXX)"
+sampler=""
+trap '[ -z "$sampler" ] || kill "$sampler" 2>/dev/null || true; rm -rf "$work"' EXIT
+results="$work/results.jsonl"
+notes="$work/notes.md"
+: >"$results"
+: >"$notes"
+
+if [ "$quick" = 1 ]; then
+    flood_mb="${BENCH_FLOOD_MB:-2}"
+    vm_args=(--quick --flood-mb "$flood_mb")
+    command_line="scripts/bench.sh --quick"
+else
+    flood_mb="${BENCH_FLOOD_MB:-20}"
+    vm_args=(--flood-mb "$flood_mb")
+    command_line="scripts/bench.sh"
+fi
+if [ -n "${BENCH_FLOOD_MB:-}" ]; then
+    command_line="BENCH_FLOOD_MB=$BENCH_FLOOD_MB $command_line"
+fi
+
+echo "bench: setting up QEMU and the tiny image" >&2
+scripts/setup.sh >&2
+
+if ! command -v wrk >/dev/null; then
+    echo "bench: installing wrk" >&2
+    if ! { as_root apt-get update -qq &&
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }; then
+        echo "bench: could not install wrk; figure 6 will be skipped" >&2
+    fi
+fi
+
+echo "bench: building the release binary" >&2
+cargo build --release --locked >&2
+
+# Figures 4a and 5, in-process (another engineer's harness; optional until it exists).
+echo "bench: cargo bench --bench hot_paths" >&2
+if cargo bench --locked --bench hot_paths --no-run >"$work/hot_build.log" 2>&1; then
+    hot_rc=0
+    BENCH_QUICK="$quick" cargo bench --locked --bench hot_paths >"$work/hot.out" || hot_rc=$?
+    # Only lines that are JSON objects with a "figure" key count as results.
+    grep -E '^[[:space:]]*\{.*"figure"' "$work/hot.out" >>"$results" || true
+    if [ "$hot_rc" != 0 ]; then
+        hot_missing="\`cargo bench --bench hot_paths\` failed (exit status $hot_rc) before reporting it"
+        echo "- \`cargo bench --bench hot_paths\` exited with status $hot_rc; the rows it printed" \
+            "before that are kept." >>"$notes"
+    else
+        hot_missing="\`cargo bench --bench hot_paths\` reported no row for it"
+    fi
+else
+    echo "bench: hot_paths bench not available (does not build); figures 4a and 5 skipped" >&2
+    hot_missing="not available: \`cargo bench --bench hot_paths\` did not build in this run"
+fi
+for fig in '4a:synthetic console ingest (socket -> SQLite):>= 100 MB/s, byte-exact' \
+    '5:follow latency (producer byte -> SSE):p50 <= 50 ms'; do
+    IFS=: read -r id name target <<<"$fig"
+    if ! grep -qE "\"figure\"[[:space:]]*:[[:space:]]*\"$id\"" "$results"; then
+        printf '{"figure":"%s","name":"%s","unit":"","median":null,"min":null,"max":null,"runs":0,"target":"%s","ok":null,"note":"%s"}\n' \
+            "$id" "$name" "$target" "$hot_missing" >>"$results"
+    fi
+done
+
+# How busy the CPUs are right now (percent over 5 s): the load average lags behind our own
+# build.
+cpu_busy() {
+    local a b
+    read -r -a a < <(head -n1 /proc/stat)
+    sleep 5
+    read -r -a b < <(head -n1 /proc/stat)
+    local busy=0 total=0 i d
+    for i in 1 2 3 4 5 6 7 8; do
+        d=$((b[i] - a[i]))
+        total=$((total + d))
+        if [ "$i" != 4 ] && [ "$i" != 5 ]; then busy=$((busy + d)); fi
+    done
+    echo $((total > 0 ? busy * 100 / total : 0))
+}
+# Other people's compilers and guests (ours run under /tmp/bsim-* and /tmp/braw-*).
+others_now() {
+    local n=0 pid cmd
+    for pid in $(pgrep -x 'cargo|rustc|qemu-system-x86' 2>/dev/null); do
+        cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+        case "$cmd" in *"/tmp/bsim-"* | *"/tmp/braw-"*) ;; *) n=$((n + 1)) ;; esac
+    done
+    echo "$n"
+}
+
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+busy_before="$(busy_processes)"
+cpu_before="$(cpu_busy)"
+echo "bench: load average $load_before; CPU ${cpu_before}% busy; $busy_before cargo/rustc/qemu processes running" >&2
+
+# Sample other people's heavy processes every 5 s while measuring.
+(
+    while :; do
+        others_now
+        sleep 5
+    done
+) >"$work/others" 2>/dev/null &
+sampler=$!
+
+vm_rc=0
+python3 scripts/bench_vm.py "${vm_args[@]}" >>"$results" || vm_rc=$?
+kill "$sampler" 2>/dev/null || true
+wait "$sampler" 2>/dev/null || true
+sampler=""
+samples="$(wc -l <"$work/others")"
+disturbed="$(awk '$1 > 0' "$work/others" | wc -l)"
+most="$(sort -n "$work/others" | tail -n1)"
+load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
+if [ "$vm_rc" != 0 ]; then
+    echo "- \`scripts/bench_vm.py\` exited with status $vm_rc: some figures failed (see the table)." >>"$notes"
+fi
+
+{
+    echo "- Figure 4b prints $flood_mb MB from the real guest. The issue asks for 100 MB, but the"
+    echo "  TCG-emulated serial port moves only ~0.1-0.3 MB/s, so 100 MB takes 10+ minutes; the"
+    echo "  default is therefore 20 MB (2 with \`--quick\`). \`BENCH_FLOOD_MB=100 scripts/bench.sh\`"
+    echo "  runs the full 100 MB."
+    echo "- Figure 6 runs the load generator (\`wrk -t2 -c32\`) on the same 2 cores as the server,"
+    echo "  against \`sqlite-sim api\` (no agents, so nothing is claimed)."
+    echo "- Figure 7 runs \`sleep 30; echo x\` in each VM so that all of them are up at once,"
+    echo "  with \`BOOT_TIMEOUT\` raised to 300 s in a copy of the configs: 8 TCG guests booting"
+    echo "  on 2 cores take far longer than one."
+} >>"$notes"
+
+dirty=""
+if [ -n "$(git status --porcelain -- . ':!BENCHMARKS.md' 2>/dev/null)" ]; then
+    dirty=" + uncommitted changes"
+fi
+if [ "$quick" = 1 ]; then
+    mode="quick (\`--quick\`: 1-2 repetitions per figure; not for conclusions)"
+else
+    mode="full: 5 alternating pairs (1), 10 runs per mode (2), 5 holds and 5 cancels (3), 1 flood (4b), 3 wrk runs of 10 s (6), 3 runs (7), 3 runs per concurrency level (8)"
+fi
+load_note="load average $load_at_start at start ($busy_at_start cargo/rustc/qemu-system processes);"
+load_note="$load_note when the VM measurements began: CPU ${cpu_before}% busy over 5 s, load $load_before"
+load_note="$load_note (the load average lags: it still counts this script's own build and hot_paths),"
+load_note="$load_note $busy_before such processes of others; during them, others' cargo/rustc/qemu"
+load_note="$load_note processes were seen in $disturbed of $samples 5-s samples (at most ${most:-0} at once);"
+load_note="$load_note load average $load_after at the end"
+if [ "$busy_before" != 0 ] || [ "$cpu_before" -gt 10 ] || [ "$disturbed" != 0 ]; then
+    load_note="$load_note (**not quiet**: other work shared the 2 cores, figures may be pessimistic)"
+else
+    load_note="$load_note (quiet)"
+fi
+
+cat >"$work/meta" <<EOF
+date=$(date -u '+%Y-%m-%d %H:%M UTC')
+cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+nproc=$(nproc)
+mem=$(free -h | awk '/^Mem:/ { print $2 " total, " $7 " available" }')
+kernel=$(uname -r)
+os=$(awk -F= '$1 == "PRETTY_NAME" { gsub(/"/, "", $2); print $2 }' /etc/os-release)
+qemu=$(qemu-system-x86_64 --version | head -n1)
+accel=TCG (\`SQLITE_SIM_ACCEL=tcg\`; KVM opens but hangs guests on this nested host)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$dirty
+mode=$mode
+load=$load_note
+command=$command_line
+notes_file=$notes
+EOF
+
+python3 scripts/bench_vm.py --render "$results" --meta "$work/meta" \
+    --table-out "$work/table.md" >BENCHMARKS.md
+# Add the run's notes under their own heading (the renderer appends notes_file).
+cat "$work/table.md"
+echo
+echo "bench: wrote BENCHMARKS.md" >&2
+exit "$vm_rc"
