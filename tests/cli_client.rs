@@ -23,6 +23,23 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Starts `submit --wait` in the background; returns it and the uuid it printed.
+fn submit_waiting(s: &Server, commands: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sqlite-sim"))
+        .args(["submit", "--vm", "tiny", "-c", commands, "--wait"])
+        .env("SQLITE_SIM_API_URL", &s.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().to_string())
+}
+
 async fn api_only() -> Server {
     Server::start(Options {
         mode: Mode::Api,
@@ -241,21 +258,7 @@ async fn submit_wait_exit_codes() {
     assert_eq!(last["status"], "done");
 
     // Cancelled by someone else while waiting.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sqlite-sim"))
-        .args(["submit", "--vm", "tiny", "-c", "sleep 60", "--wait"])
-        .env("SQLITE_SIM_API_URL", &s.url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let id = {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        line.trim().to_string()
-    };
+    let (mut child, id) = submit_waiting(&s, "sleep 60");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let out = sqlite_sim(&s, &["cli", "cancel", &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -270,21 +273,7 @@ async fn ctrl_c_while_waiting_cancels_the_request() {
     require_image();
     let _slot = vm_slot();
     let s = Server::start(Options::default()).await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sqlite-sim"))
-        .args(["submit", "--vm", "tiny", "-c", "sleep 60", "--wait"])
-        .env("SQLITE_SIM_API_URL", &s.url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let id = {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        line.trim().to_string()
-    };
+    let (child, id) = submit_waiting(&s, "sleep 60");
     tokio::time::sleep(Duration::from_millis(500)).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

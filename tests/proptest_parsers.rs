@@ -598,24 +598,7 @@ fn kv_line() -> impl Strategy<Value = KvLine> {
     ]
 }
 
-const VM_KEYS: &[&str] = &[
-    "MEMORY",
-    "CPU",
-    "ADDITIONAL_ARGS",
-    "IMAGE",
-    "FORMAT",
-    "KERNEL",
-    "INITRD",
-    "APPEND",
-    "ACCEL",
-    "PROMPT",
-    "LOGIN_USER",
-    "LOGIN_PASSWORD",
-    "BOOT_TIMEOUT",
-    "SHUTDOWN_TIMEOUT",
-    "CONSOLE",
-    "STDERR_DEVICE",
-];
+const VM_KEYS: &[&str] = sqlite_sim::config::vm::KEYS;
 
 /// Values that are near the edge of what each key accepts, plus arbitrary text.
 fn vm_value() -> impl Strategy<Value = String> {

@@ -79,7 +79,8 @@ pub struct VmConfig {
     pub stderr_device: Option<String>,
 }
 
-const KEYS: &[&str] = &[
+/// Every key a VM config may set.
+pub const KEYS: &[&str] = &[
     "MEMORY",
     "CPU",
     "ADDITIONAL_ARGS",
