@@ -122,7 +122,8 @@ others_now() {
     local n=0 pid cmd
     for pid in $(pgrep -x 'cargo|rustc|qemu-system-x86' 2>/dev/null); do
         cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
-        case "$cmd" in *"/tmp/bsim-"* | *"/tmp/braw-"*) ;; *) n=$((n + 1)) ;; esac
+        # Empty: the process just exited (a zombie). Ours run under /tmp/bsim-* and /tmp/braw-*.
+        case "$cmd" in "" | *"/tmp/bsim-"* | *"/tmp/braw-"*) ;; *) n=$((n + 1)) ;; esac
     done
     echo "$n"
 }

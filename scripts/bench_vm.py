@@ -96,7 +96,8 @@ class OthersSampler(threading.Thread):
                     cmd = f.read()
             except OSError:
                 continue
-            if b"/tmp/bsim-" in cmd or b"/tmp/braw-" in cmd:
+            # An empty cmdline is a process that just exited (a zombie): not running.
+            if not cmd or b"/tmp/bsim-" in cmd or b"/tmp/braw-" in cmd:
                 continue
             n += 1
         return n
@@ -991,8 +992,8 @@ def figure2(srv_all, n, poll_interval=1.0):
     note = (f"created_at -> `starting qemu` p50 {p50:.1f} ms = created_at -> claimed p50 "
             f"{claim:.1f} ms (wake-up + claim transaction) + claimed -> starting p50 {prep:.1f} ms "
             "(run directory and the qcow2 overlay, made by running `qemu-img create`; that "
-            f"command alone takes {img:.1f} ms median here, measured separately). "
-            + ("The claim path itself is within the target; the overlay's process start is what "
+            f"command alone takes {img:.1f} ms median here, measured separately)."
+            + (" The claim path itself is within the target; the overlay's process start is what "
                "exceeds it." if claim <= 10 < p50 else ""))
     emit("2", "pickup latency, `all` mode (p50; max)", "ms", [x["pickup"] for x in s],
          target="p50 <= 10", ok=p50 <= 10, note=note, digits=1)
@@ -1341,7 +1342,7 @@ def figure6(runs, duration):
             ctx = med([r["ctx_per_req"] for r in rs])
             if prof["categories"][0][0].startswith("kernel: context switches") and ctx >= 2:
                 note += (f" The largest share, {switch:.0f}%, is the kernel switching threads: "
-                         "every store call runs on tokio's blocking pool (rusqlite is "
+                         "this request's SQLite work runs on tokio's blocking pool (rusqlite is "
                          "synchronous), so each request wakes a pool thread and is woken back, "
                          f"{ctx:.1f} switches per request; "
                          f"SQLite itself (parsing and executing) is {sqlite:.0f}%.")
