@@ -12,6 +12,7 @@ pub mod slots;
 use crate::config::vm::VmCatalog;
 use crate::config::Settings;
 use crate::model::AgentId;
+use crate::qemu::accel::AccelResolver;
 use crate::store::Store;
 use slots::HostSlots;
 use std::sync::Arc;
@@ -26,6 +27,8 @@ pub struct AgentContext {
     /// Woken by the API when a request is created (in-process mode).
     pub wake: Arc<Notify>,
     pub slots: HostSlots,
+    /// What `ACCEL=auto` means on this host (probed once per process).
+    pub accel: AccelResolver,
     /// Becomes true when the process is stopping: no new claims; running VMs are shut down.
     pub stopping: watch::Receiver<bool>,
 }
@@ -44,6 +47,11 @@ impl AgentContext {
                 settings.max_concurrent_vms,
                 settings.agent_poll_interval,
             ),
+            accel: AccelResolver::new(
+                &settings.qemu_binary,
+                &settings.run_dir,
+                &settings.kvm_device,
+            ),
             settings,
             store,
             wake,
@@ -57,6 +65,11 @@ pub async fn run_agents(ctx: Arc<AgentContext>) {
     // Leftovers of a previous life first: lost requests, stale run directories, stray QEMU.
     recovery::reap(&ctx).await;
     recovery::clean_leftovers(&ctx).await;
+    if ctx.settings.accel == crate::config::Accel::Auto {
+        // Decide what `auto` means before the first claim, so no request pays for finding out.
+        let verdict = ctx.accel.kvm().await;
+        tracing::info!("SQLITE_SIM_ACCEL=auto: {}", verdict.describe());
+    }
     let reaper = tokio::spawn(recovery::reaper(ctx.clone()));
     let host = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())

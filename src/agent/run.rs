@@ -4,7 +4,7 @@ use super::session::KVM_SILENCE;
 use super::session::{log_event, Drive};
 use super::AgentContext;
 use crate::config::vm::{ConsoleTransport, VmConfig};
-use crate::config::{mark_kvm_unusable, Accel};
+use crate::config::Accel;
 use crate::model::{AgentId, LogType, Request, ShutdownStep, Status};
 use crate::qemu::console::protocol::{ConsoleParser, Session, StderrParser};
 use crate::qemu::console::{self, Console, ConsoleError};
@@ -180,6 +180,8 @@ struct Outcome {
     boot_ms: Option<i64>,
     run_ms: Option<i64>,
     shutdown_ms: Option<i64>,
+    /// Console bytes the guest printed.
+    console_bytes: u64,
 }
 
 impl Default for Outcome {
@@ -190,6 +192,7 @@ impl Default for Outcome {
             boot_ms: None,
             run_ms: None,
             shutdown_ms: None,
+            console_bytes: 0,
         }
     }
 }
@@ -210,26 +213,56 @@ async fn drive(
             }
         }
     };
-    let policy = vm.accel.unwrap_or(ctx.settings.accel);
-    let mut accel = policy.resolve(&ctx.settings.run_dir);
-    loop {
-        // Under `auto`, KVM that hangs silently (nested virtualisation) is caught once.
-        let kvm_watch = policy == Accel::Auto && accel == Accel::Kvm;
-        let out = attempt(ctx, agent, req, &vm, accel, kvm_watch, sink, lost.clone()).await;
-        if kvm_watch && matches!(out.result, Err(RunError::KvmSilent)) {
-            if let Err(e) = mark_kvm_unusable(&ctx.settings.run_dir) {
-                tracing::warn!(error = %e, "could not record that KVM is unusable");
-            }
-            sink.system(format!(
-                "no console output under KVM within {} s: retrying under TCG; KVM is marked \
-                 unusable on this host for ACCEL=auto",
-                KVM_SILENCE.as_secs()
-            ))
-            .await;
-            accel = Accel::Tcg;
-            continue;
-        }
+    let choice = ctx.accel.choose(vm.accel, ctx.settings.accel).await;
+    sink.system(format!("accelerator: {}", choice.describe()))
+        .await;
+    // Under `auto`, KVM that breaks anyway (the probe cannot foresee every guest) is retried
+    // under TCG in the same request, never failed for it.
+    let kvm_watch = choice.policy == Accel::Auto && choice.accel == Accel::Kvm;
+    let out = attempt(
+        ctx,
+        agent,
+        req,
+        &vm,
+        choice.accel,
+        kvm_watch,
+        sink,
+        lost.clone(),
+    )
+    .await;
+    let Some(why) = kvm_watch.then(|| kvm_failure(&out)).flatten() else {
         return out;
+    };
+    sink.system(format!("KVM failed ({why}): retrying under TCG"))
+        .await;
+    // The failed attempt's directory may have been kept for inspection; the retry needs its own.
+    RunPaths::new(&ctx.settings.run_dir, &req.uuid.to_string()).remove();
+    let retry = attempt(ctx, agent, req, &vm, Accel::Tcg, false, sink, lost).await;
+    if retry.console_bytes > 0 {
+        // TCG got further on the same guest: the fault was KVM's, so stop choosing it.
+        ctx.accel
+            .record_unusable(why, format!("request {}", req.uuid))
+            .await;
+        sink.system("KVM is marked unusable on this host for ACCEL=auto")
+            .await;
+    }
+    retry
+}
+
+/// Why a run under `auto`'s KVM failed in a way TCG may not: silence, or QEMU ending before the
+/// guest printed anything. `None` for every other outcome.
+fn kvm_failure(out: &Outcome) -> Option<String> {
+    match &out.result {
+        Err(RunError::KvmSilent) => Some(format!(
+            "no console output within {} s",
+            KVM_SILENCE.as_secs()
+        )),
+        Err(e @ (RunError::Launch(_) | RunError::Machine(_) | RunError::QemuExited { .. }))
+            if out.console_bytes == 0 =>
+        {
+            Some(e.to_string())
+        }
+        _ => None,
     }
 }
 
@@ -277,6 +310,7 @@ async fn attempt(
     let report = shut_down(&mut machine, grace(ctx, vm, &result, held), sink).await;
     (out.step, out.shutdown_ms) = (Some(report.0), Some(report.1));
     if let Some(console) = console {
+        out.console_bytes = console.received();
         // QEMU is gone: the pumps reach end of stream and every byte reaches the sink.
         console.drain(Duration::from_secs(2)).await;
     }

@@ -223,11 +223,8 @@ pub fn run() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let result = match command {
-                Command::Config => return service::print_config(&settings),
-                command => runtime(settings.api_workers)
-                    .and_then(|rt| rt.block_on(dispatch(command, settings))),
-            };
+            let result = runtime(settings.api_workers)
+                .and_then(|rt| rt.block_on(dispatch(command, settings)));
             match result {
                 Ok(code) => code,
                 Err(e) => {
@@ -275,6 +272,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
         Command::Api => service::serve(settings, true, false).await,
         Command::Agents => service::serve(settings, false, true).await,
         Command::Status => service::status(&settings).await,
+        Command::Config => service::print_config(&settings).await,
         Command::Console { name, timeout } => service::console(&settings, &name, timeout).await,
         _ => unreachable!("client commands are dispatched in run()"),
     }

@@ -5,6 +5,7 @@ use crate::agent::{self, AgentContext};
 use crate::api::{self, AppState};
 use crate::config::vm::VmCatalog;
 use crate::config::Settings;
+use crate::qemu::accel::AccelResolver;
 use crate::qemu::{image, launch};
 use crate::store::Store;
 use anyhow::Context;
@@ -71,10 +72,22 @@ async fn shutdown_signal() {
     }
 }
 
-pub(super) fn print_config(settings: &Settings) -> ExitCode {
+/// What `auto` resolves to on this host, and why, as `config` and `status` print it.
+async fn accel_line(settings: &Settings, resolver: &AccelResolver) -> String {
+    let choice = resolver.choose(None, settings.accel).await;
+    format!("accelerator: {}", choice.describe())
+}
+
+pub(super) async fn print_config(settings: &Settings) -> anyhow::Result<ExitCode> {
     for (k, v) in settings.describe() {
         println!("{k}={v}");
     }
+    let resolver = AccelResolver::new(
+        &settings.qemu_binary,
+        &settings.run_dir,
+        &settings.kvm_device,
+    );
+    println!("\n{}", accel_line(settings, &resolver).await);
     let catalog = VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir);
     let names = catalog.available();
     println!();
@@ -89,13 +102,14 @@ pub(super) fn print_config(settings: &Settings) -> ExitCode {
     for name in names {
         match catalog.check(&name) {
             Ok(vm) => println!(
-                "VM {name}: ok (memory {}, cpus {}, image {})",
+                "VM {name}: ok (memory {}, cpus {}, image {}, accelerator {})",
                 vm.memory,
                 vm.cpus,
                 vm.image
                     .as_deref()
                     .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "none".into())
+                    .unwrap_or_else(|| "none".into()),
+                resolver.choose(vm.accel, settings.accel).await.describe()
             ),
             Err(e) => {
                 ok = false;
@@ -103,11 +117,11 @@ pub(super) fn print_config(settings: &Settings) -> ExitCode {
             }
         }
     }
-    if ok {
+    Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    }
+    })
 }
 
 pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
@@ -153,12 +167,12 @@ pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    println!(
-        "accelerator: {} (resolves to {}; /dev/kvm usable: {})",
-        settings.accel.as_str(),
-        settings.accel.resolve(&settings.run_dir).as_str(),
-        crate::config::kvm_usable()
+    let resolver = AccelResolver::new(
+        &settings.qemu_binary,
+        &settings.run_dir,
+        &settings.kvm_device,
     );
+    println!("{}", accel_line(settings, &resolver).await);
     let catalog = VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir);
     let names = catalog.available();
     println!(
@@ -196,12 +210,17 @@ pub(super) async fn console(
             )
             .await?;
         }
+        let choice = AccelResolver::new(
+            &settings.qemu_binary,
+            &settings.run_dir,
+            &settings.kvm_device,
+        )
+        .choose(vm.accel, settings.accel)
+        .await;
+        eprintln!("sqlite-sim: accelerator {}", choice.describe());
         let spec = launch::LaunchSpec {
             vm: &vm,
-            accel: vm
-                .accel
-                .unwrap_or(settings.accel)
-                .resolve(&settings.run_dir),
+            accel: choice.accel,
             paths: &paths,
             disk: vm.image.as_ref().map(|_| paths.overlay.as_path()),
             name: format!("sqlite-sim-{run_name}"),

@@ -28,7 +28,8 @@ pub enum ConfigError {
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
-    /// KVM when `/dev/kvm` can be opened read-write, TCG otherwise.
+    /// KVM where a probe shows it really runs a guest on this host, TCG otherwise
+    /// ([`crate::qemu::accel`]).
     Auto,
     Kvm,
     Tcg,
@@ -51,43 +52,6 @@ impl Accel {
             Accel::Tcg => "tcg",
         }
     }
-
-    /// Resolves `auto` against this host: KVM when `/dev/kvm` opens and no agent on this host
-    /// found it silently broken (the marker in `run_dir`).
-    pub fn resolve(self, run_dir: &Path) -> Accel {
-        match self {
-            Accel::Auto if kvm_usable() && !run_dir.join(KVM_UNUSABLE_MARKER).exists() => {
-                Accel::Kvm
-            }
-            Accel::Auto => Accel::Tcg,
-            other => other,
-        }
-    }
-}
-
-/// File in the run directory recording that KVM hung here; the run directory is host-local
-/// and usually cleared at boot, when KVM may have become usable again.
-pub const KVM_UNUSABLE_MARKER: &str = "kvm-unusable";
-
-/// Remembers (for every agent on this host) that KVM guests hang silently here.
-pub fn mark_kvm_unusable(run_dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(run_dir)?;
-    std::fs::write(
-        run_dir.join(KVM_UNUSABLE_MARKER),
-        format!(
-            "KVM guests printed nothing; found at {}\n",
-            crate::timefmt::now()
-        ),
-    )
-}
-
-/// `/dev/kvm` exists and this user may open it read-write.
-pub fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
 }
 
 /// The effective settings of this process.
@@ -111,6 +75,8 @@ pub struct Settings {
     pub accel: Accel,
     pub run_dir: PathBuf,
     pub qemu_binary: PathBuf,
+    /// The KVM device `auto` probes (`/dev/kvm`).
+    pub kvm_device: PathBuf,
     /// Keep a failed run's directory (overlay, sockets, QEMU stderr) for inspection.
     pub keep_failed_runs: bool,
     /// How long a cancelled VM gets to power off through ACPI before `quit`.
@@ -198,6 +164,7 @@ impl Settings {
             },
             run_dir,
             qemu_binary: v.path("SQLITE_SIM_QEMU_BINARY", "qemu-system-x86_64".into()),
+            kvm_device: v.path("SQLITE_SIM_KVM_DEVICE", "/dev/kvm".into()),
             keep_failed_runs: v.boolean("SQLITE_SIM_KEEP_FAILED_RUNS", false)?,
             cancel_grace: v.seconds("SQLITE_SIM_CANCEL_GRACE", 3.0)?,
             api_token: v.raw("SQLITE_SIM_API_TOKEN"),
@@ -239,6 +206,7 @@ impl Settings {
             ("SQLITE_SIM_ACCEL", self.accel.as_str().to_string()),
             ("SQLITE_SIM_RUN_DIR", p(&self.run_dir)),
             ("SQLITE_SIM_QEMU_BINARY", p(&self.qemu_binary)),
+            ("SQLITE_SIM_KVM_DEVICE", p(&self.kvm_device)),
             (
                 "SQLITE_SIM_KEEP_FAILED_RUNS",
                 self.keep_failed_runs.to_string(),

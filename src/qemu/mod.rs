@@ -1,7 +1,8 @@
-//! Everything that touches QEMU: argv and spawning ([`launch`]), the QMP client ([`qmp`]), the
-//! serial console ([`console`]), per-run disk overlays ([`image`]) and the running machine with
-//! its shutdown ladder ([`machine`]).
+//! Everything that touches QEMU: argv and spawning ([`launch`]), what `ACCEL=auto` means here
+//! ([`accel`]), the QMP client ([`qmp`]), the serial console ([`console`]), per-run disk
+//! overlays ([`image`]) and the running machine with its shutdown ladder ([`machine`]).
 
+pub mod accel;
 pub mod console;
 pub mod image;
 pub mod launch;

@@ -144,6 +144,18 @@ impl Server {
         s
     }
 
+    /// Runs `sqlite-sim ARGS` to completion with this server's environment (e.g. `status`).
+    pub fn run_command(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_sqlite-sim"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     /// Starts (another) process of the binary with this server's environment.
     pub fn spawn_process(&self, mode: Mode) -> Proc {
         static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
