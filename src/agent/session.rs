@@ -5,7 +5,9 @@ use super::run::RunError;
 use super::AgentContext;
 use crate::config::vm::VmConfig;
 use crate::model::{AgentId, Request, Status};
-use crate::qemu::console::protocol::{ConsoleEvent, Session, ACK_NODECODE, ACK_READY};
+use crate::qemu::console::protocol::{
+    ConsoleEvent, Runner, Session, ACK_NODECODE, ACK_READY, REPORT_SHELL,
+};
 use crate::qemu::console::Console;
 use crate::qemu::launch::describe_status;
 use crate::qemu::machine::Machine;
@@ -184,9 +186,32 @@ impl<'a> Drive<'a> {
             .system(format!("shell prompt after {boot_secs:.2} s"))
             .await;
 
-        let s = Session::new(token, vm.stderr_device.clone());
+        let mut s = Session::new(token, vm.stderr_device.clone());
         self.console.send(&s.setup_line()).await?;
+        let reported = match self
+            .wait(
+                |e| matches!(e, ConsoleEvent::Report { key, .. } if key == REPORT_SHELL),
+                run_deadline,
+                run,
+                false,
+            )
+            .await?
+        {
+            ConsoleEvent::Report { value, .. } => value,
+            _ => unreachable!("filtered by the predicate"),
+        };
         self.wait_ack(ACK_READY, run_deadline, run).await?;
+        let (runner, why) = choose_runner(&self.req.commands, vm.shell.as_deref(), &reported);
+        self.sink
+            .system(format!(
+                "commands run by {} ({why})",
+                match &runner {
+                    Runner::Executable => "their own #! line".to_string(),
+                    Runner::Shell(cmd) => cmd.clone(),
+                }
+            ))
+            .await;
+        s.set_runner(runner);
         for (line, word) in s.upload_lines(self.req.commands.as_bytes()) {
             self.console.send(&line).await?;
             self.wait_ack(&word, run_deadline, run).await?;
@@ -392,6 +417,28 @@ impl<'a> Drive<'a> {
     }
 }
 
+/// Who runs the commands: their own `#!` line, else the VM's `SHELL`, else the shell that owns
+/// the console session (as the guest reported it), else `sh`; with the reason in words.
+fn choose_runner(script: &str, configured: Option<&str>, reported: &str) -> (Runner, String) {
+    if let Some(line) = script.strip_prefix("#!") {
+        let line = line.lines().next().unwrap_or_default().trim();
+        return (Runner::Executable, format!("#!{line}"));
+    }
+    if let Some(cmd) = configured {
+        return (
+            Runner::Shell(cmd.to_string()),
+            "SHELL in the VM config".into(),
+        );
+    }
+    match Runner::for_login_shell(reported) {
+        Some(r) => (r, "the console's login shell".into()),
+        None => (
+            Runner::Shell("sh".into()),
+            format!("no usable login shell reported ({reported:?})"),
+        ),
+    }
+}
+
 /// QMP events that end a run at once.
 fn fatal_event(ev: &QmpEvent) -> Option<RunError> {
     match ev.name.as_str() {
@@ -422,4 +469,39 @@ pub(super) async fn log_event(sink: &LogSink, ev: &QmpEvent) {
     };
     sink.system(format!("QMP event {}{data}{at}{known}", ev.name))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runner_precedence() {
+        let sh = |c: &str| Runner::Shell(c.into());
+        assert_eq!(
+            choose_runner("#!/bin/sh\necho", Some("/bin/bash"), "/usr/bin/bash").0,
+            Runner::Executable
+        );
+        assert_eq!(
+            choose_runner("echo", Some("/bin/bash"), "/bin/busybox").0,
+            sh("/bin/bash")
+        );
+        assert_eq!(
+            choose_runner("echo", None, "/usr/bin/bash"),
+            (sh("/usr/bin/bash"), "the console's login shell".into())
+        );
+        assert_eq!(
+            choose_runner("echo", None, "/bin/busybox").0,
+            sh("/bin/busybox sh")
+        );
+        for odd in [
+            "",
+            "bash",
+            "/usr/bin/ba sh",
+            "/x;y",
+            "/usr/bin/bash (deleted)",
+        ] {
+            assert_eq!(choose_runner("echo", None, odd).0, sh("sh"), "{odd:?}");
+        }
+    }
 }

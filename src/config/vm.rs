@@ -1,6 +1,7 @@
 //! Per-VM settings from `vm_configs/NAME.conf`, and the catalogue of VMs this host can run.
 
 use super::{kv, Accel};
+use crate::qemu::console::protocol::Runner;
 use regex::Regex;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,9 @@ pub struct VmConfig {
     /// Guest device of the second serial port used for stderr (e.g. `/dev/ttyS1`); `None` merges
     /// stderr into stdout.
     pub stderr_device: Option<String>,
+    /// The interpreter for the commands, e.g. `/bin/bash`; `None` uses the console's login
+    /// shell. A script's own `#!` line still wins.
+    pub shell: Option<String>,
 }
 
 /// Every key a VM config may set.
@@ -97,6 +101,7 @@ pub const KEYS: &[&str] = &[
     "SHUTDOWN_TIMEOUT",
     "CONSOLE",
     "STDERR_DEVICE",
+    "SHELL",
 ];
 
 /// Default prompt: a root or user shell prompt (`# ` or `$ `) at the end of the output.
@@ -231,6 +236,22 @@ impl VmConfig {
                 )));
             }
         }
+        let shell = match get("SHELL") {
+            None => None,
+            Some(s) => {
+                let words = shell_words::split(&s)
+                    .map_err(|e| invalid(format!("SHELL cannot be split: {e}")))?;
+                let ok = words.first().is_some_and(|w| w.starts_with('/'))
+                    && words.iter().all(|w| Runner::is_safe_word(w));
+                if !ok {
+                    return Err(invalid(format!(
+                        "SHELL {s:?} is not an absolute interpreter path (with optional \
+                         arguments) of letters, digits and / . _ + -, e.g. /bin/bash"
+                    )));
+                }
+                Some(words.join(" "))
+            }
+        };
         Ok(VmConfig {
             name: name.to_string(),
             memory,
@@ -249,6 +270,7 @@ impl VmConfig {
             shutdown_timeout: seconds("SHUTDOWN_TIMEOUT", 30)?,
             console,
             stderr_device,
+            shell,
         })
     }
 }
@@ -443,6 +465,14 @@ mod tests {
         assert_eq!(vm.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(vm.console, ConsoleTransport::Pty);
         assert_eq!(vm.stderr_device.as_deref(), Some("/dev/ttyS1"));
+        assert_eq!(vm.shell, None);
+        assert_eq!(
+            parse("SHELL=\"/bin/busybox  sh\"")
+                .unwrap()
+                .shell
+                .as_deref(),
+            Some("/bin/busybox sh")
+        );
     }
 
     #[test]
@@ -458,6 +488,9 @@ mod tests {
             ("BOOT_TIMEOUT=\"0\"", "BOOT_TIMEOUT"),
             ("CONSOLE=\"vnc\"", "CONSOLE"),
             ("STDERR_DEVICE=\"ttyS1\"", "STDERR_DEVICE"),
+            ("SHELL=\"bash\"", "SHELL"),
+            ("SHELL=\"/bin/sh; rm -rf /\"", "SHELL"),
+            ("SHELL=\"/bin/bash '-c x'\"", "SHELL"),
             ("ADDITIONAL_ARGS=\"-x 'unclosed\"", "ADDITIONAL_ARGS"),
             ("MEMROY=\"1G\"", "unknown key MEMROY"),
             (

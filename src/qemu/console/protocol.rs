@@ -21,6 +21,8 @@ pub enum ConsoleEvent {
     Password,
     /// `SQSIM_<token>_<WORD>` was printed.
     Ack(String),
+    /// `SQSIM_<token>_<KEY>=<value>`: the guest reports a fact (e.g. its login shell).
+    Report { key: String, value: String },
     /// The commands finished with this exit code.
     Exit(i32),
     /// The stderr port delivered everything the commands wrote to it.
@@ -36,6 +38,43 @@ pub enum ConsoleEvent {
 pub const ACK_READY: &str = "READY";
 pub const ACK_GO: &str = "GO";
 pub const ACK_NODECODE: &str = "NODECODE";
+/// Report key of the session set-up: the console shell's binary (`readlink /proc/$$/exe`).
+pub const REPORT_SHELL: &str = "SHELL";
+
+/// How the guest runs the uploaded script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runner {
+    /// The script starts with `#!`: it is made executable and run as a program.
+    Executable,
+    /// An interpreter command line (checked words, e.g. `/bin/bash` or `/bin/busybox sh`),
+    /// given the script's path.
+    Shell(String),
+}
+
+impl Runner {
+    /// Whether `word` may appear unquoted in a typed command line.
+    pub fn is_safe_word(word: &str) -> bool {
+        !word.is_empty()
+            && word
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b))
+    }
+
+    /// The interpreter for the console shell the guest reported, `None` if it reported none
+    /// usable. Busybox applets are run through the multi-call binary.
+    pub fn for_login_shell(reported: &str) -> Option<Runner> {
+        let path = reported.trim();
+        if !path.starts_with('/') || !Self::is_safe_word(path) {
+            return None;
+        }
+        let cmd = if path.rsplit('/').next() == Some("busybox") {
+            format!("{path} sh")
+        } else {
+            path.to_string()
+        };
+        Some(Runner::Shell(cmd))
+    }
+}
 
 /// Base64 characters per upload line: well under the tty's 4095-byte canonical line limit,
 /// and one line at a time (each acknowledged) never overflows the guest's input buffer.
@@ -49,6 +88,7 @@ pub struct Session {
     /// script's path (`$0`), and must not learn how to fake the exit marker from it.
     file_tag: String,
     stderr_device: Option<String>,
+    runner: Runner,
 }
 
 impl Session {
@@ -57,7 +97,13 @@ impl Session {
             token: token.into(),
             file_tag: Self::random_token(),
             stderr_device,
+            runner: Runner::Shell("sh".into()),
         }
+    }
+
+    /// Chooses how [`Session::run_line`] runs the script (default: `sh`).
+    pub fn set_runner(&mut self, runner: Runner) {
+        self.runner = runner;
     }
 
     /// A fresh random token (16 hex digits).
@@ -77,7 +123,8 @@ impl Session {
         format!("/tmp/sqsim-{}.{ext}", self.file_tag)
     }
 
-    /// Echo off, output unprocessed (byte-exact stdout), kernel quiet, empty prompts; then READY.
+    /// Echo off, output unprocessed (byte-exact stdout), kernel quiet, empty prompts; the
+    /// console shell's binary reported as `SHELL=…`; then READY.
     pub fn setup_line(&self) -> String {
         let mut s = String::from(
             "stty -echo -opost 2>/dev/null; dmesg -n 1 2>/dev/null; PS1=''; PS2=''; \
@@ -86,6 +133,10 @@ impl Session {
         if let Some(dev) = &self.stderr_device {
             s.push_str(&format!("stty -F {dev} raw -echo 2>/dev/null; "));
         }
+        s.push_str(&format!(
+            "printf 'SQSIM_%s_{REPORT_SHELL}=%s\\n' {} \"$(readlink /proc/$$/exe 2>/dev/null)\"; ",
+            self.token
+        ));
         s.push_str(&self.ack(ACK_READY));
         s.push('\n');
         s
@@ -126,8 +177,12 @@ impl Session {
             ),
             None => ("2>&1".to_string(), String::new()),
         };
+        let run = match &self.runner {
+            Runner::Executable => format!("chmod 700 {sh}; {sh}"),
+            Runner::Shell(cmd) => format!("{cmd} {sh}"),
+        };
         format!(
-            "if base64 -d {b64} >{sh}; then {go}; sh {sh} </dev/null {err}; __sqsim_rc=$?;{eof} \
+            "if base64 -d {b64} >{sh}; then {go}; {run} </dev/null {err}; __sqsim_rc=$?;{eof} \
              else __sqsim_rc=255; {nodecode}; fi; rm -f {b64} {sh}; \
              printf 'SQSIM_%s:%d;' {tok} $__sqsim_rc\n",
             go = self.ack(ACK_GO),
@@ -242,8 +297,11 @@ impl ConsoleParser {
             prompt,
             login: regex::Regex::new(r"(?i)login: ?$").expect("static regex"),
             password: regex::Regex::new(r"(?i)password: ?$").expect("static regex"),
-            ack: Regex::new(&format!(r"SQSIM_{}_([A-Z0-9]+)\r?\n", regex::escape(token)))
-                .expect("token is hex"),
+            ack: Regex::new(&format!(
+                r"SQSIM_{}_([A-Z0-9]+)(?:=([^\r\n]{{0,255}}))?\r?\n",
+                regex::escape(token)
+            ))
+            .expect("token is hex"),
             stdout: Splitter::new(exit_prefix.clone()),
             exit_prefix,
             tail: Vec::new(),
@@ -361,6 +419,13 @@ impl ConsoleParser {
                     let whole = m.get(0).expect("group 0");
                     let word = String::from_utf8_lossy(&m[1]).into_owned();
                     self.scan_from = whole.end();
+                    if let Some(value) = m.get(2) {
+                        out.events.push(ConsoleEvent::Report {
+                            key: word,
+                            value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                        });
+                        continue;
+                    }
                     let is_go = word == ACK_GO;
                     out.events.push(ConsoleEvent::Ack(word));
                     if is_go {
