@@ -10,7 +10,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.join(REPO, "target", "release", "sqlite-sim")
+# The binary `cargo build --release` made: under CARGO_TARGET_DIR when that is set (as
+# scripts/bench.sh's cargo sees it, relative to the repository), else target/.
+TARGET_DIR = os.path.join(REPO, os.environ.get("CARGO_TARGET_DIR") or "target")
+BIN = os.path.join(TARGET_DIR, "release", "sqlite-sim")
 IMAGES = os.path.join(REPO, "vm_images")
 CONFIGS = os.path.join(REPO, "vm_configs")
 QEMU = "qemu-system-x86_64"
