@@ -477,15 +477,10 @@ async fn smuggled_qemu_options_never_break_the_agents_sockets() {
     assert_eq!(s.output(&id, "stdout").await, "still mine\n");
     let _ = std::fs::remove_file(extra_qmp);
     // Reusing the agent's chardev ids is refused before anything is stored.
-    let resp = s
-        .call(
-            Method::POST,
-            "/requests",
-            Some(&json!({"vm_name": "hijack", "commands": "true"})),
-        )
+    let (code, v) = s
+        .submit_json(&json!({"vm_name": "hijack", "commands": "true"}))
         .await;
-    assert_eq!(resp.status, 422);
-    let v = resp.json();
+    assert_eq!(code, 422);
     assert!(
         v["error"]["message"]
             .as_str()
