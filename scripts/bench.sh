@@ -11,11 +11,12 @@
 #
 # Figures 4a and 5 (synthetic console ingest, SSE follow latency) come from
 # `cargo bench --bench hot_paths`; every other figure from scripts/bench_vm.py, which drives
-# the release binary and real QEMU. Each prints one JSON object per line.
+# the release binary and real QEMU (its code: scripts/bench/, one module per figure). Each
+# prints one JSON object per line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 quick=0
 for arg in "$@"; do

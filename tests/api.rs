@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Mode, Options, Server};
+use common::{Method, Mode, Options, Server};
 use serde_json::{json, Value};
 
 async fn api() -> Server {
@@ -12,18 +12,6 @@ async fn api() -> Server {
         ..Default::default()
     })
     .await
-}
-
-async fn post(s: &Server, body: Value) -> (u16, Value) {
-    let r = s
-        .client
-        .post(format!("{}/requests", s.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 fn assert_error(status: u16, body: &Value, want_status: u16, code: &str) {
@@ -45,15 +33,15 @@ fn count_requests(s: &Server) -> i64 {
 async fn create_and_read_back() {
     let s = api().await;
     let r = s
-        .client
-        .post(format!("{}/requests", s.url))
-        .json(&json!({"vm_name": "tiny", "commands": "echo hi"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let location = r.headers()["location"].to_str().unwrap().to_string();
-    let body: Value = r.json().await.unwrap();
+        .call(
+            Method::POST,
+            "/requests",
+            Some(&json!({"vm_name": "tiny", "commands": "echo hi"})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let location = r.header("location");
+    let body = r.json();
     let uuid = body["uuid"].as_str().unwrap();
     assert_eq!(location, format!("/requests/{uuid}"));
     assert_eq!(body["message"], "Request created successfully");
@@ -135,13 +123,15 @@ async fn invalid_submissions_are_rejected_and_change_nothing() {
         (json!(["tiny", "x"]), ""),
     ];
     for (body, needle) in cases {
-        let (status, resp) = post(&s, body.clone()).await;
+        let (status, resp) = s.submit_json(&body).await;
         assert_error(status, &resp, 422, "validation_error");
         let msg = resp["error"]["message"].as_str().unwrap();
         assert!(msg.contains(needle), "{body} → {msg}");
     }
     let exactly_max = "y".repeat(64 * 1024);
-    let (status, _) = post(&s, json!({"vm_name": "tiny", "commands": exactly_max})).await;
+    let (status, _) = s
+        .submit_json(&json!({"vm_name": "tiny", "commands": exactly_max}))
+        .await;
     assert_eq!(status, 201, "64 KiB is allowed");
     assert_eq!(
         count_requests(&s),
@@ -153,42 +143,27 @@ async fn invalid_submissions_are_rejected_and_change_nothing() {
 #[tokio::test]
 async fn malformed_bodies_get_4xx_never_5xx() {
     let s = api().await;
-    let url = format!("{}/requests", s.url);
-    let send = |body: Vec<u8>, ctype: Option<&'static str>| {
-        let mut r = s.client.post(&url).body(body);
-        if let Some(c) = ctype {
-            r = r.header("content-type", c);
-        }
-        r.send()
-    };
-    let r = send(b"{\"vm_name\": ".to_vec(), Some("application/json"))
-        .await
-        .unwrap();
-    let st = r.status().as_u16();
-    assert_error(st, &r.json().await.unwrap(), 400, "malformed_json");
+    let send = |body: Vec<u8>, ctype: Option<&'static str>| s.post_bytes("/requests", body, ctype);
+    let r = send(b"{\"vm_name\": ".to_vec(), Some("application/json")).await;
+    assert_error(r.status, &r.json(), 400, "malformed_json");
     let r = send(
         b"{\"vm_name\":\"tiny\",\"commands\":\"\xff\xfe\"}".to_vec(),
         Some("application/json"),
     )
-    .await
-    .unwrap();
+    .await;
     assert!(
-        r.status().is_client_error(),
+        (400..500).contains(&r.status),
         "invalid UTF-8: {}",
-        r.status()
+        r.status
     );
-    let r = send(b"{}".to_vec(), None).await.unwrap();
-    let st = r.status().as_u16();
-    assert_error(st, &r.json().await.unwrap(), 415, "unsupported_media_type");
+    let r = send(b"{}".to_vec(), None).await;
+    assert_error(r.status, &r.json(), 415, "unsupported_media_type");
     let huge = format!(
         "{{\"vm_name\":\"tiny\",\"commands\":\"{}\"}}",
         "z".repeat(200 * 1024)
     );
-    let r = send(huge.into_bytes(), Some("application/json"))
-        .await
-        .unwrap();
-    let st = r.status().as_u16();
-    assert_error(st, &r.json().await.unwrap(), 413, "payload_too_large");
+    let r = send(huge.into_bytes(), Some("application/json")).await;
+    assert_error(r.status, &r.json(), 413, "payload_too_large");
     assert_eq!(count_requests(&s), 0);
 }
 
@@ -196,37 +171,19 @@ async fn malformed_bodies_get_4xx_never_5xx() {
 async fn reads_of_bad_or_unknown_ids() {
     let s = api().await;
     for path in ["/requests/not-a-uuid", "/requests/1%27%20OR%201=1--/logs"] {
-        let r = s
-            .client
-            .get(format!("{}{path}", s.url))
-            .send()
-            .await
-            .unwrap();
-        let st = r.status().as_u16();
-        assert_error(st, &r.json().await.unwrap(), 400, "invalid_uuid");
+        let r = s.fetch(path).await;
+        assert_error(r.status, &r.json(), 400, "invalid_uuid");
     }
     let unknown = "123e4567-e89b-12d3-a456-426614174000";
     for path in [
         format!("/requests/{unknown}"),
         format!("/requests/{unknown}/logs"),
     ] {
-        let r = s
-            .client
-            .get(format!("{}{path}", s.url))
-            .send()
-            .await
-            .unwrap();
-        let st = r.status().as_u16();
-        assert_error(st, &r.json().await.unwrap(), 404, "not_found");
+        let r = s.fetch(&path).await;
+        assert_error(r.status, &r.json(), 404, "not_found");
     }
-    let r = s
-        .client
-        .get(format!("{}/nope", s.url))
-        .send()
-        .await
-        .unwrap();
-    let st = r.status().as_u16();
-    assert_error(st, &r.json().await.unwrap(), 404, "no_route");
+    let r = s.fetch("/nope").await;
+    assert_error(r.status, &r.json(), 404, "no_route");
 }
 
 #[tokio::test]
@@ -234,38 +191,23 @@ async fn log_filters_are_validated() {
     let s = api().await;
     let id = s.submit("tiny", "echo x", 30).await;
     for q in ["log_type=bogus", "limit=0", "after=abc", "nonsense=1"] {
-        let r = s
-            .client
-            .get(format!("{}/requests/{id}/logs?{q}", s.url))
-            .send()
-            .await
-            .unwrap();
-        let st = r.status().as_u16();
-        assert_error(st, &r.json().await.unwrap(), 422, "validation_error");
+        let r = s.fetch(&format!("/requests/{id}/logs?{q}")).await;
+        assert_error(r.status, &r.json(), 422, "validation_error");
     }
     let r = s
-        .client
-        .get(format!(
-            "{}/requests/{id}/logs?log_type=stdout&after=0&limit=10",
-            s.url
+        .fetch(&format!(
+            "/requests/{id}/logs?log_type=stdout&after=0&limit=10"
         ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+        .await;
+    assert_eq!(r.status, 200);
 }
 
 #[tokio::test]
 async fn health_reports_the_database() {
     let s = api().await;
-    let r = s
-        .client
-        .get(format!("{}/health", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
+    let r = s.fetch("/health").await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
     assert_eq!(v["database"], "ok");
 }
 
@@ -281,14 +223,9 @@ async fn list_filters_pages_and_counts() {
     let list = |q: &'static str| {
         let s = &s;
         async move {
-            let r = s
-                .client
-                .get(format!("{}/requests{q}", s.url))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200, "{q}");
-            r.json::<Value>().await.unwrap()
+            let r = s.fetch(&format!("/requests{q}")).await;
+            assert_eq!(r.status, 200, "{q}");
+            r.json()
         }
     };
     let all = list("").await;
@@ -319,14 +256,8 @@ async fn list_filters_pages_and_counts() {
         "?offset=-1",
         "?order=asc",
     ] {
-        let r = s
-            .client
-            .get(format!("{}/requests{bad}", s.url))
-            .send()
-            .await
-            .unwrap();
-        let st = r.status().as_u16();
-        assert_error(st, &r.json().await.unwrap(), 422, "validation_error");
+        let r = s.fetch(&format!("/requests{bad}")).await;
+        assert_error(r.status, &r.json(), 422, "validation_error");
     }
 }
 
@@ -356,24 +287,17 @@ async fn control_of_requests_without_a_vm() {
     }
     let (code, r) = s.put_status(&id, "paused").await;
     assert_error(code, &r, 422, "validation_error");
-    let r = s
-        .client
-        .put(format!("{}/requests/{id}/status", s.url))
-        .json(&json!({"status": "hold", "force": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 422, "unknown fields rejected");
+    let (code, _) = s
+        .put_json(
+            &format!("/requests/{id}/status"),
+            &json!({"status": "hold", "force": true}),
+        )
+        .await;
+    assert_eq!(code, 422, "unknown fields rejected");
 
     // DELETE of a pending request cancels it; of a finished one deletes it.
-    let r = s
-        .client
-        .delete(format!("{}/requests/{id}", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.unwrap();
+    let (code, body) = s.delete_request(&id).await;
+    assert_eq!(code, 200);
     assert_eq!(
         (body["status"].as_str(), body["applied"].as_bool()),
         (Some("cancelled"), Some(true))
@@ -388,20 +312,8 @@ async fn control_of_requests_without_a_vm() {
             .contains("allows no change"),
         "{r}"
     );
-    let r = s
-        .client
-        .delete(format!("{}/requests/{id}", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
-    let r = s
-        .client
-        .delete(format!("{}/requests/{id}", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(s.delete_request(&id).await.0, 204);
+    assert_eq!(s.delete_request(&id).await.0, 404);
     assert_eq!(count_requests(&s), 0);
 }
 
@@ -409,22 +321,14 @@ async fn control_of_requests_without_a_vm() {
 async fn raw_logs_of_a_request_without_output_are_empty() {
     let s = api().await;
     let id = s.submit("tiny", "echo x", 30).await;
+    let r = s.fetch(&format!("/requests/{id}/logs/raw")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), "application/octet-stream");
+    assert!(r.body.is_empty());
     let r = s
-        .client
-        .get(format!("{}/requests/{id}/logs/raw", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["content-type"], "application/octet-stream");
-    assert!(r.bytes().await.unwrap().is_empty());
-    let r = s
-        .client
-        .get(format!("{}/requests/{id}/logs/raw?log_type=nope", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 422);
+        .fetch(&format!("/requests/{id}/logs/raw?log_type=nope"))
+        .await;
+    assert_eq!(r.status, 422);
 }
 
 #[tokio::test]
@@ -436,38 +340,31 @@ async fn bearer_token_guards_everything_but_health() {
     })
     .await;
     let get = |path: &'static str, token: Option<&'static str>| {
-        let mut r = s.client.get(format!("{}{path}", s.url));
-        if let Some(t) = token {
-            r = r.header("authorization", t);
-        }
-        r.send()
+        let c = match token {
+            Some(t) => s.with_authorization(t),
+            None => s.api(),
+        };
+        async move { c.fetch(path).await }
     };
-    assert_eq!(get("/health", None).await.unwrap().status(), 200);
+    assert_eq!(get("/health", None).await.status, 200);
     for path in ["/requests", "/metrics", "/openapi.json"] {
-        let r = get(path, None).await.unwrap();
-        assert_eq!(r.status(), 401, "{path}");
-        assert_eq!(r.headers()["www-authenticate"], "Bearer");
-        let body: Value = r.json().await.unwrap();
+        let r = get(path, None).await;
+        assert_eq!(r.status, 401, "{path}");
+        assert_eq!(r.header("www-authenticate"), "Bearer");
+        let body = r.json();
         assert_eq!(body["error"]["code"], "unauthorized");
-        assert_eq!(get(path, Some("Bearer wrong")).await.unwrap().status(), 401);
-        assert_eq!(get(path, Some("s3cret-token")).await.unwrap().status(), 401);
+        assert_eq!(get(path, Some("Bearer wrong")).await.status, 401);
+        assert_eq!(get(path, Some("s3cret-token")).await.status, 401);
         assert_eq!(
-            get(path, Some("Bearer s3cret-token"))
-                .await
-                .unwrap()
-                .status(),
+            get(path, Some("Bearer s3cret-token")).await.status,
             200,
             "{path}"
         );
     }
-    let r = s
-        .client
-        .post(format!("{}/requests", s.url))
-        .json(&json!({"vm_name": "tiny", "commands": "x"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
+    let (code, _) = s
+        .submit_json(&json!({"vm_name": "tiny", "commands": "x"}))
+        .await;
+    assert_eq!(code, 401);
     assert_eq!(count_requests(&s), 0);
     assert!(
         !s.logs().contains("s3cret-token"),
@@ -478,15 +375,7 @@ async fn bearer_token_guards_everything_but_health() {
 #[tokio::test]
 async fn openapi_lists_every_route_and_docs_are_served() {
     let s = api().await;
-    let doc: Value = s
-        .client
-        .get(format!("{}/openapi.json", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = s.fetch("/openapi.json").await.json();
     let paths = doc["paths"].as_object().unwrap();
     for (path, methods) in [
         ("/requests", &["get", "post"][..]),
@@ -507,17 +396,9 @@ async fn openapi_lists_every_route_and_docs_are_served() {
             );
         }
     }
-    let r = s
-        .client
-        .get(format!("{}/docs/", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(
-        r.text().await.unwrap().contains("swagger"),
-        "Swagger UI served offline"
-    );
+    let r = s.fetch("/docs/").await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("swagger"), "Swagger UI served offline");
 }
 
 #[tokio::test]
@@ -534,14 +415,10 @@ async fn cors_only_when_enabled() {
         })
         .await;
         let r = s
-            .client
-            .get(format!("{}/requests", s.url))
-            .header("origin", origin)
-            .send()
-            .await
-            .unwrap();
+            .send(s.request(Method::GET, "/requests").header("origin", origin))
+            .await;
         assert_eq!(
-            r.headers().get("access-control-allow-origin").is_some(),
+            r.headers.get("access-control-allow-origin").is_some(),
             expect,
             "enabled={enabled}"
         );
@@ -552,14 +429,9 @@ async fn cors_only_when_enabled() {
 async fn metrics_are_prometheus_text() {
     let s = api().await;
     s.submit("tiny", "echo x", 30).await;
-    let r = s
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let text = r.text().await.unwrap();
+    let r = s.fetch("/metrics").await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
     for needle in [
         "# TYPE sqlite_sim_requests gauge",
         "sqlite_sim_requests{status=\"pending\"} 1",

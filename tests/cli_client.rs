@@ -5,13 +5,11 @@ mod common;
 
 use common::{require_image, vm_slot, Mode, Options, Server};
 use serde_json::Value;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 fn sqlite_sim(s: &Server, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sqlite-sim"))
-        .args(args)
-        .env("SQLITE_SIM_API_URL", &s.url)
+    s.cli(args)
         .env_remove("SQLITE_SIM_API_TOKEN")
         .current_dir(s.dir.path())
         .stdin(Stdio::null())
@@ -26,9 +24,8 @@ fn text(b: &[u8]) -> String {
 /// Starts `submit --wait` in the background; returns it and the uuid it printed.
 fn submit_waiting(s: &Server, commands: &str) -> (std::process::Child, String) {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sqlite-sim"))
-        .args(["submit", "--vm", "tiny", "-c", commands, "--wait"])
-        .env("SQLITE_SIM_API_URL", &s.url)
+    let mut child = s
+        .cli(&["submit", "--vm", "tiny", "-c", commands, "--wait"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -154,15 +151,7 @@ async fn control_commands_and_delete() {
         "{}",
         text(&out.stderr)
     );
-    assert_eq!(
-        s.client
-            .get(format!("{}/requests/{id}", s.url))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(s.fetch(&format!("/requests/{id}")).await.status, 404);
     let out = sqlite_sim(&s, &["cli", "cancel", &id]);
     assert_eq!(out.status.code(), Some(1));
 }
@@ -373,15 +362,7 @@ async fn prune_deletes_old_finished_requests_only() {
         "{}",
         text(&out.stdout)
     );
-    assert_eq!(
-        s.client
-            .get(format!("{}/requests/{done}", s.url))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(s.fetch(&format!("/requests/{done}")).await.status, 404);
     assert_eq!(s.get(&active).await["status"], "pending");
     let out = sqlite_sim(&s, &["cli", "prune", "--older-than", "soon"]);
     assert_eq!(out.status.code(), Some(2), "bad durations are usage errors");
@@ -400,9 +381,8 @@ async fn follow_survives_an_api_restart() {
             120,
         )
         .await;
-    let follower = Command::new(env!("CARGO_BIN_EXE_sqlite-sim"))
-        .args(["cli", "show-logs", &id, "--follow", "--log-type", "stdout"])
-        .env("SQLITE_SIM_API_URL", &s.url)
+    let follower = s
+        .cli(&["cli", "show-logs", &id, "--follow", "--log-type", "stdout"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

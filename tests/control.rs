@@ -126,13 +126,8 @@ async fn cancel_during_boot_ends_qemu_promptly() {
         "still booting"
     );
     let start = Instant::now();
-    let r = s
-        .client
-        .delete(format!("{}/requests/{id}", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert!(matches!(r.status().as_u16(), 200 | 202), "{}", r.status());
+    let (code, _) = s.delete_request(&id).await;
+    assert!(matches!(code, 200 | 202), "{code}");
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(r["status"], "cancelled", "{r}");
     assert!(
@@ -181,13 +176,8 @@ async fn cancel_during_a_command() {
     // Finished now: further control is refused, deletion works.
     let (code, _) = s.put_status(&id, "hold").await;
     assert_eq!(code, 409);
-    let r = s
-        .client
-        .delete(format!("{}/requests/{id}", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    let (code, _) = s.delete_request(&id).await;
+    assert_eq!(code, 204);
 }
 
 #[tokio::test]

@@ -4,9 +4,11 @@
 
 mod common;
 
-use common::{eventually, require_image, rss_kib, signal_and_wait, vm_slot, Mode, Options, Server};
+use common::{
+    eventually, require_image, rss_kib, signal_and_wait, vm_slot, Method, Mode, Options, Server,
+};
 use nix::sys::signal::Signal;
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::Digest;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
@@ -94,18 +96,17 @@ async fn api_killed_mid_burst_loses_no_accepted_request() {
     let accepted_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..400 {
-        let (client, url, count) = (s.client.clone(), s.url.clone(), accepted_so_far.clone());
+        let (api, count) = (s.api(), accepted_so_far.clone());
         tasks.push(tokio::spawn(async move {
-            let r = client
-                .post(format!("{url}/requests"))
-                .json(&json!({"vm_name": "tiny", "commands": format!("echo {i}")}))
-                .send()
+            let body = json!({"vm_name": "tiny", "commands": format!("echo {i}")});
+            let r = api
+                .try_call(Method::POST, "/requests", Some(&body))
                 .await
                 .ok()?;
-            if r.status() != 201 {
+            if r.status != 201 {
                 return None;
             }
-            let v: Value = r.json().await.ok()?;
+            let v = r.try_json()?;
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Some(v["uuid"].as_str()?.to_string())
         }));
@@ -332,19 +333,13 @@ async fn burst_of_50_never_exceeds_the_vm_limit() {
     let mut ids = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..50 {
-        let (client, url) = (s.client.clone(), s.url.clone());
+        let api = s.api();
         tasks.push(tokio::spawn(async move {
-            let r = client
-                .post(format!("{url}/requests"))
-                .json(&json!({"vm_name": "tiny", "commands": format!("echo job {i}")}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 201);
-            r.json::<Value>().await.unwrap()["uuid"]
-                .as_str()
-                .unwrap()
-                .to_string()
+            let (code, v) = api
+                .submit_json(&json!({"vm_name": "tiny", "commands": format!("echo job {i}")}))
+                .await;
+            assert_eq!(code, 201);
+            v["uuid"].as_str().unwrap().to_string()
         }));
     }
     for t in tasks {
@@ -436,14 +431,10 @@ async fn a_full_disk_is_reported_not_silently_dropped() {
     .await;
     let id = s.submit("tiny", "seq 1 700000", 300).await;
     let start = Instant::now();
+    let path = format!("/requests/{id}");
     let r = loop {
-        if let Ok(resp) = s
-            .client
-            .get(format!("{}/requests/{id}", s.url))
-            .send()
-            .await
-        {
-            if let Ok(r) = resp.json::<Value>().await {
+        if let Ok(resp) = s.try_call(Method::GET, &path, None).await {
+            if let Some(r) = resp.try_json() {
                 if matches!(r["status"].as_str(), Some("done" | "failed")) {
                     break r;
                 }
@@ -486,15 +477,10 @@ async fn smuggled_qemu_options_never_break_the_agents_sockets() {
     assert_eq!(s.output(&id, "stdout").await, "still mine\n");
     let _ = std::fs::remove_file(extra_qmp);
     // Reusing the agent's chardev ids is refused before anything is stored.
-    let resp = s
-        .client
-        .post(format!("{}/requests", s.url))
-        .json(&json!({"vm_name": "hijack", "commands": "true"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 422);
-    let v: Value = resp.json().await.unwrap();
+    let (code, v) = s
+        .submit_json(&json!({"vm_name": "hijack", "commands": "true"}))
+        .await;
+    assert_eq!(code, 422);
     assert!(
         v["error"]["message"]
             .as_str()
@@ -544,11 +530,7 @@ async fn run_directory_is_private_and_the_base_image_read_only() {
         }
     }
     assert!(found, "QEMU has the base image open");
-    s.client
-        .delete(format!("{}/requests/{id}", s.url))
-        .send()
-        .await
-        .unwrap();
+    s.delete_request(&id).await;
     s.wait_terminal(&id, LIMIT).await;
 }
 

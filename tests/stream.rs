@@ -3,7 +3,7 @@
 mod common;
 
 use base64::Engine;
-use common::{require_image, vm_slot, Options, Server};
+use common::{require_image, vm_slot, Method, Options, Server};
 use futures_util::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
@@ -17,14 +17,14 @@ struct SseEvent {
     data: Value,
 }
 
-/// Reads SSE events from `url` until `stop` says so or the server ends the stream.
+/// Reads SSE events from `path` until `stop` says so or the server ends the stream.
 async fn follow(
     s: &Server,
-    url: &str,
+    path: &str,
     last_id: Option<i64>,
     mut stop: impl FnMut(&SseEvent) -> bool,
 ) -> Vec<SseEvent> {
-    let mut req = s.client.get(url);
+    let mut req = s.request(Method::GET, path);
     if let Some(id) = last_id {
         req = req.header("Last-Event-ID", id.to_string());
     }
@@ -73,10 +73,10 @@ async fn sse_streams_output_live_and_resumes_without_gaps() {
     let _slot = vm_slot();
     let s = Server::start(Options::default()).await;
     let id = s.submit("tiny", TICKS, 60).await;
-    let url = format!("{}/requests/{id}/logs/stream", s.url);
+    let stream = format!("/requests/{id}/logs/stream");
 
     // First connection: stop right after "tick 2" arrives, while the command still runs.
-    let first = follow(&s, &url, None, |e| {
+    let first = follow(&s, &stream, None, |e| {
         e.event == "log" && e.data["output"].as_str().unwrap_or("").contains("tick 2")
     })
     .await;
@@ -92,7 +92,7 @@ async fn sse_streams_output_live_and_resumes_without_gaps() {
     let last = first.iter().rev().find_map(|e| e.id).unwrap();
 
     // Second connection resumes after the last id seen and runs to the end.
-    let second = follow(&s, &url, Some(last), |e| e.event == "end").await;
+    let second = follow(&s, &stream, Some(last), |e| e.event == "end").await;
     let end = second.last().unwrap();
     assert_eq!(end.event, "end");
     assert_eq!(end.data["status"], "done");
@@ -122,7 +122,7 @@ async fn sse_streams_output_live_and_resumes_without_gaps() {
     );
 
     // A finished request's stream replays everything and ends at once.
-    let replay = follow(&s, &url, None, |e| e.event == "end").await;
+    let replay = follow(&s, &stream, None, |e| e.event == "end").await;
     assert_eq!(
         replay.iter().filter_map(|e| e.id).collect::<Vec<_>>(),
         stored

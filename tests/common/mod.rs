@@ -1,9 +1,16 @@
 //! Test harness: the real `sqlite-sim` binary on a free port with a fresh database, run dir and
 //! (optionally) extra VM configs; a host-wide cap on concurrently booting guests; helpers to
 //! wait for a request to finish and to look for leftover QEMU processes.
+//!
+//! HTTP goes through [`http::Client`] (JSON calls returning `(status, body)`, whole replies,
+//! the API's shortcuts, authorization); a [`Server`] derefs to its client, so tests write
+//! `s.submit(..)`, `s.get_json(..)` or `s.url` directly.
 #![allow(dead_code)]
 
-use serde_json::{json, Value};
+pub mod http;
+
+pub use http::{Client, Method};
+use serde_json::Value;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -62,15 +69,23 @@ pub enum Mode {
     Agents,
 }
 
+/// One server under test: its temp dir (database, run dir, configs, logs), its main process,
+/// and a [`Client`] for its API (which it derefs to).
 pub struct Server {
-    pub url: String,
     pub dir: tempfile::TempDir,
     pub db: PathBuf,
     pub run_dir: PathBuf,
     pub config_dir: PathBuf,
     child: Option<Proc>,
-    pub client: reqwest::Client,
+    http: Client,
     env: Vec<(String, String)>,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.http
+    }
 }
 
 pub struct Options {
@@ -128,13 +143,12 @@ impl Server {
         ];
         env.extend(opts.env.iter().cloned());
         let mut s = Server {
-            url: String::new(),
             dir,
             db,
             run_dir,
             config_dir,
             child: None,
-            client: reqwest::Client::new(),
+            http: Client::new(String::new()),
             env,
         };
         s.spawn(opts.mode);
@@ -178,13 +192,26 @@ impl Server {
         Proc(cmd.spawn().unwrap())
     }
 
+    /// The binary with `args` and `SQLITE_SIM_API_URL` pointing at this server (the CLI's
+    /// commands and `submit`).
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sqlite-sim"));
+        cmd.args(args).env("SQLITE_SIM_API_URL", &self.url);
+        cmd
+    }
+
+    /// A client for this server's API, for tasks that outlive a borrow of it.
+    pub fn api(&self) -> Client {
+        self.http.clone()
+    }
+
     fn spawn(&mut self, mode: Mode) {
         self.child = Some(self.spawn_process(mode));
     }
 
     async fn wait_ready(&mut self) {
         let start = Instant::now();
-        while self.url.is_empty() {
+        while self.http.url.is_empty() {
             let log = self.logs();
             if let Some(addr) = log
                 .lines()
@@ -195,7 +222,7 @@ impl Server {
                     .chars()
                     .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
                     .collect();
-                self.url = format!("http://{addr}");
+                self.http.url = format!("http://{addr}");
                 break;
             }
             assert!(
@@ -205,8 +232,8 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         while start.elapsed() < Duration::from_secs(20) {
-            if let Ok(r) = self.client.get(format!("{}/health", self.url)).send().await {
-                if r.status().is_success() {
+            if let Ok(r) = self.try_call(Method::GET, "/health", None).await {
+                if (200..300).contains(&r.status) {
                     return;
                 }
             }
@@ -224,108 +251,6 @@ impl Server {
             }
         }
         out
-    }
-
-    pub async fn submit(&self, vm: &str, commands: &str, timeout: u32) -> String {
-        let r = self
-            .client
-            .post(format!("{}/requests", self.url))
-            .json(&json!({"vm_name": vm, "commands": commands, "timeout": timeout}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-        let body: Value = r.json().await.unwrap();
-        assert_eq!(body["status"], "pending");
-        assert_eq!(body["message"], "Request created successfully");
-        body["uuid"].as_str().unwrap().to_string()
-    }
-
-    pub async fn get(&self, uuid: &str) -> Value {
-        self.client
-            .get(format!("{}/requests/{uuid}", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    pub async fn logs_of(&self, uuid: &str) -> Vec<Value> {
-        let v: Value = self
-            .client
-            .get(format!("{}/requests/{uuid}/logs", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v.as_array().unwrap().clone()
-    }
-
-    /// GET `path` (e.g. `/requests?status=done`) as JSON, with its status code.
-    pub async fn get_json(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap();
-        let code = r.status().as_u16();
-        (code, r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// `PUT /requests/{id}/status`.
-    pub async fn put_status(&self, id: &str, status: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .put(format!("{}/requests/{id}/status", self.url))
-            .json(&json!({ "status": status }))
-            .send()
-            .await
-            .unwrap();
-        let code = r.status().as_u16();
-        (code, r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// The exact bytes of one log type (`GET /logs/raw`; the server's default when `None`).
-    pub async fn raw(&self, id: &str, log_type: Option<&str>) -> Vec<u8> {
-        let query = log_type
-            .map(|t| format!("?log_type={t}"))
-            .unwrap_or_default();
-        self.client
-            .get(format!("{}/requests/{id}/logs/raw{query}", self.url))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
-            .to_vec()
-    }
-
-    /// Waits until `needle` appears in the request's `log_type` output.
-    pub async fn wait_output(&self, id: &str, log_type: &str, needle: &str) {
-        let start = Instant::now();
-        while !self.output(id, log_type).await.contains(needle) {
-            assert!(
-                start.elapsed() < Duration::from_secs(180),
-                "{needle:?} never appeared in {log_type}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Concatenated output of one log type.
-    pub async fn output(&self, uuid: &str, log_type: &str) -> String {
-        self.logs_of(uuid)
-            .await
-            .iter()
-            .filter(|e| e["log_type"] == log_type)
-            .map(|e| e["output"].as_str().unwrap().to_string())
-            .collect()
     }
 
     /// Polls until the request is terminal; panics with the logs after `limit`.
