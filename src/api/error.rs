@@ -28,6 +28,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("no such route")]
     NoRoute,
+    #[error("method not allowed on this route; the Allow header lists the allowed ones")]
+    MethodNotAllowed,
     #[error(
         "cannot change a {current} request to {target}; {}",
         allowed_text(allowed)
@@ -43,6 +45,73 @@ pub enum ApiError {
     Busy(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The stable, machine-readable `code` of an error, which fixes its HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ErrorCode {
+    MalformedJson,
+    InvalidUuid,
+    Unauthorized,
+    NotFound,
+    NoRoute,
+    MethodNotAllowed,
+    InvalidTransition,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    Validation,
+    Internal,
+    DatabaseBusy,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::MalformedJson,
+        ErrorCode::InvalidUuid,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotFound,
+        ErrorCode::NoRoute,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::InvalidTransition,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::Validation,
+        ErrorCode::Internal,
+        ErrorCode::DatabaseBusy,
+    ];
+
+    /// The HTTP status every error with this code is answered with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::MalformedJson | ErrorCode::InvalidUuid => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::InvalidTransition => StatusCode::CONFLICT,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::Validation => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::DatabaseBusy => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::InvalidUuid => "invalid_uuid",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::NoRoute => "no_route",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::InvalidTransition => "invalid_transition",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::Validation => "validation_error",
+            ErrorCode::Internal => "internal",
+            ErrorCode::DatabaseBusy => "database_busy",
+        }
+    }
 }
 
 fn allowed_text(allowed: &[Status]) -> String {
@@ -66,23 +135,27 @@ struct ErrorDetail<'a> {
 }
 
 impl ApiError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::Validation(_) => ErrorCode::Validation,
+            ApiError::MalformedJson(_) => ErrorCode::MalformedJson,
+            ApiError::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
+            ApiError::PayloadTooLarge => ErrorCode::PayloadTooLarge,
+            ApiError::InvalidUuid(_) => ErrorCode::InvalidUuid,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::NoRoute => ErrorCode::NoRoute,
+            ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            ApiError::Conflict { .. } => ErrorCode::InvalidTransition,
+            ApiError::Unauthorized => ErrorCode::Unauthorized,
+            ApiError::Busy(_) => ErrorCode::DatabaseBusy,
+            ApiError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
     /// HTTP status and stable machine-readable code.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
-        match self {
-            ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_error"),
-            ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
-            ApiError::UnsupportedMediaType => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
-            }
-            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::InvalidUuid(_) => (StatusCode::BAD_REQUEST, "invalid_uuid"),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
-            ApiError::Conflict { .. } => (StatusCode::CONFLICT, "invalid_transition"),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_busy"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        }
+        let code = self.code();
+        (code.status(), code.as_str())
     }
 }
 
@@ -159,6 +232,7 @@ mod tests {
             ApiError::InvalidUuid("x".into()),
             ApiError::NotFound("x".into()),
             ApiError::NoRoute,
+            ApiError::MethodNotAllowed,
             ApiError::Unauthorized,
             ApiError::Conflict {
                 current: Status::Done,
@@ -180,6 +254,35 @@ mod tests {
         assert_eq!(
             c.to_string(),
             "cannot change a running request to pending; allowed: hold, cancelled"
+        );
+    }
+
+    #[test]
+    fn codes_are_distinct_and_all_listed() {
+        let names: std::collections::BTreeSet<&str> =
+            ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+        // The statuses README's errors table documents.
+        let table: Vec<(u16, &str)> = ErrorCode::ALL
+            .iter()
+            .map(|c| (c.status().as_u16(), c.as_str()))
+            .collect();
+        assert_eq!(
+            table,
+            [
+                (400, "malformed_json"),
+                (400, "invalid_uuid"),
+                (401, "unauthorized"),
+                (404, "not_found"),
+                (404, "no_route"),
+                (405, "method_not_allowed"),
+                (409, "invalid_transition"),
+                (413, "payload_too_large"),
+                (415, "unsupported_media_type"),
+                (422, "validation_error"),
+                (500, "internal"),
+                (503, "database_busy"),
+            ]
         );
     }
 }

@@ -114,6 +114,8 @@ pub fn router(state: AppState) -> Router {
         // Liveness stays open to load balancers.
         .route("/health", get(health))
         .fallback(|| async { ApiError::NoRoute })
+        // axum keeps the `Allow` header on this answer.
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(TraceLayer::new_for_http().make_span_with(
             |req: &axum::http::Request<axum::body::Body>| {
