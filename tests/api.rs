@@ -143,10 +143,20 @@ async fn invalid_submissions_are_rejected_and_change_nothing() {
     let exactly_max = "y".repeat(64 * 1024);
     let (status, _) = post(&s, json!({"vm_name": "tiny", "commands": exactly_max})).await;
     assert_eq!(status, 201, "64 KiB is allowed");
+    // What the schema admits is accepted: an integer written with a fraction part of zero (JSON
+    // Schema's `integer`), a null timeout, non-ASCII whitespace.
+    for body in [
+        json!({"vm_name": "tiny", "commands": "x", "timeout": 300.0}),
+        json!({"vm_name": "tiny", "commands": "x", "timeout": null}),
+        json!({"vm_name": "tiny", "commands": "\u{3000}"}),
+    ] {
+        let (status, resp) = post(&s, body.clone()).await;
+        assert_eq!(status, 201, "{body} → {resp}");
+    }
     assert_eq!(
         count_requests(&s),
-        1,
-        "only the valid submission was stored"
+        4,
+        "only the valid submissions were stored"
     );
 }
 
@@ -233,7 +243,14 @@ async fn reads_of_bad_or_unknown_ids() {
 async fn log_filters_are_validated() {
     let s = api().await;
     let id = s.submit("tiny", "echo x", 30).await;
-    for q in ["log_type=bogus", "limit=0", "after=abc", "nonsense=1"] {
+    for q in [
+        "log_type=bogus",
+        "limit=0",
+        "limit=100001",
+        "after=abc",
+        "after=-1",
+        "nonsense=1",
+    ] {
         let r = s
             .client
             .get(format!("{}/requests/{id}/logs?{q}", s.url))
@@ -350,9 +367,19 @@ async fn control_of_requests_without_a_vm() {
     );
     let (code, r) = s.put_status(&id, "pending").await;
     assert_eq!((code, r["status"].as_str()), (200, Some("pending")));
-    for target in ["done", "failed", "acknowledged", "pending"] {
+    let (code, r) = s.put_status(&id, "pending").await;
+    assert_error(code, &r, 409, "invalid_transition");
+    // The agents' states are never an operator's target: invalid input, whatever the state.
+    for target in ["done", "failed", "acknowledged"] {
         let (code, r) = s.put_status(&id, target).await;
-        assert_error(code, &r, 409, "invalid_transition");
+        assert_error(code, &r, 422, "validation_error");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("must be one of hold, pending, running, cancelled"),
+            "{r}"
+        );
     }
     let (code, r) = s.put_status(&id, "paused").await;
     assert_error(code, &r, 422, "validation_error");
@@ -388,6 +415,12 @@ async fn control_of_requests_without_a_vm() {
             .contains("allows no change"),
         "{r}"
     );
+    let (code, got) = s.get_json(&format!("/requests/{id}")).await;
+    assert_eq!(
+        (code, got["status"].as_str()),
+        (200, Some("cancelled")),
+        "a cancel keeps the request"
+    );
     let r = s
         .client
         .delete(format!("{}/requests/{id}", s.url))
@@ -395,6 +428,16 @@ async fn control_of_requests_without_a_vm() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
+    // A 204 removes it: nothing under its path answers any more.
+    for path in [
+        format!("/requests/{id}"),
+        format!("/requests/{id}/logs"),
+        format!("/requests/{id}/logs/raw"),
+        format!("/requests/{id}/logs/stream"),
+    ] {
+        let (code, r) = s.get_json(&path).await;
+        assert_error(code, &r, 404, "not_found");
+    }
     let r = s
         .client
         .delete(format!("{}/requests/{id}", s.url))

@@ -3,6 +3,7 @@
 //! handlers' annotations and served with Swagger UI, offline.
 
 pub mod error;
+mod input;
 mod logs;
 mod metrics;
 mod requests;
