@@ -518,38 +518,101 @@ async fn bearer_token_guards_everything_but_health() {
     );
 }
 
+async fn openapi(s: &Server, token: Option<&str>) -> Value {
+    let mut r = s.client.get(format!("{}/openapi.json", s.url));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let r = r.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// Whether `doc` lists `status` for `method path`, with `code` among its codes.
+fn documents(doc: &Value, method: &str, path: &str, status: u16, code: &str) -> bool {
+    let r = &doc["paths"][path][method]["responses"][status.to_string()];
+    let all_of = &r["content"]["application/json"]["schema"]["allOf"];
+    all_of[0]["$ref"] == "#/components/schemas/Error"
+        && all_of[1]["properties"]["error"]["properties"]["code"]["enum"]
+            .as_array()
+            .is_some_and(|codes| codes.iter().any(|c| c == code))
+}
+
+/// Every documented operation is served, and every other method on its path is refused with
+/// `405`, whose `Allow` header lists exactly the documented methods.
 #[tokio::test]
-async fn openapi_lists_every_route_and_docs_are_served() {
+async fn openapi_lists_exactly_the_routes_served_and_docs_are_served() {
     let s = api().await;
-    let doc: Value = s
-        .client
-        .get(format!("{}/openapi.json", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = openapi(&s, None).await;
     let paths = doc["paths"].as_object().unwrap();
-    for (path, methods) in [
-        ("/requests", &["get", "post"][..]),
-        ("/requests/{uuid}", &["get", "delete"]),
-        ("/requests/{uuid}/status", &["put"]),
-        ("/requests/{uuid}/logs", &["get"]),
-        ("/requests/{uuid}/logs/raw", &["get"]),
-        ("/requests/{uuid}/logs/stream", &["get"]),
-        ("/metrics", &["get"]),
-        ("/stats", &["get"]),
-        ("/prune", &["post"]),
-        ("/health", &["get"]),
-    ] {
-        for m in methods {
+    let mut listed: Vec<String> = Vec::new();
+    for (path, item) in paths {
+        let url = format!(
+            "{}{}",
+            s.url,
+            path.replace("{uuid}", &uuid::Uuid::nil().to_string())
+        );
+        let mut methods: Vec<String> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|m| m.to_uppercase())
+            .collect();
+        for m in &methods {
+            listed.push(format!("{m} {path}"));
+            let r = s
+                .client
+                .request(m.parse().unwrap(), &url)
+                .send()
+                .await
+                .unwrap();
+            let code = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
             assert!(
-                paths.get(path).and_then(|p| p.get(*m)).is_some(),
-                "{m} {path} missing"
+                ![405].contains(&code) && body["error"]["code"] != "no_route",
+                "{m} {path}: {code} {body}"
             );
         }
+        if methods.iter().any(|m| m == "GET") {
+            methods.push("HEAD".into());
+        }
+        let r = s
+            .client
+            .request(reqwest::Method::PATCH, &url)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "PATCH {path}");
+        let mut allow: Vec<String> = r.headers()["allow"]
+            .to_str()
+            .unwrap()
+            .split(',')
+            .map(|m| m.trim().to_string())
+            .collect();
+        allow.sort();
+        methods.sort();
+        assert_eq!(allow, methods, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{path}");
     }
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            "DELETE /requests/{uuid}",
+            "GET /health",
+            "GET /metrics",
+            "GET /requests",
+            "GET /requests/{uuid}",
+            "GET /requests/{uuid}/logs",
+            "GET /requests/{uuid}/logs/raw",
+            "GET /requests/{uuid}/logs/stream",
+            "GET /stats",
+            "POST /prune",
+            "POST /requests",
+            "PUT /requests/{uuid}/status",
+        ]
+    );
     let r = s
         .client
         .get(format!("{}/docs/", s.url))
@@ -557,10 +620,275 @@ async fn openapi_lists_every_route_and_docs_are_served() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("swagger"), "Swagger UI served offline");
+    let r = s
+        .client
+        .get(format!("{}/docs/swagger-initializer.js", s.url))
+        .send()
+        .await
+        .unwrap();
     assert!(
-        r.text().await.unwrap().contains("swagger"),
-        "Swagger UI served offline"
+        r.text().await.unwrap().contains("/openapi.json"),
+        "Swagger UI shows the served document"
     );
+}
+
+/// Each error answer the server gives is documented for its operation, with its code.
+#[tokio::test]
+async fn every_error_answer_is_documented_for_its_operation() {
+    let s = Server::start(Options {
+        mode: Mode::Api,
+        env: vec![("SQLITE_SIM_API_TOKEN".into(), "t0ken".into())],
+        ..Default::default()
+    })
+    .await;
+    let doc = openapi(&s, Some("t0ken")).await;
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let r = s
+        .client
+        .post(format!("{}/requests", s.url))
+        .bearer_auth("t0ken")
+        .json(&json!({"vm_name": "tiny", "commands": "echo x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let big = format!("{{\"x\":\"{}\"}}", "z".repeat(200 * 1024));
+    let json = Some("application/json");
+    // (method, documented path, concrete path, content type, body, extra header)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        String,
+        Option<&'a str>,
+        String,
+        Option<(&'a str, &'a str)>,
+    );
+    let mut cases: Vec<Case> = Vec::new();
+    for (m, p) in [
+        ("get", "/requests/{uuid}"),
+        ("delete", "/requests/{uuid}"),
+        ("get", "/requests/{uuid}/logs"),
+        ("get", "/requests/{uuid}/logs/raw"),
+        ("get", "/requests/{uuid}/logs/stream"),
+    ] {
+        cases.push((m, p, p.replace("{uuid}", "nope"), None, String::new(), None));
+        cases.push((
+            m,
+            p,
+            p.replace("{uuid}", &unknown),
+            None,
+            String::new(),
+            None,
+        ));
+    }
+    let status = "/requests/{uuid}/status";
+    let mine = status.replace("{uuid}", &id);
+    for (ctype, body) in [
+        (json, r#"{"status":"hold""#.to_string()),
+        (None, r#"{"status":"hold"}"#.to_string()),
+        (json, big.clone()),
+        (json, r#"{"status":"done"}"#.to_string()),
+        (json, r#"["hold"]"#.to_string()),
+        (json, r#"{"status":"running"}"#.to_string()),
+    ] {
+        cases.push(("put", status, mine.clone(), ctype, body, None));
+    }
+    cases.push((
+        "put",
+        status,
+        status.replace("{uuid}", "nope"),
+        json,
+        r#"{"status":"hold"}"#.into(),
+        None,
+    ));
+    cases.push((
+        "put",
+        status,
+        status.replace("{uuid}", &unknown),
+        json,
+        r#"{"status":"hold"}"#.into(),
+        None,
+    ));
+    for path in ["/requests", "/prune"] {
+        for (ctype, body) in [
+            (json, "{".to_string()),
+            (None, "{}".to_string()),
+            (Some("text/plain"), "{}".to_string()),
+            (json, big.clone()),
+            (json, "{}".to_string()),
+            (json, "[]".to_string()),
+        ] {
+            cases.push(("post", path, path.to_string(), ctype, body, None));
+        }
+    }
+    for q in [
+        "?limit=0",
+        "?status=",
+        "?uuid_prefix=xyz",
+        "?offset=-1",
+        "?sort=asc",
+    ] {
+        cases.push((
+            "get",
+            "/requests",
+            format!("/requests{q}"),
+            None,
+            String::new(),
+            None,
+        ));
+    }
+    for q in ["?limit=0", "?after=-1", "?log_type=x"] {
+        let p = "/requests/{uuid}/logs";
+        cases.push((
+            "get",
+            p,
+            format!("/requests/{id}/logs{q}"),
+            None,
+            String::new(),
+            None,
+        ));
+    }
+    cases.push((
+        "get",
+        "/requests/{uuid}/logs/raw",
+        format!("/requests/{id}/logs/raw?log_type=x"),
+        None,
+        String::new(),
+        None,
+    ));
+    let stream = "/requests/{uuid}/logs/stream";
+    cases.push((
+        "get",
+        stream,
+        format!("/requests/{id}/logs/stream?after=-1"),
+        None,
+        String::new(),
+        None,
+    ));
+    cases.push((
+        "get",
+        stream,
+        format!("/requests/{id}/logs/stream"),
+        None,
+        String::new(),
+        Some(("last-event-id", "x")),
+    ));
+    cases.push((
+        "get",
+        stream,
+        format!("/requests/{id}/logs/stream"),
+        None,
+        String::new(),
+        Some(("last-event-id", "-1")),
+    ));
+
+    let mut seen = std::collections::BTreeSet::new();
+    for (method, path, concrete, ctype, body, header) in cases {
+        let oversized = body.len() > 128 * 1024;
+        for auth in [true, false] {
+            if !auth && oversized {
+                // Refused before any of the body is read: the connection is closed under the
+                // upload, and the client rarely sees the answer.
+                continue;
+            }
+            let send = || {
+                let mut r = s
+                    .client
+                    .request(
+                        method.to_uppercase().parse().unwrap(),
+                        format!("{}{concrete}", s.url),
+                    )
+                    .body(body.clone());
+                if auth {
+                    r = r.bearer_auth("t0ken");
+                }
+                if let Some(c) = ctype {
+                    r = r.header("content-type", c);
+                }
+                if let Some((k, v)) = header {
+                    r = r.header(k, v);
+                }
+                r.send()
+            };
+            // A 413 is sent before the rest of the body is read and the connection closed, so
+            // the client can see a reset instead, on that call or on the next one that reuses
+            // the connection: retry. A server that died would fail every try.
+            let mut sent = send().await;
+            for _ in 0..5 {
+                if sent.is_ok() {
+                    break;
+                }
+                sent = send().await;
+            }
+            let r = sent.unwrap();
+            let code = r.status().as_u16();
+            let resp: Value = r.json().await.unwrap_or(Value::Null);
+            let name = resp["error"]["code"].as_str().unwrap_or("");
+            assert!(
+                code >= 400 && !name.is_empty(),
+                "{method} {concrete} {body:.40}: {code} {resp}"
+            );
+            assert!(
+                documents(&doc, method, path, code, name),
+                "{method} {path}: {code} {name} is not documented ({concrete} {body:.40})"
+            );
+            seen.insert((code, name.to_string()));
+        }
+    }
+    let codes: Vec<u16> = seen.iter().map(|(c, _)| *c).collect();
+    for status in [400, 401, 404, 409, 413, 415, 422] {
+        assert!(
+            codes.contains(&status),
+            "no case produced {status}: {seen:?}"
+        );
+    }
+    assert_eq!(count_requests(&s), 1, "no rejected call stored anything");
+}
+
+/// The document describes this server: its VMs (as they are now) and its timeout maximum,
+/// and what it admits is accepted.
+#[tokio::test]
+async fn openapi_describes_this_servers_vms_and_limits() {
+    let s = Server::start(Options {
+        mode: Mode::Api,
+        env: vec![("SQLITE_SIM_MAX_TIMEOUT".into(), "1234".into())],
+        ..Default::default()
+    })
+    .await;
+    let body_schema =
+        |doc: &Value| doc["components"]["schemas"]["CreateBody"]["properties"].clone();
+    let props = body_schema(&openapi(&s, None).await);
+    assert_eq!(props["vm_name"]["enum"], json!(["tiny"]));
+    assert_eq!(props["timeout"]["maximum"], 1234);
+    let (code, _) = post(
+        &s,
+        json!({"vm_name": "tiny", "commands": "x", "timeout": 1234}),
+    )
+    .await;
+    assert_eq!(code, 201, "the documented maximum is accepted");
+    let (code, r) = post(
+        &s,
+        json!({"vm_name": "tiny", "commands": "x", "timeout": 1235}),
+    )
+    .await;
+    assert_error(code, &r, 422, "validation_error");
+
+    // A config added while the server runs is listed, and accepted; a broken one is neither.
+    std::fs::write(s.config_dir.join("extra.conf"), "MEMORY=\"256M\"\n").unwrap();
+    std::fs::write(s.config_dir.join("broken.conf"), "NO_SUCH_KEY=1\n").unwrap();
+    let props = body_schema(&openapi(&s, None).await);
+    assert_eq!(props["vm_name"]["enum"], json!(["extra", "tiny"]));
+    let (code, r) = post(&s, json!({"vm_name": "extra", "commands": "x"})).await;
+    assert_eq!(code, 201, "{r}");
+    let (code, r) = post(&s, json!({"vm_name": "broken", "commands": "x"})).await;
+    assert_error(code, &r, 422, "validation_error");
+    assert_eq!(count_requests(&s), 2);
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! The one place where errors become HTTP status codes and the JSON error shape
-//! `{"error": {"code": "...", "message": "..."}}`.
+//! `{"error": {"code": "...", "message": "..."}}`. The OpenAPI document takes its error
+//! responses from here too ([`ErrorCode::status`], the input families below and
+//! [`InvalidTransitionResponse`]), so what it documents is what the server answers.
 
 use crate::model::Status;
 use crate::store::StoreError;
@@ -8,7 +10,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use thiserror::Error;
+use utoipa::openapi::{RefOr, ResponseBuilder};
 
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -111,6 +115,83 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::DatabaseBusy => "database_busy",
         }
+    }
+
+    /// When it is answered, for the OpenAPI document.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedJson => "the body is not well-formed JSON",
+            ErrorCode::InvalidUuid => "the `uuid` in the path is not a UUID",
+            ErrorCode::Unauthorized => "missing or wrong `Authorization: Bearer` token",
+            ErrorCode::NotFound => "no request has this uuid",
+            ErrorCode::NoRoute => "no route has this path",
+            ErrorCode::MethodNotAllowed => "the route does not take this method",
+            ErrorCode::InvalidTransition => {
+                "the request's state does not allow the change; the message names the allowed targets"
+            }
+            ErrorCode::PayloadTooLarge => "the body is larger than 128 KiB",
+            ErrorCode::UnsupportedMediaType => "the body is not sent as `application/json`",
+            ErrorCode::Validation => {
+                "a parameter or the body breaks a rule of its schema; the message says which"
+            }
+            ErrorCode::Internal => "a server fault, never caused by the input",
+            ErrorCode::DatabaseBusy => "the database stayed locked; retry shortly",
+        }
+    }
+}
+
+/// Errors every operation can answer with: each one reads or writes the database.
+pub const ANY_OPERATION: &[ErrorCode] = &[ErrorCode::DatabaseBusy, ErrorCode::Internal];
+/// Errors a `{uuid}` path parameter brings: it is parsed, then looked up.
+pub const UUID_PATH: &[ErrorCode] = &[ErrorCode::InvalidUuid, ErrorCode::NotFound];
+/// Errors query or header parameters bring (unknown query parameters are refused too).
+pub const PARAMETERS: &[ErrorCode] = &[ErrorCode::Validation];
+/// Errors a JSON request body brings: what `From<JsonRejection>` below maps to, plus the rules
+/// the handler checks itself.
+pub const JSON_BODY: &[ErrorCode] = &[
+    ErrorCode::MalformedJson,
+    ErrorCode::UnsupportedMediaType,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::Validation,
+];
+/// Errors of an operation behind the bearer token, when one is configured.
+pub const AUTHENTICATED: &[ErrorCode] = &[ErrorCode::Unauthorized];
+
+/// The OpenAPI extension through which an operation declares error codes its inputs do not
+/// imply; the document builder turns them into responses and removes it.
+pub const DECLARED_CODES: &str = "x-error-codes";
+
+/// Declares, in a handler's `responses(...)`, the errors of an operation that its inputs do not
+/// imply, by code; their statuses come from [`ErrorCode::status`].
+fn declared(codes: &[ErrorCode]) -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+    let mut by_status: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for c in codes {
+        by_status
+            .entry(c.status().as_u16().to_string())
+            .or_default()
+            .push(c.as_str());
+    }
+    by_status
+        .into_iter()
+        .map(|(status, names)| {
+            let extensions = utoipa::openapi::extensions::ExtensionsBuilder::new()
+                .add(DECLARED_CODES, names)
+                .build();
+            let response = ResponseBuilder::new()
+                .description("declared error")
+                .extensions(Some(extensions))
+                .build();
+            (status, RefOr::T(response))
+        })
+        .collect()
+}
+
+/// `invalid_transition`: for operations that change a request's state.
+pub struct InvalidTransitionResponse;
+
+impl utoipa::IntoResponses for InvalidTransitionResponse {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        declared(&[ErrorCode::InvalidTransition])
     }
 }
 
@@ -284,5 +365,14 @@ mod tests {
                 (503, "database_busy"),
             ]
         );
+    }
+
+    #[test]
+    fn markers_declare_codes_by_status() {
+        use utoipa::IntoResponses;
+        let r = InvalidTransitionResponse::responses();
+        let v = serde_json::to_value(&r["409"]).unwrap();
+        assert_eq!(v[DECLARED_CODES], serde_json::json!(["invalid_transition"]));
+        assert_eq!(r.len(), 1);
     }
 }

@@ -1,6 +1,6 @@
 //! `/requests`: submit, list, read, control (hold/resume/cancel) and delete.
 
-use super::error::ApiError;
+use super::error::{ApiError, InvalidTransitionResponse};
 use super::input::{self, Object};
 use super::AppState;
 use crate::config::vm::{is_valid_vm_name, VmConfigError};
@@ -334,7 +334,7 @@ pub struct ControlResponse {
     responses(
         (status = 200, body = ControlResponse, description = "applied"),
         (status = 202, body = ControlResponse, description = "recorded; the agent applies it"),
-        (status = 409, description = "transition not allowed; the allowed ones are listed"),
+        InvalidTransitionResponse,
     ))]
 pub async fn set_status(
     State(state): State<AppState>,
@@ -423,6 +423,7 @@ async fn wait_applied(
         (status = 204, description = "finished request deleted with its logs"),
         (status = 200, body = ControlResponse, description = "active request cancelled"),
         (status = 202, body = ControlResponse, description = "cancel recorded; the agent applies it"),
+        InvalidTransitionResponse,
     ))]
 pub async fn delete(
     State(state): State<AppState>,
