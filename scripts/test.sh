@@ -27,3 +27,5 @@ shellcheck scripts/*.sh .ci/run
 # Real-QEMU tests boot guests under TCG: bound how many run at once on this 2-core machine.
 export SQLITE_SIM_TEST_VMS="${SQLITE_SIM_TEST_VMS:-2}"
 cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
+# The API against its own OpenAPI document: Schemathesis, every check and phase (its own venv).
+scripts/schemathesis.sh

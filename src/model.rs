@@ -247,6 +247,8 @@ pub struct Request {
     pub uuid: RequestId,
     pub vm_name: String,
     pub commands: String,
+    /// Seconds (a `u32`, so wider than `int32`).
+    #[schema(format = Int64)]
     pub timeout: u32,
     pub status: Status,
     pub created_at: String,

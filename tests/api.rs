@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Method, Mode, Options, Server};
+use common::{Mode, Options, Server};
 use serde_json::{json, Value};
 
 async fn api() -> Server {
@@ -12,6 +12,17 @@ async fn api() -> Server {
         ..Default::default()
     })
     .await
+}
+
+async fn post(s: &Server, body: Value) -> (u16, Value) {
+    let r = s
+        .request(reqwest::Method::POST, "/requests")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 fn assert_error(status: u16, body: &Value, want_status: u16, code: &str) {
@@ -33,15 +44,14 @@ fn count_requests(s: &Server) -> i64 {
 async fn create_and_read_back() {
     let s = api().await;
     let r = s
-        .call(
-            Method::POST,
-            "/requests",
-            Some(&json!({"vm_name": "tiny", "commands": "echo hi"})),
-        )
-        .await;
-    assert_eq!(r.status, 201);
-    let location = r.header("location");
-    let body = r.json();
+        .request(reqwest::Method::POST, "/requests")
+        .json(&json!({"vm_name": "tiny", "commands": "echo hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
     let uuid = body["uuid"].as_str().unwrap();
     assert_eq!(location, format!("/requests/{uuid}"));
     assert_eq!(body["message"], "Request created successfully");
@@ -123,47 +133,69 @@ async fn invalid_submissions_are_rejected_and_change_nothing() {
         (json!(["tiny", "x"]), ""),
     ];
     for (body, needle) in cases {
-        let (status, resp) = s.submit_json(&body).await;
+        let (status, resp) = post(&s, body.clone()).await;
         assert_error(status, &resp, 422, "validation_error");
         let msg = resp["error"]["message"].as_str().unwrap();
         assert!(msg.contains(needle), "{body} → {msg}");
     }
     let exactly_max = "y".repeat(64 * 1024);
-    let (status, _) = s
-        .submit_json(&json!({"vm_name": "tiny", "commands": exactly_max}))
-        .await;
+    let (status, _) = post(&s, json!({"vm_name": "tiny", "commands": exactly_max})).await;
     assert_eq!(status, 201, "64 KiB is allowed");
+    // What the schema admits is accepted: an integer written with a fraction part of zero (JSON
+    // Schema's `integer`), a null timeout, non-ASCII whitespace.
+    for body in [
+        json!({"vm_name": "tiny", "commands": "x", "timeout": 300.0}),
+        json!({"vm_name": "tiny", "commands": "x", "timeout": null}),
+        json!({"vm_name": "tiny", "commands": "\u{3000}"}),
+    ] {
+        let (status, resp) = post(&s, body.clone()).await;
+        assert_eq!(status, 201, "{body} → {resp}");
+    }
     assert_eq!(
         count_requests(&s),
-        1,
-        "only the valid submission was stored"
+        4,
+        "only the valid submissions were stored"
     );
 }
 
 #[tokio::test]
 async fn malformed_bodies_get_4xx_never_5xx() {
     let s = api().await;
-    let send = |body: Vec<u8>, ctype: Option<&'static str>| s.post_bytes("/requests", body, ctype);
-    let r = send(b"{\"vm_name\": ".to_vec(), Some("application/json")).await;
-    assert_error(r.status, &r.json(), 400, "malformed_json");
+    let send = |body: Vec<u8>, ctype: Option<&'static str>| {
+        let mut r = s.request(reqwest::Method::POST, "/requests").body(body);
+        if let Some(c) = ctype {
+            r = r.header("content-type", c);
+        }
+        r.send()
+    };
+    let r = send(b"{\"vm_name\": ".to_vec(), Some("application/json"))
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().await.unwrap(), 400, "malformed_json");
     let r = send(
         b"{\"vm_name\":\"tiny\",\"commands\":\"\xff\xfe\"}".to_vec(),
         Some("application/json"),
     )
-    .await;
+    .await
+    .unwrap();
     assert!(
-        (400..500).contains(&r.status),
+        r.status().is_client_error(),
         "invalid UTF-8: {}",
-        r.status
+        r.status()
     );
-    let r = send(b"{}".to_vec(), None).await;
-    assert_error(r.status, &r.json(), 415, "unsupported_media_type");
+    let r = send(b"{}".to_vec(), None).await.unwrap();
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().await.unwrap(), 415, "unsupported_media_type");
     let huge = format!(
         "{{\"vm_name\":\"tiny\",\"commands\":\"{}\"}}",
         "z".repeat(200 * 1024)
     );
-    let r = send(huge.into_bytes(), Some("application/json")).await;
-    assert_error(r.status, &r.json(), 413, "payload_too_large");
+    let r = send(huge.into_bytes(), Some("application/json"))
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().await.unwrap(), 413, "payload_too_large");
     assert_eq!(count_requests(&s), 0);
 }
 
@@ -171,43 +203,77 @@ async fn malformed_bodies_get_4xx_never_5xx() {
 async fn reads_of_bad_or_unknown_ids() {
     let s = api().await;
     for path in ["/requests/not-a-uuid", "/requests/1%27%20OR%201=1--/logs"] {
-        let r = s.fetch(path).await;
-        assert_error(r.status, &r.json(), 400, "invalid_uuid");
+        let r = s
+            .request(reqwest::Method::GET, &format!("{path}"))
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        assert_error(st, &r.json().await.unwrap(), 400, "invalid_uuid");
     }
     let unknown = "123e4567-e89b-12d3-a456-426614174000";
     for path in [
         format!("/requests/{unknown}"),
         format!("/requests/{unknown}/logs"),
     ] {
-        let r = s.fetch(&path).await;
-        assert_error(r.status, &r.json(), 404, "not_found");
+        let r = s
+            .request(reqwest::Method::GET, &format!("{path}"))
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        assert_error(st, &r.json().await.unwrap(), 404, "not_found");
     }
-    let r = s.fetch("/nope").await;
-    assert_error(r.status, &r.json(), 404, "no_route");
+    let r = s
+        .request(reqwest::Method::GET, "/nope")
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    assert_error(st, &r.json().await.unwrap(), 404, "no_route");
 }
 
 #[tokio::test]
 async fn log_filters_are_validated() {
     let s = api().await;
     let id = s.submit("tiny", "echo x", 30).await;
-    for q in ["log_type=bogus", "limit=0", "after=abc", "nonsense=1"] {
-        let r = s.fetch(&format!("/requests/{id}/logs?{q}")).await;
-        assert_error(r.status, &r.json(), 422, "validation_error");
+    for q in [
+        "log_type=bogus",
+        "limit=0",
+        "limit=100001",
+        "after=abc",
+        "after=-1",
+        "nonsense=1",
+    ] {
+        let r = s
+            .request(reqwest::Method::GET, &format!("/requests/{id}/logs?{q}"))
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        assert_error(st, &r.json().await.unwrap(), 422, "validation_error");
     }
     let r = s
-        .fetch(&format!(
-            "/requests/{id}/logs?log_type=stdout&after=0&limit=10"
-        ))
-        .await;
-    assert_eq!(r.status, 200);
+        .request(
+            reqwest::Method::GET,
+            &format!("/requests/{id}/logs?log_type=stdout&after=0&limit=10"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]
 async fn health_reports_the_database() {
     let s = api().await;
-    let r = s.fetch("/health").await;
-    assert_eq!(r.status, 200);
-    let v = r.json();
+    let r = s
+        .request(reqwest::Method::GET, "/health")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
     assert_eq!(v["database"], "ok");
 }
 
@@ -223,9 +289,13 @@ async fn list_filters_pages_and_counts() {
     let list = |q: &'static str| {
         let s = &s;
         async move {
-            let r = s.fetch(&format!("/requests{q}")).await;
-            assert_eq!(r.status, 200, "{q}");
-            r.json()
+            let r = s
+                .request(reqwest::Method::GET, &format!("/requests{q}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{q}");
+            r.json::<Value>().await.unwrap()
         }
     };
     let all = list("").await;
@@ -256,8 +326,13 @@ async fn list_filters_pages_and_counts() {
         "?offset=-1",
         "?order=asc",
     ] {
-        let r = s.fetch(&format!("/requests{bad}")).await;
-        assert_error(r.status, &r.json(), 422, "validation_error");
+        let r = s
+            .request(reqwest::Method::GET, &format!("/requests{bad}"))
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        assert_error(st, &r.json().await.unwrap(), 422, "validation_error");
     }
 }
 
@@ -281,23 +356,38 @@ async fn control_of_requests_without_a_vm() {
     );
     let (code, r) = s.put_status(&id, "pending").await;
     assert_eq!((code, r["status"].as_str()), (200, Some("pending")));
-    for target in ["done", "failed", "acknowledged", "pending"] {
+    let (code, r) = s.put_status(&id, "pending").await;
+    assert_error(code, &r, 409, "invalid_transition");
+    // The agents' states are never an operator's target: invalid input, whatever the state.
+    for target in ["done", "failed", "acknowledged"] {
         let (code, r) = s.put_status(&id, target).await;
-        assert_error(code, &r, 409, "invalid_transition");
+        assert_error(code, &r, 422, "validation_error");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("must be one of hold, pending, running, cancelled"),
+            "{r}"
+        );
     }
     let (code, r) = s.put_status(&id, "paused").await;
     assert_error(code, &r, 422, "validation_error");
-    let (code, _) = s
-        .put_json(
-            &format!("/requests/{id}/status"),
-            &json!({"status": "hold", "force": true}),
-        )
-        .await;
-    assert_eq!(code, 422, "unknown fields rejected");
+    let r = s
+        .request(reqwest::Method::PUT, &format!("/requests/{id}/status"))
+        .json(&json!({"status": "hold", "force": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422, "unknown fields rejected");
 
     // DELETE of a pending request cancels it; of a finished one deletes it.
-    let (code, body) = s.delete_request(&id).await;
-    assert_eq!(code, 200);
+    let r = s
+        .request(reqwest::Method::DELETE, &format!("/requests/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
     assert_eq!(
         (body["status"].as_str(), body["applied"].as_bool()),
         (Some("cancelled"), Some(true))
@@ -312,8 +402,34 @@ async fn control_of_requests_without_a_vm() {
             .contains("allows no change"),
         "{r}"
     );
-    assert_eq!(s.delete_request(&id).await.0, 204);
-    assert_eq!(s.delete_request(&id).await.0, 404);
+    let (code, got) = s.get_json(&format!("/requests/{id}")).await;
+    assert_eq!(
+        (code, got["status"].as_str()),
+        (200, Some("cancelled")),
+        "a cancel keeps the request"
+    );
+    let r = s
+        .request(reqwest::Method::DELETE, &format!("/requests/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    // A 204 removes it: nothing under its path answers any more.
+    for path in [
+        format!("/requests/{id}"),
+        format!("/requests/{id}/logs"),
+        format!("/requests/{id}/logs/raw"),
+        format!("/requests/{id}/logs/stream"),
+    ] {
+        let (code, r) = s.get_json(&path).await;
+        assert_error(code, &r, 404, "not_found");
+    }
+    let r = s
+        .request(reqwest::Method::DELETE, &format!("/requests/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     assert_eq!(count_requests(&s), 0);
 }
 
@@ -321,14 +437,23 @@ async fn control_of_requests_without_a_vm() {
 async fn raw_logs_of_a_request_without_output_are_empty() {
     let s = api().await;
     let id = s.submit("tiny", "echo x", 30).await;
-    let r = s.fetch(&format!("/requests/{id}/logs/raw")).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.header("content-type"), "application/octet-stream");
-    assert!(r.body.is_empty());
     let r = s
-        .fetch(&format!("/requests/{id}/logs/raw?log_type=nope"))
-        .await;
-    assert_eq!(r.status, 422);
+        .request(reqwest::Method::GET, &format!("/requests/{id}/logs/raw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/octet-stream");
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = s
+        .request(
+            reqwest::Method::GET,
+            &format!("/requests/{id}/logs/raw?log_type=nope"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
 }
 
 #[tokio::test]
@@ -340,31 +465,37 @@ async fn bearer_token_guards_everything_but_health() {
     })
     .await;
     let get = |path: &'static str, token: Option<&'static str>| {
-        let c = match token {
-            Some(t) => s.with_authorization(t),
-            None => s.api(),
-        };
-        async move { c.fetch(path).await }
+        let mut r = s.request(reqwest::Method::GET, &format!("{path}"));
+        if let Some(t) = token {
+            r = r.header("authorization", t);
+        }
+        r.send()
     };
-    assert_eq!(get("/health", None).await.status, 200);
+    assert_eq!(get("/health", None).await.unwrap().status(), 200);
     for path in ["/requests", "/metrics", "/openapi.json"] {
-        let r = get(path, None).await;
-        assert_eq!(r.status, 401, "{path}");
-        assert_eq!(r.header("www-authenticate"), "Bearer");
-        let body = r.json();
+        let r = get(path, None).await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], "unauthorized");
-        assert_eq!(get(path, Some("Bearer wrong")).await.status, 401);
-        assert_eq!(get(path, Some("s3cret-token")).await.status, 401);
+        assert_eq!(get(path, Some("Bearer wrong")).await.unwrap().status(), 401);
+        assert_eq!(get(path, Some("s3cret-token")).await.unwrap().status(), 401);
         assert_eq!(
-            get(path, Some("Bearer s3cret-token")).await.status,
+            get(path, Some("Bearer s3cret-token"))
+                .await
+                .unwrap()
+                .status(),
             200,
             "{path}"
         );
     }
-    let (code, _) = s
-        .submit_json(&json!({"vm_name": "tiny", "commands": "x"}))
-        .await;
-    assert_eq!(code, 401);
+    let r = s
+        .request(reqwest::Method::POST, "/requests")
+        .json(&json!({"vm_name": "tiny", "commands": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     assert_eq!(count_requests(&s), 0);
     assert!(
         !s.logs().contains("s3cret-token"),
@@ -372,33 +503,360 @@ async fn bearer_token_guards_everything_but_health() {
     );
 }
 
+async fn openapi(s: &Server, token: Option<&str>) -> Value {
+    let mut r = s.request(reqwest::Method::GET, "/openapi.json");
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let r = r.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// Whether `doc` lists `status` for `method path`, with `code` among its codes.
+fn documents(doc: &Value, method: &str, path: &str, status: u16, code: &str) -> bool {
+    let r = &doc["paths"][path][method]["responses"][status.to_string()];
+    let all_of = &r["content"]["application/json"]["schema"]["allOf"];
+    all_of[0]["$ref"] == "#/components/schemas/Error"
+        && all_of[1]["properties"]["error"]["properties"]["code"]["enum"]
+            .as_array()
+            .is_some_and(|codes| codes.iter().any(|c| c == code))
+}
+
+/// Every documented operation is served, and every other method on its path is refused with
+/// `405`, whose `Allow` header lists exactly the documented methods.
 #[tokio::test]
-async fn openapi_lists_every_route_and_docs_are_served() {
+async fn openapi_lists_exactly_the_routes_served_and_docs_are_served() {
     let s = api().await;
-    let doc = s.fetch("/openapi.json").await.json();
+    let doc = openapi(&s, None).await;
     let paths = doc["paths"].as_object().unwrap();
-    for (path, methods) in [
-        ("/requests", &["get", "post"][..]),
-        ("/requests/{uuid}", &["get", "delete"]),
-        ("/requests/{uuid}/status", &["put"]),
-        ("/requests/{uuid}/logs", &["get"]),
-        ("/requests/{uuid}/logs/raw", &["get"]),
-        ("/requests/{uuid}/logs/stream", &["get"]),
-        ("/metrics", &["get"]),
-        ("/stats", &["get"]),
-        ("/prune", &["post"]),
-        ("/health", &["get"]),
-    ] {
-        for m in methods {
+    let mut listed: Vec<String> = Vec::new();
+    for (path, item) in paths {
+        let url = path.replace("{uuid}", &uuid::Uuid::nil().to_string());
+        let mut methods: Vec<String> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|m| m.to_uppercase())
+            .collect();
+        for m in &methods {
+            listed.push(format!("{m} {path}"));
+            let r = s.request(m.parse().unwrap(), &url).send().await.unwrap();
+            let code = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
             assert!(
-                paths.get(path).and_then(|p| p.get(*m)).is_some(),
-                "{m} {path} missing"
+                ![405].contains(&code) && body["error"]["code"] != "no_route",
+                "{m} {path}: {code} {body}"
             );
         }
+        if methods.iter().any(|m| m == "GET") {
+            methods.push("HEAD".into());
+        }
+        let r = s
+            .request(reqwest::Method::PATCH, &url)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "PATCH {path}");
+        let mut allow: Vec<String> = r.headers()["allow"]
+            .to_str()
+            .unwrap()
+            .split(',')
+            .map(|m| m.trim().to_string())
+            .collect();
+        allow.sort();
+        methods.sort();
+        assert_eq!(allow, methods, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "method_not_allowed", "{path}");
     }
-    let r = s.fetch("/docs/").await;
-    assert_eq!(r.status, 200);
-    assert!(r.text().contains("swagger"), "Swagger UI served offline");
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            "DELETE /requests/{uuid}",
+            "GET /health",
+            "GET /metrics",
+            "GET /requests",
+            "GET /requests/{uuid}",
+            "GET /requests/{uuid}/logs",
+            "GET /requests/{uuid}/logs/raw",
+            "GET /requests/{uuid}/logs/stream",
+            "GET /stats",
+            "POST /prune",
+            "POST /requests",
+            "PUT /requests/{uuid}/status",
+        ]
+    );
+    let r = s
+        .request(reqwest::Method::GET, "/docs/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("swagger"), "Swagger UI served offline");
+    let r = s
+        .request(reqwest::Method::GET, "/docs/swagger-initializer.js")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.text().await.unwrap().contains("/openapi.json"),
+        "Swagger UI shows the served document"
+    );
+}
+
+/// Each error answer the server gives is documented for its operation, with its code.
+#[tokio::test]
+async fn every_error_answer_is_documented_for_its_operation() {
+    let s = Server::start(Options {
+        mode: Mode::Api,
+        env: vec![("SQLITE_SIM_API_TOKEN".into(), "t0ken".into())],
+        ..Default::default()
+    })
+    .await;
+    let doc = openapi(&s, Some("t0ken")).await;
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let r = s
+        .request(reqwest::Method::POST, "/requests")
+        .bearer_auth("t0ken")
+        .json(&json!({"vm_name": "tiny", "commands": "echo x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let big = format!("{{\"x\":\"{}\"}}", "z".repeat(200 * 1024));
+    let json = Some("application/json");
+    // (method, documented path, concrete path, content type, body, extra header)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        String,
+        Option<&'a str>,
+        String,
+        Option<(&'a str, &'a str)>,
+    );
+    let mut cases: Vec<Case> = Vec::new();
+    for (m, p) in [
+        ("get", "/requests/{uuid}"),
+        ("delete", "/requests/{uuid}"),
+        ("get", "/requests/{uuid}/logs"),
+        ("get", "/requests/{uuid}/logs/raw"),
+        ("get", "/requests/{uuid}/logs/stream"),
+    ] {
+        cases.push((m, p, p.replace("{uuid}", "nope"), None, String::new(), None));
+        cases.push((
+            m,
+            p,
+            p.replace("{uuid}", &unknown),
+            None,
+            String::new(),
+            None,
+        ));
+    }
+    let status = "/requests/{uuid}/status";
+    let mine = status.replace("{uuid}", &id);
+    for (ctype, body) in [
+        (json, r#"{"status":"hold""#.to_string()),
+        (None, r#"{"status":"hold"}"#.to_string()),
+        (json, big.clone()),
+        (json, r#"{"status":"done"}"#.to_string()),
+        (json, r#"["hold"]"#.to_string()),
+        (json, r#"{"status":"running"}"#.to_string()),
+    ] {
+        cases.push(("put", status, mine.clone(), ctype, body, None));
+    }
+    cases.push((
+        "put",
+        status,
+        status.replace("{uuid}", "nope"),
+        json,
+        r#"{"status":"hold"}"#.into(),
+        None,
+    ));
+    cases.push((
+        "put",
+        status,
+        status.replace("{uuid}", &unknown),
+        json,
+        r#"{"status":"hold"}"#.into(),
+        None,
+    ));
+    for path in ["/requests", "/prune"] {
+        for (ctype, body) in [
+            (json, "{".to_string()),
+            (None, "{}".to_string()),
+            (Some("text/plain"), "{}".to_string()),
+            (json, big.clone()),
+            (json, "{}".to_string()),
+            (json, "[]".to_string()),
+        ] {
+            cases.push(("post", path, path.to_string(), ctype, body, None));
+        }
+    }
+    for q in [
+        "?limit=0",
+        "?status=",
+        "?uuid_prefix=xyz",
+        "?offset=-1",
+        "?sort=asc",
+    ] {
+        cases.push((
+            "get",
+            "/requests",
+            format!("/requests{q}"),
+            None,
+            String::new(),
+            None,
+        ));
+    }
+    for q in ["?limit=0", "?after=-1", "?log_type=x"] {
+        let p = "/requests/{uuid}/logs";
+        cases.push((
+            "get",
+            p,
+            format!("/requests/{id}/logs{q}"),
+            None,
+            String::new(),
+            None,
+        ));
+    }
+    cases.push((
+        "get",
+        "/requests/{uuid}/logs/raw",
+        format!("/requests/{id}/logs/raw?log_type=x"),
+        None,
+        String::new(),
+        None,
+    ));
+    let stream = "/requests/{uuid}/logs/stream";
+    cases.push((
+        "get",
+        stream,
+        format!("/requests/{id}/logs/stream?after=-1"),
+        None,
+        String::new(),
+        None,
+    ));
+    cases.push((
+        "get",
+        stream,
+        format!("/requests/{id}/logs/stream"),
+        None,
+        String::new(),
+        Some(("last-event-id", "x")),
+    ));
+    cases.push((
+        "get",
+        stream,
+        format!("/requests/{id}/logs/stream"),
+        None,
+        String::new(),
+        Some(("last-event-id", "-1")),
+    ));
+
+    let mut seen = std::collections::BTreeSet::new();
+    for (method, path, concrete, ctype, body, header) in cases {
+        let oversized = body.len() > 128 * 1024;
+        for auth in [true, false] {
+            if !auth && oversized {
+                // Refused before any of the body is read: the connection is closed under the
+                // upload, and the client rarely sees the answer.
+                continue;
+            }
+            let send = || {
+                let mut r = s
+                    .request(method.to_uppercase().parse().unwrap(), &concrete)
+                    .body(body.clone());
+                if auth {
+                    r = r.bearer_auth("t0ken");
+                }
+                if let Some(c) = ctype {
+                    r = r.header("content-type", c);
+                }
+                if let Some((k, v)) = header {
+                    r = r.header(k, v);
+                }
+                r.send()
+            };
+            // A 413 is sent before the rest of the body is read and the connection closed, so
+            // the client can see a reset instead, on that call or on the next one that reuses
+            // the connection: retry. A server that died would fail every try.
+            let mut sent = send().await;
+            for _ in 0..5 {
+                if sent.is_ok() {
+                    break;
+                }
+                sent = send().await;
+            }
+            let r = sent.unwrap();
+            let code = r.status().as_u16();
+            let resp: Value = r.json().await.unwrap_or(Value::Null);
+            let name = resp["error"]["code"].as_str().unwrap_or("");
+            assert!(
+                code >= 400 && !name.is_empty(),
+                "{method} {concrete} {body:.40}: {code} {resp}"
+            );
+            assert!(
+                documents(&doc, method, path, code, name),
+                "{method} {path}: {code} {name} is not documented ({concrete} {body:.40})"
+            );
+            seen.insert((code, name.to_string()));
+        }
+    }
+    let codes: Vec<u16> = seen.iter().map(|(c, _)| *c).collect();
+    for status in [400, 401, 404, 409, 413, 415, 422] {
+        assert!(
+            codes.contains(&status),
+            "no case produced {status}: {seen:?}"
+        );
+    }
+    assert_eq!(count_requests(&s), 1, "no rejected call stored anything");
+}
+
+/// The document describes this server: its VMs (as they are now) and its timeout maximum,
+/// and what it admits is accepted.
+#[tokio::test]
+async fn openapi_describes_this_servers_vms_and_limits() {
+    let s = Server::start(Options {
+        mode: Mode::Api,
+        env: vec![("SQLITE_SIM_MAX_TIMEOUT".into(), "1234".into())],
+        ..Default::default()
+    })
+    .await;
+    let body_schema =
+        |doc: &Value| doc["components"]["schemas"]["CreateBody"]["properties"].clone();
+    let props = body_schema(&openapi(&s, None).await);
+    assert_eq!(props["vm_name"]["enum"], json!(["tiny"]));
+    assert_eq!(props["timeout"]["maximum"], 1234);
+    let (code, _) = post(
+        &s,
+        json!({"vm_name": "tiny", "commands": "x", "timeout": 1234}),
+    )
+    .await;
+    assert_eq!(code, 201, "the documented maximum is accepted");
+    let (code, r) = post(
+        &s,
+        json!({"vm_name": "tiny", "commands": "x", "timeout": 1235}),
+    )
+    .await;
+    assert_error(code, &r, 422, "validation_error");
+
+    // A config added while the server runs is listed, and accepted; a broken one is neither.
+    std::fs::write(s.config_dir.join("extra.conf"), "MEMORY=\"256M\"\n").unwrap();
+    std::fs::write(s.config_dir.join("broken.conf"), "NO_SUCH_KEY=1\n").unwrap();
+    let props = body_schema(&openapi(&s, None).await);
+    assert_eq!(props["vm_name"]["enum"], json!(["extra", "tiny"]));
+    let (code, r) = post(&s, json!({"vm_name": "extra", "commands": "x"})).await;
+    assert_eq!(code, 201, "{r}");
+    let (code, r) = post(&s, json!({"vm_name": "broken", "commands": "x"})).await;
+    assert_error(code, &r, 422, "validation_error");
+    assert_eq!(count_requests(&s), 2);
 }
 
 #[tokio::test]
@@ -415,10 +873,13 @@ async fn cors_only_when_enabled() {
         })
         .await;
         let r = s
-            .send(s.request(Method::GET, "/requests").header("origin", origin))
-            .await;
+            .request(reqwest::Method::GET, "/requests")
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(
-            r.headers.get("access-control-allow-origin").is_some(),
+            r.headers().get("access-control-allow-origin").is_some(),
             expect,
             "enabled={enabled}"
         );
@@ -429,9 +890,13 @@ async fn cors_only_when_enabled() {
 async fn metrics_are_prometheus_text() {
     let s = api().await;
     s.submit("tiny", "echo x", 30).await;
-    let r = s.fetch("/metrics").await;
-    assert_eq!(r.status, 200);
-    let text = r.text();
+    let r = s
+        .request(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
     for needle in [
         "# TYPE sqlite_sim_requests gauge",
         "sqlite_sim_requests{status=\"pending\"} 1",

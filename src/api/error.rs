@@ -1,5 +1,7 @@
 //! The one place where errors become HTTP status codes and the JSON error shape
-//! `{"error": {"code": "...", "message": "..."}}`.
+//! `{"error": {"code": "...", "message": "..."}}`. The OpenAPI document takes its error
+//! responses from here too ([`ErrorCode::status`], the input families below and
+//! [`InvalidTransitionResponse`]), so what it documents is what the server answers.
 
 use crate::model::Status;
 use crate::store::StoreError;
@@ -8,7 +10,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use thiserror::Error;
+use utoipa::openapi::{RefOr, ResponseBuilder};
 
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -28,6 +32,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("no such route")]
     NoRoute,
+    #[error("method not allowed on this route; the Allow header lists the allowed ones")]
+    MethodNotAllowed,
     #[error(
         "cannot change a {current} request to {target}; {}",
         allowed_text(allowed)
@@ -43,6 +49,150 @@ pub enum ApiError {
     Busy(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The stable, machine-readable `code` of an error, which fixes its HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ErrorCode {
+    MalformedJson,
+    InvalidUuid,
+    Unauthorized,
+    NotFound,
+    NoRoute,
+    MethodNotAllowed,
+    InvalidTransition,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    Validation,
+    Internal,
+    DatabaseBusy,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::MalformedJson,
+        ErrorCode::InvalidUuid,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotFound,
+        ErrorCode::NoRoute,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::InvalidTransition,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::Validation,
+        ErrorCode::Internal,
+        ErrorCode::DatabaseBusy,
+    ];
+
+    /// The HTTP status every error with this code is answered with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::MalformedJson | ErrorCode::InvalidUuid => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::InvalidTransition => StatusCode::CONFLICT,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::Validation => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::DatabaseBusy => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::InvalidUuid => "invalid_uuid",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::NoRoute => "no_route",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::InvalidTransition => "invalid_transition",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::Validation => "validation_error",
+            ErrorCode::Internal => "internal",
+            ErrorCode::DatabaseBusy => "database_busy",
+        }
+    }
+
+    /// When it is answered, for the OpenAPI document.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedJson => "the body is not well-formed JSON",
+            ErrorCode::InvalidUuid => "the `uuid` in the path is not a UUID",
+            ErrorCode::Unauthorized => "missing or wrong `Authorization: Bearer` token",
+            ErrorCode::NotFound => "no request has this uuid",
+            ErrorCode::NoRoute => "no route has this path",
+            ErrorCode::MethodNotAllowed => "the route does not take this method",
+            ErrorCode::InvalidTransition => {
+                "the request's state does not allow the change; the message names the allowed targets"
+            }
+            ErrorCode::PayloadTooLarge => "the body is larger than 128 KiB",
+            ErrorCode::UnsupportedMediaType => "the body is not sent as `application/json`",
+            ErrorCode::Validation => {
+                "a parameter or the body breaks a rule of its schema; the message says which"
+            }
+            ErrorCode::Internal => "a server fault, never caused by the input",
+            ErrorCode::DatabaseBusy => "the database stayed locked; retry shortly",
+        }
+    }
+}
+
+/// Errors every operation can answer with: each one reads or writes the database.
+pub const ANY_OPERATION: &[ErrorCode] = &[ErrorCode::DatabaseBusy, ErrorCode::Internal];
+/// Errors a `{uuid}` path parameter brings: it is parsed, then looked up.
+pub const UUID_PATH: &[ErrorCode] = &[ErrorCode::InvalidUuid, ErrorCode::NotFound];
+/// Errors query or header parameters bring (unknown query parameters are refused too).
+pub const PARAMETERS: &[ErrorCode] = &[ErrorCode::Validation];
+/// Errors a JSON request body brings: what `From<JsonRejection>` below maps to, plus the rules
+/// the handler checks itself.
+pub const JSON_BODY: &[ErrorCode] = &[
+    ErrorCode::MalformedJson,
+    ErrorCode::UnsupportedMediaType,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::Validation,
+];
+/// Errors of an operation behind the bearer token, when one is configured.
+pub const AUTHENTICATED: &[ErrorCode] = &[ErrorCode::Unauthorized];
+
+/// The OpenAPI extension through which an operation declares error codes its inputs do not
+/// imply; the document builder turns them into responses and removes it.
+pub const DECLARED_CODES: &str = "x-error-codes";
+
+/// Declares, in a handler's `responses(...)`, the errors of an operation that its inputs do not
+/// imply, by code; their statuses come from [`ErrorCode::status`].
+fn declared(codes: &[ErrorCode]) -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+    let mut by_status: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for c in codes {
+        by_status
+            .entry(c.status().as_u16().to_string())
+            .or_default()
+            .push(c.as_str());
+    }
+    by_status
+        .into_iter()
+        .map(|(status, names)| {
+            let extensions = utoipa::openapi::extensions::ExtensionsBuilder::new()
+                .add(DECLARED_CODES, names)
+                .build();
+            let response = ResponseBuilder::new()
+                .description("declared error")
+                .extensions(Some(extensions))
+                .build();
+            (status, RefOr::T(response))
+        })
+        .collect()
+}
+
+/// `invalid_transition`: for operations that change a request's state.
+pub struct InvalidTransitionResponse;
+
+impl utoipa::IntoResponses for InvalidTransitionResponse {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        declared(&[ErrorCode::InvalidTransition])
+    }
 }
 
 fn allowed_text(allowed: &[Status]) -> String {
@@ -66,23 +216,27 @@ struct ErrorDetail<'a> {
 }
 
 impl ApiError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::Validation(_) => ErrorCode::Validation,
+            ApiError::MalformedJson(_) => ErrorCode::MalformedJson,
+            ApiError::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
+            ApiError::PayloadTooLarge => ErrorCode::PayloadTooLarge,
+            ApiError::InvalidUuid(_) => ErrorCode::InvalidUuid,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::NoRoute => ErrorCode::NoRoute,
+            ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            ApiError::Conflict { .. } => ErrorCode::InvalidTransition,
+            ApiError::Unauthorized => ErrorCode::Unauthorized,
+            ApiError::Busy(_) => ErrorCode::DatabaseBusy,
+            ApiError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
     /// HTTP status and stable machine-readable code.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
-        match self {
-            ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_error"),
-            ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
-            ApiError::UnsupportedMediaType => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
-            }
-            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::InvalidUuid(_) => (StatusCode::BAD_REQUEST, "invalid_uuid"),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
-            ApiError::Conflict { .. } => (StatusCode::CONFLICT, "invalid_transition"),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_busy"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        }
+        let code = self.code();
+        (code.status(), code.as_str())
     }
 }
 
@@ -159,6 +313,7 @@ mod tests {
             ApiError::InvalidUuid("x".into()),
             ApiError::NotFound("x".into()),
             ApiError::NoRoute,
+            ApiError::MethodNotAllowed,
             ApiError::Unauthorized,
             ApiError::Conflict {
                 current: Status::Done,
@@ -181,5 +336,43 @@ mod tests {
             c.to_string(),
             "cannot change a running request to pending; allowed: hold, cancelled"
         );
+    }
+
+    #[test]
+    fn codes_are_distinct_and_all_listed() {
+        let names: std::collections::BTreeSet<&str> =
+            ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+        // The statuses README's errors table documents.
+        let table: Vec<(u16, &str)> = ErrorCode::ALL
+            .iter()
+            .map(|c| (c.status().as_u16(), c.as_str()))
+            .collect();
+        assert_eq!(
+            table,
+            [
+                (400, "malformed_json"),
+                (400, "invalid_uuid"),
+                (401, "unauthorized"),
+                (404, "not_found"),
+                (404, "no_route"),
+                (405, "method_not_allowed"),
+                (409, "invalid_transition"),
+                (413, "payload_too_large"),
+                (415, "unsupported_media_type"),
+                (422, "validation_error"),
+                (500, "internal"),
+                (503, "database_busy"),
+            ]
+        );
+    }
+
+    #[test]
+    fn markers_declare_codes_by_status() {
+        use utoipa::IntoResponses;
+        let r = InvalidTransitionResponse::responses();
+        let v = serde_json::to_value(&r["409"]).unwrap();
+        assert_eq!(v[DECLARED_CODES], serde_json::json!(["invalid_transition"]));
+        assert_eq!(r.len(), 1);
     }
 }

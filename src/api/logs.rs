@@ -25,15 +25,22 @@ const PAGE: u32 = 256;
 /// agents process elsewhere).
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
-/// `GET /requests/{uuid}/logs` query.
+/// Largest `limit` of `GET /requests/{uuid}/logs`.
+const MAX_LOG_LIMIT: u32 = 100_000;
+
+/// `GET /requests/{uuid}/logs` query. Unknown parameters are refused.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogParams {
-    /// boot, command, stdout, stderr, shutdown or system.
-    pub log_type: Option<String>,
-    /// Only entries with `id > after`.
+    /// Only entries of this type.
+    #[param(inline)]
+    pub log_type: Option<LogType>,
+    /// Only entries with `id > after`, for incremental polling.
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     pub after: Option<i64>,
-    /// At most this many entries (1..=100000).
+    /// At most this many entries; default all.
+    #[param(minimum = 1, maximum = 100000)]
     pub limit: Option<u32>,
 }
 
@@ -71,16 +78,21 @@ impl From<LogEntry> for LogView {
     }
 }
 
-fn parse_log_type(s: Option<&str>) -> Result<Option<LogType>, ApiError> {
-    s.map(str::parse::<LogType>)
-        .transpose()
-        .map_err(|e| ApiError::Validation(e.to_string()))
+/// A log id to resume after: ids start at 1, so a negative one is a mistake, not "everything".
+fn check_after(name: &str, after: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match after {
+        Some(a) if a < 0 => Err(ApiError::Validation(format!(
+            "{name} must be a log id from 0 to {}, got {a}",
+            i64::MAX
+        ))),
+        _ => Ok(after),
+    }
 }
 
 /// A request's log entries, in order.
 #[utoipa::path(get, path = "/requests/{uuid}/logs", tag = "logs",
-    params(("uuid" = String, Path), LogParams),
-    responses((status = 200, body = Vec<LogView>)))]
+    params(("uuid" = inline(RequestId), Path, description = "request id"), LogParams),
+    responses((status = 200, body = Vec<LogView>, description = "the entries, oldest first")))]
 pub async fn logs(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
@@ -88,19 +100,19 @@ pub async fn logs(
 ) -> Result<Json<Vec<LogView>>, ApiError> {
     let Query(p) = params?;
     let req = load(&state, &uuid).await?;
-    let log_type = parse_log_type(p.log_type.as_deref())?;
-    if p.limit == Some(0) || p.limit.is_some_and(|l| l > 100_000) {
-        return Err(ApiError::Validation(
-            "limit must be from 1 to 100000".into(),
-        ));
+    let after = check_after("after", p.after)?;
+    if p.limit == Some(0) || p.limit.is_some_and(|l| l > MAX_LOG_LIMIT) {
+        return Err(ApiError::Validation(format!(
+            "limit must be from 1 to {MAX_LOG_LIMIT}"
+        )));
     }
     let entries = state
         .store
         .logs(
             req.uuid,
             LogQuery {
-                log_type,
-                after: p.after,
+                log_type: p.log_type,
+                after,
                 limit: p.limit,
             },
         )
@@ -108,17 +120,21 @@ pub async fn logs(
     Ok(Json(entries.into_iter().map(LogView::from).collect()))
 }
 
+/// `GET /requests/{uuid}/logs/raw` query. Unknown parameters are refused.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RawParams {
-    /// Which log (default `stdout`).
-    pub log_type: Option<String>,
+    /// Which log; default `stdout`.
+    #[param(inline)]
+    pub log_type: Option<LogType>,
 }
 
 /// The exact bytes of one log type, concatenated, streamed page by page.
 #[utoipa::path(get, path = "/requests/{uuid}/logs/raw", tag = "logs",
-    params(("uuid" = String, Path), RawParams),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>)))]
+    params(("uuid" = inline(RequestId), Path, description = "request id"), RawParams),
+    responses((status = 200, content_type = "application/octet-stream",
+        description = "the bytes, exactly as the guest wrote them")))]
 pub async fn raw(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
@@ -126,7 +142,7 @@ pub async fn raw(
 ) -> Result<Response, ApiError> {
     let Query(p) = params?;
     let req = load(&state, &uuid).await?;
-    let log_type = parse_log_type(p.log_type.as_deref())?.unwrap_or(LogType::Stdout);
+    let log_type = p.log_type.unwrap_or(LogType::Stdout);
     let store = state.store.clone();
     let body = stream::unfold(Some(0i64), move |after| {
         let store = store.clone();
@@ -159,13 +175,17 @@ pub async fn raw(
         .into_response())
 }
 
+/// `GET /requests/{uuid}/logs/stream` query. Unknown parameters are refused.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StreamParams {
-    /// Resume after this log id (as `Last-Event-ID` does).
+    /// Resume after this log id (as `Last-Event-ID` does, which wins when both are given).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     pub after: Option<i64>,
     /// Only entries of this type (ids stay the request's log ids).
-    pub log_type: Option<String>,
+    #[param(inline)]
+    pub log_type: Option<LogType>,
 }
 
 /// Live log: `log` events (id = log id, data = a log entry), `status` events (data = the
@@ -173,8 +193,14 @@ pub struct StreamParams {
 /// request is finished and every entry was sent. `Last-Event-ID` (or `?after=`) resumes
 /// without gaps or duplicates.
 #[utoipa::path(get, path = "/requests/{uuid}/logs/stream", tag = "logs",
-    params(("uuid" = String, Path), StreamParams),
-    responses((status = 200, content_type = "text/event-stream", description = "SSE stream")))]
+    params(
+        ("uuid" = inline(RequestId), Path, description = "request id"),
+        StreamParams,
+        ("Last-Event-ID" = Option<i64>, Header, minimum = 0, maximum = 9223372036854775807_i64,
+            description = "The id of the last `log` event received: resume after it."),
+    ),
+    responses((status = 200, content_type = "text/event-stream",
+        description = "`log`, `status` and a final `end` event")))]
 pub async fn stream_logs(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
@@ -183,7 +209,8 @@ pub async fn stream_logs(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(p) = params?;
     let req = load(&state, &uuid).await?;
-    let log_type = parse_log_type(p.log_type.as_deref())?;
+    let log_type = p.log_type;
+    let after = check_after("after", p.after)?;
     let resume = headers
         .get("last-event-id")
         .map(|v| {
@@ -193,12 +220,13 @@ pub async fn stream_logs(
                 .ok_or_else(|| ApiError::Validation("Last-Event-ID must be a log id".into()))
         })
         .transpose()?;
+    let resume = check_after("Last-Event-ID", resume)?;
     let follower = Follower {
         changes: state.store.subscribe(),
         store: state.store.clone(),
         id: req.uuid,
         log_type,
-        after: resume.or(p.after).unwrap_or(0),
+        after: resume.or(after).unwrap_or(0),
         last: None,
         queue: VecDeque::new(),
         done: false,

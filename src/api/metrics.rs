@@ -84,7 +84,7 @@ fn histogram(w: &mut String, name: &str, help: &str, h: &Histogram) {
 
 /// Summary statistics: counts by status, VMs running, success rate, boot and run times, log volume.
 #[utoipa::path(get, path = "/stats", tag = "system",
-    responses((status = 200, body = crate::store::Stats)))]
+    responses((status = 200, body = crate::store::Stats, description = "the summary")))]
 pub async fn stats(
     State(state): State<AppState>,
 ) -> Result<axum::Json<crate::store::Stats>, ApiError> {

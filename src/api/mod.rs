@@ -1,10 +1,13 @@
 //! The REST API (axum). Handlers live per resource (`requests`, `logs`, `metrics`); errors map
-//! to HTTP in exactly one place ([`error`]); the OpenAPI document is generated from the
-//! handlers' annotations and served with Swagger UI, offline.
+//! to HTTP in exactly one place ([`error`]); the OpenAPI document ([`openapi`]) is generated
+//! from the handlers' annotations, completed for this server's settings, and served with
+//! Swagger UI, offline.
 
 pub mod error;
+mod input;
 mod logs;
 mod metrics;
+pub mod openapi;
 mod requests;
 
 use crate::config::vm::VmCatalog;
@@ -20,11 +23,13 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
-use utoipa::OpenApi;
-use utoipa_swagger_ui::SwaggerUi;
+use utoipa_swagger_ui::{Config, SwaggerUi};
 
 /// Largest accepted request body.
 pub const BODY_LIMIT: usize = 128 * 1024;
+/// Paths served without the bearer token.
+pub const PUBLIC_PATHS: &[&str] = &[HEALTH];
+const HEALTH: &str = "/health";
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -47,50 +52,6 @@ impl AppState {
     }
 }
 
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "sqlite-sim", description = "QMP-native QEMU VM supervisor"),
-    paths(
-        requests::create,
-        requests::list,
-        requests::show,
-        requests::set_status,
-        requests::delete,
-        requests::prune,
-        logs::logs,
-        logs::raw,
-        logs::stream_logs,
-        metrics::metrics,
-        metrics::stats,
-        health,
-    ),
-    components(schemas(crate::model::Request, crate::model::Status, crate::model::LogType,
-        crate::model::ShutdownStep, crate::model::RequestId, ErrorSchema)),
-    modifiers(&BearerAuth)
-)]
-pub struct ApiDoc;
-
-/// The error shape every failure uses.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
-struct ErrorSchema {
-    /// `{"code": "...", "message": "..."}`
-    error: std::collections::HashMap<String, String>,
-}
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = api.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
-
 pub fn router(state: AppState) -> Router {
     let cors = state
         .settings
@@ -109,11 +70,15 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/stats", get(metrics::stats))
         .route("/prune", axum::routing::post(requests::prune))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        // Built per request from the settings and the VMs present, so it describes this server.
+        .route("/openapi.json", get(openapi::serve))
+        .merge(SwaggerUi::new("/docs").config(Config::new(["/openapi.json"])))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         // Liveness stays open to load balancers.
-        .route("/health", get(health))
+        .route(HEALTH, get(health))
         .fallback(|| async { ApiError::NoRoute })
+        // axum keeps the `Allow` header on this answer.
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(TraceLayer::new_for_http().make_span_with(
             |req: &axum::http::Request<axum::body::Body>| {
@@ -171,12 +136,22 @@ fn cors_layer(settings: &Settings) -> CorsLayer {
 
 /// Liveness and a database check; never requires auth.
 #[utoipa::path(get, path = "/health", tag = "system",
-    responses((status = 200, description = "alive, database reachable")))]
-async fn health(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    responses((status = 200, body = Health, description = "alive, database reachable")))]
+async fn health(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     state.store.health().await?;
-    Ok(Json(
-        serde_json::json!({ "status": "ok", "database": "ok" }),
-    ))
+    Ok(Json(Health {
+        status: "ok",
+        database: "ok",
+    }))
+}
+
+/// `GET /health` answer; any failure is an error answer instead.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Health {
+    #[schema(value_type = String, example = "ok")]
+    status: &'static str,
+    #[schema(value_type = String, example = "ok")]
+    database: &'static str,
 }
 
 /// Binds and serves until `shutdown` completes.

@@ -1,9 +1,10 @@
 //! `/requests`: submit, list, read, control (hold/resume/cancel) and delete.
 
-use super::error::ApiError;
+use super::error::{ApiError, InvalidTransitionResponse};
+use super::input::{self, Object};
 use super::AppState;
 use crate::config::vm::{is_valid_vm_name, VmConfigError};
-use crate::model::{NewRequest, Request, RequestId, Status};
+use crate::model::{NewRequest, Request, RequestId, Status, CONTROL_TARGETS};
 use crate::store::{ControlOutcome, DeleteOutcome, RequestQuery};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, RawQuery, State};
@@ -12,24 +13,39 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
-/// Largest accepted `commands` text.
+/// Largest accepted `commands` text, in bytes of UTF-8.
 pub const MAX_COMMANDS: usize = 64 * 1024;
 /// How long a control call waits for the owning agent to apply the change before answering
 /// `202 Accepted` with `"applied": false`.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
 
-/// `POST /requests` body.
+/// `POST /requests` body. The document served by this server lists its VMs as the `vm_name`
+/// enum and its `SQLITE_SIM_MAX_TIMEOUT` as the `timeout` maximum.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
-    /// `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`, naming a config or image.
+    /// A VM this server has: a config or an image. Names match
+    /// `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`.
+    #[schema(
+        pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub vm_name: String,
-    /// Shell script run in the guest (1 byte to 64 KiB).
+    /// Shell script run in the guest: at most 65536 bytes of UTF-8 (`maxLength` counts
+    /// characters, so text with multi-byte characters reaches the byte limit first), with at
+    /// least one character that is not ASCII whitespace (space, tab, LF, CR, form feed).
+    #[schema(min_length = 1, max_length = 65536, pattern = r"[^\t\n\f\r ]")]
     pub commands: String,
-    /// Seconds, from 1 to `SQLITE_SIM_MAX_TIMEOUT`; default `SQLITE_SIM_DEFAULT_TIMEOUT`.
-    pub timeout: Option<u32>,
+    /// Seconds, from 1 to `SQLITE_SIM_MAX_TIMEOUT`, counted from `running`; absent or null:
+    /// `SQLITE_SIM_DEFAULT_TIMEOUT`.
+    #[serde(default, deserialize_with = "input::optional_whole_number")]
+    #[schema(value_type = Option<i64>, minimum = 1)]
+    pub timeout: Option<i128>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -59,8 +75,10 @@ fn validate(state: &AppState, body: CreateBody) -> Result<NewRequest, ApiError> 
             )))
         }
     }
-    if body.commands.trim().is_empty() {
-        return Err(ApiError::Validation("commands must not be empty".into()));
+    if body.commands.bytes().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::Validation(
+            "commands must not be empty or only whitespace".into(),
+        ));
     }
     if body.commands.len() > MAX_COMMANDS {
         return Err(ApiError::Validation(format!(
@@ -69,12 +87,15 @@ fn validate(state: &AppState, body: CreateBody) -> Result<NewRequest, ApiError> 
         )));
     }
     let max = state.settings.max_timeout;
-    let timeout = body.timeout.unwrap_or(state.settings.default_timeout);
-    if timeout == 0 || timeout > max {
-        return Err(ApiError::Validation(format!(
-            "timeout must be from 1 to {max} seconds, got {timeout}"
-        )));
-    }
+    let timeout = match body.timeout {
+        None => state.settings.default_timeout,
+        Some(t) => u32::try_from(t)
+            .ok()
+            .filter(|t| (1..=max).contains(t))
+            .ok_or_else(|| {
+                ApiError::Validation(format!("timeout must be from 1 to {max} seconds, got {t}"))
+            })?,
+    };
     Ok(NewRequest {
         vm_name: body.vm_name,
         commands: body.commands,
@@ -84,12 +105,13 @@ fn validate(state: &AppState, body: CreateBody) -> Result<NewRequest, ApiError> 
 
 /// Submit a request.
 #[utoipa::path(post, path = "/requests", request_body = CreateBody, tag = "requests",
-    responses((status = 201, body = Created), (status = 422, description = "invalid submission")))]
+    responses((status = 201, body = Created, description = "stored as `pending`",
+        headers(("Location" = String, description = "`/requests/{uuid}` of the new request")))))]
 pub async fn create(
     State(state): State<AppState>,
-    body: Result<Json<CreateBody>, JsonRejection>,
+    body: Result<Json<Object<CreateBody>>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Json(body) = body?;
+    let body = input::body(body)?;
     let new = validate(&state, body)?;
     let req = state.store.create(new).await?;
     tracing::info!(request = %req.uuid, vm = %req.vm_name, "request created");
@@ -105,9 +127,14 @@ pub async fn create(
     ))
 }
 
+/// A request id from the path: the hyphenated form only (`format: uuid`), in either case. The
+/// simple, braced and URN forms that `Uuid::parse_str` also knows are refused, as the document
+/// says.
 pub(super) fn parse_id(raw: &str) -> Result<RequestId, ApiError> {
-    raw.parse()
-        .map_err(|_| ApiError::InvalidUuid(raw.chars().take(80).collect()))
+    Some(raw)
+        .filter(|r| r.len() == 36)
+        .and_then(|r| r.parse().ok())
+        .ok_or_else(|| ApiError::InvalidUuid(raw.chars().take(80).collect()))
 }
 
 pub(super) async fn load(state: &AppState, raw: &str) -> Result<Request, ApiError> {
@@ -121,8 +148,8 @@ pub(super) async fn load(state: &AppState, raw: &str) -> Result<Request, ApiErro
 
 /// One request.
 #[utoipa::path(get, path = "/requests/{uuid}", tag = "requests",
-    params(("uuid" = String, Path, description = "request id")),
-    responses((status = 200, body = Request), (status = 404, description = "no such request")))]
+    params(("uuid" = inline(RequestId), Path, description = "request id")),
+    responses((status = 200, body = Request, description = "the request")))]
 pub async fn show(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
@@ -148,16 +175,19 @@ pub(super) fn parse_list_query(raw: Option<&str>) -> Result<RequestQuery, ApiErr
         limit: 50,
         ..Default::default()
     };
+    // Digits only: `u32::from_str` would also take a leading `+`, which no integer schema does.
     let number = |k: &str, v: &str, max: u32| -> Result<u32, ApiError> {
-        v.parse::<u32>()
-            .ok()
+        Some(v)
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u32>().ok())
             .filter(|n| *n <= max)
             .ok_or_else(|| ApiError::Validation(format!("{k} must be a whole number up to {max}")))
     };
     for (k, v) in pairs {
         match k.as_str() {
             "status" => {
-                for s in v.split(',').filter(|s| !s.is_empty()) {
+                // Empty names (`status=`, `a,,b`) are refused: the schema's pattern has none.
+                for s in v.split(',') {
                     q.statuses
                         .push(s.parse().map_err(|e: crate::model::UnknownName| {
                             ApiError::Validation(e.to_string())
@@ -193,17 +223,43 @@ pub(super) fn parse_list_query(raw: Option<&str>) -> Result<RequestQuery, ApiErr
     Ok(q)
 }
 
-/// List requests: `status` (repeatable or comma-separated), `vm_name`, `limit` (default 50,
-/// at most 1000), `offset`; newest first.
+/// One `status` query value: a status, or several joined by commas.
+pub struct StatusFilter;
+
+impl StatusFilter {
+    /// `^(pending|…)(,(pending|…))*$`, built from [`Status::ALL`].
+    pub fn pattern() -> String {
+        let one = Status::ALL.map(Status::as_str).join("|");
+        format!("^({one})(,({one}))*$")
+    }
+}
+
+impl utoipa::PartialSchema for StatusFilter {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(Self::pattern()))
+            .description(Some("A status, or several joined by commas."))
+            .into()
+    }
+}
+
+impl ToSchema for StatusFilter {}
+
+/// List requests, newest first. Unknown query parameters are refused.
 #[utoipa::path(get, path = "/requests", tag = "requests",
     params(
-        ("status" = Option<Vec<Status>>, Query, description = "repeatable"),
-        ("vm_name" = Option<String>, Query),
-        ("uuid_prefix" = Option<String>, Query, description = "requests whose id starts with this"),
-        ("limit" = Option<u32>, Query, description = "1..=1000, default 50"),
-        ("offset" = Option<u32>, Query),
+        ("status" = inline(Option<Vec<StatusFilter>>), Query, style = Form, explode,
+            description = "Only these statuses: repeatable, and each value may list several, comma-separated."),
+        ("vm_name" = Option<String>, Query, description = "Only requests for this VM."),
+        ("uuid_prefix" = Option<String>, Query, pattern = "^[0-9A-Fa-f-]{1,36}$",
+            min_length = 1, max_length = 36, description = "Only requests whose id starts with this."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
+            description = "Page size; default 50."),
+        ("offset" = Option<i64>, Query, minimum = 0, maximum = 4294967295_i64,
+            description = "Requests skipped, newest first; default 0."),
     ),
-    responses((status = 200, body = RequestList)))]
+    responses((status = 200, body = RequestList, description = "one page and the total")))]
 pub async fn list(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
@@ -222,11 +278,46 @@ pub async fn list(
 /// `PUT /requests/{uuid}/status` body.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({ "status": "hold" })))]
 pub struct StatusBody {
-    /// `hold`, `pending` (resume a held request that has no VM yet), `running` (resume a
-    /// paused VM) or `cancelled`.
-    pub status: Status,
+    pub status: ControlTarget,
 }
+
+/// A status an operator may ask for: one of [`CONTROL_TARGETS`]. The others are the agents' to
+/// set, so they are refused as invalid input (`422`), whatever the request's state.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ControlTarget(pub Status);
+
+impl TryFrom<String> for ControlTarget {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let names = CONTROL_TARGETS.map(Status::as_str).join(", ");
+        s.parse::<Status>()
+            .ok()
+            .filter(|st| CONTROL_TARGETS.contains(st))
+            .map(ControlTarget)
+            .ok_or_else(|| {
+                let shown: String = s.chars().take(40).collect();
+                format!("status must be one of {names}; got {shown:?}")
+            })
+    }
+}
+
+impl utoipa::PartialSchema for ControlTarget {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(CONTROL_TARGETS.map(Status::as_str)))
+            .description(Some(
+                "`hold`; `pending` (resume a held request that has no VM yet); `running` \
+                 (resume a paused VM, or withdraw a hold not yet applied); `cancelled`.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for ControlTarget {}
 
 /// The request after a control call, and whether the change has taken effect.
 #[derive(Debug, Serialize, ToSchema)]
@@ -239,20 +330,20 @@ pub struct ControlResponse {
 
 /// Hold, resume or cancel a request.
 #[utoipa::path(put, path = "/requests/{uuid}/status", tag = "requests", request_body = StatusBody,
-    params(("uuid" = String, Path)),
+    params(("uuid" = inline(RequestId), Path, description = "request id")),
     responses(
         (status = 200, body = ControlResponse, description = "applied"),
         (status = 202, body = ControlResponse, description = "recorded; the agent applies it"),
-        (status = 409, description = "transition not allowed; the allowed ones are listed"),
+        InvalidTransitionResponse,
     ))]
 pub async fn set_status(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
-    body: Result<Json<StatusBody>, JsonRejection>,
+    body: Result<Json<Object<StatusBody>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&uuid)?;
-    let Json(body) = body?;
-    control(&state, id, body.status).await
+    let body: StatusBody = input::body(body)?;
+    control(&state, id, body.status.0).await
 }
 
 /// Runs a control change and answers with its effect.
@@ -325,13 +416,14 @@ async fn wait_applied(
 }
 
 /// Cancel an active request (200, or 202 while the agent shuts it down), or delete a finished
-/// one and its logs (204).
+/// one and its logs (204). A cancelled request stays readable, with its logs, until deleted.
 #[utoipa::path(delete, path = "/requests/{uuid}", tag = "requests",
-    params(("uuid" = String, Path)),
+    params(("uuid" = inline(RequestId), Path, description = "request id")),
     responses(
         (status = 204, description = "finished request deleted with its logs"),
         (status = 200, body = ControlResponse, description = "active request cancelled"),
         (status = 202, body = ControlResponse, description = "cancel recorded; the agent applies it"),
+        InvalidTransitionResponse,
     ))]
 pub async fn delete(
     State(state): State<AppState>,
@@ -346,6 +438,71 @@ pub async fn delete(
         DeleteOutcome::NotFound => Err(ApiError::NotFound(id.to_string())),
         DeleteOutcome::Active(_) => control(&state, id, Status::Cancelled).await,
     }
+}
+
+/// `POST /prune` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({ "older_than_seconds": 2_592_000, "dry_run": true })))]
+pub struct PruneBody {
+    /// Delete finished requests that finished more than this many seconds ago. Ages beyond
+    /// year 0 select nothing.
+    #[serde(deserialize_with = "input::whole_number")]
+    #[schema(value_type = i64, minimum = 0, maximum = 9223372036854775807_i64)]
+    pub older_than_seconds: i128,
+    /// Only count what would be deleted.
+    #[serde(default)]
+    #[schema(default = false)]
+    pub dry_run: bool,
+}
+
+/// `now - age`, floored at the start of year 0: the fixed-width timestamps have four-digit
+/// years, and nothing finished before then, so an older cutoff selects the same (nothing).
+fn prune_cutoff(now: time::OffsetDateTime, age: i64) -> time::OffsetDateTime {
+    let floor = time::Date::from_calendar_date(0, time::Month::January, 1)
+        .expect("year 0 is in range")
+        .midnight()
+        .assume_utc();
+    now.checked_sub(time::Duration::seconds(age))
+        .map_or(floor, |t| t.max(floor))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Pruned {
+    pub requests: u64,
+    pub log_bytes: u64,
+    pub dry_run: bool,
+    /// Requests that finished before this time were selected.
+    pub finished_before: String,
+}
+
+/// Delete old finished requests and their logs (active ones are never touched).
+#[utoipa::path(post, path = "/prune", tag = "requests", request_body = PruneBody,
+    responses((status = 200, body = Pruned, description = "what was (or would be) deleted")))]
+pub async fn prune(
+    State(state): State<AppState>,
+    body: Result<Json<Object<PruneBody>>, JsonRejection>,
+) -> Result<Json<Pruned>, ApiError> {
+    let body: PruneBody = input::body(body)?;
+    let age = i64::try_from(body.older_than_seconds)
+        .ok()
+        .filter(|s| *s >= 0)
+        .ok_or_else(|| {
+            ApiError::Validation(format!(
+                "older_than_seconds must be from 0 to {}, got {}",
+                i64::MAX,
+                body.older_than_seconds
+            ))
+        })?;
+    let before = crate::timefmt::format(prune_cutoff(time::OffsetDateTime::now_utc(), age));
+    let (requests, log_bytes) = state.store.prune(before.clone(), body.dry_run).await?;
+    tracing::info!(requests, log_bytes, dry_run = body.dry_run, "pruned");
+    Ok(Json(Pruned {
+        requests,
+        log_bytes,
+        dry_run: body.dry_run,
+        finished_before: before,
+    }))
 }
 
 #[cfg(test)]
@@ -375,48 +532,130 @@ mod tests {
         let q = parse_list_query(Some("vm_name=%27%3B%20DROP%20TABLE%20requests%3B--")).unwrap();
         assert_eq!(q.vm_name.as_deref(), Some("'; DROP TABLE requests;--"));
     }
-}
 
-/// `POST /prune` body.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PruneBody {
-    /// Delete finished requests that finished more than this many seconds ago.
-    pub older_than_seconds: u64,
-    /// Only count what would be deleted.
-    #[serde(default)]
-    pub dry_run: bool,
-}
+    /// The `pattern` of one property of a schema.
+    fn pattern<T: utoipa::PartialSchema>(property: Option<&str>) -> regex::Regex {
+        let v = serde_json::to_value(T::schema()).unwrap();
+        let p = match property {
+            Some(name) => &v["properties"][name]["pattern"],
+            None => &v["pattern"],
+        };
+        // These patterns use nothing on which ECMA-262 (the schema's dialect) and Rust differ.
+        regex::Regex::new(p.as_str().expect("a pattern")).unwrap()
+    }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Pruned {
-    pub requests: u64,
-    pub log_bytes: u64,
-    pub dry_run: bool,
-    /// Requests that finished before this time were selected.
-    pub finished_before: String,
-}
+    #[test]
+    fn the_vm_name_pattern_is_the_rule_the_server_applies() {
+        let re = pattern::<CreateBody>(Some("vm_name"));
+        let long = "a".repeat(64);
+        let too_long = "a".repeat(65);
+        for name in [
+            "tiny", "a", "A-1._x", "9", &long, &too_long, "", "-a", ".a", "_a", "a/b", "../x",
+            "a b", "é", "tiny\n", "\ntiny", "a\u{0}b",
+        ] {
+            assert_eq!(re.is_match(name), is_valid_vm_name(name), "{name:?}");
+        }
+    }
 
-/// Delete old finished requests and their logs (active ones are never touched).
-#[utoipa::path(post, path = "/prune", tag = "requests", request_body = PruneBody,
-    responses((status = 200, body = Pruned)))]
-pub async fn prune(
-    State(state): State<AppState>,
-    body: Result<Json<PruneBody>, JsonRejection>,
-) -> Result<Json<Pruned>, ApiError> {
-    let Json(body) = body?;
-    let cutoff = time::OffsetDateTime::now_utc()
-        .checked_sub(time::Duration::seconds(
-            i64::try_from(body.older_than_seconds).unwrap_or(i64::MAX),
-        ))
-        .ok_or_else(|| ApiError::Validation("older_than_seconds is too large".into()))?;
-    let before = crate::timefmt::format(cutoff);
-    let (requests, log_bytes) = state.store.prune(before.clone(), body.dry_run).await?;
-    tracing::info!(requests, log_bytes, dry_run = body.dry_run, "pruned");
-    Ok(Json(Pruned {
-        requests,
-        log_bytes,
-        dry_run: body.dry_run,
-        finished_before: before,
-    }))
+    #[test]
+    fn the_commands_pattern_is_the_rule_the_server_applies() {
+        let re = pattern::<CreateBody>(Some("commands"));
+        let blank = |c: &str| c.bytes().all(|b| b.is_ascii_whitespace());
+        for text in [
+            "",
+            " ",
+            "\t\n\r\x0C ",
+            "\x0B",
+            "\u{3000}",
+            "\u{85}",
+            "\u{a0}",
+            " x ",
+            "echo hi",
+        ] {
+            assert_eq!(re.is_match(text), !blank(text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn the_status_filter_pattern_is_what_the_list_accepts() {
+        let re = pattern::<StatusFilter>(None);
+        for value in [
+            "pending",
+            "hold,done",
+            "done,failed,cancelled",
+            "",
+            ",",
+            "pending,",
+            ",pending",
+            "pending,,hold",
+            "Pending",
+            "finished",
+            "pending hold",
+        ] {
+            let query = serde_urlencoded::to_string([("status", value)]).unwrap();
+            assert_eq!(
+                re.is_match(value),
+                parse_list_query(Some(&query)).is_ok(),
+                "{value:?}"
+            );
+        }
+        for bad in ["limit=+5", "limit=", "offset=+1", "offset=4294967296"] {
+            assert!(parse_list_query(Some(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_list_query(Some("offset=4294967295")).unwrap().offset,
+            u32::MAX
+        );
+    }
+
+    #[test]
+    fn path_ids_are_hyphenated_uuids_only() {
+        let id = "123e4567-e89b-12d3-a456-426614174000";
+        assert_eq!(parse_id(id).unwrap().to_string(), id);
+        assert_eq!(parse_id(&id.to_uppercase()).unwrap().to_string(), id);
+        for bad in [
+            "123e4567e89b12d3a456426614174000",
+            "{123e4567-e89b-12d3-a456-426614174000}",
+            "urn:uuid:123e4567-e89b-12d3-a456-426614174000",
+            "123e4567-e89b-12d3-a456-42661417400g",
+            "0",
+        ] {
+            assert!(
+                matches!(parse_id(bad), Err(ApiError::InvalidUuid(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_control_targets_are_accepted_as_status() {
+        for target in CONTROL_TARGETS {
+            let body: StatusBody =
+                serde_json::from_value(serde_json::json!({ "status": target })).unwrap();
+            assert_eq!(body.status.0, target);
+        }
+        for other in ["done", "failed", "acknowledged", "paused", ""] {
+            let e = serde_json::from_value::<StatusBody>(serde_json::json!({ "status": other }))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("must be one of hold, pending, running, cancelled"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn prune_cutoffs_never_leave_the_four_digit_years() {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        assert_eq!(prune_cutoff(now, 86_400), now - time::Duration::days(1));
+        assert_eq!(prune_cutoff(now, 0), now);
+        for age in [i64::MAX, 100_000_000_000] {
+            assert_eq!(
+                crate::timefmt::format(prune_cutoff(now, age)),
+                "0000-01-01T00:00:00.000000Z",
+                "{age}"
+            );
+        }
+    }
 }

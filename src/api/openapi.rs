@@ -1,0 +1,413 @@
+//! The OpenAPI document, as this server serves it. The handlers' annotations give its static
+//! part; [`document`] completes it for this server: every operation's error responses (taken
+//! from [`super::error`], never written by hand), the VMs a submission may name, the timeout
+//! maximum, and whether a bearer token is required. It is built on every request, so it stays
+//! true when a VM config is added or removed while the server runs.
+
+use super::error::{self, ErrorCode};
+use super::{logs, metrics, requests, AppState};
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sqlite-sim",
+        description = "QMP-native QEMU VM supervisor. This document \
+        describes the server that serves it: the `vm_name` enum lists its VMs, `timeout` is \
+        bounded by its `SQLITE_SIM_MAX_TIMEOUT`, and bearer authentication appears only when \
+        `SQLITE_SIM_API_TOKEN` is set. Every error answer has the `Error` shape; each \
+        operation lists the codes it can return."
+    ),
+    paths(
+        requests::create,
+        requests::list,
+        requests::show,
+        requests::set_status,
+        requests::delete,
+        requests::prune,
+        logs::logs,
+        logs::raw,
+        logs::stream_logs,
+        metrics::metrics,
+        metrics::stats,
+        super::health,
+    ),
+    components(schemas(
+        crate::model::Request,
+        crate::model::Status,
+        crate::model::LogType,
+        crate::model::ShutdownStep,
+        crate::model::RequestId
+    ))
+)]
+pub struct ApiDoc;
+
+/// What the document states that depends on this server's settings and files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    /// VMs a submission may name: those whose config loads, or that only have an image.
+    pub vm_names: Vec<String>,
+    pub max_timeout: u32,
+    /// `SQLITE_SIM_API_TOKEN` is set.
+    pub token: bool,
+}
+
+impl Facts {
+    pub fn of(state: &AppState) -> Facts {
+        let catalog = &state.catalog;
+        Facts {
+            // The same check `POST /requests` makes, so a listed name is accepted.
+            vm_names: catalog
+                .available()
+                .into_iter()
+                .filter(|name| catalog.load(name).is_ok())
+                .collect(),
+            max_timeout: state.settings.max_timeout,
+            token: state.settings.api_token.is_some(),
+        }
+    }
+}
+
+/// `GET /openapi.json`.
+pub async fn serve(State(state): State<AppState>) -> Json<Value> {
+    Json(document(&Facts::of(&state)))
+}
+
+/// The complete document for a server with these facts.
+pub fn document(facts: &Facts) -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serialises");
+    at(&mut doc, "/components/schemas")["Error"] = error_schema();
+    if facts.token {
+        at(&mut doc, "/components")["securitySchemes"] =
+            json!({ "bearer": { "type": "http", "scheme": "bearer" } });
+    }
+    let paths = at(&mut doc, "/paths").as_object_mut().expect("paths");
+    for (path, item) in paths.iter_mut() {
+        for (method, op) in item.as_object_mut().expect("path item") {
+            complete_operation(method, path, op, facts);
+        }
+    }
+    let body = at(&mut doc, "/components/schemas/CreateBody");
+    at(body, "/properties/timeout")["maximum"] = json!(facts.max_timeout);
+    // An empty list is the truth when there is no VM: no submission can succeed.
+    at(body, "/properties/vm_name")["enum"] = json!(facts.vm_names);
+    if let Some(vm) = facts.vm_names.first() {
+        body["examples"] = json!([{
+            "vm_name": vm,
+            "commands": "echo Hello World && uname -a",
+            "timeout": facts.max_timeout.min(300),
+        }]);
+    }
+    doc
+}
+
+/// The value at `pointer`, which the annotations must have produced.
+fn at<'a>(v: &'a mut Value, pointer: &str) -> &'a mut Value {
+    v.pointer_mut(pointer)
+        .unwrap_or_else(|| panic!("the OpenAPI document has no {pointer}"))
+}
+
+/// Adds the error responses an operation can produce: those its inputs imply, the ones its
+/// handler declares (`error::…Response` markers) and those every operation has, one response
+/// per status with the exact codes. Panics on anything it cannot account for, so that a new
+/// kind of input is given its errors in `error.rs` rather than documented wrongly.
+fn complete_operation(method: &str, path: &str, op: &mut Value, facts: &Facts) {
+    let mut codes: BTreeSet<ErrorCode> = error::ANY_OPERATION.iter().copied().collect();
+    // `get_mut`, not indexing: indexing a missing key would insert a `null` there.
+    let parameters = op.get_mut("parameters").and_then(Value::as_array_mut);
+    for p in parameters.into_iter().flatten() {
+        not_null(&mut p["schema"]);
+        match p["in"].as_str() {
+            Some("path") => {
+                assert!(
+                    p["name"] == "uuid" && p["schema"]["format"] == "uuid",
+                    "{method} {path}: a path parameter other than a request uuid: {p}"
+                );
+                codes.extend(error::UUID_PATH);
+            }
+            Some("query" | "header") => codes.extend(error::PARAMETERS),
+            _ => panic!("{method} {path}: parameter {p} is not in the path, query or headers"),
+        }
+    }
+    if let Some(body) = op.get("requestBody") {
+        let types: Vec<&String> = body["content"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            types,
+            ["application/json"],
+            "{method} {path}: only JSON bodies are read"
+        );
+        codes.extend(error::JSON_BODY);
+    }
+    if facts.token && !super::PUBLIC_PATHS.contains(&path) {
+        codes.extend(error::AUTHENTICATED);
+        op["security"] = json!([{ "bearer": [] }]);
+    }
+    let responses = op["responses"].as_object_mut().expect("responses");
+    let hand_written: Vec<String> = responses
+        .keys()
+        .filter(|status| status.parse::<u16>().is_ok_and(|s| s >= 400))
+        .cloned()
+        .collect();
+    for status in hand_written {
+        let declared = responses.remove(&status).expect("listed");
+        let names = declared[error::DECLARED_CODES].as_array().unwrap_or_else(|| {
+            panic!("{method} {path}: response {status} is written by hand; declare its codes with an error.rs marker")
+        });
+        for name in names {
+            let code = ErrorCode::ALL
+                .into_iter()
+                .find(|c| name == c.as_str())
+                .unwrap_or_else(|| panic!("{method} {path}: unknown error code {name}"));
+            codes.insert(code);
+        }
+    }
+    let mut by_status: BTreeMap<u16, Vec<ErrorCode>> = BTreeMap::new();
+    for code in codes {
+        by_status
+            .entry(code.status().as_u16())
+            .or_default()
+            .push(code);
+    }
+    for (status, codes) in by_status {
+        responses.insert(status.to_string(), error_response(&codes));
+    }
+}
+
+/// A parameter is optional by being absent (`required: false`); utoipa renders an `Option`
+/// one as nullable too, which would invite clients to send the text `null`.
+fn not_null(schema: &mut Value) {
+    if let Some(types) = schema["type"].as_array_mut() {
+        types.retain(|t| t != "null");
+        if let [only] = types.as_slice() {
+            schema["type"] = only.clone();
+        }
+    }
+}
+
+/// One error status of one operation: the `Error` shape with `code` narrowed to these codes.
+fn error_response(codes: &[ErrorCode]) -> Value {
+    let names: Vec<&str> = codes.iter().map(|c| c.as_str()).collect();
+    let description = codes
+        .iter()
+        .map(|c| format!("`{}`: {}", c.as_str(), c.meaning()))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut response = json!({
+        "description": description,
+        "content": { "application/json": { "schema": { "allOf": [
+            { "$ref": "#/components/schemas/Error" },
+            { "type": "object", "properties": { "error": { "type": "object",
+                "properties": { "code": { "enum": names } } } } },
+        ] } } },
+    });
+    if codes.contains(&ErrorCode::Unauthorized) {
+        response["headers"] = json!({ "WWW-Authenticate": {
+            "description": "The scheme to authenticate with.",
+            "schema": { "type": "string", "const": "Bearer" },
+        } });
+    }
+    response
+}
+
+/// `{"error": {"code", "message"}}`, with every code there is.
+fn error_schema() -> Value {
+    let names: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    json!({
+        "type": "object",
+        "description": "The shape of every error answer.",
+        "required": ["error"],
+        "additionalProperties": false,
+        "properties": { "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "additionalProperties": false,
+            "properties": {
+                "code": { "type": "string", "enum": names,
+                    "description": "Stable and machine-readable; it fixes the HTTP status." },
+                "message": { "type": "string", "description": "For people; it may change." },
+            },
+        } },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(token: bool) -> Facts {
+        Facts {
+            vm_names: vec!["alpha".into(), "tiny".into()],
+            max_timeout: 1234,
+            token,
+        }
+    }
+
+    /// Every operation as `(method, path, operation)`.
+    fn operations(doc: &Value) -> Vec<(String, String, Value)> {
+        let mut ops = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                ops.push((method.clone(), path.clone(), op.clone()));
+            }
+        }
+        ops
+    }
+
+    fn error_statuses(op: &Value) -> Vec<u16> {
+        op["responses"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter_map(|k| k.parse::<u16>().ok())
+            .filter(|s| *s >= 400)
+            .collect()
+    }
+
+    #[test]
+    fn every_operation_lists_the_errors_its_inputs_bring() {
+        let doc = document(&facts(false));
+        let want = |method: &str, path: &str| -> Vec<u16> {
+            match (method, path) {
+                ("post", "/requests") | ("post", "/prune") => vec![400, 413, 415, 422, 500, 503],
+                ("get", "/requests") => vec![422, 500, 503],
+                ("get" | "delete", "/requests/{uuid}") => vec![400, 404, 500, 503],
+                ("put", "/requests/{uuid}/status") => vec![400, 404, 409, 413, 415, 422, 500, 503],
+                ("get", p) if p.starts_with("/requests/{uuid}/logs") => {
+                    vec![400, 404, 422, 500, 503]
+                }
+                ("get", "/metrics" | "/stats" | "/health") => vec![500, 503],
+                other => panic!("an operation this test does not know: {other:?}"),
+            }
+        };
+        let ops = operations(&doc);
+        assert_eq!(ops.len(), 12);
+        for (method, path, op) in &ops {
+            let mut expected = want(method, path);
+            if (method.as_str(), path.as_str()) == ("delete", "/requests/{uuid}") {
+                expected.insert(2, 409);
+            }
+            assert_eq!(error_statuses(op), expected, "{method} {path}");
+            assert!(op.get("security").is_none(), "{method} {path}");
+        }
+        assert!(doc["components"].get("securitySchemes").is_none());
+    }
+
+    #[test]
+    fn error_responses_carry_the_error_shape_and_their_exact_codes() {
+        let doc = document(&facts(true));
+        let names: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]
+                ["enum"],
+            json!(names)
+        );
+        for (method, path, op) in operations(&doc) {
+            for status in error_statuses(&op) {
+                let r = &op["responses"][status.to_string()];
+                let all_of = &r["content"]["application/json"]["schema"]["allOf"];
+                assert_eq!(all_of[0]["$ref"], "#/components/schemas/Error");
+                let codes = all_of[1]["properties"]["error"]["properties"]["code"]["enum"]
+                    .as_array()
+                    .unwrap();
+                assert!(!codes.is_empty(), "{method} {path} {status}");
+                for name in codes {
+                    let code = ErrorCode::ALL.iter().find(|c| name == c.as_str()).unwrap();
+                    assert_eq!(code.status().as_u16(), status, "{method} {path}: {name}");
+                    let text = format!("`{}`", code.as_str());
+                    assert!(r["description"].as_str().unwrap().contains(&text));
+                }
+                assert!(r.get(error::DECLARED_CODES).is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_adds_401_and_security_everywhere_but_the_public_paths() {
+        let doc = document(&facts(true));
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"],
+            json!({ "type": "http", "scheme": "bearer" })
+        );
+        for (method, path, op) in operations(&doc) {
+            let public = super::super::PUBLIC_PATHS.contains(&path.as_str());
+            assert_eq!(
+                error_statuses(&op).contains(&401),
+                !public,
+                "{method} {path}"
+            );
+            assert_eq!(op.get("security").is_some(), !public, "{method} {path}");
+            if !public {
+                assert_eq!(
+                    op["responses"]["401"]["headers"]["WWW-Authenticate"]["schema"]["const"],
+                    "Bearer"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_facts_of_the_server_bound_the_submission() {
+        let doc = document(&facts(false));
+        let body = &doc["components"]["schemas"]["CreateBody"]["properties"];
+        assert_eq!(body["vm_name"]["enum"], json!(["alpha", "tiny"]));
+        assert_eq!(body["timeout"]["maximum"], 1234);
+        assert_eq!(body["timeout"]["minimum"], 1);
+        assert_eq!(
+            doc["components"]["schemas"]["CreateBody"]["examples"][0]["vm_name"], "alpha",
+            "the example names a VM this server has"
+        );
+        let none = document(&Facts {
+            vm_names: vec![],
+            ..facts(false)
+        });
+        assert_eq!(
+            none["components"]["schemas"]["CreateBody"]["properties"]["vm_name"]["enum"],
+            json!([])
+        );
+    }
+
+    #[test]
+    fn parameters_are_uuids_in_the_path_and_never_null() {
+        let doc = document(&facts(false));
+        for (method, path, op) in operations(&doc) {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                assert!(
+                    !p["schema"]["type"].to_string().contains("null"),
+                    "{method} {path}: {p}"
+                );
+                if p["in"] == "path" {
+                    assert_eq!(p["schema"]["format"], "uuid", "{method} {path}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "written by hand")]
+    fn hand_written_error_responses_are_refused() {
+        let mut op = json!({ "responses": {
+            "200": { "description": "ok" },
+            "404": { "description": "not found" },
+        } });
+        complete_operation("get", "/x", &mut op, &facts(false));
+    }
+
+    #[test]
+    #[should_panic(expected = "a path parameter other than a request uuid")]
+    fn unknown_path_parameters_are_refused() {
+        let mut op = json!({
+            "parameters": [{ "name": "id", "in": "path", "schema": { "type": "integer" } }],
+            "responses": { "200": { "description": "ok" } },
+        });
+        complete_operation("get", "/x/{id}", &mut op, &facts(false));
+    }
+}
