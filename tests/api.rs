@@ -203,11 +203,7 @@ async fn malformed_bodies_get_4xx_never_5xx() {
 async fn reads_of_bad_or_unknown_ids() {
     let s = api().await;
     for path in ["/requests/not-a-uuid", "/requests/1%27%20OR%201=1--/logs"] {
-        let r = s
-            .request(reqwest::Method::GET, &format!("{path}"))
-            .send()
-            .await
-            .unwrap();
+        let r = s.request(reqwest::Method::GET, path).send().await.unwrap();
         let st = r.status().as_u16();
         assert_error(st, &r.json().await.unwrap(), 400, "invalid_uuid");
     }
@@ -216,11 +212,7 @@ async fn reads_of_bad_or_unknown_ids() {
         format!("/requests/{unknown}"),
         format!("/requests/{unknown}/logs"),
     ] {
-        let r = s
-            .request(reqwest::Method::GET, &format!("{path}"))
-            .send()
-            .await
-            .unwrap();
+        let r = s.request(reqwest::Method::GET, &path).send().await.unwrap();
         let st = r.status().as_u16();
         assert_error(st, &r.json().await.unwrap(), 404, "not_found");
     }
@@ -465,7 +457,7 @@ async fn bearer_token_guards_everything_but_health() {
     })
     .await;
     let get = |path: &'static str, token: Option<&'static str>| {
-        let mut r = s.request(reqwest::Method::GET, &format!("{path}"));
+        let mut r = s.request(reqwest::Method::GET, path);
         if let Some(t) = token {
             r = r.header("authorization", t);
         }
