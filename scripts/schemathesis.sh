@@ -72,7 +72,6 @@ run() {
     local phases="examples,coverage,fuzzing,stateful"
     local args=(run "http://$addr/openapi.json" --checks all --phases "$phases"
         --max-examples "${SCHEMATHESIS_MAX_EXAMPLES:-40}"
-        --baseline "$repo/scripts/schemathesis-baseline.json"
         --generation-database none --no-color)
     if [ -n "${SCHEMATHESIS_SEED:-}" ]; then args+=(--seed "$SCHEMATHESIS_SEED"); fi
     if [ -n "$token" ]; then args+=(-H "Authorization: Bearer $token"); fi

@@ -372,14 +372,9 @@ async fn control_of_requests_without_a_vm() {
         .unwrap();
     assert_eq!(r.status(), 422, "unknown fields rejected");
 
-    // DELETE of a pending request cancels it; of a finished one deletes it.
-    let r = s
-        .request(reqwest::Method::DELETE, &format!("/requests/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.unwrap();
+    // A cancel keeps the request and its logs; control of it is then refused.
+    let (code, body) = s.put_status(&id, "cancelled").await;
+    assert_eq!(code, 200);
     assert_eq!(
         (body["status"].as_str(), body["applied"].as_bool()),
         (Some("cancelled"), Some(true))
@@ -400,13 +395,13 @@ async fn control_of_requests_without_a_vm() {
         (200, Some("cancelled")),
         "a cancel keeps the request"
     );
+    // DELETE removes it: nothing under its path answers any more.
     let r = s
         .request(reqwest::Method::DELETE, &format!("/requests/{id}"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    // A 204 removes it: nothing under its path answers any more.
     for path in [
         format!("/requests/{id}"),
         format!("/requests/{id}/logs"),
@@ -422,6 +417,10 @@ async fn control_of_requests_without_a_vm() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+    // So does DELETE of a pending request: it had no VM to stop.
+    let pending = s.submit("tiny", "echo x", 30).await;
+    assert_eq!(s.delete_request(&pending).await.0, 204);
+    assert_eq!(s.get_json(&format!("/requests/{pending}")).await.0, 404);
     assert_eq!(count_requests(&s), 0);
 }
 

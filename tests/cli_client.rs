@@ -140,12 +140,14 @@ async fn control_commands_and_delete() {
         "{}",
         text(&out.stderr)
     );
-    let out = sqlite_sim(&s, &["cli", "delete-request", &id]);
+    let out = sqlite_sim(&s, &["cli", "cancel", &id]);
     assert!(
         text(&out.stdout).contains("is now cancelled"),
-        "no TTY: no question asked"
+        "{}",
+        text(&out.stderr)
     );
-    let out = sqlite_sim(&s, &["cli", "delete-request", &id, "--yes"]);
+    assert_eq!(s.get(&id).await["status"], "cancelled", "a cancel keeps it");
+    let out = sqlite_sim(&s, &["cli", "delete-request", &id]);
     assert!(
         text(&out.stdout).contains("deleted"),
         "{}",

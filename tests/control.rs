@@ -126,8 +126,8 @@ async fn cancel_during_boot_ends_qemu_promptly() {
         "still booting"
     );
     let start = Instant::now();
-    let (code, _) = s.delete_request(&id).await;
-    assert!(matches!(code, 200 | 202), "{code}");
+    let (code, r) = s.put_status(&id, "cancelled").await;
+    assert!(matches!(code, 200 | 202), "{code} {r}");
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(r["status"], "cancelled", "{r}");
     assert!(
@@ -178,6 +178,25 @@ async fn cancel_during_a_command() {
     assert_eq!(code, 409);
     let (code, _) = s.delete_request(&id).await;
     assert_eq!(code, 204);
+}
+
+#[tokio::test]
+async fn delete_of_a_running_request_stops_its_vm_and_removes_it() {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(Options::default()).await;
+    let id = s.submit("tiny", "echo started; sleep 600", 300).await;
+    s.wait_output(&id, "stdout", "started").await;
+    let (code, r) = s.delete_request(&id).await;
+    assert_eq!(code, 204, "the VM powers off within the wait: {r}");
+    assert!(
+        s.qemu_processes().is_empty(),
+        "QEMU gone when 204 is answered"
+    );
+    assert_eq!(s.fetch(&format!("/requests/{id}")).await.status, 404);
+    assert_eq!(s.fetch(&format!("/requests/{id}/logs")).await.status, 404);
+    let (_, list) = s.get_json("/requests").await;
+    assert_eq!(list["total"], 0, "{list}");
 }
 
 #[tokio::test]

@@ -530,7 +530,7 @@ async fn run_directory_is_private_and_the_base_image_read_only() {
         }
     }
     assert!(found, "QEMU has the base image open");
-    s.delete_request(&id).await;
+    s.put_status(&id, "cancelled").await;
     s.wait_terminal(&id, LIMIT).await;
 }
 

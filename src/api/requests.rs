@@ -415,29 +415,46 @@ async fn wait_applied(
     }
 }
 
-/// Cancel an active request (200, or 202 while the agent shuts it down), or delete a finished
-/// one and its logs (204). A cancelled request stays readable, with its logs, until deleted.
+/// Delete a request and its logs. An active request's VM is shut down first (as a cancel
+/// does); the request is gone from the API at once either way. To stop a request and keep its
+/// logs, `PUT /requests/{uuid}/status` with `cancelled`.
 #[utoipa::path(delete, path = "/requests/{uuid}", tag = "requests",
     params(("uuid" = inline(RequestId), Path, description = "request id")),
     responses(
-        (status = 204, description = "finished request deleted with its logs"),
-        (status = 200, body = ControlResponse, description = "active request cancelled"),
-        (status = 202, body = ControlResponse, description = "cancel recorded; the agent applies it"),
-        InvalidTransitionResponse,
+        (status = 204, description = "deleted with its logs (an active request's VM was shut down first)"),
+        (status = 202, body = ControlResponse, description = "its VM is still being shut down: the request is already gone from the API and is removed with its logs when the VM is down"),
     ))]
 pub async fn delete(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&uuid)?;
-    match state.store.delete_finished(id).await? {
+    let req = match state.store.delete(id).await? {
         DeleteOutcome::Deleted => {
             tracing::info!(request = %id, "request deleted");
-            Ok(StatusCode::NO_CONTENT.into_response())
+            return Ok(StatusCode::NO_CONTENT.into_response());
         }
-        DeleteOutcome::NotFound => Err(ApiError::NotFound(id.to_string())),
-        DeleteOutcome::Active(_) => control(&state, id, Status::Cancelled).await,
+        DeleteOutcome::NotFound => return Err(ApiError::NotFound(id.to_string())),
+        DeleteOutcome::Deleting(req) => req,
+    };
+    tracing::info!(request = %id, "request deleting: its VM is being shut down");
+    // Its agent removes it once the VM is down; within the wait that is a plain 204.
+    let mut changes = state.store.subscribe();
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    while state.store.exists(id).await? {
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                return Ok((
+                    StatusCode::ACCEPTED,
+                    Json(ControlResponse { request: *req, applied: false }),
+                )
+                    .into_response());
+            }
+        }
     }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `POST /prune` body.

@@ -114,7 +114,7 @@ pub enum CliCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Cancel an active request, or delete a finished one with its logs.
+    /// Delete a request with its logs (an active one's VM is shut down first).
     DeleteRequest {
         id: String,
         /// Do not ask for confirmation.

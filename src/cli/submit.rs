@@ -128,8 +128,13 @@ pub async fn run(conn: Conn, a: SubmitArgs) -> Result<u8, CliError> {
             if a.detach {
                 eprintln!("sqlite-sim: detached; request {id} keeps running");
             } else {
+                // A cancel, not a DELETE: the logs of an interrupted CI job are worth keeping.
                 client
-                    .send(client.request(reqwest::Method::DELETE, &format!("/requests/{id}")))
+                    .send(
+                        client
+                            .request(reqwest::Method::PUT, &format!("/requests/{id}/status"))
+                            .json(&serde_json::json!({ "status": "cancelled" })),
+                    )
                     .await?;
                 eprintln!("sqlite-sim: interrupted; cancelled request {id}");
             }

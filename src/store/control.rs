@@ -1,7 +1,7 @@
 //! Operator control (hold, resume, cancel) as desired state, its application by the owning
 //! agent, and deletion of finished requests.
 
-use super::requests::get_in;
+use super::requests::{get_in, is_deleting};
 use super::{Store, StoreError};
 use crate::model::{transition, AgentId, Request, RequestId, Status, Transition};
 use crate::timefmt;
@@ -23,9 +23,11 @@ pub enum ControlOutcome {
 
 #[derive(Debug)]
 pub enum DeleteOutcome {
+    /// Gone, with its logs.
     Deleted,
-    /// Still active: cancel it instead.
-    Active(Box<Request>),
+    /// Its VM is being shut down (a cancel was recorded); hidden already, and removed by its
+    /// agent once the VM is down.
+    Deleting(Box<Request>),
     NotFound,
 }
 
@@ -42,6 +44,9 @@ impl Store {
             let Some(req) = get_in(&tx, id)? else {
                 return Ok(ControlOutcome::NotFound);
             };
+            if is_deleting(&tx, id)? {
+                return Ok(ControlOutcome::NotFound);
+            }
             let now = timefmt::now();
             let uuid = id.to_string();
             let outcome = match transition(
@@ -114,6 +119,11 @@ impl Store {
             .call_write(move |c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 let now = timefmt::now();
+                // Deletions whose agent was lost: nothing is left to wait for.
+                tx.execute(
+                    "DELETE FROM requests WHERE deleting = 1 AND lease_expires_at < ?1",
+                    [&now],
+                )?;
                 let expired: Vec<(String, String, Option<String>, Option<String>)> = {
                     let mut stmt = tx.prepare(
                         "SELECT uuid, status, desired_status, agent_id FROM requests
@@ -228,25 +238,43 @@ impl Store {
 
     /// The desired state of a request, if any (what the agent polls).
     pub async fn desired(&self, id: RequestId) -> Result<Option<Status>, StoreError> {
-        Ok(self.get(id).await?.and_then(|r| r.desired_status))
+        // Not through `get`: a request being deleted is hidden from the API, not from its agent.
+        self.call_point_read(move |c| Ok(get_in(c, id)?.and_then(|r| r.desired_status)))
     }
 
-    /// Deletes a finished request and (by cascade) its logs.
-    pub async fn delete_finished(&self, id: RequestId) -> Result<DeleteOutcome, StoreError> {
+    /// `DELETE`: a finished request, or one that has no VM (pending, or held before it got
+    /// one), goes at once with its logs. One with a VM is cancelled and hidden; its agent
+    /// removes it once the VM is down (`finish`), or lease recovery does if the agent is lost.
+    pub async fn delete(&self, id: RequestId) -> Result<DeleteOutcome, StoreError> {
         self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let Some(req) = get_in(&tx, id)? else {
                 return Ok(DeleteOutcome::NotFound);
             };
-            if !req.status.is_terminal() {
-                return Ok(DeleteOutcome::Active(Box::new(req)));
+            if is_deleting(&tx, id)? {
+                return Ok(DeleteOutcome::NotFound);
             }
-            tx.execute("DELETE FROM requests WHERE uuid = ?1", [id.to_string()])?;
+            if req.status.is_terminal() || req.agent_id.is_none() {
+                tx.execute("DELETE FROM requests WHERE uuid = ?1", [id.to_string()])?;
+                tx.commit()?;
+                return Ok(DeleteOutcome::Deleted);
+            }
+            tx.execute(
+                "UPDATE requests SET deleting = 1, desired_status = 'cancelled', updated_at = ?1
+                 WHERE uuid = ?2",
+                params![timefmt::now(), id.to_string()],
+            )?;
+            let req = get_in(&tx, id)?.ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
             tx.commit()?;
-            Ok(DeleteOutcome::Deleted)
+            Ok(DeleteOutcome::Deleting(Box::new(req)))
         })
         .await
         .inspect(|_| self.bump())
+    }
+
+    /// Whether the row still exists at all (a deletion in progress counts).
+    pub async fn exists(&self, id: RequestId) -> Result<bool, StoreError> {
+        self.call_point_read(move |c| Ok(get_in(c, id)?.is_some()))
     }
 }
 
@@ -255,7 +283,7 @@ mod tests {
     use super::*;
     use crate::model::NewRequest;
     use crate::store::test_support::temp_store;
-    use crate::store::LogQuery;
+    use crate::store::{LogQuery, RequestQuery};
     use std::time::Duration;
 
     fn new() -> NewRequest {
@@ -340,36 +368,76 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_finished_requests_are_deleted_with_their_logs() {
+    async fn delete_removes_at_once_unless_a_vm_must_be_shut_down_first() {
         let (s, _d) = temp_store().await;
+        let log = |ty| vec![("t".into(), ty, b"x".to_vec())];
+        // Pending: no VM, gone at once with its logs.
         let r = s.create(new()).await.unwrap();
-        s.append_logs(
-            r.uuid,
-            vec![("t".into(), crate::model::LogType::Boot, b"x".to_vec())],
-        )
-        .await
-        .unwrap();
+        s.append_logs(r.uuid, log(crate::model::LogType::Boot))
+            .await
+            .unwrap();
         assert!(matches!(
-            s.delete_finished(r.uuid).await.unwrap(),
-            DeleteOutcome::Active(_)
-        ));
-        s.control(r.uuid, Status::Cancelled).await.unwrap();
-        let cancelled = s.get(r.uuid).await.unwrap().unwrap();
-        assert!(cancelled.finished_at.is_some());
-        assert!(matches!(
-            s.delete_finished(r.uuid).await.unwrap(),
+            s.delete(r.uuid).await.unwrap(),
             DeleteOutcome::Deleted
         ));
-        assert!(s.get(r.uuid).await.unwrap().is_none());
+        assert!(!s.exists(r.uuid).await.unwrap());
         assert!(s
             .logs(r.uuid, LogQuery::default())
             .await
             .unwrap()
             .is_empty());
         assert!(matches!(
-            s.delete_finished(r.uuid).await.unwrap(),
+            s.delete(r.uuid).await.unwrap(),
             DeleteOutcome::NotFound
         ));
+        // Running: cancelled and hidden; the agent's finish removes it.
+        let r = s.create(new()).await.unwrap();
+        let agent = AgentId("a".into());
+        s.claim(&agent, Duration::from_secs(30)).await.unwrap();
+        s.mark_running(r.uuid, &agent).await.unwrap();
+        match s.delete(r.uuid).await.unwrap() {
+            DeleteOutcome::Deleting(x) => {
+                assert_eq!(x.desired_status, Some(Status::Cancelled))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.get(r.uuid).await.unwrap().is_none(), "hidden at once");
+        assert_eq!(
+            s.list(RequestQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .1,
+            0
+        );
+        assert!(matches!(
+            s.control(r.uuid, Status::Hold).await.unwrap(),
+            ControlOutcome::NotFound
+        ));
+        assert_eq!(
+            s.desired(r.uuid).await.unwrap(),
+            Some(Status::Cancelled),
+            "its agent still sees the cancel"
+        );
+        assert!(s.exists(r.uuid).await.unwrap());
+        let fin = crate::store::Finish {
+            status: Status::Cancelled,
+            ..Default::default()
+        };
+        assert!(s.finish(r.uuid, &agent, fin).await.unwrap());
+        assert!(
+            !s.exists(r.uuid).await.unwrap(),
+            "removed once its VM is down"
+        );
+        // A deletion whose agent is lost is completed by lease recovery.
+        let r = s.create(new()).await.unwrap();
+        s.claim(&agent, Duration::from_millis(1)).await.unwrap();
+        s.delete(r.uuid).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s.reap_expired().await.unwrap();
+        assert!(!s.exists(r.uuid).await.unwrap());
     }
 
     #[tokio::test]

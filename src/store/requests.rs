@@ -93,14 +93,24 @@ impl Store {
         .inspect(|_| self.bump())
     }
 
+    /// The request as the API shows it: one being deleted is already gone.
     pub async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
-        self.call_point_read(move |c| get_in(c, id))
+        self.call_point_read(move |c| {
+            let row = c
+                .query_row(
+                    &format!("SELECT {COLUMNS} FROM requests WHERE uuid = ?1 AND deleting = 0"),
+                    [id.to_string()],
+                    from_row,
+                )
+                .optional()?;
+            row.transpose()
+        })
     }
 
     /// Requests matching `q`, newest first, and the total number matching (ignoring limit/offset).
     pub async fn list(&self, q: RequestQuery) -> Result<(Vec<Request>, u64), StoreError> {
         self.call(move |c| {
-            let mut wh = Vec::new();
+            let mut wh = vec!["deleting = 0".to_string()];
             let mut args: Vec<String> = Vec::new();
             if !q.statuses.is_empty() {
                 let marks = vec!["?"; q.statuses.len()].join(",");
@@ -117,11 +127,7 @@ impl Store {
                 wh.push(format!("substr(uuid, 1, {}) = ?", p.len()));
                 args.push(p.to_ascii_lowercase());
             }
-            let wh = if wh.is_empty() {
-                String::new()
-            } else {
-                format!("WHERE {}", wh.join(" AND "))
-            };
+            let wh = format!("WHERE {}", wh.join(" AND "));
             let total: u64 = c.query_row(
                 &format!("SELECT COUNT(*) FROM requests {wh}"),
                 rusqlite::params_from_iter(args.iter()),
@@ -229,6 +235,14 @@ impl Store {
         let agent = agent.0.clone();
         self.call_write(move |c| {
             let now = timefmt::now();
+            // Deleted while it ran: now that its VM is down, it goes with its logs.
+            let gone = c.execute(
+                "DELETE FROM requests WHERE uuid = ?1 AND agent_id = ?2 AND deleting = 1",
+                params![id.to_string(), agent],
+            )?;
+            if gone == 1 {
+                return Ok(true);
+            }
             let n = c.execute(
                 "UPDATE requests SET status = ?1, exit_code = ?2, error = ?3, shutdown_step = ?4,
                         finished_at = ?5, updated_at = ?5, lease_expires_at = NULL, desired_status = NULL,
@@ -253,6 +267,18 @@ impl Store {
         .await
         .inspect(|_| self.bump())
     }
+}
+
+/// Whether a DELETE is removing the request (hidden from the API until its agent is done).
+pub(super) fn is_deleting(c: &rusqlite::Connection, id: RequestId) -> Result<bool, StoreError> {
+    let d: Option<bool> = c
+        .query_row(
+            "SELECT deleting FROM requests WHERE uuid = ?1",
+            [id.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(d.unwrap_or(false))
 }
 
 pub(super) fn get_in(

@@ -43,6 +43,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE requests ADD COLUMN run_ms INTEGER;
     ALTER TABLE requests ADD COLUMN shutdown_ms INTEGER;
     "#,
+    // v3: DELETE of an active request hides it at once; its agent removes it once its VM is down.
+    r#"
+    ALTER TABLE requests ADD COLUMN deleting INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
