@@ -5,6 +5,9 @@
 # The same kernel and initramfs are also written next to the image as
 # <stem>-vmlinuz and <stem>-initrd.gz (vm_images/tiny-vmlinuz,
 # vm_images/tiny-initrd.gz) for direct boot with -kernel/-initrd/-append.
+# The build lands in the recipe-keyed image cache (scripts/image-cache.sh:
+# ~/.cache/sqlite-sim/images/tiny-KEY/) and is copied from there; with the
+# key already cached nothing is built.
 # Kernel command line switches (direct boot with -append; the disk's syslinux
 # APPEND sets neither):
 #   sqsim.login=1  getty/login on ttyS0 (root, password sqsim) instead of a
@@ -15,6 +18,7 @@
 # to QEMU (QMP GUEST_PANICKED) when the VM has -device pvpanic.
 #
 # Usage: scripts/build-tiny-image.sh [--force] [OUTPUT.qcow2]
+#   --force  build again even if the cache has this recipe
 set -euo pipefail
 
 force=0
@@ -38,18 +42,8 @@ stem="$(dirname "$out")/$(basename "$out" .qcow2)"
 kout="$stem-vmlinuz"
 iout="$stem-initrd.gz"
 
-# Idempotent: outputs newer than this script are considered up to date
-# (all three must exist).
-if [ "$force" = 0 ]; then
-    fresh=1
-    for f in "$out" "$kout" "$iout"; do
-        [ -e "$f" ] && [ "$f" -nt "$script" ] || fresh=0
-    done
-    if [ "$fresh" = 1 ]; then
-        echo "up to date: $out $kout $iout (use --force to rebuild)"
-        exit 0
-    fi
-fi
+# shellcheck source=scripts/image-cache.sh
+. "$(dirname "$script")/image-cache.sh"
 
 # Host tools; installed only when missing so the common case needs no root.
 need=()
@@ -62,6 +56,28 @@ if [ "${#need[@]}" -gt 0 ]; then
     apt-get install -y --no-install-recommends "${need[@]}"
 fi
 
+# --- The recipe's inputs: this script, the host tools, the exact packages. ---
+ic_apt_lists
+kpkg="$(apt-cache depends linux-image-cloud-amd64 |
+        sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)"
+[ -n "$kpkg" ] || { echo "cannot resolve cloud kernel package" >&2; exit 1; }
+debs="$(ic_debs "$kpkg" busybox-static)"
+inputs="$(ic_recipe "$script"
+          ic_tools cpio dosfstools gzip mtools qemu-utils syslinux syslinux-common xz-utils
+          printf '%s\n' "$debs" | sed 's/^/deb /')"
+key="$(printf '%s\n' "$inputs" | ic_key)"
+stamp="$(dirname "$out")/.$(basename "$stem").cache-key"
+files=("disk.qcow2:$out" "vmlinuz:$kout" "initrd.gz:$iout")
+if [ "$force" = 0 ] && ic_current "$stamp" "tiny-$key" "${files[@]}"; then
+    echo "up to date: $out $kout $iout (tiny-$key; use --force to rebuild)"
+    exit 0
+fi
+
+# build_tiny DIR: build disk.qcow2, vmlinuz and initrd.gz into DIR. Run by
+# ic_ensure in a subshell (its trap is its own); the body is not indented so
+# the here-documents below read as the files they write.
+build_tiny() {
+dest="$1"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 # apt-get download drops privileges to _apt, which needs to write here.
@@ -69,10 +85,8 @@ chmod 755 "$tmp"
 chown _apt "$tmp" 2>/dev/null || true
 
 # --- Fetch kernel and busybox from the Debian archive (not host state). ---
-kpkg="$(apt-cache depends linux-image-cloud-amd64 |
-        sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)"
-[ -n "$kpkg" ] || { echo "cannot resolve cloud kernel package" >&2; exit 1; }
 (cd "$tmp" && apt-get download -q "$kpkg" busybox-static)
+ic_check_debs "$debs" "$tmp"
 dpkg -x "$tmp/${kpkg}"_*.deb "$tmp/kernel"
 dpkg -x "$tmp"/busybox-static_*.deb "$tmp/bb"
 kver="${kpkg#linux-image-}"
@@ -285,12 +299,13 @@ export SOURCE_DATE_EPOCH=946684800
 syslinux --install "$img"
 mcopy -m -i "$img" "$tmp/vmlinuz" "$tmp/initrd.gz" "$tmp/syslinux.cfg" ::/
 
-mkdir -p "$(dirname "$out")"
-# Plain cp (fresh mtimes) so the up-to-date check sees them as new.
-cp "$tmp/vmlinuz" "$kout.tmp"
-cp "$tmp/initrd.gz" "$iout.tmp"
-qemu-img convert -f raw -O qcow2 "$img" "$out.tmp"
-mv "$kout.tmp" "$kout"
-mv "$iout.tmp" "$iout"
-mv "$out.tmp" "$out"
-echo "built $out $kout $iout (kernel $kver)"
+cp "$tmp/vmlinuz" "$dest/vmlinuz"
+cp "$tmp/initrd.gz" "$dest/initrd.gz"
+qemu-img convert -f raw -O qcow2 "$img" "$dest/disk.qcow2"
+echo "built tiny (kernel $kver) into $dest"
+}
+
+ic_ensure tiny "$key" "$inputs" "$force" build_tiny
+ic_install "$IC_ENTRY" "$stamp" "${files[@]}"
+ic_unlock
+echo "installed $out $kout $iout from $IC_ENTRY"
