@@ -3,8 +3,17 @@
 # image. Idempotent: does nothing that is already done. Used by run.sh and test.sh.
 # Images come from the recipe-keyed cache (~/.cache/sqlite-sim/images, see vm_images/README.md):
 # with it warm, a fresh clone's setup copies them and takes seconds.
+# Usage: scripts/setup.sh [--debian]   (--debian: also the Debian 12 benchmark guest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+debian=0
+for arg in "$@"; do
+    case "$arg" in
+        --debian) debian=1 ;;
+        *) sed -n '2,6p' "$0" >&2; exit 2 ;;
+    esac
+done
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -45,5 +54,10 @@ command -v qemu-img >/dev/null || {
 # Up to date, copied from the cache, or built (the script refreshes the apt lists when they are
 # more than a day old, so the cache key follows the archive's current kernel).
 scripts/build-tiny-image.sh
+images=vm_images/tiny.qcow2
+if [ "$debian" = 1 ]; then
+    scripts/build-debian-image.sh
+    images="$images vm_images/debian12.qcow2"
+fi
 
-echo "setup: $(qemu-system-x86_64 --version | head -n1); image vm_images/tiny.qcow2 ready"
+echo "setup: $(qemu-system-x86_64 --version | head -n1); $images ready"
