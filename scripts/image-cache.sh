@@ -105,11 +105,11 @@ ic_ensure() {
     local name="$1" key="$2" inputs="$3" force="$4" build="$5" tmp start old
     IC_ENTRY="$IMAGE_CACHE/$name-$key"
     ic_lock "$name-$key" -x
+    # Holding the exclusive lock: any .build-* of this key is left by a crashed build.
+    rm -rf "$IMAGE_CACHE/.build-$name-$key".*
     if [ -d "$IC_ENTRY" ] && [ "$force" = 0 ]; then
         ic_log "cached: $IC_ENTRY"
     else
-        # Holding the exclusive lock: any .build-* of this key is left by a crashed build.
-        rm -rf "$IMAGE_CACHE/.build-$name-$key".*
         tmp="$(mktemp -d "$IMAGE_CACHE/.build-$name-$key.XXXXXX")"
         chmod 755 "$tmp"
         ic_log "building $name (key $key) in $tmp"
@@ -143,9 +143,21 @@ ic_ensure() {
 }
 
 # ic_prune NAME KEY : keep the newest SQLITE_SIM_IMAGE_CACHE_KEEP entries of NAME (by last use),
-# never KEY itself nor an entry some other process holds locked.
+# never KEY itself nor an entry some other process holds locked. Also removes what crashed
+# builds and prunes of NAME left behind (.build-* whose key nobody holds, .trash-*).
 ic_prune() {
     local name="$1" key="$2" keep="${SQLITE_SIM_IMAGE_CACHE_KEEP:-3}" n=0 d base fd
+    for d in "$IMAGE_CACHE/.build-$name-"*.*; do
+        [ -d "$d" ] || continue
+        base="${d##*/.build-}"
+        exec {fd}>>"$IMAGE_CACHE/.locks/${base%.*}.lock"
+        flock -n -x "$fd" && rm -rf "$d"
+        exec {fd}>&-
+    done
+    for d in "$IMAGE_CACHE/.trash-$name-"*; do
+        [ -d "$d" ] || continue
+        chmod -R u+w "$d" && rm -rf "$d"
+    done
     while IFS= read -r d; do
         base="${d##*/}"
         n=$((n + 1))
@@ -161,8 +173,9 @@ ic_prune() {
             fi
         fi
         exec {fd}>&-
-    done < <(find "$IMAGE_CACHE" -mindepth 1 -maxdepth 1 -type d -name "$name-*" \
-        -regex ".*/$name-[0-9a-f]\{16\}" -printf '%T@ %p\n' | sort -rn | cut -d' ' -f2-)
+    done < <(for d in "$IMAGE_CACHE/$name-"*; do
+                 [[ -d "$d" && "${d##*/}" =~ ^$name-[0-9a-f]{16}$ ]] && stat -c '%Y %n' "$d"
+             done | sort -rn | cut -d' ' -f2-)
 }
 
 # ic_install ENTRY STAMP SRC:DEST... : copy entry files to their destinations (a fresh copy,
