@@ -12,8 +12,8 @@
 # a serial getty on ttyS0 ("deb12 login:", root / sqsim), bash as root's
 # shell, ACPI power button -> systemd-logind powers off, udev makes
 # /dev/virtio-ports/NAME for virtserialport devices (virtio_console is
-# loaded on demand). Under QEMU 7.2 TCG it reaches its login prompt in about
-# 20 s. The disk is never booted by firmware: it has no boot loader.
+# loaded on demand). Under QEMU 7.2 TCG it reaches its login prompt in
+# 25-40 s. The disk is never booted by firmware: it has no boot loader.
 #
 # Exactly the packages the key names are installed: they are resolved from
 # the host's apt lists (an install simulated on an empty system), downloaded
