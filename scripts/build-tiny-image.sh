@@ -31,7 +31,7 @@ out=""
 for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
-        -h|--help) sed -n '2,/^# Usage:/p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^#   --force/p' "$0"; exit 0 ;;
         -*) echo "unknown option: $arg" >&2; exit 2 ;;
         *) out="$arg" ;;
     esac
