@@ -5,16 +5,25 @@
 # The same kernel and initramfs are also written next to the image as
 # <stem>-vmlinuz and <stem>-initrd.gz (vm_images/tiny-vmlinuz,
 # vm_images/tiny-initrd.gz) for direct boot with -kernel/-initrd/-append.
+# The build lands in the recipe-keyed image cache (scripts/image-cache.sh:
+# ~/.cache/sqlite-sim/images/tiny-KEY/) and is copied from there; with the
+# key already cached nothing is built.
 # Kernel command line switches (direct boot with -append; the disk's syslinux
-# APPEND sets neither):
+# APPEND sets none):
 #   sqsim.login=1  getty/login on ttyS0 (root, password sqsim) instead of a
 #                  root shell straight away.
 #   sqsim.acpi=0   ignore ACPI power-button presses (QMP system_powerdown):
 #                  no button driver, no watcher; the host has to quit QEMU.
+#   sqsim.shell=PATH  the login shell on ttyS0, e.g. /bin/bash (Debian's
+#                  bash-static); root's shell in /etc/passwd too. Default
+#                  /bin/sh (busybox ash).
 # Always: the pvpanic driver is loaded, so a guest kernel panic is reported
-# to QEMU (QMP GUEST_PANICKED) when the VM has -device pvpanic.
+# to QEMU (QMP GUEST_PANICKED) when the VM has -device pvpanic; and
+# virtio_console (with virtio-pci), with /dev/virtio-ports/NAME links made
+# for every named virtserialport before the prompt appears.
 #
 # Usage: scripts/build-tiny-image.sh [--force] [OUTPUT.qcow2]
+#   --force  build again even if the cache has this recipe
 set -euo pipefail
 
 force=0
@@ -22,7 +31,7 @@ out=""
 for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
-        -h|--help) sed -n '2,/^# Usage:/p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^#   --force/p' "$0"; exit 0 ;;
         -*) echo "unknown option: $arg" >&2; exit 2 ;;
         *) out="$arg" ;;
     esac
@@ -38,18 +47,8 @@ stem="$(dirname "$out")/$(basename "$out" .qcow2)"
 kout="$stem-vmlinuz"
 iout="$stem-initrd.gz"
 
-# Idempotent: outputs newer than this script are considered up to date
-# (all three must exist).
-if [ "$force" = 0 ]; then
-    fresh=1
-    for f in "$out" "$kout" "$iout"; do
-        [ -e "$f" ] && [ "$f" -nt "$script" ] || fresh=0
-    done
-    if [ "$fresh" = 1 ]; then
-        echo "up to date: $out $kout $iout (use --force to rebuild)"
-        exit 0
-    fi
-fi
+# shellcheck source=scripts/image-cache.sh
+. "$(dirname "$script")/image-cache.sh"
 
 # Host tools; installed only when missing so the common case needs no root.
 need=()
@@ -62,19 +61,40 @@ if [ "${#need[@]}" -gt 0 ]; then
     apt-get install -y --no-install-recommends "${need[@]}"
 fi
 
+# --- The recipe's inputs: this script, the host tools, the exact packages. ---
+ic_apt_lists
+kpkg="$(apt-cache depends linux-image-cloud-amd64 |
+        sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)"
+[ -n "$kpkg" ] || { echo "cannot resolve cloud kernel package" >&2; exit 1; }
+debs="$(ic_debs "$kpkg" busybox-static bash-static)"
+inputs="$(ic_recipe "$script"
+          ic_tools cpio dosfstools gzip mtools qemu-utils syslinux syslinux-common xz-utils
+          printf '%s\n' "$debs" | sed 's/^/deb /')"
+key="$(printf '%s\n' "$inputs" | ic_key)"
+stamp="$(dirname "$out")/.$(basename "$stem").cache-key"
+files=("disk.qcow2:$out" "vmlinuz:$kout" "initrd.gz:$iout")
+if [ "$force" = 0 ] && ic_current "$stamp" "tiny-$key" "${files[@]}"; then
+    echo "up to date: $out $kout $iout (tiny-$key; use --force to rebuild)"
+    exit 0
+fi
+
+# build_tiny DIR: build disk.qcow2, vmlinuz and initrd.gz into DIR. Run by
+# ic_ensure in a subshell (its trap is its own); the body is not indented so
+# the here-documents below read as the files they write.
+build_tiny() {
+dest="$1"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 # apt-get download drops privileges to _apt, which needs to write here.
 chmod 755 "$tmp"
 chown _apt "$tmp" 2>/dev/null || true
 
-# --- Fetch kernel and busybox from the Debian archive (not host state). ---
-kpkg="$(apt-cache depends linux-image-cloud-amd64 |
-        sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)"
-[ -n "$kpkg" ] || { echo "cannot resolve cloud kernel package" >&2; exit 1; }
-(cd "$tmp" && apt-get download -q "$kpkg" busybox-static)
+# --- Fetch kernel, busybox and bash from the Debian archive (not host state). ---
+(cd "$tmp" && apt-get download -q "$kpkg" busybox-static bash-static)
+ic_check_debs "$debs" "$tmp"
 dpkg -x "$tmp/${kpkg}"_*.deb "$tmp/kernel"
 dpkg -x "$tmp"/busybox-static_*.deb "$tmp/bb"
+dpkg -x "$tmp"/bash-static_*.deb "$tmp/bash"
 kver="${kpkg#linux-image-}"
 vmlinuz="$tmp/kernel/boot/vmlinuz-$kver"
 moddir="$tmp/kernel/lib/modules/$kver/kernel/drivers"
@@ -89,18 +109,28 @@ cp "$tmp/bb/bin/busybox" "$root/bin/busybox"
 for app in $("$root/bin/busybox" --list-full); do
     [ -e "$root/$app" ] || ln -s /bin/busybox "$root/$app"
 done
+# Debian's statically linked bash, for sqsim.shell=/bin/bash.
+cp "$tmp/bash/bin/bash-static" "$root/bin/bash"
 
 # Kernel modules for /init, as /lib/modules/NAME.ko, each listed after those
 # it depends on (checked below; /init loads them in this order per group).
 # Power button support: evdev to read events + the ACPI button driver.
 # Panic reporting: pvpanic core, then its ACPI/platform driver (QEMU0001,
 # what the ISA "-device pvpanic" shows up as) and its PCI driver
-# ("-device pvpanic-pci"). Those after "optional:" may be missing (e.g.
-# built in); /init loads what is there.
+# ("-device pvpanic-pci").
+# virtio-serial ports (-device virtio-serial-pci + virtserialport): the
+# cloud kernel has virtio, virtio-pci and virtio_console all as modules.
+# virtio_console's depends= names only virtio and virtio_ring; virtio_pci is
+# the PCI transport that makes the device appear on the virtio bus at all.
+# Those after "optional:" may be missing (e.g. built in); /init loads what
+# is there.
 # Busybox insmod may not handle compressed modules, so decompress here.
 loaded=" "
 opt=0
-for m in input/evdev acpi/button optional: misc/pvpanic/pvpanic \
+for m in input/evdev acpi/button \
+         virtio/virtio_ring virtio/virtio virtio/virtio_pci_modern_dev \
+         virtio/virtio_pci_legacy_dev virtio/virtio_pci char/virtio_console \
+         optional: misc/pvpanic/pvpanic \
          misc/pvpanic/pvpanic-mmio misc/pvpanic/pvpanic-pci; do
     [ "$m" = optional: ] && { opt=1; continue; }
     ko="$root/lib/modules/${m##*/}.ko"
@@ -130,7 +160,9 @@ done
 # warns on the console. Needs root (we are root anyway for apt/dpkg use).
 mknod -m 600 "$root/dev/console" c 5 1
 
+# /init rewrites root's shell here when sqsim.shell= names another one.
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+printf '/bin/sh\n/bin/ash\n/bin/bash\n' >"$root/etc/shells"
 printf 'root:x:0:\n' >"$root/etc/group"
 # Root password "sqsim" for the sqsim.login=1 console login. A fixed salt
 # (and fixed last-change day) keeps the build reproducible.
@@ -143,7 +175,7 @@ printf 'tiny\n' >"$root/etc/hostname"
 cat >"$root/etc/profile" <<'EOF'
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin
 export HOME=/root
-# ash abbreviates $HOME to ~ so this reads "root@tiny:~# ".
+# ash and bash both abbreviate $HOME to ~, so this reads "root@tiny:~# ".
 export PS1='root@tiny:\w# '
 cd "$HOME"
 EOF
@@ -166,17 +198,31 @@ hostname -F /etc/hostname
 for m in pvpanic pvpanic-mmio pvpanic-pci; do
     [ -e /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
 done
+# virtio-serial (in dependency order). The ports show up asynchronously;
+# /dev/virtio-ports/ is filled just before the shell starts, below.
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev \
+         virtio_pci virtio_console; do
+    insmod /lib/modules/$m.ko
+done
 
 # Kernel command line: "sqsim.login=1" log in first; "sqsim.acpi=0"
-# ignore the power button.
+# ignore the power button; "sqsim.shell=PATH" the login shell.
 login=0
 acpi=1
+shell=/bin/sh
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         sqsim.login=1) login=1 ;;
         sqsim.acpi=0) acpi=0 ;;
+        sqsim.shell=?*) shell="${arg#sqsim.shell=}" ;;
     esac
 done
+if [ ! -x "$shell" ] || [ -d "$shell" ]; then
+    echo "tiny: sqsim.shell=$shell is not an executable; using /bin/sh"
+    shell=/bin/sh
+fi
+# root's shell as everything else sees it ($SHELL, sqsim-login, /etc/passwd).
+printf 'root:x:0:0:root:/root:%s\n' "$shell" >/etc/passwd
 
 # ttyS1 is a raw side channel for the host: no echo, no \n -> \r\n.
 [ -e /dev/ttyS1 ] && stty -F /dev/ttyS1 115200 raw -echo
@@ -211,17 +257,43 @@ if [ "$acpi" = 1 ]; then
     fi
 fi
 
+# /dev/virtio-ports/NAME for each named virtio-serial port, as udev would
+# make them, before the prompt: wait (only if there is a virtio-serial
+# device) until the ports and their names have stopped changing.
+vs=0
+for d in /sys/bus/virtio/devices/*; do
+    [ "$(cat "$d/device" 2>/dev/null)" = 0x0003 ] && vs=1
+done
+if [ "$vs" = 1 ]; then
+    last=""
+    same=0
+    for i in $(seq 150); do
+        now="$(ls /sys/class/virtio-ports 2>/dev/null | tr '\n' ' ')"
+        now="$now/$(cat /sys/class/virtio-ports/*/name 2>/dev/null | tr '\n' ' ')"
+        if [ "$now" = "$last" ]; then same=$((same + 1)); else same=0; fi
+        last="$now"
+        # Stable for 10 looks (~0.2 s) with a port, or with none after 1 s.
+        if [ "$same" -ge 10 ] && { [ "$now" != / ] || [ "$i" -ge 50 ]; }; then
+            break
+        fi
+        sleep 0.02
+    done
+    sqsim-vports
+fi
+
 # Login shell on the serial console, with ttyS0 as controlling tty
 # (needed for job control, Ctrl-C and stty).
+export SHELL="$shell"
 while :; do
     if [ "$login" = 1 ]; then
         # getty makes ttyS0 the controlling tty of a new session, prints
         # "tiny login: " and execs /sbin/sqsim-login with the name, which
-        # asks "Password: " (no echo) and execs the same "sh -l" as below.
+        # asks "Password: " (no echo) and execs root's shell from
+        # /etc/passwd as a login shell, like the branch below.
         setsid getty -L -l /sbin/sqsim-login 115200 ttyS0 \
             </dev/ttyS0 >/dev/ttyS0 2>&1
     else
-        setsid cttyhack sh -l </dev/ttyS0 >/dev/ttyS0 2>&1
+        setsid cttyhack "$shell" -l </dev/ttyS0 >/dev/ttyS0 2>&1
     fi
     sleep 0.2
 done
@@ -248,16 +320,37 @@ salt="${hash#\$6\$}"
 salt="${salt%%\$*}"
 if [ "$user" = root ] &&
    [ "$(printf '%s\n' "$pw" | mkpasswd -P 0 -m sha512 -S "$salt")" = "$hash" ]; then
-    # Same environment and shell as without login.
-    export HOME=/root SHELL=/bin/sh USER=root LOGNAME=root
+    # Same environment and shell as without login: root's shell from
+    # /etc/passwd (which /init set from sqsim.shell=), as a login shell.
+    shell="$(sed -n 's/^root:[^:]*:[^:]*:[^:]*:[^:]*:[^:]*://p' /etc/passwd)"
+    [ -x "$shell" ] || shell=/bin/sh
+    export HOME=/root SHELL="$shell" USER=root LOGNAME=root
     cd /root
-    exec sh -l
+    exec "$shell" -l
 fi
 echo "Login incorrect"
 # getty is respawned by /init and prompts "tiny login: " again.
 exit 1
 EOF
 chmod 755 "$root/sbin/sqsim-login"
+
+# The /dev/virtio-ports/NAME -> ../vportNpM links udev would make. /init
+# runs it once the ports have settled; run it again after hot-adding a port.
+cat >"$root/sbin/sqsim-vports" <<'EOF'
+#!/bin/sh
+mkdir -p /dev/virtio-ports
+for p in /sys/class/virtio-ports/vport*; do
+    name="$(cat "$p/name" 2>/dev/null)" || continue
+    case "$name" in ""|.|..|*/*) continue ;; esac
+    ln -sfn "../${p##*/}" "/dev/virtio-ports/$name"
+done
+# Drop links to ports that are gone.
+for l in /dev/virtio-ports/*; do
+    [ -L "$l" ] && [ ! -e "$l" ] && rm -f "$l"
+done
+exit 0
+EOF
+chmod 755 "$root/sbin/sqsim-vports"
 
 # Deterministic newc archive: sorted names, fixed mtimes, uid/gid 0.
 find "$root" -exec touch -h -d @0 {} +
@@ -285,12 +378,13 @@ export SOURCE_DATE_EPOCH=946684800
 syslinux --install "$img"
 mcopy -m -i "$img" "$tmp/vmlinuz" "$tmp/initrd.gz" "$tmp/syslinux.cfg" ::/
 
-mkdir -p "$(dirname "$out")"
-# Plain cp (fresh mtimes) so the up-to-date check sees them as new.
-cp "$tmp/vmlinuz" "$kout.tmp"
-cp "$tmp/initrd.gz" "$iout.tmp"
-qemu-img convert -f raw -O qcow2 "$img" "$out.tmp"
-mv "$kout.tmp" "$kout"
-mv "$iout.tmp" "$iout"
-mv "$out.tmp" "$out"
-echo "built $out $kout $iout (kernel $kver)"
+cp "$tmp/vmlinuz" "$dest/vmlinuz"
+cp "$tmp/initrd.gz" "$dest/initrd.gz"
+qemu-img convert -f raw -O qcow2 "$img" "$dest/disk.qcow2"
+echo "built tiny (kernel $kver) into $dest"
+}
+
+ic_ensure tiny "$key" "$inputs" "$force" build_tiny
+ic_install "$IC_ENTRY" "$stamp" "${files[@]}"
+ic_unlock
+echo "installed $out $kout $iout from $IC_ENTRY"
