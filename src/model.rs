@@ -266,6 +266,16 @@ pub struct Request {
     pub run_ms: Option<i64>,
     /// Milliseconds the shutdown ladder took.
     pub shutdown_ms: Option<i64>,
+    /// How the submission asked to boot; `null` takes the VM's default (`WARM`).
+    #[serde(default)]
+    pub boot: Option<BootChoice>,
+    /// How the guest really got to its prompt: `cold`, `warm` (restored from the VM's template)
+    /// or `pool` (a clone restored ahead of time).
+    #[serde(default)]
+    pub boot_mode: Option<BootMode>,
+    /// Milliseconds from starting QEMU to the restored guest's readiness (warm and pool).
+    #[serde(default)]
+    pub restore_ms: Option<i64>,
 }
 
 /// A validated submission, ready to store.
@@ -274,6 +284,119 @@ pub struct NewRequest {
     pub vm_name: String,
     pub commands: String,
     pub timeout: u32,
+    pub boot: Option<BootChoice>,
+}
+
+/// How a submission asks its guest to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BootChoice {
+    /// Boot from the disk image, as without a template.
+    Cold,
+    /// Restore a clone of the VM's template (or take one from its pool); cold when there is
+    /// no usable template yet.
+    Warm,
+}
+
+/// How a run's guest got to its shell prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BootMode {
+    Cold,
+    Warm,
+    Pool,
+}
+
+impl BootMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootMode::Cold => "cold",
+            BootMode::Warm => "warm",
+            BootMode::Pool => "pool",
+        }
+    }
+}
+
+impl BootChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootChoice::Cold => "cold",
+            BootChoice::Warm => "warm",
+        }
+    }
+}
+
+impl FromStr for BootMode {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [BootMode::Cold, BootMode::Warm, BootMode::Pool]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                kind: "boot mode",
+                value: s.to_string(),
+                expected: "cold, warm, pool".into(),
+            })
+    }
+}
+
+impl FromStr for BootChoice {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [BootChoice::Cold, BootChoice::Warm]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                kind: "boot choice",
+                value: s.to_string(),
+                expected: "cold, warm".into(),
+            })
+    }
+}
+
+/// Where a VM's template stands on one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateState {
+    /// No template (never built, deleted, or the VM is not `WARM`).
+    #[default]
+    None,
+    /// Being built now.
+    Building,
+    /// Ready: warm requests restore clones of it.
+    Ready,
+    /// The last build or restore failed; see `error`.
+    Failed,
+}
+
+impl TemplateState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TemplateState::None => "none",
+            TemplateState::Building => "building",
+            TemplateState::Ready => "ready",
+            TemplateState::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for TemplateState {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            TemplateState::None,
+            TemplateState::Building,
+            TemplateState::Ready,
+            TemplateState::Failed,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
+        .ok_or_else(|| UnknownName {
+            kind: "template state",
+            value: s.to_string(),
+            expected: "none, building, ready, failed".into(),
+        })
+    }
 }
 
 /// One stored log chunk.

@@ -46,6 +46,10 @@ pub struct CreateBody {
     #[serde(default, deserialize_with = "input::optional_whole_number")]
     #[schema(value_type = Option<i64>, minimum = 1)]
     pub timeout: Option<i128>,
+    /// `warm`: restore a clone of the VM's template (cold while it has none ready); `cold`: boot
+    /// from the disk image. Absent or null: the VM's `WARM` setting decides.
+    #[serde(default)]
+    pub boot: Option<crate::model::BootChoice>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -100,6 +104,7 @@ fn validate(state: &AppState, body: CreateBody) -> Result<NewRequest, ApiError> 
         vm_name: body.vm_name,
         commands: body.commands,
         timeout,
+        boot: body.boot,
     })
 }
 

@@ -81,7 +81,19 @@ pub struct VmConfig {
     /// The interpreter for the commands, e.g. `/bin/bash`; `None` uses the console's login
     /// shell. A script's own `#!` line still wins.
     pub shell: Option<String>,
+    /// Warm start: requests restore clones of a template (a saved, booted guest) instead of
+    /// booting.
+    pub warm: bool,
+    /// Clones kept restored and paused, ready to run (needs `warm`).
+    pub warm_pool: u32,
+    /// Commands run once in the template's guest before it is saved.
+    pub prepare: Option<String>,
+    /// While the template is (re)built, warm requests wait for it instead of booting cold.
+    pub warm_wait: bool,
 }
+
+/// Most clones `WARM_POOL` may keep.
+pub const MAX_WARM_POOL: u32 = 16;
 
 /// Every key a VM config may set.
 pub const KEYS: &[&str] = &[
@@ -102,6 +114,10 @@ pub const KEYS: &[&str] = &[
     "CONSOLE",
     "STDERR_DEVICE",
     "SHELL",
+    "WARM",
+    "WARM_POOL",
+    "WARM_WAIT",
+    "PREPARE",
 ];
 
 /// Default prompt: a root or user shell prompt (`# ` or `$ `) at the end of the output.
@@ -252,6 +268,38 @@ impl VmConfig {
                 Some(words.join(" "))
             }
         };
+        let flag = |key: &str| -> Result<bool, VmConfigError> {
+            match get(key).as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None | Some("off" | "no" | "false" | "0") => Ok(false),
+                Some("on" | "yes" | "true" | "1") => Ok(true),
+                Some(other) => Err(invalid(format!("{key} {other:?} is not on or off"))),
+            }
+        };
+        let warm = flag("WARM")?;
+        let warm_wait = flag("WARM_WAIT")?;
+        let warm_pool = match get("WARM_POOL") {
+            None => 0,
+            Some(s) => match s.parse::<u32>() {
+                Ok(n) if n <= MAX_WARM_POOL => n,
+                _ => {
+                    return Err(invalid(format!(
+                        "WARM_POOL {s:?} is not a number from 0 to {MAX_WARM_POOL}"
+                    )))
+                }
+            },
+        };
+        let prepare = get("PREPARE");
+        if !warm {
+            for (key, set) in [
+                ("WARM_POOL", warm_pool > 0),
+                ("WARM_WAIT", warm_wait),
+                ("PREPARE", prepare.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(format!("{key} needs WARM=\"on\"")));
+                }
+            }
+        }
         Ok(VmConfig {
             name: name.to_string(),
             memory,
@@ -271,6 +319,10 @@ impl VmConfig {
             console,
             stderr_device,
             shell,
+            warm,
+            warm_pool,
+            prepare,
+            warm_wait,
         })
     }
 }
@@ -466,6 +518,11 @@ mod tests {
         assert_eq!(vm.console, ConsoleTransport::Pty);
         assert_eq!(vm.stderr_device.as_deref(), Some("/dev/ttyS1"));
         assert_eq!(vm.shell, None);
+        assert!(!vm.warm);
+        let w =
+            parse("WARM=\"on\"\nWARM_POOL=\"2\"\nWARM_WAIT=\"yes\"\nPREPARE=\"mkdir /x\"").unwrap();
+        assert!(w.warm && w.warm_wait);
+        assert_eq!((w.warm_pool, w.prepare.as_deref()), (2, Some("mkdir /x")));
         assert_eq!(
             parse("SHELL=\"/bin/busybox  sh\"")
                 .unwrap()
@@ -489,6 +546,10 @@ mod tests {
             ("CONSOLE=\"vnc\"", "CONSOLE"),
             ("STDERR_DEVICE=\"ttyS1\"", "STDERR_DEVICE"),
             ("SHELL=\"bash\"", "SHELL"),
+            ("WARM=\"maybe\"", "WARM"),
+            ("WARM=\"on\"\nWARM_POOL=\"17\"", "WARM_POOL"),
+            ("WARM_POOL=\"2\"", "WARM_POOL needs WARM"),
+            ("PREPARE=\"echo\"", "PREPARE needs WARM"),
             ("SHELL=\"/bin/sh; rm -rf /\"", "SHELL"),
             ("SHELL=\"/bin/bash '-c x'\"", "SHELL"),
             ("ADDITIONAL_ARGS=\"-x 'unclosed\"", "ADDITIONAL_ARGS"),

@@ -291,6 +291,7 @@ mod tests {
             vm_name: "t".into(),
             commands: "x".into(),
             timeout: 9,
+            boot: None,
         }
     }
 

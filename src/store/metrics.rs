@@ -197,6 +197,7 @@ mod tests {
                 vm_name: "t".into(),
                 commands: "x".into(),
                 timeout: 9,
+                boot: None,
             })
             .await
             .unwrap();

@@ -11,11 +11,13 @@ mod metrics;
 mod requests;
 mod schema;
 pub mod sink;
+mod templates;
 
 pub use control::{ControlOutcome, DeleteOutcome};
 pub use logs::LogQuery;
 pub use metrics::{Histogram, MetricsSnapshot, Stats, Summary, BUCKETS};
 pub use requests::{Finish, RequestQuery};
+pub use templates::{RestoreStats, TemplateOrder, TemplateOrders, TemplateRecord};
 
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
@@ -265,6 +267,7 @@ pub(crate) mod test_support {
                 vm_name: "t".into(),
                 commands: "x".into(),
                 timeout: 1,
+                boot: None,
             })
             .await
             .unwrap()

@@ -1,20 +1,22 @@
 //! Request rows: create, read, claim, and the agent's state changes.
 
 use super::{Store, StoreError};
-use crate::model::{AgentId, NewRequest, Request, RequestId, ShutdownStep, Status};
+use crate::model::{AgentId, BootMode, NewRequest, Request, RequestId, ShutdownStep, Status};
 use crate::timefmt;
 use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
 use std::time::Duration;
 
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
-     boot_ms, run_ms, shutdown_ms";
+     boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
     let status: String = r.get(4)?;
     let desired: Option<String> = r.get(12)?;
     let step: Option<String> = r.get(13)?;
+    let boot: Option<String> = r.get(17)?;
+    let boot_mode: Option<String> = r.get(18)?;
     let build = || -> Result<Request, StoreError> {
         let bad = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("request {uuid}: {e}"));
         Ok(Request {
@@ -38,6 +40,12 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
             boot_ms: r.get(14)?,
             run_ms: r.get(15)?,
             shutdown_ms: r.get(16)?,
+            boot: boot.map(|s| s.parse()).transpose().map_err(|e| bad(&e))?,
+            boot_mode: boot_mode
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|e| bad(&e))?,
+            restore_ms: r.get(19)?,
         })
     };
     Ok(build())
@@ -67,6 +75,10 @@ pub struct Finish {
     pub run_ms: Option<i64>,
     /// The shutdown ladder.
     pub shutdown_ms: Option<i64>,
+    /// How the guest got to its prompt, once it did.
+    pub boot_mode: Option<BootMode>,
+    /// QEMU start to a restored guest's readiness.
+    pub restore_ms: Option<i64>,
 }
 
 fn lease_until(lease: Duration) -> String {
@@ -81,9 +93,9 @@ impl Store {
             let now = timefmt::now();
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
-                "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5)",
-                params![id.to_string(), new.vm_name, new.commands, new.timeout, now],
+                "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at, boot)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6)",
+                params![id.to_string(), new.vm_name, new.commands, new.timeout, now, new.boot.map(|b| b.as_str())],
             )?;
             let req = get_in(&tx, id)?.ok_or_else(|| StoreError::Corrupt("insert vanished".into()))?;
             tx.commit()?;
@@ -246,7 +258,7 @@ impl Store {
             let n = c.execute(
                 "UPDATE requests SET status = ?1, exit_code = ?2, error = ?3, shutdown_step = ?4,
                         finished_at = ?5, updated_at = ?5, lease_expires_at = NULL, desired_status = NULL,
-                        boot_ms = ?8, run_ms = ?9, shutdown_ms = ?10
+                        boot_ms = ?8, run_ms = ?9, shutdown_ms = ?10, boot_mode = ?11, restore_ms = ?12
                  WHERE uuid = ?6 AND agent_id = ?7
                    AND status NOT IN ('done','failed','cancelled')",
                 params![
@@ -260,6 +272,8 @@ impl Store {
                     fin.boot_ms,
                     fin.run_ms,
                     fin.shutdown_ms,
+                    fin.boot_mode.map(|m| m.as_str()),
+                    fin.restore_ms,
                 ],
             )?;
             Ok(n == 1)
@@ -305,6 +319,7 @@ mod tests {
             vm_name: vm.into(),
             commands: "echo hi".into(),
             timeout: 30,
+            boot: None,
         }
     }
 

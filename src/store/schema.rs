@@ -47,6 +47,36 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE requests ADD COLUMN deleting INTEGER NOT NULL DEFAULT 0;
     "#,
+    // v4: warm start. How each request asked to boot and how it did; per-host templates and
+    // the build/delete orders the API gives them.
+    r#"
+    ALTER TABLE requests ADD COLUMN boot TEXT CHECK (boot IN ('cold','warm'));
+    ALTER TABLE requests ADD COLUMN boot_mode TEXT CHECK (boot_mode IN ('cold','warm','pool'));
+    ALTER TABLE requests ADD COLUMN restore_ms INTEGER;
+    CREATE INDEX requests_by_vm_restore ON requests (vm_name, finished_at) WHERE restore_ms IS NOT NULL;
+    CREATE TABLE templates (
+        host_id        TEXT NOT NULL,
+        vm_name        TEXT NOT NULL,
+        state          TEXT NOT NULL CHECK (state IN ('none','building','ready','failed')),
+        template_key   TEXT,
+        built_from     TEXT,
+        built_at       TEXT,
+        build_ms       INTEGER,
+        size_bytes     INTEGER,
+        error          TEXT,
+        failures       INTEGER NOT NULL DEFAULT 0,
+        build_order    INTEGER NOT NULL DEFAULT 0,
+        delete_order   INTEGER NOT NULL DEFAULT 0,
+        updated_at     TEXT NOT NULL,
+        PRIMARY KEY (host_id, vm_name)
+    );
+    CREATE TABLE template_orders (
+        vm_name        TEXT PRIMARY KEY,
+        build_order    INTEGER NOT NULL DEFAULT 0,
+        delete_order   INTEGER NOT NULL DEFAULT 0,
+        updated_at     TEXT NOT NULL
+    );
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
