@@ -110,6 +110,7 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             vm_name: "tiny".into(),
             commands: "bench".into(),
             timeout: 60,
+            boot: None,
         })
         .await
         .unwrap();
