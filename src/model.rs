@@ -210,6 +210,17 @@ pub enum ShutdownStep {
 }
 
 impl ShutdownStep {
+    /// How the VM ended, in words for the `system` log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ShutdownStep::Powerdown => "guest powered off (ACPI)",
+            ShutdownStep::Quit => "QMP quit",
+            ShutdownStep::Sigterm => "SIGTERM",
+            ShutdownStep::Sigkill => "SIGKILL",
+            ShutdownStep::Exited => "QEMU had already exited",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ShutdownStep::Powerdown => "powerdown",

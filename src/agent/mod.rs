@@ -4,10 +4,15 @@
 //! they poll every `SQLITE_SIM_AGENT_POLL_INTERVAL`. A host-wide slot is taken before claiming,
 //! so no request is claimed that could not start at once.
 
+mod boot;
+mod error;
+mod guest;
+mod pool;
 mod recovery;
 mod run;
-mod session;
 pub mod slots;
+mod template;
+mod vm;
 
 use crate::config::vm::VmCatalog;
 use crate::config::Settings;
@@ -29,6 +34,10 @@ pub struct AgentContext {
     pub slots: HostSlots,
     /// What `ACCEL=auto` means on this host (probed once per process).
     pub accel: AccelResolver,
+    /// This host's warm-start templates.
+    pub templates: template::Templates,
+    /// Clones restored ahead of time.
+    pub pool: pool::Pool,
     /// Becomes true when the process is stopping: no new claims; running VMs are shut down.
     pub stopping: watch::Receiver<bool>,
 }
@@ -52,6 +61,8 @@ impl AgentContext {
                 &settings.run_dir,
                 &settings.kvm_device,
             ),
+            templates: template::Templates::new(&settings.run_dir),
+            pool: pool::Pool::default(),
             settings,
             store,
             wake,
@@ -71,9 +82,9 @@ pub async fn run_agents(ctx: Arc<AgentContext>) {
         tracing::info!("SQLITE_SIM_ACCEL=auto: {}", verdict.describe());
     }
     let reaper = tokio::spawn(recovery::reaper(ctx.clone()));
-    let host = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "host".into());
+    let templates = tokio::spawn(template::manager(ctx.clone()));
+    let pool = tokio::spawn(pool::keeper(ctx.clone()));
+    let host = &ctx.settings.host_id;
     let pid = std::process::id();
     let mut tasks = Vec::new();
     for i in 0..ctx.settings.agent_count {
@@ -85,6 +96,9 @@ pub async fn run_agents(ctx: Arc<AgentContext>) {
         let _ = t.await;
     }
     reaper.abort();
+    // Both end on `stopping`: a build in progress is shut down, pooled clones are killed.
+    let _ = templates.await;
+    let _ = pool.await;
 }
 
 async fn agent_loop(ctx: Arc<AgentContext>, id: AgentId) {

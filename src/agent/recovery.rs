@@ -41,6 +41,8 @@ pub async fn reaper(ctx: std::sync::Arc<AgentContext>) {
 /// Removes run directories (and kills their QEMU, if any survived) whose request no live
 /// agent holds. Called at start-up, before any claim.
 pub async fn clean_leftovers(ctx: &AgentContext) {
+    super::template::clean_leftovers(&ctx.settings.run_dir);
+    super::pool::clean_leftovers(&ctx.settings.run_dir);
     let Ok(entries) = std::fs::read_dir(&ctx.settings.run_dir) else {
         return;
     };
@@ -61,10 +63,8 @@ pub async fn clean_leftovers(ctx: &AgentContext) {
                 continue;
             }
         }
-        if let Some(pid) = leftover_qemu(&path) {
-            tracing::warn!(request = %id, pid, "killing QEMU left over from a lost agent");
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-        }
+        tracing::warn!(request = %id, "cleaning up a run whose agent was lost");
+        kill_leftover_qemu(&path);
         if ctx.settings.keep_failed_runs {
             let failed =
                 matches!(ctx.store.get(id).await, Ok(Some(r)) if r.status == Status::Failed);
@@ -76,6 +76,14 @@ pub async fn clean_leftovers(ctx: &AgentContext) {
         if let Err(e) = std::fs::remove_dir_all(&path) {
             tracing::warn!(dir = %path.display(), error = %e, "could not remove a leftover run");
         }
+    }
+}
+
+/// Kills the QEMU of a run directory whose agent is gone, if one survived.
+pub fn kill_leftover_qemu(dir: &Path) {
+    if let Some(pid) = leftover_qemu(dir) {
+        tracing::warn!(dir = %dir.display(), pid, "killing QEMU left over from a lost agent");
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 

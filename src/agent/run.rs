@@ -1,69 +1,23 @@
-//! One request's run: prepare, boot, drive the console, shut down, record the outcome.
+//! One request's run: claim to final state. It chooses how the guest starts (a cold boot, a
+//! restored clone, a pooled clone; see [`super::boot`]), takes the guest through its phases
+//! ([`super::guest`]), always shuts it down, and records the outcome. A clone that fails to
+//! restore falls back to a cold boot in the same request; so does KVM that fails under `auto`.
 
-use super::session::KVM_SILENCE;
-use super::session::{log_event, Drive};
+use super::boot::{self, Launch, Launched};
+use super::error::RunError;
+use super::guest::Limits;
+use super::template;
+use super::vm::{Control, Vm, KVM_SILENCE};
 use super::AgentContext;
-use crate::config::vm::{ConsoleTransport, VmConfig};
+use crate::config::vm::VmConfig;
 use crate::config::Accel;
-use crate::model::{AgentId, LogType, Request, ShutdownStep, Status};
-use crate::qemu::console::protocol::{ConsoleParser, Session, StderrParser};
-use crate::qemu::console::{self, Console, ConsoleError};
-use crate::qemu::image::{self, ImageError};
-use crate::qemu::launch::{self, LaunchError, LaunchSpec, RunPaths, Wiring};
-use crate::qemu::machine::{Machine, MachineError};
-use crate::qemu::qmp::QmpError;
+use crate::model::{AgentId, BootChoice, BootMode, LogType, Request, ShutdownStep, Status};
+use crate::qemu::console::protocol::Session;
+use crate::qemu::launch::RunPaths;
 use crate::store::sink::LogSink;
 use crate::store::Finish;
 use std::time::Duration;
-use thiserror::Error;
 use tracing::Instrument;
-
-/// Why a run failed; the message becomes the request's `error`.
-#[derive(Debug, Error)]
-pub enum RunError {
-    #[error("VM configuration: {0}")]
-    Config(#[from] crate::config::vm::VmConfigError),
-    #[error(transparent)]
-    Image(#[from] ImageError),
-    #[error(transparent)]
-    Launch(#[from] LaunchError),
-    #[error(transparent)]
-    Machine(#[from] MachineError),
-    #[error("QMP: {0}")]
-    Qmp(#[from] QmpError),
-    #[error(transparent)]
-    Console(#[from] ConsoleError),
-    #[error(
-        "guest did not reach a shell prompt within {secs} s; last console output: {last_seen:?}"
-    )]
-    BootTimeout { secs: u64, last_seen: String },
-    #[error("timed out after {0} s")]
-    Timeout(u32),
-    #[error("guest asks for a login but the VM config has no LOGIN_USER")]
-    NoLogin,
-    #[error("guest could not decode the script (is base64 installed in the guest?)")]
-    NoDecode,
-    #[error("QEMU exited unexpectedly ({status}); stderr: {stderr}")]
-    QemuExited { status: String, stderr: String },
-    #[error("guest panicked: {0}")]
-    GuestPanicked(String),
-    #[error("guest shut down before the commands finished ({0})")]
-    GuestShutdown(String),
-    #[error("console closed before the commands finished; last console output: {0:?}")]
-    ConsoleClosed(String),
-    #[error("agent stopping")]
-    AgentStopping,
-    #[error("agent lost its claim (heartbeats failed for a whole lease)")]
-    LeaseLost,
-    #[error("the guest's shell exited while the commands ran (a new shell prompt appeared)")]
-    ShellGone,
-    #[error("no console output under KVM")]
-    KvmSilent,
-    #[error("cancelled")]
-    Cancelled,
-    #[error("database: {0}")]
-    Store(#[from] crate::store::StoreError),
-}
 
 /// Runs one claimed request to a terminal state. Never panics the agent; always ends QEMU.
 pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
@@ -82,6 +36,8 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
             boot_ms: outcome.boot_ms,
             run_ms: outcome.run_ms,
             shutdown_ms: outcome.shutdown_ms,
+            boot_mode: outcome.boot_mode,
+            restore_ms: outcome.restore_ms,
             ..Default::default()
         };
         match &outcome.result {
@@ -174,6 +130,7 @@ fn spawn_heartbeat(
     })
 }
 
+/// How far a run got, and what its phases took.
 struct Outcome {
     result: Result<i32, RunError>,
     step: Option<ShutdownStep>,
@@ -182,17 +139,25 @@ struct Outcome {
     shutdown_ms: Option<i64>,
     /// Console bytes the guest printed.
     console_bytes: u64,
+    /// How the guest started, once it reached its prompt.
+    boot_mode: Option<BootMode>,
+    restore_ms: Option<i64>,
+    /// The guest never reached its prompt from a clone: the template is at fault.
+    restore_failed: bool,
 }
 
-impl Default for Outcome {
-    fn default() -> Self {
+impl Outcome {
+    fn failed(e: RunError) -> Self {
         Outcome {
-            result: Err(RunError::AgentStopping),
+            result: Err(e),
             step: None,
             boot_ms: None,
             run_ms: None,
             shutdown_ms: None,
             console_bytes: 0,
+            boot_mode: None,
+            restore_ms: None,
+            restore_failed: false,
         }
     }
 }
@@ -204,32 +169,40 @@ async fn drive(
     sink: &LogSink,
     lost: tokio::sync::watch::Receiver<bool>,
 ) -> Outcome {
-    let vm = match ctx.catalog.load(&req.vm_name) {
-        Ok(vm) => vm,
-        Err(e) => {
-            return Outcome {
-                result: Err(e.into()),
-                ..Default::default()
-            }
-        }
+    let (cfg, text) = match ctx.catalog.load_with_text(&req.vm_name) {
+        Ok(v) => v,
+        Err(e) => return Outcome::failed(e.into()),
     };
-    let choice = ctx.accel.choose(vm.accel, ctx.settings.accel).await;
+    let choice = ctx.accel.choose(cfg.accel, ctx.settings.accel).await;
     sink.system(format!("accelerator: {}", choice.describe()))
         .await;
+    if let Some(clone) = plan(ctx, req, &cfg, &text, choice.accel, sink).await {
+        let template = clone.template().cloned().expect("a clone has a template");
+        let out = attempt(ctx, agent, req, &cfg, clone, sink, lost.clone()).await;
+        if !out.restore_failed {
+            return out;
+        }
+        let why = match &out.result {
+            Err(e) => e.to_string(),
+            Ok(_) => "unknown".into(),
+        };
+        sink.system(format!(
+            "the clone did not come up ({why}): falling back to a cold boot; template {} is \
+             marked failed and rebuilt",
+            template.meta.key
+        ))
+        .await;
+        template::restore_failed(ctx, &template, &why).await;
+        RunPaths::new(&ctx.settings.run_dir, &req.uuid.to_string()).remove();
+    }
     // Under `auto`, KVM that breaks anyway (the probe cannot foresee every guest) is retried
     // under TCG in the same request, never failed for it.
     let kvm_watch = choice.policy == Accel::Auto && choice.accel == Accel::Kvm;
-    let out = attempt(
-        ctx,
-        agent,
-        req,
-        &vm,
-        choice.accel,
+    let cold = Launch::Cold {
+        accel: choice.accel,
         kvm_watch,
-        sink,
-        lost.clone(),
-    )
-    .await;
+    };
+    let out = attempt(ctx, agent, req, &cfg, cold, sink, lost.clone()).await;
     let Some(why) = kvm_watch.then(|| kvm_failure(&out)).flatten() else {
         return out;
     };
@@ -237,7 +210,11 @@ async fn drive(
         .await;
     // The failed attempt's directory may have been kept for inspection; the retry needs its own.
     RunPaths::new(&ctx.settings.run_dir, &req.uuid.to_string()).remove();
-    let retry = attempt(ctx, agent, req, &vm, Accel::Tcg, false, sink, lost).await;
+    let tcg = Launch::Cold {
+        accel: Accel::Tcg,
+        kvm_watch: false,
+    };
+    let retry = attempt(ctx, agent, req, &cfg, tcg, sink, lost).await;
     if retry.console_bytes > 0 {
         // TCG got further on the same guest: the fault was KVM's, so stop choosing it.
         ctx.accel
@@ -247,6 +224,61 @@ async fn drive(
             .await;
     }
     retry
+}
+
+/// Whether this run restores a clone: a pooled one, or one of the VM's ready template; `None`
+/// boots cold. The `system` log says why.
+async fn plan(
+    ctx: &AgentContext,
+    req: &Request,
+    cfg: &VmConfig,
+    text: &str,
+    accel: Accel,
+    sink: &LogSink,
+) -> Option<Launch> {
+    let warm = match req.boot {
+        Some(BootChoice::Cold) => {
+            sink.system("cold boot (the request asked for it)").await;
+            return None;
+        }
+        Some(BootChoice::Warm) => true,
+        None => cfg.warm,
+    };
+    if !warm {
+        return None;
+    }
+    if !cfg.warm {
+        sink.system("cold boot: the VM config does not say WARM=\"on\"")
+            .await;
+        return None;
+    }
+    let qemu = ctx.templates.qemu(&ctx.settings.qemu_binary).await;
+    let ident = template::identity(cfg, text, accel, &qemu);
+    if let Some(p) = ctx.pool.take(&cfg.name, &ident.key) {
+        return Some(Launch::Pool(Box::new(p)));
+    }
+    if let Some(t) = ctx.templates.find(&cfg.name, &ident.key) {
+        return Some(Launch::Warm(t));
+    }
+    // No usable template: make sure one is on its way, and wait for it if the VM says so.
+    ctx.templates.wake.notify_one();
+    if cfg.warm_wait {
+        sink.system(format!(
+            "waiting for template {} of {} to be built (WARM_WAIT)",
+            ident.key, cfg.name
+        ))
+        .await;
+        if let Some(t) = template::wait_built(ctx, &cfg.name, &ident.key).await {
+            return Some(Launch::Warm(t));
+        }
+    }
+    let why = if ctx.templates.has_stale(&cfg.name, &ident.key) {
+        "its template is stale (the VM, its files or QEMU changed) and is being rebuilt".into()
+    } else {
+        template::why_not_ready(ctx, &cfg.name).await
+    };
+    sink.system(format!("cold boot: {why}")).await;
+    None
 }
 
 /// Why a run under `auto`'s KVM failed in a way TCG may not: silence, or QEMU ending before the
@@ -266,55 +298,104 @@ fn kvm_failure(out: &Outcome) -> Option<String> {
     }
 }
 
-/// One boot of the VM: run directory, QEMU, console, commands, shutdown ladder.
-#[allow(clippy::too_many_arguments)]
+/// One start of the VM, however it starts: QEMU, console, phases, shutdown ladder.
 async fn attempt(
     ctx: &AgentContext,
     agent: &AgentId,
     req: &Request,
-    vm: &VmConfig,
-    accel: Accel,
-    kvm_watch: bool,
+    cfg: &VmConfig,
+    launch: Launch,
     sink: &LogSink,
     lost: tokio::sync::watch::Receiver<bool>,
 ) -> Outcome {
-    let mut out = Outcome::default();
+    let mode = launch.mode();
+    let login_shell = launch.template().map(|t| t.meta.login_shell.clone());
+    let kvm_watch = matches!(launch, Launch::Cold { kvm_watch: true, .. });
     let paths = RunPaths::new(&ctx.settings.run_dir, &req.uuid.to_string());
-    if let Err(e) = paths.create() {
-        out.result = Err(e.into());
-        return out;
-    }
-    let mut machine = match boot_machine(ctx, vm, req, &paths, accel, sink).await {
-        Ok(m) => m,
+    let name = format!("sqlite-sim-{}", req.uuid.short());
+    let Launched {
+        machine,
+        paths,
+        since,
+    } = match boot::launch(ctx, cfg, launch, paths, name, sink).await {
+        Ok(l) => l,
         Err(e) => {
-            finish_dir(ctx, &paths, false);
-            out.result = Err(e);
-            return out;
+            let restore_failed = matches!(e, RunError::Restore(_));
+            finish_dir(ctx, &RunPaths::new(&ctx.settings.run_dir, &req.uuid.to_string()), false);
+            return Outcome {
+                restore_failed,
+                ..Outcome::failed(e)
+            };
         }
     };
     let token = Session::random_token();
-    let (result, held, console) = match attach_console(vm, &paths, &machine, &token, sink).await {
-        Err(e) => (Err(e), false, None),
-        Ok(mut console) => {
-            let mut d = Drive::new(ctx, agent, req, vm, &mut machine, &mut console, sink, lost);
-            d.kvm_watch = kvm_watch;
-            let result = d.run(&token).await;
-            let held = d.is_held();
-            (out.boot_ms, out.run_ms) = d.timings();
-            if result.is_err() {
-                console.interrupt();
-            }
-            (result, held, Some(console))
+    let console = match boot::attach(cfg, &paths, &machine, &token, sink).await {
+        Ok(c) => c,
+        Err(e) => {
+            // Without a console nothing could be seen: end QEMU and report.
+            let mut machine = machine;
+            let report = machine.shutdown(Duration::ZERO).await;
+            finish_dir(ctx, &paths, false);
+            return Outcome {
+                step: Some(report.step),
+                ..Outcome::failed(e)
+            };
         }
     };
-    let report = shut_down(&mut machine, grace(ctx, vm, &result, held), sink).await;
-    (out.step, out.shutdown_ms) = (Some(report.0), Some(report.1));
-    if let Some(console) = console {
-        out.console_bytes = console.received();
-        // QEMU is gone: the pumps reach end of stream and every byte reaches the sink.
-        console.drain(Duration::from_secs(2)).await;
+    let mut vm = Vm::new(
+        machine,
+        console,
+        sink.clone(),
+        ctx.stopping.clone(),
+        ctx.settings.agent_poll_interval,
+    )
+    .controlled_by(Control::new(&ctx.store, req.uuid, agent), lost);
+    let mut out = Outcome::failed(RunError::AgentStopping);
+    let mut reached_ready = false;
+    let result = async {
+        let started = vm.start().await?;
+        if kvm_watch {
+            vm.watch_kvm_silence(started.at);
+        }
+        if !ctx.store.mark_running(req.uuid, agent).await? {
+            tracing::debug!("request already running (a second attempt) or no longer ours");
+        }
+        let limits = Limits::for_request(started, req.timeout, cfg.boot_timeout);
+        let mut ready = match &login_shell {
+            None => started.boot(&mut vm, cfg, &token, &limits).await?,
+            Some(shell) => {
+                let ready = started.resume(&mut vm, cfg, &token, shell.clone()).await?;
+                out.restore_ms = Some(since.elapsed().as_millis() as i64);
+                ready
+            }
+        };
+        reached_ready = true;
+        out.boot_mode = Some(mode);
+        out.boot_ms = Some(ready.boot.as_millis() as i64);
+        let exited = ready.run(&mut vm, cfg, &req.commands, limits.run).await?;
+        out.run_ms = Some(exited.run.as_millis() as i64);
+        Ok(exited.code)
     }
-    let keep = result.is_err() && !matches!(result, Err(RunError::KvmSilent));
+    .await;
+    if result.is_err() {
+        vm.console.interrupt();
+    }
+    // A clone that never got to its prompt is the template's fault (unless an operator or the
+    // agent ended it).
+    out.restore_failed = login_shell.is_some()
+        && !reached_ready
+        && !matches!(
+            result,
+            Err(RunError::Cancelled | RunError::AgentStopping | RunError::LeaseLost)
+        );
+    let grace = grace(ctx, cfg, &result, vm.is_held());
+    out.console_bytes = vm.console.received();
+    let report = vm.shut_down(grace).await;
+    (out.step, out.shutdown_ms) = (
+        Some(report.step),
+        Some(report.elapsed.as_millis() as i64),
+    );
+    let keep = result.is_err() && !matches!(result, Err(RunError::KvmSilent)) && !out.restore_failed;
     finish_dir(ctx, &paths, !keep);
     out.result = result;
     out
@@ -346,109 +427,4 @@ fn finish_dir(ctx: &AgentContext, paths: &RunPaths, ok: bool) {
     } else {
         tracing::info!(dir = %paths.dir.display(), "keeping the failed run's directory");
     }
-}
-
-/// Overlay, argv, spawn, QMP handshake. QEMU is paused (`-S`).
-async fn boot_machine(
-    ctx: &AgentContext,
-    vm: &VmConfig,
-    req: &Request,
-    paths: &RunPaths,
-    accel: Accel,
-    sink: &LogSink,
-) -> Result<Machine, RunError> {
-    let s = &ctx.settings;
-    if let Some(base) = &vm.image {
-        image::create_overlay(
-            &image::qemu_img_for(&s.qemu_binary),
-            base,
-            vm.format,
-            &paths.overlay,
-        )
-        .await?;
-    }
-    let spec = LaunchSpec {
-        vm,
-        accel,
-        paths,
-        disk: vm.image.as_ref().map(|_| paths.overlay.as_path()),
-        name: format!("sqlite-sim-{}", req.uuid.short()),
-    };
-    let args = launch::qemu_args(&spec, Wiring::Agent);
-    let shown: Vec<String> = args
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    sink.system(format!(
-        "starting {} ({}) {}",
-        s.qemu_binary.display(),
-        accel.as_str(),
-        shown.join(" ")
-    ))
-    .await;
-    let machine = Machine::start(&s.qemu_binary, &args, paths).await?;
-    sink.system(format!(
-        "QEMU {} running as pid {}, QMP connected",
-        machine.qmp.version(),
-        machine.process.pid()
-    ))
-    .await;
-    Ok(machine)
-}
-
-/// Connects the console (and the stderr port when configured) before the vCPUs run.
-async fn attach_console(
-    vm: &VmConfig,
-    paths: &RunPaths,
-    machine: &Machine,
-    token: &str,
-    sink: &LogSink,
-) -> Result<Console, RunError> {
-    let (r, w) = match vm.console {
-        ConsoleTransport::Socket => console::connect_socket(&paths.console).await?,
-        ConsoleTransport::Pty => {
-            let devs = machine.qmp.execute(&qapi::qmp::query_chardev {}).await?;
-            let pty = devs
-                .iter()
-                .find(|d| d.label == launch::CONSOLE_CHARDEV)
-                .and_then(|d| d.filename.strip_prefix("pty:"))
-                .ok_or_else(|| {
-                    RunError::Qmp(QmpError::Handshake("QEMU reported no console pty".into()))
-                })?;
-            sink.system(format!("console on pty {pty}")).await;
-            console::open_pty(std::path::Path::new(pty))?
-        }
-    };
-    // The stderr port is always drained (a chardev nobody reads stalls the guest); it is only
-    // parsed as stderr when the VM config says the guest uses it.
-    let (er, ew) = console::connect_socket(&paths.stderr_port).await?;
-    Ok(Console::start(
-        r,
-        w,
-        ConsoleParser::new(token, vm.prompt.clone()),
-        Some((er, ew, StderrParser::new(token))),
-        sink.clone(),
-    ))
-}
-
-/// Runs the shutdown ladder and logs what happened; returns the step and its duration (ms).
-async fn shut_down(machine: &mut Machine, grace: Duration, sink: &LogSink) -> (ShutdownStep, i64) {
-    let report = machine.shutdown(grace).await;
-    for ev in &report.events {
-        log_event(sink, ev).await;
-    }
-    let how = match report.step {
-        ShutdownStep::Powerdown => "guest powered off (ACPI)",
-        ShutdownStep::Quit => "QMP quit",
-        ShutdownStep::Sigterm => "SIGTERM",
-        ShutdownStep::Sigkill => "SIGKILL",
-        ShutdownStep::Exited => "QEMU had already exited",
-    };
-    sink.system(format!(
-        "VM ended by {how} after {:.2} s ({})",
-        report.elapsed.as_secs_f64(),
-        report.status
-    ))
-    .await;
-    (report.step, report.elapsed.as_millis() as i64)
 }

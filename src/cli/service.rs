@@ -224,6 +224,8 @@ pub(super) async fn console(
             paths: &paths,
             disk: vm.image.as_ref().map(|_| paths.overlay.as_path()),
             name: format!("sqlite-sim-{run_name}"),
+            memory: launch::Memory::Anonymous,
+            incoming: false,
         };
         let args = launch::qemu_args(&spec, launch::Wiring::Interactive);
         eprintln!(

@@ -26,7 +26,8 @@ pub enum ConfigError {
 }
 
 /// Which accelerator QEMU uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// KVM where a probe shows it really runs a guest on this host, TCG otherwise
     /// ([`crate::qemu::accel`]).
@@ -77,6 +78,8 @@ pub struct Settings {
     pub qemu_binary: PathBuf,
     /// The KVM device `auto` probes (`/dev/kvm`).
     pub kvm_device: PathBuf,
+    /// This host's name among the hosts sharing the store (default: the hostname).
+    pub host_id: String,
     /// Keep a failed run's directory (overlay, sockets, QEMU stderr) for inspection.
     pub keep_failed_runs: bool,
     /// How long a cancelled VM gets to power off through ACPI before `quit`.
@@ -165,6 +168,19 @@ impl Settings {
             run_dir,
             qemu_binary: v.path("SQLITE_SIM_QEMU_BINARY", "qemu-system-x86_64".into()),
             kvm_device: v.path("SQLITE_SIM_KVM_DEVICE", "/dev/kvm".into()),
+            host_id: {
+                let id = v.string("SQLITE_SIM_HOST_ID", &default_host_id());
+                if !crate::config::vm::is_valid_vm_name(&id) {
+                    return Err(ConfigError::Invalid {
+                        var: "SQLITE_SIM_HOST_ID",
+                        message: format!(
+                            "{id:?} is not 1-64 letters, digits, '.', '_' or '-', starting with a \
+                             letter or digit"
+                        ),
+                    });
+                }
+                id
+            },
             keep_failed_runs: v.boolean("SQLITE_SIM_KEEP_FAILED_RUNS", false)?,
             cancel_grace: v.seconds("SQLITE_SIM_CANCEL_GRACE", 3.0)?,
             api_token: v.raw("SQLITE_SIM_API_TOKEN"),
@@ -207,6 +223,7 @@ impl Settings {
             ("SQLITE_SIM_RUN_DIR", p(&self.run_dir)),
             ("SQLITE_SIM_QEMU_BINARY", p(&self.qemu_binary)),
             ("SQLITE_SIM_KVM_DEVICE", p(&self.kvm_device)),
+            ("SQLITE_SIM_HOST_ID", self.host_id.clone()),
             (
                 "SQLITE_SIM_KEEP_FAILED_RUNS",
                 self.keep_failed_runs.to_string(),
@@ -227,6 +244,23 @@ impl Settings {
                 },
             ),
         ]
+    }
+}
+
+/// The hostname, cut to what a host id may hold (`host` if it has none usable).
+fn default_host_id() -> String {
+    let name = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let id: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .take(64)
+        .collect();
+    if crate::config::vm::is_valid_vm_name(&id) {
+        id
+    } else {
+        "host".into()
     }
 }
 

@@ -378,6 +378,11 @@ impl VmCatalog {
 
     /// Loads one VM's config: its `.conf` when present, defaults when only an image exists.
     pub fn load(&self, name: &str) -> Result<VmConfig, VmConfigError> {
+        self.load_with_text(name).map(|(vm, _)| vm)
+    }
+
+    /// The VM's config and the text it was parsed from (empty for an image without a config).
+    pub fn load_with_text(&self, name: &str) -> Result<(VmConfig, String), VmConfigError> {
         if !is_valid_vm_name(name) {
             return Err(VmConfigError::InvalidName(name.chars().take(80).collect()));
         }
@@ -399,12 +404,12 @@ impl VmCatalog {
         let mut parsed = self.parsed.lock().expect("catalog cache lock");
         if let Some((cached_text, vm)) = parsed.get(name) {
             if *cached_text == text {
-                return Ok(vm.clone());
+                return Ok((vm.clone(), text));
             }
         }
         let vm = VmConfig::parse(name, &text, &conf, &self.images_dir, &self.config_dir)?;
-        parsed.insert(name.to_string(), (text, vm.clone()));
-        Ok(vm)
+        parsed.insert(name.to_string(), (text.clone(), vm.clone()));
+        Ok((vm, text))
     }
 
     /// Loads a VM and checks that the files it needs exist (used by `config` and `status`).

@@ -115,6 +115,44 @@ impl Choice {
     }
 }
 
+/// Which QEMU binary this is: a change of any field means another QEMU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuIdentity {
+    /// The binary as run, resolved through `PATH` and symlinks.
+    pub path: String,
+    pub size: u64,
+    pub mtime: i64,
+    /// The first line of `--version`.
+    pub version: String,
+}
+
+impl QemuIdentity {
+    /// Looks at `binary` (a path, or a name found on `PATH`) and asks it its version.
+    pub async fn of(binary: &Path) -> QemuIdentity {
+        let path = find_binary(binary);
+        let meta = std::fs::metadata(&path).ok();
+        let version = match tokio::process::Command::new(&path)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+        {
+            Ok(out) => String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            Err(e) => format!("not runnable: {e}"),
+        };
+        QemuIdentity {
+            path: path.display().to_string(),
+            size: meta.as_ref().map_or(0, |m| m.size()),
+            mtime: meta.as_ref().map_or(0, |m| m.mtime()),
+            version,
+        }
+    }
+}
+
 /// What a verdict is valid for: this host and this QEMU binary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct HostKey {
@@ -125,10 +163,7 @@ struct HostKey {
     kvm_device: String,
     /// The device's `st_rdev`, or the error opening it.
     kvm_device_state: String,
-    qemu: String,
-    qemu_size: u64,
-    qemu_mtime: i64,
-    qemu_version: String,
+    qemu: QemuIdentity,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -242,21 +277,6 @@ impl AccelResolver {
     }
 
     async fn host_key(&self) -> HostKey {
-        let qemu = find_binary(&self.qemu_binary);
-        let meta = std::fs::metadata(&qemu).ok();
-        let qemu_version = match tokio::process::Command::new(&qemu)
-            .arg("--version")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-        {
-            Ok(out) => String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_string(),
-            Err(e) => format!("not runnable: {e}"),
-        };
         HostKey {
             format: FORMAT,
             hostname: nix::unistd::gethostname()
@@ -271,10 +291,7 @@ impl AccelResolver {
                 Ok(m) => format!("rdev {}", m.rdev()),
                 Err(e) => e.to_string(),
             },
-            qemu: qemu.display().to_string(),
-            qemu_size: meta.as_ref().map_or(0, |m| m.size()),
-            qemu_mtime: meta.as_ref().map_or(0, |m| m.mtime()),
-            qemu_version,
+            qemu: QemuIdentity::of(&self.qemu_binary).await,
         }
     }
 
@@ -418,7 +435,8 @@ fn find_binary(binary: &Path) -> PathBuf {
         .unwrap_or_else(|| binary.to_path_buf())
 }
 
-fn cpu_model() -> String {
+/// The host CPU's model name (a KVM template only fits the CPU it was made on).
+pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -549,7 +567,7 @@ mod tests {
         );
         assert_eq!(same.kvm().await, v);
         let mut changed = saved;
-        changed.key.qemu_version = "QEMU emulator version 99".into();
+        changed.key.qemu.version = "QEMU emulator version 99".into();
         changed.verdict.reason = "stale".into();
         std::fs::write(
             dir.path().join(VERDICT_FILE),

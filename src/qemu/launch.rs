@@ -105,7 +105,26 @@ pub struct LaunchSpec<'a> {
     pub disk: Option<&'a Path>,
     /// A name for `-name`, shown in `ps` and QMP.
     pub name: String,
+    /// Where guest RAM lives.
+    pub memory: Memory<'a>,
+    /// Wait for an incoming migration (`migrate-incoming`) instead of booting: a clone.
+    pub incoming: bool,
 }
+
+/// Guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory<'a> {
+    /// QEMU's own anonymous memory (a cold boot).
+    Anonymous,
+    /// A file shared with QEMU, so that it holds the RAM when the template is saved.
+    Template(&'a Path),
+    /// A template's RAM file mapped privately: the clone's writes are its own, copy-on-write,
+    /// and the file is never written.
+    Clone(&'a Path),
+}
+
+/// Id of the RAM backend object of templates and clones.
+pub const RAM_OBJECT: &str = "sqsim-ram";
 
 /// How the serial ports are wired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,13 +142,40 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, wiring: Wiring) -> Vec<OsString> {
     push(base_args(&spec.name, wiring));
     push(accel_args(spec.accel));
     push(machine_size_args(spec.vm));
+    push(memory_args(&spec.vm.memory, spec.memory));
     push(disk_args(spec.disk));
     push(kernel_args(spec.vm));
     push(qmp_args(&spec.paths.qmp));
     push(serial_args(spec.vm.console, spec.paths, wiring));
     push(vec!["-pidfile".into(), spec.paths.pidfile.clone().into()]);
     push(spec.vm.additional_args.iter().map(OsString::from).collect());
+    if spec.incoming {
+        push(os(&["-incoming", "defer"]));
+    }
     a
+}
+
+/// Templates and clones keep guest RAM in a file (saved with `x-ignore-shared`, so the state
+/// file holds only devices) and have a VM generation id device, which tells a guest kernel that
+/// has the driver that it was cloned (it then reseeds its RNG).
+pub fn memory_args(size: &str, memory: Memory<'_>) -> Vec<OsString> {
+    let (path, share) = match memory {
+        Memory::Anonymous => return Vec::new(),
+        Memory::Template(p) => (p, "on"),
+        Memory::Clone(p) => (p, "off"),
+    };
+    let mut obj = OsString::from(format!(
+        "memory-backend-file,id={RAM_OBJECT},size={size},share={share},mem-path="
+    ));
+    obj.push(escape_option_value(path));
+    vec![
+        "-object".into(),
+        obj,
+        "-machine".into(),
+        format!("memory-backend={RAM_OBJECT}").into(),
+        "-device".into(),
+        "vmgenid,guid=auto".into(),
+    ]
 }
 
 fn os(items: &[&str]) -> Vec<OsString> {
@@ -527,11 +573,34 @@ mod tests {
             paths: &p,
             disk: Some(&p.overlay),
             name: "sqsim-x".into(),
+            memory: Memory::Anonymous,
+            incoming: false,
         };
         let a = strs(&qemu_args(&spec, Wiring::Agent));
         assert_eq!(&a[a.len() - 2..], ["-device", "virtio-rng-pci,id=a b"]);
         assert!(has_pair(&a, "-pidfile", "/r/x/qemu.pid"));
         assert!(a.iter().any(|s| s.starts_with("file=/r/x/disk.qcow2")));
+    }
+
+    #[test]
+    fn templates_share_their_ram_file_and_clones_map_it_privately() {
+        assert!(memory_args("128M", Memory::Anonymous).is_empty());
+        let t = strs(&memory_args("128M", Memory::Template(Path::new("/t/a,b/ram"))));
+        assert_eq!(
+            t,
+            [
+                "-object",
+                "memory-backend-file,id=sqsim-ram,size=128M,share=on,mem-path=/t/a,,b/ram",
+                "-machine",
+                "memory-backend=sqsim-ram",
+                "-device",
+                "vmgenid,guid=auto"
+            ]
+        );
+        let c = strs(&memory_args("128M", Memory::Clone(Path::new("/t/ram"))));
+        assert!(c[1].contains("share=off"), "{c:?}");
+        // Everything but the RAM file's sharing is the same, so the device state fits.
+        assert_eq!(t.len(), c.len());
     }
 
     #[test]

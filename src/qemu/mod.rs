@@ -1,6 +1,7 @@
 //! Everything that touches QEMU: argv and spawning ([`launch`]), what `ACCEL=auto` means here
 //! ([`accel`]), the QMP client ([`qmp`]), the serial console ([`console`]), per-run disk
-//! overlays ([`image`]) and the running machine with its shutdown ladder ([`machine`]).
+//! overlays ([`image`]), the running machine with its shutdown ladder ([`machine`]), and saving
+//! and loading device state for templates and clones ([`snapshot`]).
 
 pub mod accel;
 pub mod console;
@@ -8,3 +9,4 @@ pub mod image;
 pub mod launch;
 pub mod machine;
 pub mod qmp;
+pub mod snapshot;

@@ -50,6 +50,36 @@ impl LogSink {
         (LogSink { tx }, SinkTask { join })
     }
 
+    /// A sink for work that belongs to no request (a template build): chunks go to `path`,
+    /// each behind a `[type]` label where the type changes.
+    pub fn to_file(path: &std::path::Path) -> std::io::Result<(LogSink, SinkTask)> {
+        use std::io::Write;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let (tx, mut rx) = mpsc::channel::<(String, LogType, Vec<u8>)>(CHANNEL_DEPTH);
+        let join = tokio::task::spawn_blocking(move || {
+            let mut stats = SinkStats::default();
+            let mut last = None;
+            while let Some((_, ty, bytes)) = rx.blocking_recv() {
+                let labelled = if last != Some(ty) {
+                    last = Some(ty);
+                    write!(file, "\n[{ty}] ")
+                } else {
+                    Ok(())
+                };
+                match labelled.and_then(|_| file.write_all(&bytes)) {
+                    Ok(()) => stats.bytes += bytes.len() as u64,
+                    Err(e) => {
+                        stats.lost_bytes += bytes.len() as u64;
+                        stats.last_error = Some(e.to_string());
+                    }
+                }
+            }
+            let _ = file.flush();
+            stats
+        });
+        Ok((LogSink { tx }, SinkTask { join }))
+    }
+
     /// Queues bytes; waits only when the writer is behind.
     pub async fn write(&self, ty: LogType, bytes: Vec<u8>) {
         if bytes.is_empty() {

@@ -90,6 +90,8 @@ impl std::ops::Deref for Server {
 
 pub struct Options {
     pub mode: Mode,
+    /// Keep the shipped configs' `WARM` keys (templates are built at start).
+    pub warm: bool,
     /// Extra VM configs: (name, text) written next to a copy of the shipped configs.
     pub configs: Vec<(String, String)>,
     pub env: Vec<(String, String)>,
@@ -99,6 +101,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             mode: Mode::All,
+            warm: false,
             configs: Vec::new(),
             env: Vec::new(),
         }
@@ -115,7 +118,18 @@ impl Server {
         std::fs::create_dir_all(&config_dir).unwrap();
         for e in std::fs::read_dir(repo().join("vm_configs")).unwrap() {
             let e = e.unwrap();
-            std::fs::copy(e.path(), config_dir.join(e.file_name())).unwrap();
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            // The shipped configs are warm; tests boot them cold unless they ask (a warm
+            // server builds templates at start, which most tests do not want to wait for).
+            let text = if opts.warm {
+                text
+            } else {
+                text.lines()
+                    .filter(|l| !l.trim_start().starts_with("WARM"))
+                    .map(|l| format!("{l}\n"))
+                    .collect()
+            };
+            std::fs::write(config_dir.join(e.file_name()), text).unwrap();
         }
         for (name, text) in &opts.configs {
             std::fs::write(config_dir.join(format!("{name}.conf")), text).unwrap();

@@ -60,6 +60,8 @@ pub struct Console {
     pumps: Vec<JoinHandle<()>>,
     /// Console bytes received so far (to notice a silent console).
     received: Arc<AtomicU64>,
+    /// The stderr port delivered its end marker (it may come before the exit marker).
+    stderr_done: Arc<std::sync::atomic::AtomicBool>,
     _idle_writers: Vec<BoxWrite>,
 }
 
@@ -91,14 +93,22 @@ impl Console {
             ));
         }
         let mut keep = Vec::new();
+        let stderr_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some((r, w, p)) = stderr {
             // Dropping a socket's write half shuts it down, which QEMU takes as a disconnect.
             keep.push(w);
             let p = Arc::new(Mutex::new(p));
             let p2 = p.clone();
+            let done = stderr_done.clone();
             pumps.push(spawn_pump(
                 r,
-                move |d| p.lock().expect("stderr lock").feed(d),
+                move |d| {
+                    let parsed = p.lock().expect("stderr lock").feed(d);
+                    if parsed.events.contains(&ConsoleEvent::StderrEnd) {
+                        done.store(true, Ordering::Relaxed);
+                    }
+                    parsed
+                },
                 move || p2.lock().expect("stderr lock").finish(),
                 sink,
                 tx,
@@ -110,8 +120,14 @@ impl Console {
             parser,
             pumps,
             received,
+            stderr_done,
             _idle_writers: keep,
         }
+    }
+
+    /// Whether the stderr port has delivered everything the commands wrote to it.
+    pub fn stderr_done(&self) -> bool {
+        self.stderr_done.load(Ordering::Relaxed)
     }
 
     /// Console bytes received so far.

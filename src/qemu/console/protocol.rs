@@ -40,6 +40,11 @@ pub const ACK_GO: &str = "GO";
 pub const ACK_NODECODE: &str = "NODECODE";
 /// Report key of the session set-up: the console shell's binary (`readlink /proc/$$/exe`).
 pub const REPORT_SHELL: &str = "SHELL";
+/// Report key of a clone's set-up: how the host's seed reached the guest's RNG (`reseeded` by
+/// `sqsim-reseed`, or `mixed` into `/dev/urandom`).
+pub const REPORT_RNG: &str = "RNG";
+/// Bytes of host randomness a restored clone's RNG is seeded with.
+pub const SEED_BYTES: usize = 64;
 
 /// How the guest runs the uploaded script.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +145,24 @@ impl Session {
         s.push_str(&self.ack(ACK_READY));
         s.push('\n');
         s
+    }
+
+    /// A restored clone's set-up, typed into the template's already set-up shell: the host's
+    /// seed into the guest's RNG (forcing a reseed where the guest has `sqsim-reseed`, so two
+    /// clones never share random bytes), the host's clock (the template's is stale by its age),
+    /// then READY. `now` is seconds since the epoch.
+    pub fn resume_line(&self, seed: &[u8], now: f64) -> String {
+        let seed = base64::engine::general_purpose::STANDARD.encode(seed);
+        format!(
+            "stty -echo -opost 2>/dev/null; \
+             if printf %s '{seed}' | base64 -d | sqsim-reseed 2>/dev/null; then __sqsim_rng=reseeded; \
+             else printf %s '{seed}' | base64 -d >/dev/urandom; __sqsim_rng=mixed; fi; \
+             date -u -s @{now:.3} >/dev/null 2>&1 || date -u -s @{whole} >/dev/null 2>&1; \
+             printf 'SQSIM_%s_{REPORT_RNG}=%s\\n' {tok} \"$__sqsim_rng\"; {ready}\n",
+            whole = now.round() as u64,
+            tok = self.token,
+            ready = self.ack(ACK_READY),
+        )
     }
 
     /// The script as base64 lines, each followed by its own ack word (`A1`, `A2`, …).

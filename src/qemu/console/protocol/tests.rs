@@ -322,3 +322,35 @@ fn a_panic_after_the_exit_marker_is_not_reported() {
         .iter()
         .any(|e| matches!(e, ConsoleEvent::KernelPanic(_))));
 }
+
+#[test]
+fn resume_line_seeds_the_rng_sets_the_clock_and_reports() {
+    let s = Session::new(TOK, None);
+    let line = s.resume_line(&[0xab; SEED_BYTES], 1_700_000_000.6);
+    assert!(line.ends_with(&format!("{}\n", s.setup_line().rsplit("; ").next().unwrap().trim_end())));
+    assert!(line.contains("| sqsim-reseed"), "{line}");
+    assert!(line.contains(">/dev/urandom"), "{line}");
+    // GNU date takes the fraction; busybox's takes whole seconds, rounded.
+    assert!(line.contains("date -u -s @1700000000.600 "), "{line}");
+    assert!(line.contains("date -u -s @1700000001 "), "{line}");
+    assert!(line.contains(&format!("printf 'SQSIM_%s_RNG=%s\\n' {TOK} \"$__sqsim_rng\"")), "{line}");
+    assert_eq!(line.matches('\n').count(), 1, "one typed line");
+    // The typed text never forms a marker (it is assembled by printf in the guest).
+    assert!(!line.contains(&format!("SQSIM_{TOK}_")));
+}
+
+#[test]
+fn reports_carry_values_and_are_not_acks() {
+    let mut p = parser();
+    let got = p.feed(format!("x SQSIM_{TOK}_RNG=reseeded\r\nSQSIM_{TOK}_READY\r\n").as_bytes());
+    assert_eq!(
+        got.events,
+        vec![
+            ConsoleEvent::Report {
+                key: "RNG".into(),
+                value: "reseeded".into()
+            },
+            ConsoleEvent::Ack("READY".into())
+        ]
+    );
+}
