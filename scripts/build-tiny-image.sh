@@ -21,6 +21,10 @@
 # to QEMU (QMP GUEST_PANICKED) when the VM has -device pvpanic; and
 # virtio_console (with virtio-pci), with /dev/virtio-ports/NAME links made
 # for every named virtserialport before the prompt appears.
+# /sbin/sqsim-reseed (scripts/guest/sqsim-reseed.c): `sqsim-reseed < SEED`
+# adds the host's seed to the kernel's entropy and reseeds its CRNG at once,
+# for VMs restored from one snapshot (warm start), which would otherwise
+# share their CRNG state.
 #
 # Usage: scripts/build-tiny-image.sh [--force] [OUTPUT.qcow2]
 #   --force  build again even if the cache has this recipe
@@ -53,10 +57,12 @@ iout="$stem-initrd.gz"
 # Host tools; installed only when missing so the common case needs no root.
 need=()
 for pair in cpio:cpio syslinux:syslinux mcopy:mtools mkfs.vfat:dosfstools \
-            xz:xz-utils qemu-img:qemu-utils; do
+            xz:xz-utils qemu-img:qemu-utils gcc:gcc; do
     command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 [ -d /usr/lib/syslinux ] || need+=(syslinux-common)
+# sqsim-reseed is built against the kernel's UAPI headers only (no libc).
+[ -e /usr/include/linux/random.h ] || need+=(linux-libc-dev)
 if [ "${#need[@]}" -gt 0 ]; then
     apt-get install -y --no-install-recommends "${need[@]}"
 fi
@@ -67,8 +73,15 @@ kpkg="$(apt-cache depends linux-image-cloud-amd64 |
         sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)"
 [ -n "$kpkg" ] || { echo "cannot resolve cloud kernel package" >&2; exit 1; }
 debs="$(ic_debs "$kpkg" busybox-static bash-static)"
-inputs="$(ic_recipe "$script"
-          ic_tools cpio dosfstools gzip mtools qemu-utils syslinux syslinux-common xz-utils
+# The guest helper compiled into the initramfs: its source is recipe text, and
+# the compiler (gcc-12, cpp-12 on Debian 12), assembler/linker and kernel
+# headers that turn it into bytes are tools.
+reseed_c="$(dirname "$script")/guest/sqsim-reseed.c"
+ccver="$(gcc -dumpversion)"
+binutils_arch="binutils-$(gcc -dumpmachine | tr _ -)"
+inputs="$(ic_recipe "$script" "$reseed_c"
+          ic_tools cpio dosfstools gzip mtools qemu-utils syslinux syslinux-common xz-utils \
+                   gcc-"$ccver" cpp-"$ccver" binutils "$binutils_arch" linux-libc-dev
           printf '%s\n' "$debs" | sed 's/^/deb /')"
 key="$(printf '%s\n' "$inputs" | ic_key)"
 stamp="$(dirname "$out")/.$(basename "$stem").cache-key"
@@ -111,6 +124,20 @@ for app in $("$root/bin/busybox" --list-full); do
 done
 # Debian's statically linked bash, for sqsim.shell=/bin/bash.
 cp "$tmp/bash/bin/bash-static" "$root/bin/bash"
+
+# /sbin/sqsim-reseed: seed and reseed the kernel CRNG (see its source). No
+# libc, so about 2 KB instead of a ~680 KB static glibc binary; with
+# -nostdlib anything the compiler would want from a libc is a link error.
+# Reproducible as is: no timestamps or paths end up in a stripped binary.
+gcc -Os -s -static -no-pie -nostdlib -ffreestanding -fno-stack-protector \
+    -fno-tree-loop-distribute-patterns -fno-asynchronous-unwind-tables \
+    -Wl,-z,noseparate-code -Wall -Wextra -Werror \
+    -o "$root/sbin/sqsim-reseed" "$reseed_c"
+# Smoke test on the host, stopping before any ioctl: no seed -> refusal.
+msg="$("$root/sbin/sqsim-reseed" </dev/null 2>&1)" && {
+    echo "sqsim-reseed accepted an empty seed" >&2; exit 1; }
+[ "$msg" = "sqsim-reseed: no seed on stdin: expected 32 to 512 bytes" ] || {
+    echo "sqsim-reseed smoke test: unexpected output: $msg" >&2; exit 1; }
 
 # Kernel modules for /init, as /lib/modules/NAME.ko, each listed after those
 # it depends on (checked below; /init loads them in this order per group).
