@@ -128,8 +128,13 @@ async fn cold(
 ) -> Result<Machine, RunError> {
     let s = &ctx.settings;
     if let Some(base) = &cfg.image {
-        image::create_overlay(&image::qemu_img_for(&s.qemu_binary), base, cfg.format, &paths.overlay)
-            .await?;
+        image::create_overlay(
+            &image::qemu_img_for(&s.qemu_binary),
+            base,
+            cfg.format,
+            &paths.overlay,
+        )
+        .await?;
     }
     let spec = LaunchSpec {
         vm: cfg,

@@ -61,7 +61,11 @@ impl Limits {
             Limit::Run(timeout),
         );
         let boot = if boot_timeout < Duration::from_secs(u64::from(timeout)) {
-            Vm::deadline(started.at, boot_timeout, Limit::Boot(boot_timeout.as_secs()))
+            Vm::deadline(
+                started.at,
+                boot_timeout,
+                Limit::Boot(boot_timeout.as_secs()),
+            )
         } else {
             run
         };
@@ -71,7 +75,11 @@ impl Limits {
     /// A template build's: the boot timeout, then [`PREPARE_LIMIT`] for `PREPARE`.
     pub fn for_template(started: Started, boot_timeout: Duration) -> Limits {
         Limits {
-            boot: Vm::deadline(started.at, boot_timeout, Limit::Boot(boot_timeout.as_secs())),
+            boot: Vm::deadline(
+                started.at,
+                boot_timeout,
+                Limit::Boot(boot_timeout.as_secs()),
+            ),
             run: Vm::deadline(
                 started.at,
                 boot_timeout + PREPARE_LIMIT,
@@ -129,7 +137,10 @@ impl Started {
         }
         let at_prompt = self.elapsed(vm);
         vm.sink
-            .system(format!("shell prompt after {:.2} s", at_prompt.as_secs_f64()))
+            .system(format!(
+                "shell prompt after {:.2} s",
+                at_prompt.as_secs_f64()
+            ))
             .await;
         let session = Session::new(token, cfg.stderr_device.clone());
         vm.console.send(&session.setup_line()).await?;
@@ -155,7 +166,11 @@ impl Started {
             .unwrap_or_default()
             .as_secs_f64();
         vm.console.send(&session.resume_line(&seed, now)).await?;
-        let limit = Vm::deadline(self.at, RESUME_LIMIT, Limit::Restore(RESUME_LIMIT.as_secs()));
+        let limit = Vm::deadline(
+            self.at,
+            RESUME_LIMIT,
+            Limit::Restore(RESUME_LIMIT.as_secs()),
+        );
         let rng = report(vm, REPORT_RNG, limit).await?;
         wait_ack(vm, ACK_READY, limit).await?;
         vm.sink
@@ -233,7 +248,9 @@ impl Ready {
                 .await
                 .is_err()
             {
-                vm.sink.system("stderr end marker not seen within 2 s").await;
+                vm.sink
+                    .system("stderr end marker not seen within 2 s")
+                    .await;
             }
         }
         Ok(Exited { code, run })
@@ -273,7 +290,10 @@ fn choose_runner(script: &str, configured: Option<&str>, reported: &str) -> (Run
         return (Runner::Executable, format!("#!{line}"));
     }
     if let Some(cmd) = configured {
-        return (Runner::Shell(cmd.to_string()), "SHELL in the VM config".into());
+        return (
+            Runner::Shell(cmd.to_string()),
+            "SHELL in the VM config".into(),
+        );
     }
     match Runner::for_login_shell(reported) {
         Some(r) => (r, "the console's login shell".into()),
@@ -307,7 +327,13 @@ mod tests {
             choose_runner("echo", None, "/bin/busybox").0,
             sh("/bin/busybox sh")
         );
-        for odd in ["", "bash", "/usr/bin/ba sh", "/x;y", "/usr/bin/bash (deleted)"] {
+        for odd in [
+            "",
+            "bash",
+            "/usr/bin/ba sh",
+            "/x;y",
+            "/usr/bin/bash (deleted)",
+        ] {
             assert_eq!(choose_runner("echo", None, odd).0, sh("sh"), "{odd:?}");
         }
     }

@@ -41,23 +41,38 @@ impl Pooled {
 pub struct Pool {
     clones: Mutex<HashMap<String, Vec<Pooled>>>,
     seq: AtomicU64,
-    /// Wakes the keeper (a clone was taken, or the templates changed).
+    /// Wakes the keeper (a clone was taken, or a template became ready).
     pub wake: tokio::sync::Notify,
 }
 
 impl Pool {
-    /// A clone of `vm`'s template `key`, if one is ready. Clones of other keys are dropped.
+    /// A clone of `vm`'s template `key`, if one is ready; the keeper then restores another.
     pub fn take(&self, vm: &str, key: &str) -> Option<Pooled> {
-        let mut clones = self.clones.lock().expect("pool lock");
-        let list = clones.get_mut(vm)?;
-        let (fresh, stale): (Vec<_>, Vec<_>) =
-            list.drain(..).partition(|p| p.template.meta.key == key);
-        *list = fresh;
-        stale.into_iter().for_each(Pooled::discard);
-        let taken = list.pop();
-        drop(clones);
-        self.wake.notify_one();
+        self.prune(vm, key);
+        let taken = self
+            .clones
+            .lock()
+            .expect("pool lock")
+            .get_mut(vm)
+            .and_then(Vec::pop);
+        if taken.is_some() {
+            self.wake.notify_one();
+        }
         taken
+    }
+
+    /// Drops `vm`'s clones of any template but `key`.
+    fn prune(&self, vm: &str, key: &str) {
+        let stale: Vec<Pooled> = {
+            let mut clones = self.clones.lock().expect("pool lock");
+            let Some(list) = clones.get_mut(vm) else {
+                return;
+            };
+            let (fresh, stale) = list.drain(..).partition(|p| p.template.meta.key == key);
+            *list = fresh;
+            stale
+        };
+        stale.into_iter().for_each(Pooled::discard);
     }
 
     /// Drops every clone of `vm` (its template was rebuilt, deleted or failed).
@@ -112,7 +127,6 @@ pub async fn keeper(ctx: Arc<AgentContext>) {
         }
         tokio::select! {
             _ = ctx.pool.wake.notified() => {}
-            _ = ctx.templates.wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stopping.changed() => {}
         }
@@ -137,9 +151,7 @@ async fn fill(ctx: &AgentContext, name: &str) -> bool {
         return false;
     };
     // Drop clones of older keys before counting.
-    if let Some(p) = ctx.pool.take(name, &ident.key) {
-        ctx.pool.put(name, p);
-    }
+    ctx.pool.prune(name, &ident.key);
     if ctx.pool.len(name) >= cfg.warm_pool as usize {
         return false;
     }
@@ -154,7 +166,11 @@ async fn fill(ctx: &AgentContext, name: &str) -> bool {
     }
     match boot::restore(ctx, &cfg, &template, &paths, format!("sqlite-sim-pool-{n}")).await {
         Ok((machine, restored)) => {
-            tracing::debug!(vm = name, ms = restored.as_millis() as u64, "pool clone ready");
+            tracing::debug!(
+                vm = name,
+                ms = restored.as_millis() as u64,
+                "pool clone ready"
+            );
             ctx.pool.put(
                 name,
                 Pooled {

@@ -310,7 +310,13 @@ async fn attempt(
 ) -> Outcome {
     let mode = launch.mode();
     let login_shell = launch.template().map(|t| t.meta.login_shell.clone());
-    let kvm_watch = matches!(launch, Launch::Cold { kvm_watch: true, .. });
+    let kvm_watch = matches!(
+        launch,
+        Launch::Cold {
+            kvm_watch: true,
+            ..
+        }
+    );
     let paths = RunPaths::new(&ctx.settings.run_dir, &req.uuid.to_string());
     let name = format!("sqlite-sim-{}", req.uuid.short());
     let Launched {
@@ -321,7 +327,11 @@ async fn attempt(
         Ok(l) => l,
         Err(e) => {
             let restore_failed = matches!(e, RunError::Restore(_));
-            finish_dir(ctx, &RunPaths::new(&ctx.settings.run_dir, &req.uuid.to_string()), false);
+            finish_dir(
+                ctx,
+                &RunPaths::new(&ctx.settings.run_dir, &req.uuid.to_string()),
+                false,
+            );
             return Outcome {
                 restore_failed,
                 ..Outcome::failed(e)
@@ -391,11 +401,9 @@ async fn attempt(
     let grace = grace(ctx, cfg, &result, vm.is_held());
     out.console_bytes = vm.console.received();
     let report = vm.shut_down(grace).await;
-    (out.step, out.shutdown_ms) = (
-        Some(report.step),
-        Some(report.elapsed.as_millis() as i64),
-    );
-    let keep = result.is_err() && !matches!(result, Err(RunError::KvmSilent)) && !out.restore_failed;
+    (out.step, out.shutdown_ms) = (Some(report.step), Some(report.elapsed.as_millis() as i64));
+    let keep =
+        result.is_err() && !matches!(result, Err(RunError::KvmSilent)) && !out.restore_failed;
     finish_dir(ctx, &paths, !keep);
     out.result = result;
     out

@@ -237,7 +237,9 @@ impl Templates {
             if Some(&d) != keep.as_ref() {
                 match std::fs::remove_dir_all(&d) {
                     Ok(()) => n += 1,
-                    Err(e) => tracing::warn!(dir = %d.display(), error = %e, "could not remove a template"),
+                    Err(e) => {
+                        tracing::warn!(dir = %d.display(), error = %e, "could not remove a template")
+                    }
                 }
             }
         }
@@ -480,6 +482,7 @@ async fn record_ready(ctx: &AgentContext, rec: &mut TemplateRecord, t: &Template
     rec.size_bytes = Some(t.meta.size_bytes as i64);
     rec.error = None;
     put(ctx, rec.clone()).await;
+    ctx.pool.wake.notify_one();
 }
 
 /// Boots `cfg` (cold), sets it up, runs `PREPARE`, pauses and saves it, and puts the files in
@@ -514,9 +517,14 @@ async fn build_in(
 ) -> Result<Template, TemplateError> {
     let s = &ctx.settings;
     if let Some(base) = &cfg.image {
-        image::create_overlay(&image::qemu_img_for(&s.qemu_binary), base, cfg.format, &run.overlay)
-            .await
-            .map_err(RunError::from)?;
+        image::create_overlay(
+            &image::qemu_img_for(&s.qemu_binary),
+            base,
+            cfg.format,
+            &run.overlay,
+        )
+        .await
+        .map_err(RunError::from)?;
     }
     let ram = run.dir.join("ram");
     let state = run.dir.join("state");
@@ -551,7 +559,11 @@ async fn build_in(
             }
         }
         quiet(&mut vm).await;
-        vm.machine.qmp.execute(&qapi::qmp::stop {}).await.map_err(RunError::from)?;
+        vm.machine
+            .qmp
+            .execute(&qapi::qmp::stop {})
+            .await
+            .map_err(RunError::from)?;
         snapshot::save(&mut vm.machine, &state, SAVE_LIMIT).await?;
         Ok::<_, TemplateError>(ready.login_shell)
     }
@@ -693,7 +705,10 @@ mod tests {
         assert_eq!(base.len(), 16);
         assert_eq!(identity(&c, text, Accel::Tcg, &qemu()).key, base, "stable");
         let other = "WARM=\"on\"\nMEMORY=\"256M\"\n";
-        assert_ne!(identity(&cfg(d.path(), other), other, Accel::Tcg, &qemu()).key, base);
+        assert_ne!(
+            identity(&cfg(d.path(), other), other, Accel::Tcg, &qemu()).key,
+            base
+        );
         assert_ne!(identity(&c, text, Accel::Kvm, &qemu()).key, base);
         let mut q = qemu();
         q.version = "QEMU emulator version 8.2.0".into();
@@ -740,7 +755,9 @@ mod tests {
     fn crashed_builds_are_cleaned_live_ones_kept() {
         let run = tempfile::tempdir().unwrap();
         let dead = run.path().join("tpl-0123456789abcdef-999999999");
-        let live = run.path().join(format!("tpl-0123456789abcdef-{}", std::process::id()));
+        let live = run
+            .path()
+            .join(format!("tpl-0123456789abcdef-{}", std::process::id()));
         let staging = run.path().join("templates/.new-0123456789abcdef-999999999");
         for d in [&dead, &live, &staging] {
             std::fs::create_dir_all(d).unwrap();

@@ -254,7 +254,13 @@ fn default_host_id() -> String {
         .unwrap_or_default();
     let id: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
     if crate::config::vm::is_valid_vm_name(&id) {

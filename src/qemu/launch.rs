@@ -585,7 +585,10 @@ mod tests {
     #[test]
     fn templates_share_their_ram_file_and_clones_map_it_privately() {
         assert!(memory_args("128M", Memory::Anonymous).is_empty());
-        let t = strs(&memory_args("128M", Memory::Template(Path::new("/t/a,b/ram"))));
+        let t = strs(&memory_args(
+            "128M",
+            Memory::Template(Path::new("/t/a,b/ram")),
+        ));
         assert_eq!(
             t,
             [

@@ -150,14 +150,15 @@ impl Session {
     /// A restored clone's set-up, typed into the template's already set-up shell: the host's
     /// seed into the guest's RNG (forcing a reseed where the guest has `sqsim-reseed`, so two
     /// clones never share random bytes), the host's clock (the template's is stale by its age),
-    /// then READY. `now` is seconds since the epoch.
+    /// then READY. `now` is seconds since the epoch. Every process costs a fresh clone dearly
+    /// (TCG translates all its code anew), so the seed is written by the shell's own `printf`
+    /// in octal, and `date` is the only other program run.
     pub fn resume_line(&self, seed: &[u8], now: f64) -> String {
-        let seed = base64::engine::general_purpose::STANDARD.encode(seed);
+        let octal: String = seed.iter().map(|b| format!("\\{b:03o}")).collect();
         format!(
-            "stty -echo -opost 2>/dev/null; \
-             if printf %s '{seed}' | base64 -d | sqsim-reseed 2>/dev/null; then __sqsim_rng=reseeded; \
-             else printf %s '{seed}' | base64 -d >/dev/urandom; __sqsim_rng=mixed; fi; \
-             date -u -s @{now:.3} >/dev/null 2>&1 || date -u -s @{whole} >/dev/null 2>&1; \
+            "if printf '{octal}' | sqsim-reseed 2>/dev/null; then __sqsim_rng=reseeded; \
+             else printf '{octal}' >/dev/urandom; __sqsim_rng=mixed; fi; \
+             date -u -s @{whole} >/dev/null 2>&1; \
              printf 'SQSIM_%s_{REPORT_RNG}=%s\\n' {tok} \"$__sqsim_rng\"; {ready}\n",
             whole = now.round() as u64,
             tok = self.token,

@@ -326,14 +326,32 @@ fn a_panic_after_the_exit_marker_is_not_reported() {
 #[test]
 fn resume_line_seeds_the_rng_sets_the_clock_and_reports() {
     let s = Session::new(TOK, None);
-    let line = s.resume_line(&[0xab; SEED_BYTES], 1_700_000_000.6);
-    assert!(line.ends_with(&format!("{}\n", s.setup_line().rsplit("; ").next().unwrap().trim_end())));
-    assert!(line.contains("| sqsim-reseed"), "{line}");
-    assert!(line.contains(">/dev/urandom"), "{line}");
-    // GNU date takes the fraction; busybox's takes whole seconds, rounded.
-    assert!(line.contains("date -u -s @1700000000.600 "), "{line}");
+    let mut seed = [0xab; SEED_BYTES];
+    seed[0] = 0;
+    seed[1] = b'\'';
+    let line = s.resume_line(&seed, 1_700_000_000.6);
+    assert!(line.ends_with(&format!(
+        "{}\n",
+        s.setup_line().rsplit("; ").next().unwrap().trim_end()
+    )));
+    // Every byte in octal, quotes included, so the shell's printf writes them exactly.
+    let octal = format!("\\000\\047{}", "\\253".repeat(SEED_BYTES - 2));
+    assert!(
+        line.contains(&format!("printf '{octal}' | sqsim-reseed")),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("printf '{octal}' >/dev/urandom")),
+        "{line}"
+    );
+    // busybox's date takes whole seconds: rounded.
     assert!(line.contains("date -u -s @1700000001 "), "{line}");
-    assert!(line.contains(&format!("printf 'SQSIM_%s_RNG=%s\\n' {TOK} \"$__sqsim_rng\"")), "{line}");
+    assert!(
+        line.contains(&format!(
+            "printf 'SQSIM_%s_RNG=%s\\n' {TOK} \"$__sqsim_rng\""
+        )),
+        "{line}"
+    );
     assert_eq!(line.matches('\n').count(), 1, "one typed line");
     // The typed text never forms a marker (it is assembled by printf in the guest).
     assert!(!line.contains(&format!("SQSIM_{TOK}_")));
