@@ -111,6 +111,8 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             commands: "bench".into(),
             timeout: 60,
             boot: None,
+            uploads: Vec::new(),
+            artifacts: Vec::new(),
         })
         .await
         .unwrap();

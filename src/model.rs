@@ -287,6 +287,96 @@ pub struct Request {
     /// Milliseconds from starting QEMU to the restored guest's readiness (warm and pool).
     #[serde(default)]
     pub restore_ms: Option<i64>,
+    /// Guest paths (globs) collected as artifacts after the commands.
+    #[serde(default)]
+    pub artifacts: Vec<String>,
+    /// How the commands' output travelled: `virtio` (the guest channel) or `console`.
+    #[serde(default)]
+    pub channel: Option<Channel>,
+}
+
+/// How a run's commands talk to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// virtio-serial ports: byte-exact and fast.
+    Virtio,
+    /// The serial console (guests without the virtio console driver).
+    Console,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Virtio => "virtio",
+            Channel::Console => "console",
+        }
+    }
+}
+
+impl FromStr for Channel {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Channel::Virtio, Channel::Console]
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| UnknownName {
+                kind: "channel",
+                value: s.to_string(),
+                expected: "virtio, console".into(),
+            })
+    }
+}
+
+/// What a file carried into the guest becomes there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UploadKind {
+    /// Written as one file at its path.
+    File,
+    /// A tar archive, extracted into the directory at its path.
+    Tar,
+}
+
+impl UploadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadKind::File => "file",
+            UploadKind::Tar => "tar",
+        }
+    }
+}
+
+/// A file carried into a request's guest, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Upload {
+    /// Store id of the file's bytes.
+    #[serde(skip)]
+    pub id: i64,
+    /// Absolute guest path: the file, or the directory a tar is extracted into.
+    pub path: String,
+    pub kind: UploadKind,
+    /// Mode bits of a single file (a tar's entries keep their own).
+    pub mode: Option<u32>,
+    pub size: u64,
+    pub sha256: Option<String>,
+}
+
+/// A file collected from a request's guest, or one that was left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Artifact {
+    /// Store id of the file's bytes.
+    #[serde(skip)]
+    pub id: i64,
+    /// The file's path in the guest.
+    pub path: String,
+    pub size: u64,
+    /// SHA-256 of the bytes stored (null when left out).
+    pub sha256: Option<String>,
+    pub mode: Option<u32>,
+    /// Why the file was not stored (the limit, not a regular file, the guest stopped
+    /// answering); null for a stored file.
+    pub left_out: Option<String>,
 }
 
 /// A validated submission, ready to store.
@@ -296,6 +386,10 @@ pub struct NewRequest {
     pub commands: String,
     pub timeout: u32,
     pub boot: Option<BootChoice>,
+    /// Staged uploads (store ids, see `Store::stage_upload`), in the order they are placed.
+    pub uploads: Vec<i64>,
+    /// Guest globs collected after the commands.
+    pub artifacts: Vec<String>,
 }
 
 /// How a submission asks its guest to start.

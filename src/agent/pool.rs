@@ -10,6 +10,7 @@
 use super::boot;
 use super::template::Template;
 use super::AgentContext;
+use crate::qemu::console::protocol::Runner;
 use crate::qemu::launch::RunPaths;
 use crate::qemu::machine::Machine;
 use std::collections::HashMap;
@@ -164,7 +165,13 @@ async fn fill(ctx: &AgentContext, name: &str) -> bool {
         tracing::warn!(error = %e, "cannot create a pool clone's directory");
         return false;
     }
-    match boot::restore(ctx, &cfg, &template, &paths, format!("sqlite-sim-pool-{n}")).await {
+    let restored = async {
+        let (mut machine, took) =
+            boot::restore(ctx, &cfg, &template, &paths, format!("sqlite-sim-pool-{n}")).await?;
+        warm_up(&mut machine, &paths, &template).await?;
+        Ok::<_, boot::RestoreError>((machine, took))
+    };
+    match restored.await {
         Ok((machine, restored)) => {
             tracing::debug!(
                 vm = name,
@@ -188,6 +195,73 @@ async fn fill(ctx: &AgentContext, name: &str) -> bool {
             false
         }
     }
+}
+
+/// How long a pooled clone's warm-up may take.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(20);
+
+/// Runs the programs a run's set-up and commands start with in the paused clone, then pauses it
+/// again. A fresh QEMU has translated none of the guest's code, so under TCG the first run of
+/// each program costs about a tenth of a second; done here, ahead of time, the run that takes the
+/// clone does not pay it. The clone's clock and RNG are set when it is taken, as for any clone.
+async fn warm_up(
+    machine: &mut Machine,
+    paths: &RunPaths,
+    template: &Template,
+) -> Result<(), boot::RestoreError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let err =
+        |what: &str, e: &dyn std::fmt::Display| boot::RestoreError(format!("warm-up: {what}: {e}"));
+    let mut console = tokio::net::UnixStream::connect(&paths.console)
+        .await
+        .map_err(|e| err("console", &e))?;
+    let token = crate::qemu::console::protocol::Session::random_token();
+    machine
+        .qmp
+        .execute(&qapi::qmp::cont {})
+        .await
+        .map_err(|e| err("cont", &e))?;
+    // The shell the commands will most likely run in (a `#!` line or SHELL may pick another).
+    let shell = match Runner::for_login_shell(&template.meta.login_shell) {
+        Some(Runner::Shell(cmd)) => cmd,
+        _ => "sh".into(),
+    };
+    // The typed text never holds the marker itself: printf assembles it.
+    let line = format!(
+        "date >/dev/null 2>&1; printf '' | sqsim-reseed 2>/dev/null; base64 </dev/null >/dev/null; \
+         {shell} </dev/null; printf 'SQSIM_%s_WARM\n' {token}\n"
+    );
+    console
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| err("typing", &e))?;
+    let marker = format!("SQSIM_{token}_WARM").into_bytes();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while memchr::memmem::find(&seen, &marker).is_none() {
+            let n = console.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::other("console closed"));
+            }
+            seen.extend_from_slice(&buf[..n]);
+            // Only the tail can still hold a marker split across reads.
+            if seen.len() > 8192 {
+                seen.drain(..seen.len() - 4096);
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(WARM_UP_LIMIT, read)
+        .await
+        .map_err(|_| err("no answer", &format!("{WARM_UP_LIMIT:?}")))?
+        .map_err(|e| err("console", &e))?;
+    machine
+        .qmp
+        .execute(&qapi::qmp::stop {})
+        .await
+        .map_err(|e| err("stop", &e))?;
+    Ok(())
 }
 
 /// Removes pool directories whose process is gone (killing any QEMU left in them).

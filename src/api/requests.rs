@@ -105,6 +105,8 @@ fn validate(state: &AppState, body: CreateBody) -> Result<NewRequest, ApiError> 
         commands: body.commands,
         timeout,
         boot: body.boot,
+        uploads: Vec::new(),
+        artifacts: Vec::new(),
     })
 }
 

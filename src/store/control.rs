@@ -292,6 +292,8 @@ mod tests {
             commands: "x".into(),
             timeout: 9,
             boot: None,
+            uploads: Vec::new(),
+            artifacts: Vec::new(),
         }
     }
 

@@ -198,6 +198,8 @@ mod tests {
                 commands: "x".into(),
                 timeout: 9,
                 boot: None,
+                uploads: Vec::new(),
+                artifacts: Vec::new(),
             })
             .await
             .unwrap();

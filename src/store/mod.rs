@@ -6,6 +6,7 @@
 //! starts with `BEGIN IMMEDIATE`, which makes claims atomic across processes.
 
 mod control;
+mod files;
 mod logs;
 mod metrics;
 mod requests;
@@ -14,6 +15,7 @@ pub mod sink;
 mod templates;
 
 pub use control::{ControlOutcome, DeleteOutcome};
+pub use files::CHUNK;
 pub use logs::LogQuery;
 pub use metrics::{Histogram, MetricsSnapshot, Stats, Summary, BUCKETS};
 pub use requests::{Finish, RequestQuery};
@@ -268,6 +270,8 @@ pub(crate) mod test_support {
                 commands: "x".into(),
                 timeout: 1,
                 boot: None,
+                uploads: Vec::new(),
+                artifacts: Vec::new(),
             })
             .await
             .unwrap()

@@ -1,14 +1,16 @@
 //! Request rows: create, read, claim, and the agent's state changes.
 
 use super::{Store, StoreError};
-use crate::model::{AgentId, BootMode, NewRequest, Request, RequestId, ShutdownStep, Status};
+use crate::model::{
+    AgentId, BootMode, Channel, NewRequest, Request, RequestId, ShutdownStep, Status,
+};
 use crate::timefmt;
 use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
 use std::time::Duration;
 
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
-     boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms";
+     boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -17,6 +19,8 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
     let step: Option<String> = r.get(13)?;
     let boot: Option<String> = r.get(17)?;
     let boot_mode: Option<String> = r.get(18)?;
+    let globs: Option<String> = r.get(20)?;
+    let channel: Option<String> = r.get(21)?;
     let build = || -> Result<Request, StoreError> {
         let bad = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("request {uuid}: {e}"));
         Ok(Request {
@@ -46,6 +50,14 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
                 .transpose()
                 .map_err(|e| bad(&e))?,
             restore_ms: r.get(19)?,
+            artifacts: match globs {
+                Some(j) => serde_json::from_str(&j).map_err(|e| bad(&e))?,
+                None => Vec::new(),
+            },
+            channel: channel
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|e| bad(&e))?,
         })
     };
     Ok(build())
@@ -79,6 +91,8 @@ pub struct Finish {
     pub boot_mode: Option<BootMode>,
     /// QEMU start to a restored guest's readiness.
     pub restore_ms: Option<i64>,
+    /// How the commands' output travelled, once they ran.
+    pub channel: Option<Channel>,
 }
 
 fn lease_until(lease: Duration) -> String {
@@ -93,10 +107,32 @@ impl Store {
             let now = timefmt::now();
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
-                "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at, boot)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6)",
-                params![id.to_string(), new.vm_name, new.commands, new.timeout, now, new.boot.map(|b| b.as_str())],
+                "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
+                                       boot, artifact_globs)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7)",
+                params![
+                    id.to_string(),
+                    new.vm_name,
+                    new.commands,
+                    new.timeout,
+                    now,
+                    new.boot.map(|b| b.as_str()),
+                    (!new.artifacts.is_empty())
+                        .then(|| serde_json::to_string(&new.artifacts).expect("json")),
+                ],
             )?;
+            for (seq, upload) in new.uploads.iter().enumerate() {
+                let n = tx.execute(
+                    "UPDATE uploads SET request_uuid = ?1, seq = ?2
+                     WHERE id = ?3 AND request_uuid IS NULL",
+                    params![id.to_string(), seq as i64, upload],
+                )?;
+                if n != 1 {
+                    return Err(StoreError::Corrupt(format!(
+                        "upload {upload} is not staged (already linked, or dropped)"
+                    )));
+                }
+            }
             let req = get_in(&tx, id)?.ok_or_else(|| StoreError::Corrupt("insert vanished".into()))?;
             tx.commit()?;
             Ok(req)
@@ -258,7 +294,8 @@ impl Store {
             let n = c.execute(
                 "UPDATE requests SET status = ?1, exit_code = ?2, error = ?3, shutdown_step = ?4,
                         finished_at = ?5, updated_at = ?5, lease_expires_at = NULL, desired_status = NULL,
-                        boot_ms = ?8, run_ms = ?9, shutdown_ms = ?10, boot_mode = ?11, restore_ms = ?12
+                        boot_ms = ?8, run_ms = ?9, shutdown_ms = ?10, boot_mode = ?11, restore_ms = ?12,
+                        channel = ?13
                  WHERE uuid = ?6 AND agent_id = ?7
                    AND status NOT IN ('done','failed','cancelled')",
                 params![
@@ -274,6 +311,7 @@ impl Store {
                     fin.shutdown_ms,
                     fin.boot_mode.map(|m| m.as_str()),
                     fin.restore_ms,
+                    fin.channel.map(|c| c.as_str()),
                 ],
             )?;
             Ok(n == 1)
@@ -320,6 +358,8 @@ mod tests {
             commands: "echo hi".into(),
             timeout: 30,
             boot: None,
+            uploads: Vec::new(),
+            artifacts: Vec::new(),
         }
     }
 

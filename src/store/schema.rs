@@ -77,6 +77,48 @@ const MIGRATIONS: &[&str] = &[
         updated_at     TEXT NOT NULL
     );
     "#,
+    // v5: files carried into a request's guest (staged before the request exists, then linked
+    // to it) and files collected from it, both in 1 MiB chunks so neither side ever holds a
+    // whole file; the artifact globs and the channel a request used.
+    r#"
+    ALTER TABLE requests ADD COLUMN artifact_globs TEXT;
+    ALTER TABLE requests ADD COLUMN channel TEXT CHECK (channel IN ('virtio','console'));
+    CREATE TABLE uploads (
+        id            INTEGER PRIMARY KEY,
+        request_uuid  TEXT REFERENCES requests (uuid) ON DELETE CASCADE,
+        seq           INTEGER NOT NULL DEFAULT 0,
+        path          TEXT NOT NULL,
+        kind          TEXT NOT NULL CHECK (kind IN ('file','tar')),
+        mode          INTEGER,
+        size          INTEGER NOT NULL DEFAULT 0,
+        sha256        TEXT,
+        staged_at     TEXT NOT NULL
+    );
+    CREATE INDEX uploads_by_request ON uploads (request_uuid, seq);
+    CREATE TABLE upload_chunks (
+        upload_id  INTEGER NOT NULL REFERENCES uploads (id) ON DELETE CASCADE,
+        seq        INTEGER NOT NULL,
+        data       BLOB NOT NULL,
+        PRIMARY KEY (upload_id, seq)
+    );
+    CREATE TABLE artifacts (
+        id            INTEGER PRIMARY KEY,
+        request_uuid  TEXT NOT NULL REFERENCES requests (uuid) ON DELETE CASCADE,
+        path          TEXT NOT NULL,
+        mode          INTEGER,
+        size          INTEGER NOT NULL DEFAULT 0,
+        sha256        TEXT,
+        complete      INTEGER NOT NULL DEFAULT 0,
+        left_out      TEXT,
+        UNIQUE (request_uuid, path)
+    );
+    CREATE TABLE artifact_chunks (
+        artifact_id  INTEGER NOT NULL REFERENCES artifacts (id) ON DELETE CASCADE,
+        seq          INTEGER NOT NULL,
+        data         BLOB NOT NULL,
+        PRIMARY KEY (artifact_id, seq)
+    );
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
