@@ -13,5 +13,6 @@ pub mod config;
 pub mod model;
 pub mod qemu;
 pub mod store;
+pub mod tarball;
 pub mod telemetry;
 pub mod timefmt;
