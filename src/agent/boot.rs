@@ -10,7 +10,7 @@ use super::AgentContext;
 use crate::config::vm::{ConsoleTransport, DiskFormat, VmConfig};
 use crate::config::Accel;
 use crate::model::BootMode;
-use crate::qemu::console::protocol::{ConsoleParser, StderrParser};
+use crate::qemu::console::protocol::{ConsoleParser, StreamParser};
 use crate::qemu::console::{self, Console};
 use crate::qemu::image;
 use crate::qemu::launch::{self, LaunchSpec, Memory, RunPaths, Wiring};
@@ -144,6 +144,7 @@ async fn cold(
         name,
         memory: Memory::Anonymous,
         incoming: false,
+        channel: cfg.channel.has_devices(),
     };
     start(ctx, &spec, sink).await
 }
@@ -209,6 +210,7 @@ pub(super) async fn restore(
         name,
         memory: Memory::Clone(&ram),
         incoming: true,
+        channel: cfg.channel.has_devices(),
     };
     let args = launch::qemu_args(&spec, Wiring::Agent);
     let mut machine = Machine::start(&s.qemu_binary, &args, paths)
@@ -251,11 +253,25 @@ pub(super) async fn attach(
     // The stderr port is always drained (a chardev nobody reads stalls the guest); it is only
     // parsed as stderr when the VM config says the guest uses it.
     let (er, ew) = console::connect_socket(&paths.stderr_port).await?;
+    let mut streams = vec![(er, ew, StreamParser::stderr(token))];
+    let mut files = None;
+    if cfg.channel.has_devices() {
+        let [out, err, into, art] = &paths.channel;
+        let (r, w) = console::connect_socket(out).await?;
+        streams.push((r, w, StreamParser::stdout(token)));
+        let (r, w) = console::connect_socket(err).await?;
+        streams.push((r, w, StreamParser::stderr(token)));
+        files = Some(console::FilePorts {
+            input: console::connect_socket(into).await?,
+            artifacts: console::connect_socket(art).await?,
+        });
+    }
     Ok(Console::start(
         r,
         w,
         ConsoleParser::new(token, cfg.prompt.clone()),
-        Some((er, ew, StderrParser::new(token))),
+        streams,
+        files,
         sink.clone(),
     ))
 }

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// Bumped when what a template holds or how it is made changes: older ones are stale.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// The console must be silent this long before the template is saved.
 const QUIET: Duration = Duration::from_millis(300);
 /// Longest wait for that silence.
@@ -537,6 +537,7 @@ async fn build_in(
         name: format!("sqlite-sim-template-{}", cfg.name),
         memory: Memory::Template(&ram),
         incoming: false,
+        channel: cfg.channel.has_devices(),
     };
     let machine = boot::start(ctx, &spec, &sink).await?;
     let token = Session::random_token();

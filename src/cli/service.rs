@@ -226,6 +226,7 @@ pub(super) async fn console(
             name: format!("sqlite-sim-{run_name}"),
             memory: launch::Memory::Anonymous,
             incoming: false,
+            channel: false,
         };
         let args = launch::qemu_args(&spec, launch::Wiring::Interactive);
         eprintln!(

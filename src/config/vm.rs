@@ -35,6 +35,24 @@ pub enum ConsoleTransport {
     Pty,
 }
 
+/// How the commands' output and files travel (`CHANNEL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelPolicy {
+    /// The virtio-serial channel where the guest has the driver, else the console.
+    Auto,
+    /// The channel, or the run fails.
+    Virtio,
+    /// The serial console only (no channel devices).
+    Console,
+}
+
+impl ChannelPolicy {
+    /// Whether QEMU gets the channel's devices.
+    pub fn has_devices(self) -> bool {
+        self != ChannelPolicy::Console
+    }
+}
+
 /// Disk image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskFormat {
@@ -90,6 +108,7 @@ pub struct VmConfig {
     pub prepare: Option<String>,
     /// While the template is (re)built, warm requests wait for it instead of booting cold.
     pub warm_wait: bool,
+    pub channel: ChannelPolicy,
 }
 
 /// Most clones `WARM_POOL` may keep.
@@ -118,6 +137,7 @@ pub const KEYS: &[&str] = &[
     "WARM_POOL",
     "WARM_WAIT",
     "PREPARE",
+    "CHANNEL",
 ];
 
 /// Default prompt: a root or user shell prompt (`# ` or `$ `) at the end of the output.
@@ -289,6 +309,16 @@ impl VmConfig {
             },
         };
         let prepare = get("PREPARE");
+        let channel = match get("CHANNEL").as_deref() {
+            None | Some("auto") => ChannelPolicy::Auto,
+            Some("virtio") => ChannelPolicy::Virtio,
+            Some("console") => ChannelPolicy::Console,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "CHANNEL {other:?} is not auto, virtio or console"
+                )))
+            }
+        };
         if !warm {
             for (key, set) in [
                 ("WARM_POOL", warm_pool > 0),
@@ -323,6 +353,7 @@ impl VmConfig {
             warm_pool,
             prepare,
             warm_wait,
+            channel,
         })
     }
 }
@@ -552,6 +583,7 @@ mod tests {
             ("STDERR_DEVICE=\"ttyS1\"", "STDERR_DEVICE"),
             ("SHELL=\"bash\"", "SHELL"),
             ("WARM=\"maybe\"", "WARM"),
+            ("CHANNEL=\"9p\"", "CHANNEL"),
             ("WARM=\"on\"\nWARM_POOL=\"17\"", "WARM_POOL"),
             ("WARM_POOL=\"2\"", "WARM_POOL needs WARM"),
             ("PREPARE=\"echo\"", "PREPARE needs WARM"),

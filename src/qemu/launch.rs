@@ -35,6 +35,23 @@ pub enum LaunchError {
 pub const CONSOLE_CHARDEV: &str = "sqsim-console";
 pub const STDERR_CHARDEV: &str = "sqsim-stderr";
 
+/// The guest channel's virtio-serial ports: (chardev id, port name the guest sees under
+/// `/dev/virtio-ports/`). Output and the exit status's companions travel here byte-exact.
+pub const CHANNEL_PORTS: [(&str, &str); 4] = [
+    ("sqsim-out", PORT_STDOUT),
+    ("sqsim-err", PORT_STDERR),
+    ("sqsim-in", PORT_IN),
+    ("sqsim-art", PORT_ARTIFACTS),
+];
+/// The commands' standard output (guest → host).
+pub const PORT_STDOUT: &str = "org.sqlite-sim.stdout";
+/// The commands' standard error (guest → host).
+pub const PORT_STDERR: &str = "org.sqlite-sim.stderr";
+/// Files carried into the guest (host → guest).
+pub const PORT_IN: &str = "org.sqlite-sim.in";
+/// Artifacts collected from the guest, as a tar stream (guest → host).
+pub const PORT_ARTIFACTS: &str = "org.sqlite-sim.artifacts";
+
 /// The files of one run, all inside a private (0700) directory.
 #[derive(Debug, Clone)]
 pub struct RunPaths {
@@ -45,6 +62,8 @@ pub struct RunPaths {
     pub overlay: PathBuf,
     pub pidfile: PathBuf,
     pub qemu_log: PathBuf,
+    /// Sockets of the channel's ports, in [`CHANNEL_PORTS`] order.
+    pub channel: [PathBuf; 4],
 }
 
 impl RunPaths {
@@ -58,6 +77,7 @@ impl RunPaths {
             overlay: dir.join("disk.qcow2"),
             pidfile: dir.join("qemu.pid"),
             qemu_log: dir.join("qemu.stderr"),
+            channel: ["out.sock", "err.sock", "in.sock", "art.sock"].map(|f| dir.join(f)),
             dir,
         }
     }
@@ -109,6 +129,8 @@ pub struct LaunchSpec<'a> {
     pub memory: Memory<'a>,
     /// Wait for an incoming migration (`migrate-incoming`) instead of booting: a clone.
     pub incoming: bool,
+    /// Give the guest the channel's virtio-serial ports.
+    pub channel: bool,
 }
 
 /// Guest RAM.
@@ -147,6 +169,9 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, wiring: Wiring) -> Vec<OsString> {
     push(kernel_args(spec.vm));
     push(qmp_args(&spec.paths.qmp));
     push(serial_args(spec.vm.console, spec.paths, wiring));
+    if spec.channel && wiring == Wiring::Agent {
+        push(channel_args(spec.paths));
+    }
     push(vec!["-pidfile".into(), spec.paths.pidfile.clone().into()]);
     push(spec.vm.additional_args.iter().map(OsString::from).collect());
     if spec.incoming {
@@ -286,6 +311,22 @@ pub fn serial_args(console: ConsoleTransport, paths: &RunPaths, wiring: Wiring) 
         Wiring::Interactive => a.extend(os(&["-chardev", &format!("null,id={STDERR_CHARDEV}")])),
     }
     a.extend(os(&["-serial", &format!("chardev:{STDERR_CHARDEV}")]));
+    a
+}
+
+/// A virtio-serial controller with the channel's named ports, each on its own socket chardev.
+pub fn channel_args(paths: &RunPaths) -> Vec<OsString> {
+    let mut a = os(&["-device", "virtio-serial-pci,id=sqsim-vser"]);
+    for ((id, name), path) in CHANNEL_PORTS.iter().zip(&paths.channel) {
+        let mut chardev = OsString::from(format!("socket,id={id},path="));
+        chardev.push(escape_option_value(path));
+        chardev.push(",server=on,wait=off");
+        a.extend(["-chardev".into(), chardev]);
+        a.extend(os(&[
+            "-device",
+            &format!("virtserialport,bus=sqsim-vser.0,chardev={id},name={name}"),
+        ]));
+    }
     a
 }
 
@@ -575,8 +616,20 @@ mod tests {
             name: "sqsim-x".into(),
             memory: Memory::Anonymous,
             incoming: false,
+            channel: true,
         };
         let a = strs(&qemu_args(&spec, Wiring::Agent));
+        assert!(has_pair(&a, "-device", "virtio-serial-pci,id=sqsim-vser"));
+        assert!(has_pair(
+            &a,
+            "-device",
+            "virtserialport,bus=sqsim-vser.0,chardev=sqsim-out,name=org.sqlite-sim.stdout"
+        ));
+        assert!(has_pair(
+            &a,
+            "-chardev",
+            "socket,id=sqsim-art,path=/r/x/art.sock,server=on,wait=off"
+        ));
         assert_eq!(&a[a.len() - 2..], ["-device", "virtio-rng-pci,id=a b"]);
         assert!(has_pair(&a, "-pidfile", "/r/x/qemu.pid"));
         assert!(a.iter().any(|s| s.starts_with("file=/r/x/disk.qcow2")));

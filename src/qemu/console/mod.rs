@@ -1,12 +1,13 @@
 //! The guest's serial console: transport (unix socket or pty), a pump that drains it into the
 //! log sink at all times (a chardev nobody reads stalls the guest), and typing.
 
+pub mod files;
 pub mod protocol;
 
 use crate::store::sink::LogSink;
-use protocol::{ConsoleEvent, ConsoleParser, Parsed, StderrParser};
+use protocol::{ConsoleEvent, ConsoleParser, Parsed, StreamParser};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -52,7 +53,18 @@ pub fn open_pty(path: &Path) -> Result<(BoxRead, BoxWrite), ConsoleError> {
     Ok((Box::new(r), Box::new(w)))
 }
 
-/// A live console: events from the pumps, and a writer for typing.
+/// A stream of the commands' output and its parser: the stderr serial port, or a channel port.
+pub type Stream = (BoxRead, BoxWrite, StreamParser);
+
+/// The channel's file ports, both halves of each socket: `input` (files into the guest) and
+/// `artifacts` (out of it). Every half is kept: dropping a write half shuts the socket down,
+/// which QEMU takes as a disconnect, and every read half is drained.
+pub struct FilePorts {
+    pub input: (BoxRead, BoxWrite),
+    pub artifacts: (BoxRead, BoxWrite),
+}
+
+/// A live console: events from the pumps, a writer for typing, and the channel's file ports.
 pub struct Console {
     writer: BoxWrite,
     events: mpsc::UnboundedReceiver<ConsoleEvent>,
@@ -60,18 +72,22 @@ pub struct Console {
     pumps: Vec<JoinHandle<()>>,
     /// Console bytes received so far (to notice a silent console).
     received: Arc<AtomicU64>,
-    /// The stderr port delivered its end marker (it may come before the exit marker).
-    stderr_done: Arc<std::sync::atomic::AtomicBool>,
+    /// End markers delivered by the output streams: (stdout, stderr).
+    ends: Arc<(AtomicBool, AtomicBool)>,
+    files: Option<files::Ports>,
     _idle_writers: Vec<BoxWrite>,
 }
 
 impl Console {
-    /// Starts draining `reader` (and the optional stderr port) into `sink`.
+    /// Starts draining the console `reader` and every output stream into `sink`; `files`, the
+    /// channel's file ports, are drained too (artifacts reach [`Console::artifacts`] only
+    /// while a collection runs).
     pub fn start(
         reader: BoxRead,
         writer: BoxWrite,
         parser: ConsoleParser,
-        stderr: Option<(BoxRead, BoxWrite, StderrParser)>,
+        streams: Vec<Stream>,
+        files: Option<FilePorts>,
         sink: LogSink,
     ) -> Console {
         let (tx, events) = mpsc::unbounded_channel();
@@ -93,41 +109,61 @@ impl Console {
             ));
         }
         let mut keep = Vec::new();
-        let stderr_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        if let Some((r, w, p)) = stderr {
+        let ends = Arc::new((AtomicBool::new(false), AtomicBool::new(false)));
+        for (r, w, p) in streams {
             // Dropping a socket's write half shuts it down, which QEMU takes as a disconnect.
             keep.push(w);
             let p = Arc::new(Mutex::new(p));
             let p2 = p.clone();
-            let done = stderr_done.clone();
+            let ends = ends.clone();
             pumps.push(spawn_pump(
                 r,
                 move |d| {
-                    let parsed = p.lock().expect("stderr lock").feed(d);
-                    if parsed.events.contains(&ConsoleEvent::StderrEnd) {
-                        done.store(true, Ordering::Relaxed);
+                    let parsed = p.lock().expect("stream lock").feed(d);
+                    for e in &parsed.events {
+                        match e {
+                            ConsoleEvent::StdoutEnd => ends.0.store(true, Ordering::Relaxed),
+                            ConsoleEvent::StderrEnd => ends.1.store(true, Ordering::Relaxed),
+                            _ => {}
+                        }
                     }
                     parsed
                 },
-                move || p2.lock().expect("stderr lock").finish(),
-                sink,
-                tx,
+                move || p2.lock().expect("stream lock").finish(),
+                sink.clone(),
+                tx.clone(),
             ));
         }
+        let files = files.map(|f| {
+            let (ports, drains) = files::Ports::start(f);
+            pumps.extend(drains);
+            ports
+        });
         Console {
             writer,
             events,
             parser,
             pumps,
             received,
-            stderr_done,
+            ends,
+            files,
             _idle_writers: keep,
         }
     }
 
-    /// Whether the stderr port has delivered everything the commands wrote to it.
+    /// Whether the channel's stdout port has delivered everything the commands wrote to it.
+    pub fn stdout_done(&self) -> bool {
+        self.ends.0.load(Ordering::Relaxed)
+    }
+
+    /// The channel's file ports, if the guest has them.
+    pub fn files(&mut self) -> Option<&mut files::Ports> {
+        self.files.as_mut()
+    }
+
+    /// Whether a stderr stream has delivered everything the commands wrote to it.
     pub fn stderr_done(&self) -> bool {
-        self.stderr_done.load(Ordering::Relaxed)
+        self.ends.1.load(Ordering::Relaxed)
     }
 
     /// Console bytes received so far.
@@ -147,6 +183,12 @@ impl Console {
     /// The next event; `None` once every pump has ended (QEMU closed the console).
     pub async fn next_event(&mut self) -> Option<ConsoleEvent> {
         self.events.recv().await
+    }
+
+    /// The commands' output travels over the channel: console bytes while they run are not
+    /// stdout (they stay `boot` until the exit marker, and `shutdown` after).
+    pub fn output_on_channel(&self) {
+        self.parser.lock().expect("parser lock").output_elsewhere();
     }
 
     /// From now on console bytes are shutdown noise, not the commands' output.

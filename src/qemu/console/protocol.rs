@@ -27,6 +27,8 @@ pub enum ConsoleEvent {
     Exit(i32),
     /// The stderr port delivered everything the commands wrote to it.
     StderrEnd,
+    /// The channel's stdout port delivered everything the commands wrote to it.
+    StdoutEnd,
     /// The guest kernel panicked (the console showed `Kernel panic - not syncing…`).
     KernelPanic(String),
     /// While the commands ran, the output ended in something that matches the shell prompt:
@@ -38,6 +40,10 @@ pub enum ConsoleEvent {
 pub const ACK_READY: &str = "READY";
 pub const ACK_GO: &str = "GO";
 pub const ACK_NODECODE: &str = "NODECODE";
+/// Acknowledges the start of artifacts sent over the console (base64 until `ARTE`).
+pub const ACK_ARTB: &str = "ARTB";
+/// Report ending artifacts sent over the console: `<matches>:<tar status>`.
+pub const REPORT_ARTE: &str = "ARTE";
 /// Report key of the session set-up: the console shell's binary (`readlink /proc/$$/exe`).
 pub const REPORT_SHELL: &str = "SHELL";
 /// Report key of a clone's set-up: how the host's seed reached the guest's RNG (`reseeded` by
@@ -261,8 +267,12 @@ enum Phase {
     Command,
     /// Inside the exit marker, waiting for its `;`.
     ExitMarker(Vec<u8>),
-    /// After the exit marker: the guest shutting down.
+    /// After the exit marker: the guest shutting down, or answering (artifact collection).
     After,
+    /// Between `ARTB` and `ARTE`: artifacts sent over the console, as base64 text.
+    Capture,
+    /// Inside the `ARTE=` report, waiting for its end of line.
+    CaptureEnd(Vec<u8>),
 }
 
 /// Output of one [`ConsoleParser::feed`].
@@ -270,6 +280,8 @@ enum Phase {
 pub struct Parsed {
     pub logs: Vec<(LogType, Vec<u8>)>,
     pub events: Vec<ConsoleEvent>,
+    /// Artifact bytes (base64 text) the console carried between `ARTB` and `ARTE`.
+    pub captured: Vec<u8>,
 }
 
 impl Parsed {
@@ -309,6 +321,11 @@ pub struct ConsoleParser {
     panicked: bool,
     /// End of the commands' output, to notice a shell prompt there.
     command_tail: Vec<u8>,
+    /// How console bytes between `GO` and the exit marker are logged: `stdout`, or `boot`
+    /// when the commands' output travels over the channel.
+    command_log: LogType,
+    /// Finds the end of artifacts sent over the console.
+    capture: Splitter,
 }
 
 const PANIC: &[u8] = b"Kernel panic - not syncing";
@@ -335,7 +352,15 @@ impl ConsoleParser {
             panic_tail: Vec::new(),
             panicked: false,
             command_tail: Vec::new(),
+            command_log: LogType::Stdout,
+            capture: Splitter::new(format!("SQSIM_{token}_{REPORT_ARTE}=").into_bytes()),
         }
+    }
+
+    /// The commands' output travels elsewhere (the channel): the console's bytes while they
+    /// run are logged as `boot`, never as `stdout`.
+    pub fn output_elsewhere(&mut self) {
+        self.command_log = LogType::Boot;
     }
 
     /// Looks for a kernel panic message in any phase, across chunk boundaries.
@@ -383,7 +408,7 @@ impl ConsoleParser {
     pub fn feed(&mut self, data: &[u8]) -> Parsed {
         let mut out = Parsed::default();
         out.log(
-            LogType::Stdout,
+            self.command_log,
             &std::mem::take(&mut self.interrupted_stdout),
         );
         self.last_seen.extend_from_slice(data);
@@ -421,11 +446,11 @@ impl ConsoleParser {
     pub fn finish(&mut self) -> Parsed {
         let mut out = Parsed::default();
         out.log(
-            LogType::Stdout,
+            self.command_log,
             &std::mem::take(&mut self.interrupted_stdout),
         );
         match &mut self.phase {
-            Phase::Command => out.log(LogType::Stdout, &self.stdout.take_held()),
+            Phase::Command => out.log(self.command_log, &self.stdout.take_held()),
             Phase::ExitMarker(buf) => out.log(LogType::Shutdown, buf),
             _ => {}
         }
@@ -475,7 +500,7 @@ impl ConsoleParser {
             }
             Phase::Command => {
                 let (before, found) = self.stdout.feed(data);
-                out.log(LogType::Stdout, &before);
+                out.log(self.command_log, &before);
                 match found {
                     Some(after) => {
                         self.phase = Phase::ExitMarker(Vec::new());
@@ -505,21 +530,87 @@ impl ConsoleParser {
                         out.log(LogType::Shutdown, &marker);
                         out.events.push(ConsoleEvent::Exit(code));
                         self.phase = Phase::After;
+                        self.tail.clear();
+                        self.scan_from = 0;
                         rest
                     }
                     Some(None) => {
                         // Not a marker after all: it was output.
                         let bytes = std::mem::take(buf);
                         self.phase = Phase::Command;
-                        out.log(LogType::Stdout, &bytes[..prefix]);
+                        out.log(self.command_log, &bytes[..prefix]);
                         bytes[prefix..].to_vec()
                     }
                 }
             }
             Phase::After => {
+                let base = self.tail.len();
+                self.tail.extend_from_slice(data);
+                let mut capture_from = None;
+                while let Some(m) = self.ack.captures_at(&self.tail, self.scan_from) {
+                    let whole = m.get(0).expect("group 0");
+                    let word = String::from_utf8_lossy(&m[1]).into_owned();
+                    self.scan_from = whole.end();
+                    match m.get(2) {
+                        Some(v) => out.events.push(ConsoleEvent::Report {
+                            key: word,
+                            value: String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        }),
+                        None => {
+                            let begins = word == ACK_ARTB;
+                            out.events.push(ConsoleEvent::Ack(word));
+                            if begins {
+                                capture_from = Some(whole.end() - base);
+                                break;
+                            }
+                        }
+                    }
+                }
+                if let Some(end) = capture_from {
+                    out.log(LogType::Shutdown, &data[..end]);
+                    self.tail.clear();
+                    self.scan_from = 0;
+                    self.phase = Phase::Capture;
+                    return data[end..].to_vec();
+                }
                 out.log(LogType::Shutdown, data);
+                if self.tail.len() > TAIL_MAX {
+                    let cut = self.tail.len() - TAIL_MAX / 2;
+                    self.tail.drain(..cut);
+                    self.scan_from = self.scan_from.saturating_sub(cut);
+                }
                 Vec::new()
             }
+            Phase::Capture => {
+                let (before, found) = self.capture.feed(data);
+                out.captured.extend_from_slice(&before);
+                match found {
+                    Some(after) => {
+                        let rest = after[self.capture.needle.len()..].to_vec();
+                        self.phase = Phase::CaptureEnd(Vec::new());
+                        rest
+                    }
+                    None => Vec::new(),
+                }
+            }
+            Phase::CaptureEnd(buf) => match memchr::memchr(b'\n', data) {
+                None => {
+                    buf.extend_from_slice(data);
+                    Vec::new()
+                }
+                Some(i) => {
+                    buf.extend_from_slice(&data[..i]);
+                    let value = String::from_utf8_lossy(buf)
+                        .trim_end_matches('\r')
+                        .to_string();
+                    out.events.push(ConsoleEvent::Report {
+                        key: REPORT_ARTE.into(),
+                        value,
+                    });
+                    self.phase = Phase::After;
+                    data[i + 1..].to_vec()
+                }
+            },
         }
     }
 
@@ -574,41 +665,56 @@ fn marker_end(after_prefix: &[u8]) -> Option<Option<usize>> {
     None
 }
 
-/// Splits the stderr port's stream at the end-of-stderr marker.
+/// Splits a stream of the commands' output (the stderr serial port, or a channel port) at its
+/// end marker, `SQSIM_<token>_EOF\n`, written after the commands exited.
 #[derive(Debug)]
-pub struct StderrParser {
+pub struct StreamParser {
     splitter: Splitter,
     done: bool,
+    log: LogType,
+    end: ConsoleEvent,
 }
 
-impl StderrParser {
-    pub fn new(token: &str) -> Self {
-        StderrParser {
+impl StreamParser {
+    /// The commands' stderr.
+    pub fn stderr(token: &str) -> Self {
+        Self::new(token, LogType::Stderr, ConsoleEvent::StderrEnd)
+    }
+
+    /// The commands' stdout (the channel's port).
+    pub fn stdout(token: &str) -> Self {
+        Self::new(token, LogType::Stdout, ConsoleEvent::StdoutEnd)
+    }
+
+    fn new(token: &str, log: LogType, end: ConsoleEvent) -> Self {
+        StreamParser {
             splitter: Splitter::new(format!("SQSIM_{token}_EOF\n").into_bytes()),
             done: false,
+            log,
+            end,
         }
     }
 
     pub fn feed(&mut self, data: &[u8]) -> Parsed {
         let mut out = Parsed::default();
         if self.done {
-            out.log(LogType::Stderr, data);
+            out.log(self.log, data);
             return out;
         }
         let (before, found) = self.splitter.feed(data);
-        out.log(LogType::Stderr, &before);
+        out.log(self.log, &before);
         if let Some(after) = found {
             self.done = true;
             let marker_len = self.splitter.needle.len();
-            out.events.push(ConsoleEvent::StderrEnd);
-            out.log(LogType::Stderr, &after[marker_len..]);
+            out.events.push(self.end.clone());
+            out.log(self.log, &after[marker_len..]);
         }
         out
     }
 
     pub fn finish(&mut self) -> Parsed {
         let mut out = Parsed::default();
-        out.log(LogType::Stderr, &self.splitter.take_held());
+        out.log(self.log, &self.splitter.take_held());
         out
     }
 }
