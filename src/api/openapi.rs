@@ -5,7 +5,7 @@
 //! true when a VM config is added or removed while the server runs.
 
 use super::error::{self, ErrorCode};
-use super::{logs, metrics, requests, AppState};
+use super::{logs, metrics, requests, vms, AppState};
 use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
@@ -34,6 +34,10 @@ use utoipa::OpenApi;
         logs::stream_logs,
         metrics::metrics,
         metrics::stats,
+        vms::list_vms,
+        vms::show_vm,
+        vms::build_template,
+        vms::delete_template,
         super::health,
     ),
     components(schemas(
@@ -122,13 +126,15 @@ fn complete_operation(method: &str, path: &str, op: &mut Value, facts: &Facts) {
     for p in parameters.into_iter().flatten() {
         not_null(&mut p["schema"]);
         match p["in"].as_str() {
-            Some("path") => {
-                assert!(
-                    p["name"] == "uuid" && p["schema"]["format"] == "uuid",
-                    "{method} {path}: a path parameter other than a request uuid: {p}"
-                );
-                codes.extend(error::UUID_PATH);
-            }
+            Some("path") => match p["name"].as_str() {
+                Some("uuid") if p["schema"]["format"] == "uuid" => codes.extend(error::UUID_PATH),
+                Some("name") if p["schema"]["pattern"] == vms::VM_NAME_PATTERN => {
+                    codes.extend(error::NAME_PATH)
+                }
+                _ => panic!(
+                    "{method} {path}: a path parameter other than a request uuid or a VM name: {p}"
+                ),
+            },
             Some("query" | "header") => codes.extend(error::PARAMETERS),
             _ => panic!("{method} {path}: parameter {p} is not in the path, query or headers"),
         }
@@ -280,16 +286,20 @@ mod tests {
                 ("post", "/requests") | ("post", "/prune") => vec![400, 413, 415, 422, 500, 503],
                 ("get", "/requests") => vec![422, 500, 503],
                 ("get" | "delete", "/requests/{uuid}") => vec![400, 404, 500, 503],
+                ("get", "/vms/{name}") | ("delete", "/vms/{name}/template") => {
+                    vec![400, 404, 500, 503]
+                }
+                ("post", "/vms/{name}/template") => vec![400, 404, 409, 422, 500, 503],
                 ("put", "/requests/{uuid}/status") => vec![400, 404, 409, 413, 415, 422, 500, 503],
                 ("get", p) if p.starts_with("/requests/{uuid}/logs") => {
                     vec![400, 404, 422, 500, 503]
                 }
-                ("get", "/metrics" | "/stats" | "/health") => vec![500, 503],
+                ("get", "/metrics" | "/stats" | "/health" | "/vms") => vec![500, 503],
                 other => panic!("an operation this test does not know: {other:?}"),
             }
         };
         let ops = operations(&doc);
-        assert_eq!(ops.len(), 12);
+        assert_eq!(ops.len(), 16);
         for (method, path, op) in &ops {
             assert_eq!(error_statuses(op), want(method, path), "{method} {path}");
             assert!(op.get("security").is_none(), "{method} {path}");
@@ -372,7 +382,7 @@ mod tests {
     }
 
     #[test]
-    fn parameters_are_uuids_in_the_path_and_never_null() {
+    fn path_parameters_are_uuids_or_vm_names_and_never_null() {
         let doc = document(&facts(false));
         for (method, path, op) in operations(&doc) {
             for p in op["parameters"].as_array().into_iter().flatten() {
@@ -381,7 +391,12 @@ mod tests {
                     "{method} {path}: {p}"
                 );
                 if p["in"] == "path" {
-                    assert_eq!(p["schema"]["format"], "uuid", "{method} {path}");
+                    let (name, schema) = (&p["name"], &p["schema"]);
+                    assert!(
+                        (name == "uuid" && schema["format"] == "uuid")
+                            || (name == "name" && schema["pattern"] == vms::VM_NAME_PATTERN),
+                        "{method} {path}: {p}"
+                    );
                 }
             }
         }
@@ -398,7 +413,7 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "a path parameter other than a request uuid")]
+    #[should_panic(expected = "a path parameter other than a request uuid or a VM name")]
     fn unknown_path_parameters_are_refused() {
         let mut op = json!({
             "parameters": [{ "name": "id", "in": "path", "schema": { "type": "integer" } }],
