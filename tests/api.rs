@@ -771,6 +771,14 @@ async fn every_error_answer_is_documented_for_its_operation() {
             cases.push((m, p, p.replace("{name}", name), None, String::new(), None));
         }
     }
+    cases.push((
+        "post",
+        "/requests",
+        "/requests".into(),
+        json,
+        r#"{"vm_name":"tiny","commands":"x","boot":"warm"}"#.into(),
+        None,
+    ));
 
     let mut seen = std::collections::BTreeSet::new();
     for (method, path, concrete, ctype, body, header) in cases {

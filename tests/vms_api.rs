@@ -309,3 +309,47 @@ async fn template_orders_count_and_refusals_change_nothing() {
     put_row(&s, "h1", "tiny", "ready", &[]);
     assert_eq!(s.delete("/vms/tiny/template").await.0, 202);
 }
+
+#[tokio::test]
+async fn warm_boots_are_only_for_warm_vms() {
+    let s = server().await;
+    let (code, body) = s
+        .submit_json(&json!({"vm_name": "tiny", "commands": "echo x", "boot": "warm"}))
+        .await;
+    assert_error(code, &body, 422, "validation_error");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("WARM=\"on\"") && msg.contains("tiny"), "{msg}");
+    let (code, body) = s
+        .submit_json(&json!({"vm_name": "tiny", "commands": "echo x", "boot": "hot"}))
+        .await;
+    assert_error(code, &body, 422, "validation_error");
+
+    let mut made = Vec::new();
+    for (vm, boot) in [
+        ("warm", json!("warm")),
+        ("tiny", json!("cold")),
+        ("tiny", Value::Null),
+    ] {
+        let (code, body) = s
+            .submit_json(&json!({"vm_name": vm, "commands": "echo x", "boot": boot}))
+            .await;
+        assert_eq!(code, 201, "{vm} {boot}: {body}");
+        made.push((body["uuid"].as_str().unwrap().to_string(), boot));
+    }
+    for (uuid, boot) in made {
+        let r = s.get(&uuid).await;
+        assert_eq!(r["boot"], boot, "{r}");
+        assert!(r["boot_mode"].is_null() && r["restore_ms"].is_null(), "{r}");
+    }
+    // The document says so: boot warm only with a VM of this list.
+    let (_, doc) = s.get_json("/openapi.json").await;
+    let body = &doc["components"]["schemas"]["CreateBody"];
+    assert_eq!(
+        body["anyOf"][1]["properties"]["vm_name"]["enum"],
+        json!(["warm"])
+    );
+    assert_eq!(
+        body["anyOf"][0]["properties"]["boot"]["enum"],
+        json!(["cold", null])
+    );
+}

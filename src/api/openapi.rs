@@ -1,8 +1,9 @@
 //! The OpenAPI document, as this server serves it. The handlers' annotations give its static
 //! part; [`document`] completes it for this server: every operation's error responses (taken
-//! from [`super::error`], never written by hand), the VMs a submission may name, the timeout
-//! maximum, and whether a bearer token is required. It is built on every request, so it stays
-//! true when a VM config is added or removed while the server runs.
+//! from [`super::error`], never written by hand), the VMs a submission may name (and those it
+//! may ask to boot warm), the timeout maximum, and whether a bearer token is required. It is
+//! built on every request, so it stays true when a VM config is added or removed while the
+//! server runs.
 
 use super::error::{self, ErrorCode};
 use super::{logs, metrics, requests, vms, AppState};
@@ -55,6 +56,8 @@ pub struct ApiDoc;
 pub struct Facts {
     /// VMs a submission may name: those whose config loads, or that only have an image.
     pub vm_names: Vec<String>,
+    /// Those of them whose config sets `WARM="on"`: only they may be asked to boot warm.
+    pub warm_vm_names: Vec<String>,
     pub max_timeout: u32,
     /// `SQLITE_SIM_API_TOKEN` is set.
     pub token: bool,
@@ -63,13 +66,19 @@ pub struct Facts {
 impl Facts {
     pub fn of(state: &AppState) -> Facts {
         let catalog = &state.catalog;
+        let (mut vm_names, mut warm_vm_names) = (Vec::new(), Vec::new());
+        // The same checks `POST /requests` makes, so what is listed is accepted.
+        for name in catalog.available() {
+            if let Ok(vm) = catalog.load(&name) {
+                if vm.warm {
+                    warm_vm_names.push(name.clone());
+                }
+                vm_names.push(name);
+            }
+        }
         Facts {
-            // The same check `POST /requests` makes, so a listed name is accepted.
-            vm_names: catalog
-                .available()
-                .into_iter()
-                .filter(|name| catalog.load(name).is_ok())
-                .collect(),
+            vm_names,
+            warm_vm_names,
             max_timeout: state.settings.max_timeout,
             token: state.settings.api_token.is_some(),
         }
@@ -99,6 +108,12 @@ pub fn document(facts: &Facts) -> Value {
     at(body, "/properties/timeout")["maximum"] = json!(facts.max_timeout);
     // An empty list is the truth when there is no VM: no submission can succeed.
     at(body, "/properties/vm_name")["enum"] = json!(facts.vm_names);
+    // `boot: "warm"` only for a warm VM, which JSON Schema can say without `not`: either the
+    // boot is not warm, or the VM is one of these.
+    body["anyOf"] = json!([
+        { "properties": { "boot": { "enum": ["cold", null] } } },
+        { "required": ["vm_name"], "properties": { "vm_name": { "enum": facts.warm_vm_names } } },
+    ]);
     if let Some(vm) = facts.vm_names.first() {
         body["examples"] = json!([{
             "vm_name": vm,
@@ -252,6 +267,7 @@ mod tests {
     fn facts(token: bool) -> Facts {
         Facts {
             vm_names: vec!["alpha".into(), "tiny".into()],
+            warm_vm_names: vec!["alpha".into()],
             max_timeout: 1234,
             token,
         }
@@ -373,12 +389,63 @@ mod tests {
         );
         let none = document(&Facts {
             vm_names: vec![],
+            warm_vm_names: vec![],
             ..facts(false)
         });
         assert_eq!(
             none["components"]["schemas"]["CreateBody"]["properties"]["vm_name"]["enum"],
             json!([])
         );
+    }
+
+    /// Whether `body` satisfies one `anyOf` branch of `CreateBody`, read with the only keywords
+    /// the branches use (`required`, `properties` with `enum`); any other keyword fails the test.
+    fn satisfies(branch: &Value, body: &Value) -> bool {
+        for key in branch.as_object().unwrap().keys() {
+            assert!(["required", "properties"].contains(&key.as_str()), "{key}");
+        }
+        let required = branch["required"].as_array().into_iter().flatten();
+        let present = required
+            .into_iter()
+            .all(|k| body.get(k.as_str().unwrap()).is_some());
+        let props = branch["properties"].as_object().unwrap();
+        present
+            && props.iter().all(|(name, rule)| {
+                assert_eq!(rule.as_object().unwrap().len(), 1, "{rule}");
+                body.get(name)
+                    .is_none_or(|v| rule["enum"].as_array().unwrap().contains(v))
+            })
+    }
+
+    #[test]
+    fn only_warm_vms_may_be_asked_to_boot_warm() {
+        let doc = document(&facts(false));
+        let any_of = doc["components"]["schemas"]["CreateBody"]["anyOf"]
+            .as_array()
+            .unwrap();
+        for (body, ok) in [
+            (
+                json!({"vm_name": "alpha", "commands": "x", "boot": "warm"}),
+                true,
+            ),
+            (
+                json!({"vm_name": "tiny", "commands": "x", "boot": "warm"}),
+                false,
+            ),
+            (
+                json!({"vm_name": "tiny", "commands": "x", "boot": "cold"}),
+                true,
+            ),
+            (
+                json!({"vm_name": "tiny", "commands": "x", "boot": null}),
+                true,
+            ),
+            (json!({"vm_name": "tiny", "commands": "x"}), true),
+            (json!({"commands": "x", "boot": "warm"}), false),
+        ] {
+            let admitted = any_of.iter().any(|b| satisfies(b, &body));
+            assert_eq!(admitted, ok, "{body}");
+        }
     }
 
     #[test]
