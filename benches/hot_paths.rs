@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use sqlite_sim::api::{router, AppState};
 use sqlite_sim::config::Settings;
 use sqlite_sim::model::{LogType, NewRequest, RequestId};
-use sqlite_sim::qemu::console::protocol::{ConsoleParser, StderrParser};
+use sqlite_sim::qemu::console::protocol::ConsoleParser;
 use sqlite_sim::qemu::console::Console;
 use sqlite_sim::store::sink::LogSink;
 use sqlite_sim::store::{LogQuery, Store};
@@ -196,7 +196,8 @@ async fn socket_ingest(runs: usize, mb: usize) {
             r,
             w,
             ConsoleParser::new(TOKEN, prompt_regex()),
-            None::<(_, _, StderrParser)>,
+            Vec::new(),
+            None,
             sink,
         );
         producer.await.unwrap();

@@ -60,10 +60,20 @@ pub enum Event {
 enum State {
     Header,
     /// Content of an entry: bytes left, then padding to the block.
-    Data { left: u64, pad: usize },
+    Data {
+        left: u64,
+        pad: usize,
+    },
     /// A GNU long name or pax header's content, collected.
-    Meta { kind: u8, left: u64, pad: usize, buf: Vec<u8> },
-    Padding { left: usize },
+    Meta {
+        kind: u8,
+        left: u64,
+        pad: usize,
+        buf: Vec<u8>,
+    },
+    Padding {
+        left: usize,
+    },
     End,
 }
 
@@ -204,7 +214,13 @@ impl Reader {
         let sum: u64 = b
             .iter()
             .enumerate()
-            .map(|(i, &x)| if (148..156).contains(&i) { b' ' as u64 } else { x as u64 })
+            .map(|(i, &x)| {
+                if (148..156).contains(&i) {
+                    b' ' as u64
+                } else {
+                    x as u64
+                }
+            })
             .sum();
         if stored != sum {
             return Err(TarError::Checksum { offset });
@@ -372,7 +388,13 @@ pub fn header(path: &str, kind: EntryKind, mode: u32, size: u64, mtime: u64) -> 
     if name.len() > 99 {
         let mut long = name.to_vec();
         long.push(0);
-        out.extend(raw_header("././@LongLink", b'L', 0o644, long.len() as u64, 0));
+        out.extend(raw_header(
+            "././@LongLink",
+            b'L',
+            0o644,
+            long.len() as u64,
+            0,
+        ));
         out.extend_from_slice(&long);
         out.extend(std::iter::repeat_n(0u8, padding(long.len() as u64)));
     }
@@ -459,7 +481,10 @@ mod tests {
         for step in [1, 7, 511, 512, 513, 100_000] {
             let got = read(&tar, step).unwrap();
             assert_eq!(got.len(), 4, "step {step}");
-            assert_eq!((got[0].0.path.as_str(), got[0].1.as_slice()), ("a.txt", &b"hello"[..]));
+            assert_eq!(
+                (got[0].0.path.as_str(), got[0].1.as_slice()),
+                ("a.txt", &b"hello"[..])
+            );
             assert_eq!(got[0].0.mode, 0o640);
             assert_eq!(got[1].0.kind, EntryKind::Directory);
             assert_eq!(got[2].0.path, long);
@@ -492,7 +517,10 @@ mod tests {
     fn corrupt_and_truncated_archives_are_errors() {
         let mut tar = archive(&[("a", EntryKind::File, b"12345")]);
         tar[10] ^= 1;
-        assert!(matches!(read(&tar, 512), Err(TarError::Checksum { offset: 0 })));
+        assert!(matches!(
+            read(&tar, 512),
+            Err(TarError::Checksum { offset: 0 })
+        ));
         let tar = archive(&[("a", EntryKind::File, &[1u8; 2000])]);
         assert_eq!(read(&tar[..1000], 64).unwrap_err(), TarError::Truncated);
         assert!(Reader::new().feed(&[b'x'; 512]).is_err(), "garbage");

@@ -463,7 +463,7 @@ async fn bearer_token_guards_everything_but_health() {
         r.send()
     };
     assert_eq!(get("/health", None).await.unwrap().status(), 200);
-    for path in ["/requests", "/metrics", "/openapi.json"] {
+    for path in ["/requests", "/metrics", "/openapi.json", "/vms"] {
         let r = get(path, None).await.unwrap();
         assert_eq!(r.status(), 401, "{path}");
         assert_eq!(r.headers()["www-authenticate"], "Bearer");
@@ -523,7 +523,9 @@ async fn openapi_lists_exactly_the_routes_served_and_docs_are_served() {
     let paths = doc["paths"].as_object().unwrap();
     let mut listed: Vec<String> = Vec::new();
     for (path, item) in paths {
-        let url = path.replace("{uuid}", &uuid::Uuid::nil().to_string());
+        let url = path
+            .replace("{uuid}", &uuid::Uuid::nil().to_string())
+            .replace("{name}", "tiny");
         let mut methods: Vec<String> = item
             .as_object()
             .unwrap()
@@ -566,6 +568,7 @@ async fn openapi_lists_exactly_the_routes_served_and_docs_are_served() {
         listed,
         [
             "DELETE /requests/{uuid}",
+            "DELETE /vms/{name}/template",
             "GET /health",
             "GET /metrics",
             "GET /requests",
@@ -574,8 +577,11 @@ async fn openapi_lists_exactly_the_routes_served_and_docs_are_served() {
             "GET /requests/{uuid}/logs/raw",
             "GET /requests/{uuid}/logs/stream",
             "GET /stats",
+            "GET /vms",
+            "GET /vms/{name}",
             "POST /prune",
             "POST /requests",
+            "POST /vms/{name}/template",
             "PUT /requests/{uuid}/status",
         ]
     );
@@ -604,6 +610,10 @@ async fn every_error_answer_is_documented_for_its_operation() {
     let s = Server::start(Options {
         mode: Mode::Api,
         env: vec![("SQLITE_SIM_API_TOKEN".into(), "t0ken".into())],
+        configs: vec![
+            ("warm".into(), "KERNEL=\"/k\"\nWARM=\"on\"\n".into()),
+            ("broken".into(), "MEMROY=\"1G\"\n".into()),
+        ],
         ..Default::default()
     })
     .await;
@@ -751,6 +761,26 @@ async fn every_error_answer_is_documented_for_its_operation() {
         Some(("last-event-id", "-1")),
     ));
 
+    let template = "/vms/{name}/template";
+    // A bad name, an unknown VM; a broken config, a VM that is not warm; a VM with no template.
+    for (m, p, names) in [
+        ("get", "/vms/{name}", &["..x", "nope"][..]),
+        ("post", template, &["..x", "nope", "broken", "tiny"]),
+        ("delete", template, &["..x", "nope", "warm"]),
+    ] {
+        for name in names {
+            cases.push((m, p, p.replace("{name}", name), None, String::new(), None));
+        }
+    }
+    cases.push((
+        "post",
+        "/requests",
+        "/requests".into(),
+        json,
+        r#"{"vm_name":"tiny","commands":"x","boot":"warm"}"#.into(),
+        None,
+    ));
+
     let mut seen = std::collections::BTreeSet::new();
     for (method, path, concrete, ctype, body, header) in cases {
         let oversized = body.len() > 128 * 1024;
@@ -805,6 +835,17 @@ async fn every_error_answer_is_documented_for_its_operation() {
         assert!(
             codes.contains(&status),
             "no case produced {status}: {seen:?}"
+        );
+    }
+    for code in [
+        "invalid_name",
+        "not_warm",
+        "invalid_transition",
+        "validation_error",
+    ] {
+        assert!(
+            seen.iter().any(|(_, c)| c == code),
+            "no case produced {code}: {seen:?}"
         );
     }
     assert_eq!(count_requests(&s), 1, "no rejected call stored anything");

@@ -109,6 +109,52 @@ fn status_checks_database_qemu_and_images() {
 }
 
 #[test]
+fn status_shows_the_templates_of_warm_vms() {
+    let d = tempfile::tempdir().unwrap();
+    let confs = d.path().join("confs");
+    std::fs::create_dir_all(&confs).unwrap();
+    std::fs::write(confs.join("warm.conf"), "KERNEL=\"/k\"\nWARM=\"on\"\n").unwrap();
+    std::fs::write(confs.join("cold.conf"), "KERNEL=\"/k\"\n").unwrap();
+    std::fs::write(confs.join("was-warm.conf"), "KERNEL=\"/k\"\n").unwrap();
+    let env = [
+        ("SQLITE_SIM_VM_CONFIG_DIR", confs.to_str().unwrap()),
+        ("SQLITE_SIM_ACCEL", "tcg"),
+    ];
+    let (code, out, _) = sqlite_sim(d.path(), &["status"], &env);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("template warm: none (no host has reported one)"),
+        "{out}"
+    );
+    assert!(!out.contains("template cold"), "only warm VMs: {out}");
+
+    // Rows as the agents write them, in the database `status` just created.
+    let c = rusqlite::Connection::open(d.path().join("s.db")).unwrap();
+    c.execute_batch(
+        "INSERT INTO templates (host_id, vm_name, state, error, failures, updated_at) VALUES
+           ('h1', 'warm', 'failed', 'boot timeout after 120 s', 2, '2026-12-01T10:00:00.000000Z'),
+           ('h2', 'warm', 'ready', NULL, 0, '2026-12-01T10:00:00.000000Z'),
+           ('h1', 'was-warm', 'ready', NULL, 0, '2026-12-01T10:00:00.000000Z');
+         UPDATE templates SET built_at = '2026-12-01T09:00:00.000000Z', size_bytes = 432013312
+           WHERE host_id = 'h2';",
+    )
+    .unwrap();
+    let (code, out, _) = sqlite_sim(d.path(), &["status"], &env);
+    assert_eq!(code, 0, "a failed template is not ill health: {out}");
+    assert!(
+        out.contains(
+            "template warm: failed 2× on h1: boot timeout after 120 s; \
+             ready on h2 (built 2026-12-01T09:00:00.000000Z, 412 MiB)\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("template was-warm: ready on h1 (WARM is off: no request uses it)"),
+        "{out}"
+    );
+}
+
+#[test]
 fn config_redacts_the_api_token() {
     let d = tempfile::tempdir().unwrap();
     let (_, out, _) = sqlite_sim(

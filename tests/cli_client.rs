@@ -158,6 +158,134 @@ async fn control_commands_and_delete() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// A template row as a host's agents write it.
+fn put_template_row(s: &Server, vm: &str, state: &str, error: Option<&str>, failures: i64) {
+    let c = rusqlite::Connection::open(&s.db).unwrap();
+    c.execute(
+        "INSERT OR REPLACE INTO templates (host_id, vm_name, state, error, failures, size_bytes,
+             updated_at)
+         VALUES ('h1', ?1, ?2, ?3, ?4, 432013312, '2026-12-01T10:00:00.000000Z')",
+        rusqlite::params![vm, state, error, failures],
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn vms_and_template_commands() {
+    let s = Server::start(Options {
+        mode: Mode::Api,
+        configs: vec![
+            (
+                "warm".into(),
+                "KERNEL=\"/k\"\nWARM=\"on\"\nWARM_POOL=\"3\"\nLOGIN_PASSWORD=\"s3cr3t-pw\"\n"
+                    .into(),
+            ),
+            ("broken".into(), "MEMROY=\"1G\"\n".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    put_template_row(&s, "warm", "failed", Some("boot timeout after 120 s"), 2);
+    let out = sqlite_sim(&s, &["cli", "vms"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(!table.contains("s3cr3t-pw"), "{table}");
+    let mut lines = table.lines();
+    assert_eq!(
+        lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "VALID", "WARM", "POOL", "ACCEL", "TEMPLATE", "SIZE", "RESTORE", "P50", "ERROR"]
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    assert_eq!(
+        &rows[0][..6],
+        ["broken", "no", "-", "-", "-", "none"],
+        "{table}"
+    );
+    assert!(rows[0].join(" ").contains("unknown key MEMROY"), "{table}");
+    assert_eq!(
+        &rows[1][..6],
+        ["tiny", "yes", "off", "0", "tcg", "none"],
+        "{table}"
+    );
+    assert_eq!(
+        &rows[2][..7],
+        ["warm", "yes", "on", "3", "tcg", "failed,", "2×"],
+        "{table}"
+    );
+    assert!(
+        rows[2].join(" ").ends_with("h1: boot timeout after 120 s"),
+        "the last template error: {table}"
+    );
+
+    let out = sqlite_sim(&s, &["cli", "vms", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v,
+        s.get_json("/vms").await.1,
+        "--json is the API's document"
+    );
+
+    let out = sqlite_sim(&s, &["cli", "template", "build", "warm"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.starts_with("warm: template build ordered (order 1)"),
+        "{said}"
+    );
+    assert!(
+        said.contains(
+            "failed 2× on h1: boot timeout after 120 s [build ordered, not yet carried out]"
+        ),
+        "{said}"
+    );
+    let out = sqlite_sim(&s, &["cli", "template", "build", "warm", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["template"]["orders"]["build"], 2);
+
+    // Refusals are one line and exit code 1; nothing is ordered.
+    for (args, needle) in [
+        (
+            &["cli", "template", "build", "tiny"][..],
+            "not_warm, HTTP 409",
+        ),
+        (
+            &["cli", "template", "build", "broken"],
+            "validation_error, HTTP 422",
+        ),
+        (&["cli", "template", "build", "nope"], "not_found, HTTP 404"),
+        (
+            &["cli", "template", "delete", "tiny"],
+            "VM tiny has no template",
+        ),
+        (
+            &["cli", "template", "delete", "../x", "--yes"],
+            "is not a VM name",
+        ),
+    ] {
+        let out = sqlite_sim(&s, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(needle) && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+    // Deleting asks only on a terminal; stdin is not one here.
+    let out = sqlite_sim(&s, &["cli", "template", "delete", "warm"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("warm: template deletion ordered (order 1)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let (_, vm) = s.get_json("/vms/warm").await;
+    assert_eq!(
+        vm["template"]["orders"],
+        serde_json::json!({"build": 2, "delete": 1, "outstanding": true})
+    );
+}
+
 #[tokio::test]
 async fn unreachable_api_is_one_line_and_its_own_exit_code() {
     let s = api_only().await;
@@ -200,7 +328,11 @@ async fn submit_input_is_validated_before_sending() {
         text(&out.stderr)
     );
     let out = sqlite_sim(&s, &["completions", "bash"]);
-    assert!(out.status.success() && text(&out.stdout).contains("sqlite-sim"));
+    let script = text(&out.stdout);
+    assert!(out.status.success() && script.contains("sqlite-sim"));
+    for word in ["vms", "template", "build"] {
+        assert!(script.contains(word), "completions know {word}");
+    }
 }
 
 #[tokio::test]

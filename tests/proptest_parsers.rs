@@ -9,7 +9,7 @@ use sqlite_sim::config::kv;
 use sqlite_sim::config::vm::VmConfig;
 use sqlite_sim::model::LogType;
 use sqlite_sim::qemu::console::protocol::{
-    strip_ansi, ConsoleEvent, ConsoleParser, Parsed, Session, StderrParser, ACK_GO, ACK_READY,
+    strip_ansi, ConsoleEvent, ConsoleParser, Parsed, Session, StreamParser, ACK_GO, ACK_READY,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -459,7 +459,15 @@ fn build_session(raw: &SessionRaw) -> SessionCase {
     let marker_at = s.len();
     s.extend_from_slice(format!("SQSIM_{tok}:{};", raw.code).as_bytes());
     events.push(ConsoleEvent::Exit(raw.code.into()));
-    s.extend_from_slice(&resolve_all(&raw.shutdown, tok));
+    let shutdown = resolve_all(&raw.shutdown, tok);
+    // After the exit marker, the session's complete ack lines are the guest answering.
+    let answers = regex::bytes::Regex::new(&format!(r"SQSIM_{tok}_([A-Z0-9]+)\r?\n")).unwrap();
+    for m in answers.captures_iter(&shutdown) {
+        events.push(ConsoleEvent::Ack(
+            String::from_utf8_lossy(&m[1]).into_owned(),
+        ));
+    }
+    s.extend_from_slice(&shutdown);
     // Only a panic before the exit marker is reported: after it, the guest is going down.
     let panic_line = memchr::memmem::find(&s[..marker_at], PANIC_NEEDLE.as_bytes()).map(|i| {
         let end = s[i..]
@@ -742,24 +750,33 @@ proptest! {
         let go = ConsoleEvent::Ack(ACK_GO.into());
         prop_assert!(events.iter().filter(|e| **e == go).count() <= 1);
         let go_at = events.iter().position(|e| *e == go).unwrap_or(events.len());
+        let exit_at = events
+            .iter()
+            .position(|e| matches!(e, ConsoleEvent::Exit(_)))
+            .unwrap_or(events.len());
+        // After the exit marker the guest may still answer (artifact collection): only its
+        // acks and reports are told.
+        let answer = |e: &ConsoleEvent| matches!(e, ConsoleEvent::Ack(_) | ConsoleEvent::Report { .. });
         for (i, e) in events.iter().enumerate() {
             let ok = match e {
-                ConsoleEvent::Prompt
-                | ConsoleEvent::Login
-                | ConsoleEvent::Password
-                | ConsoleEvent::Ack(_) => i <= go_at,
-                ConsoleEvent::PromptDuringCommand => i > go_at,
-                ConsoleEvent::Exit(_) => i > go_at && i == events.len() - 1,
-                ConsoleEvent::StderrEnd => false,
+                ConsoleEvent::Prompt | ConsoleEvent::Login | ConsoleEvent::Password => i <= go_at,
+                ConsoleEvent::Ack(_) | ConsoleEvent::Report { .. } => i <= go_at || i > exit_at,
+                ConsoleEvent::PromptDuringCommand => i > go_at && i < exit_at,
+                ConsoleEvent::Exit(_) => {
+                    i > go_at && events[i + 1..].iter().all(answer)
+                }
+                ConsoleEvent::StderrEnd | ConsoleEvent::StdoutEnd => false,
                 _ => true,
             };
             prop_assert!(ok, "{:?} at {} in {:?}", e, i, events);
         }
         if let Some(n) = events_before_interrupt {
-            // Once interrupted after GO, only a kernel panic may still be reported.
+            // Once interrupted after GO, only a kernel panic and the guest's answers (acks,
+            // reports) may still be reported.
             let before = split_panics(&got.events[..n]).0;
             if before.contains(&go) {
-                prop_assert_eq!(&events[..], &before[..], "events after interrupt");
+                prop_assert_eq!(&events[..before.len()], &before[..], "events before interrupt");
+                prop_assert!(events[before.len()..].iter().all(answer), "after interrupt: {:?}", events);
             }
         }
     }
@@ -827,7 +844,7 @@ proptest! {
 proptest! {
     #![proptest_config(config(256))]
 
-    /// 6. `StderrParser`: for arbitrary stderr (without the marker) followed by
+    /// 6. `StreamParser` (stderr): for arbitrary stderr (without the marker) followed by
     /// `SQSIM_<tok>_EOF\n` and arbitrary trailing bytes, any chunking logs exactly the stderr
     /// and trailing bytes (the marker itself dropped), all as Stderr, reports exactly one
     /// StderrEnd, and has reported all of the stderr by the time it reports StderrEnd.
@@ -843,7 +860,7 @@ proptest! {
         break_occurrences(&mut stderr, &marker, marker.len() - 1, b'.');
         let data = [stderr.as_slice(), &marker, &trailing].concat();
         let cuts = boundaries(&split, data.len(), &[]);
-        let mut p = StderrParser::new(&token);
+        let mut p = StreamParser::stderr(&token);
         let mut got = Collected::default();
         for c in chunks_at(&data, &cuts) {
             let before = got.events.len();

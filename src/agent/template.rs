@@ -335,6 +335,16 @@ pub async fn wait_built(ctx: &AgentContext, vm: &str, key: &str) -> Option<Arc<T
 
 /// Why `vm` has no ready template on this host, in words for a run's `system` log.
 pub async fn why_not_ready(ctx: &AgentContext, vm: &str) -> String {
+    let orders = ctx
+        .store
+        .template_orders(vm.to_string())
+        .await
+        .unwrap_or_default();
+    if orders.delete > orders.build {
+        return format!(
+            "its template was deleted on order (POST /vms/{vm}/template builds it again)"
+        );
+    }
     let rec = row(ctx, vm).await;
     match rec.state {
         TemplateState::Building => "its template is being built".into(),
@@ -401,8 +411,14 @@ async fn reconcile(ctx: &AgentContext, name: &str) {
         put(ctx, rec.clone()).await;
         drop(lock);
     }
-    let forced = orders.build > rec.build_order;
-    if !cfg.warm && !forced {
+    // Built on order unless a later order deleted it.
+    let forced = orders.build > rec.build_order && orders.build > orders.delete;
+    if orders.build > rec.build_order && !forced {
+        rec.build_order = orders.build; // overtaken by the delete carried out above
+        put(ctx, rec.clone()).await;
+    }
+    // Deleted on order stays deleted (requests boot cold) until a build is ordered.
+    if !forced && (!cfg.warm || orders.delete > orders.build) {
         return;
     }
     let accel = ctx.accel.choose(cfg.accel, ctx.settings.accel).await.accel;

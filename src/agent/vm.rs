@@ -174,7 +174,7 @@ impl Vm {
                     }
                     Some(e) if want(&e) => return Ok(e),
                     Some(_) => {}
-                    None => return Err(self.ended_error()),
+                    None => return Err(self.ended_error().await),
                 },
                 ev = m.events.recv(), if !m.qmp_closed => match ev {
                     Some(ev) => {
@@ -287,8 +287,14 @@ impl Vm {
     }
 
     /// The console ended: say why, preferring QEMU's own exit.
-    fn ended_error(&mut self) -> RunError {
-        match self.machine.process.try_status() {
+    async fn ended_error(&mut self) -> RunError {
+        // The console closes as QEMU exits: give its exit status a moment to be reaped.
+        let status = self
+            .machine
+            .process
+            .wait_timeout(Duration::from_millis(500))
+            .await;
+        match status {
             Some(status) => RunError::QemuExited {
                 status: describe_status(status),
                 stderr: self.machine.process.stderr_tail(2048),

@@ -1,7 +1,7 @@
 //! The one place where errors become HTTP status codes and the JSON error shape
 //! `{"error": {"code": "...", "message": "..."}}`. The OpenAPI document takes its error
-//! responses from here too ([`ErrorCode::status`], the input families below and
-//! [`InvalidTransitionResponse`]), so what it documents is what the server answers.
+//! responses from here too ([`ErrorCode::status`], the input families below and the markers
+//! such as [`InvalidTransitionResponse`]), so what it documents is what the server answers.
 
 use crate::model::Status;
 use crate::store::StoreError;
@@ -30,6 +30,18 @@ pub enum ApiError {
     InvalidUuid(String),
     #[error("no request {0}")]
     NotFound(String),
+    /// The name as shown in the message (quoted, or described when it cannot be shown).
+    #[error("{0} is not a VM name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")]
+    InvalidName(String),
+    #[error("unknown VM {name:?}; available: {}", if available.is_empty() { "none".to_string() } else { available.join(", ") })]
+    UnknownVm {
+        name: String,
+        available: Vec<String>,
+    },
+    #[error("VM {0} has no template")]
+    NoTemplate(String),
+    #[error("VM {0} does not set WARM=\"on\" in its config, so no request would use a template")]
+    NotWarm(String),
     #[error("no such route")]
     NoRoute,
     #[error("method not allowed on this route; the Allow header lists the allowed ones")]
@@ -56,11 +68,13 @@ pub enum ApiError {
 pub enum ErrorCode {
     MalformedJson,
     InvalidUuid,
+    InvalidName,
     Unauthorized,
     NotFound,
     NoRoute,
     MethodNotAllowed,
     InvalidTransition,
+    NotWarm,
     PayloadTooLarge,
     UnsupportedMediaType,
     Validation,
@@ -69,14 +83,16 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::MalformedJson,
         ErrorCode::InvalidUuid,
+        ErrorCode::InvalidName,
         ErrorCode::Unauthorized,
         ErrorCode::NotFound,
         ErrorCode::NoRoute,
         ErrorCode::MethodNotAllowed,
         ErrorCode::InvalidTransition,
+        ErrorCode::NotWarm,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::Validation,
@@ -87,11 +103,13 @@ impl ErrorCode {
     /// The HTTP status every error with this code is answered with.
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::MalformedJson | ErrorCode::InvalidUuid => StatusCode::BAD_REQUEST,
+            ErrorCode::MalformedJson | ErrorCode::InvalidUuid | ErrorCode::InvalidName => {
+                StatusCode::BAD_REQUEST
+            }
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::InvalidTransition => StatusCode::CONFLICT,
+            ErrorCode::InvalidTransition | ErrorCode::NotWarm => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Validation => StatusCode::UNPROCESSABLE_ENTITY,
@@ -104,11 +122,13 @@ impl ErrorCode {
         match self {
             ErrorCode::MalformedJson => "malformed_json",
             ErrorCode::InvalidUuid => "invalid_uuid",
+            ErrorCode::InvalidName => "invalid_name",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotFound => "not_found",
             ErrorCode::NoRoute => "no_route",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::InvalidTransition => "invalid_transition",
+            ErrorCode::NotWarm => "not_warm",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Validation => "validation_error",
@@ -122,17 +142,22 @@ impl ErrorCode {
         match self {
             ErrorCode::MalformedJson => "the body is not well-formed JSON",
             ErrorCode::InvalidUuid => "the `uuid` in the path is not a UUID",
+            ErrorCode::InvalidName => "the `name` in the path is not a VM name",
             ErrorCode::Unauthorized => "missing or wrong `Authorization: Bearer` token",
-            ErrorCode::NotFound => "no request has this uuid",
+            ErrorCode::NotFound => "the request, VM or template that the path names does not exist",
             ErrorCode::NoRoute => "no route has this path",
             ErrorCode::MethodNotAllowed => "the route does not take this method",
             ErrorCode::InvalidTransition => {
                 "the request's state does not allow the change; the message names the allowed targets"
             }
+            ErrorCode::NotWarm => {
+                "the VM's config does not set `WARM=\"on\"`, so no request would use a template"
+            }
             ErrorCode::PayloadTooLarge => "the body is larger than 128 KiB",
             ErrorCode::UnsupportedMediaType => "the body is not sent as `application/json`",
             ErrorCode::Validation => {
-                "a parameter or the body breaks a rule of its schema; the message says which"
+                "a parameter or the body breaks a rule of its schema, or the VM it names has a \
+                 config that does not load; the message says which"
             }
             ErrorCode::Internal => "a server fault, never caused by the input",
             ErrorCode::DatabaseBusy => "the database stayed locked; retry shortly",
@@ -144,6 +169,8 @@ impl ErrorCode {
 pub const ANY_OPERATION: &[ErrorCode] = &[ErrorCode::DatabaseBusy, ErrorCode::Internal];
 /// Errors a `{uuid}` path parameter brings: it is parsed, then looked up.
 pub const UUID_PATH: &[ErrorCode] = &[ErrorCode::InvalidUuid, ErrorCode::NotFound];
+/// Errors a `{name}` (VM name) path parameter brings: it is checked, then looked up.
+pub const NAME_PATH: &[ErrorCode] = &[ErrorCode::InvalidName, ErrorCode::NotFound];
 /// Errors query or header parameters bring (unknown query parameters are refused too).
 pub const PARAMETERS: &[ErrorCode] = &[ErrorCode::Validation];
 /// Errors a JSON request body brings: what `From<JsonRejection>` below maps to, plus the rules
@@ -195,6 +222,25 @@ impl utoipa::IntoResponses for InvalidTransitionResponse {
     }
 }
 
+/// `not_warm`: for operations that only make sense for a VM with `WARM="on"`.
+pub struct NotWarmResponse;
+
+impl utoipa::IntoResponses for NotWarmResponse {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        declared(&[ErrorCode::NotWarm])
+    }
+}
+
+/// `validation_error` for an operation without a body or query: the VM it names has a config
+/// that does not load.
+pub struct InvalidVmConfigResponse;
+
+impl utoipa::IntoResponses for InvalidVmConfigResponse {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        declared(&[ErrorCode::Validation])
+    }
+}
+
 fn allowed_text(allowed: &[Status]) -> String {
     if allowed.is_empty() {
         "it allows no change".to_string()
@@ -223,7 +269,11 @@ impl ApiError {
             ApiError::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
             ApiError::PayloadTooLarge => ErrorCode::PayloadTooLarge,
             ApiError::InvalidUuid(_) => ErrorCode::InvalidUuid,
-            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::NotFound(_) | ApiError::UnknownVm { .. } | ApiError::NoTemplate(_) => {
+                ErrorCode::NotFound
+            }
+            ApiError::InvalidName(_) => ErrorCode::InvalidName,
+            ApiError::NotWarm(_) => ErrorCode::NotWarm,
             ApiError::NoRoute => ErrorCode::NoRoute,
             ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             ApiError::Conflict { .. } => ErrorCode::InvalidTransition,
@@ -312,6 +362,13 @@ mod tests {
             ApiError::PayloadTooLarge,
             ApiError::InvalidUuid("x".into()),
             ApiError::NotFound("x".into()),
+            ApiError::InvalidName("x".into()),
+            ApiError::UnknownVm {
+                name: "x".into(),
+                available: vec![],
+            },
+            ApiError::NoTemplate("x".into()),
+            ApiError::NotWarm("x".into()),
             ApiError::NoRoute,
             ApiError::MethodNotAllowed,
             ApiError::Unauthorized,
@@ -353,11 +410,13 @@ mod tests {
             [
                 (400, "malformed_json"),
                 (400, "invalid_uuid"),
+                (400, "invalid_name"),
                 (401, "unauthorized"),
                 (404, "not_found"),
                 (404, "no_route"),
                 (405, "method_not_allowed"),
                 (409, "invalid_transition"),
+                (409, "not_warm"),
                 (413, "payload_too_large"),
                 (415, "unsupported_media_type"),
                 (422, "validation_error"),
@@ -374,5 +433,15 @@ mod tests {
         let v = serde_json::to_value(&r["409"]).unwrap();
         assert_eq!(v[DECLARED_CODES], serde_json::json!(["invalid_transition"]));
         assert_eq!(r.len(), 1);
+        let r = NotWarmResponse::responses();
+        assert_eq!(
+            serde_json::to_value(&r["409"]).unwrap()[DECLARED_CODES],
+            serde_json::json!(["not_warm"])
+        );
+        let r = InvalidVmConfigResponse::responses();
+        assert_eq!(
+            serde_json::to_value(&r["422"]).unwrap()[DECLARED_CODES],
+            serde_json::json!(["validation_error"])
+        );
     }
 }

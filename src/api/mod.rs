@@ -1,7 +1,7 @@
-//! The REST API (axum). Handlers live per resource (`requests`, `logs`, `metrics`); errors map
-//! to HTTP in exactly one place ([`error`]); the OpenAPI document ([`openapi`]) is generated
-//! from the handlers' annotations, completed for this server's settings, and served with
-//! Swagger UI, offline.
+//! The REST API (axum). Handlers live per resource (`requests`, `logs`, `metrics`, `vms`);
+//! errors map to HTTP in exactly one place ([`error`]); the OpenAPI document ([`openapi`]) is
+//! generated from the handlers' annotations, completed for this server's settings, and served
+//! with Swagger UI, offline.
 
 pub mod error;
 mod input;
@@ -9,9 +9,11 @@ mod logs;
 mod metrics;
 pub mod openapi;
 mod requests;
+pub mod vms;
 
 use crate::config::vm::VmCatalog;
 use crate::config::Settings;
+use crate::qemu::accel::AccelResolver;
 use crate::store::Store;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::Next;
@@ -39,12 +41,20 @@ pub struct AppState {
     pub catalog: VmCatalog,
     /// Wakes in-process agents when work arrives.
     pub wake: Arc<Notify>,
+    /// What `ACCEL=auto` means on this host, for `GET /vms` (probed at most once per process,
+    /// and shared with the agents through the run directory).
+    pub accel: Arc<AccelResolver>,
 }
 
 impl AppState {
     pub fn new(settings: Arc<Settings>, store: Store, wake: Arc<Notify>) -> Self {
         AppState {
             catalog: VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir),
+            accel: Arc::new(AccelResolver::new(
+                &settings.qemu_binary,
+                &settings.run_dir,
+                &settings.kvm_device,
+            )),
             settings,
             store,
             wake,
@@ -70,6 +80,12 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/stats", get(metrics::stats))
         .route("/prune", axum::routing::post(requests::prune))
+        .route("/vms", get(vms::list_vms))
+        .route("/vms/{name}", get(vms::show_vm))
+        .route(
+            "/vms/{name}/template",
+            axum::routing::post(vms::build_template).delete(vms::delete_template),
+        )
         // Built per request from the settings and the VMs present, so it describes this server.
         .route("/openapi.json", get(openapi::serve))
         .merge(SwaggerUi::new("/docs").config(Config::new(["/openapi.json"])))

@@ -1,11 +1,12 @@
 //! The OpenAPI document, as this server serves it. The handlers' annotations give its static
 //! part; [`document`] completes it for this server: every operation's error responses (taken
-//! from [`super::error`], never written by hand), the VMs a submission may name, the timeout
-//! maximum, and whether a bearer token is required. It is built on every request, so it stays
-//! true when a VM config is added or removed while the server runs.
+//! from [`super::error`], never written by hand), the VMs a submission may name (and those it
+//! may ask to boot warm), the timeout maximum, and whether a bearer token is required. It is
+//! built on every request, so it stays true when a VM config is added or removed while the
+//! server runs.
 
 use super::error::{self, ErrorCode};
-use super::{logs, metrics, requests, AppState};
+use super::{logs, metrics, requests, vms, AppState};
 use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
@@ -34,6 +35,10 @@ use utoipa::OpenApi;
         logs::stream_logs,
         metrics::metrics,
         metrics::stats,
+        vms::list_vms,
+        vms::show_vm,
+        vms::build_template,
+        vms::delete_template,
         super::health,
     ),
     components(schemas(
@@ -51,6 +56,8 @@ pub struct ApiDoc;
 pub struct Facts {
     /// VMs a submission may name: those whose config loads, or that only have an image.
     pub vm_names: Vec<String>,
+    /// Those of them whose config sets `WARM="on"`: only they may be asked to boot warm.
+    pub warm_vm_names: Vec<String>,
     pub max_timeout: u32,
     /// `SQLITE_SIM_API_TOKEN` is set.
     pub token: bool,
@@ -59,13 +66,19 @@ pub struct Facts {
 impl Facts {
     pub fn of(state: &AppState) -> Facts {
         let catalog = &state.catalog;
+        let (mut vm_names, mut warm_vm_names) = (Vec::new(), Vec::new());
+        // The same checks `POST /requests` makes, so what is listed is accepted.
+        for name in catalog.available() {
+            if let Ok(vm) = catalog.load(&name) {
+                if vm.warm {
+                    warm_vm_names.push(name.clone());
+                }
+                vm_names.push(name);
+            }
+        }
         Facts {
-            // The same check `POST /requests` makes, so a listed name is accepted.
-            vm_names: catalog
-                .available()
-                .into_iter()
-                .filter(|name| catalog.load(name).is_ok())
-                .collect(),
+            vm_names,
+            warm_vm_names,
             max_timeout: state.settings.max_timeout,
             token: state.settings.api_token.is_some(),
         }
@@ -95,6 +108,12 @@ pub fn document(facts: &Facts) -> Value {
     at(body, "/properties/timeout")["maximum"] = json!(facts.max_timeout);
     // An empty list is the truth when there is no VM: no submission can succeed.
     at(body, "/properties/vm_name")["enum"] = json!(facts.vm_names);
+    // `boot: "warm"` only for a warm VM, which JSON Schema can say without `not`: either the
+    // boot is not warm, or the VM is one of these.
+    body["anyOf"] = json!([
+        { "properties": { "boot": { "enum": ["cold", null] } } },
+        { "required": ["vm_name"], "properties": { "vm_name": { "enum": facts.warm_vm_names } } },
+    ]);
     if let Some(vm) = facts.vm_names.first() {
         body["examples"] = json!([{
             "vm_name": vm,
@@ -122,13 +141,15 @@ fn complete_operation(method: &str, path: &str, op: &mut Value, facts: &Facts) {
     for p in parameters.into_iter().flatten() {
         not_null(&mut p["schema"]);
         match p["in"].as_str() {
-            Some("path") => {
-                assert!(
-                    p["name"] == "uuid" && p["schema"]["format"] == "uuid",
-                    "{method} {path}: a path parameter other than a request uuid: {p}"
-                );
-                codes.extend(error::UUID_PATH);
-            }
+            Some("path") => match p["name"].as_str() {
+                Some("uuid") if p["schema"]["format"] == "uuid" => codes.extend(error::UUID_PATH),
+                Some("name") if p["schema"]["pattern"] == vms::VM_NAME_PATTERN => {
+                    codes.extend(error::NAME_PATH)
+                }
+                _ => panic!(
+                    "{method} {path}: a path parameter other than a request uuid or a VM name: {p}"
+                ),
+            },
             Some("query" | "header") => codes.extend(error::PARAMETERS),
             _ => panic!("{method} {path}: parameter {p} is not in the path, query or headers"),
         }
@@ -246,6 +267,7 @@ mod tests {
     fn facts(token: bool) -> Facts {
         Facts {
             vm_names: vec!["alpha".into(), "tiny".into()],
+            warm_vm_names: vec!["alpha".into()],
             max_timeout: 1234,
             token,
         }
@@ -280,19 +302,22 @@ mod tests {
                 ("post", "/requests") | ("post", "/prune") => vec![400, 413, 415, 422, 500, 503],
                 ("get", "/requests") => vec![422, 500, 503],
                 ("get" | "delete", "/requests/{uuid}") => vec![400, 404, 500, 503],
+                ("get", "/vms/{name}") | ("delete", "/vms/{name}/template") => {
+                    vec![400, 404, 500, 503]
+                }
+                ("post", "/vms/{name}/template") => vec![400, 404, 409, 422, 500, 503],
                 ("put", "/requests/{uuid}/status") => vec![400, 404, 409, 413, 415, 422, 500, 503],
                 ("get", p) if p.starts_with("/requests/{uuid}/logs") => {
                     vec![400, 404, 422, 500, 503]
                 }
-                ("get", "/metrics" | "/stats" | "/health") => vec![500, 503],
+                ("get", "/metrics" | "/stats" | "/health" | "/vms") => vec![500, 503],
                 other => panic!("an operation this test does not know: {other:?}"),
             }
         };
         let ops = operations(&doc);
-        assert_eq!(ops.len(), 12);
+        assert_eq!(ops.len(), 16);
         for (method, path, op) in &ops {
-            let expected = want(method, path);
-            assert_eq!(error_statuses(op), expected, "{method} {path}");
+            assert_eq!(error_statuses(op), want(method, path), "{method} {path}");
             assert!(op.get("security").is_none(), "{method} {path}");
         }
         assert!(doc["components"].get("securitySchemes").is_none());
@@ -364,6 +389,7 @@ mod tests {
         );
         let none = document(&Facts {
             vm_names: vec![],
+            warm_vm_names: vec![],
             ..facts(false)
         });
         assert_eq!(
@@ -372,8 +398,58 @@ mod tests {
         );
     }
 
+    /// Whether `body` satisfies one `anyOf` branch of `CreateBody`, read with the only keywords
+    /// the branches use (`required`, `properties` with `enum`); any other keyword fails the test.
+    fn satisfies(branch: &Value, body: &Value) -> bool {
+        for key in branch.as_object().unwrap().keys() {
+            assert!(["required", "properties"].contains(&key.as_str()), "{key}");
+        }
+        let required = branch["required"].as_array().into_iter().flatten();
+        let present = required
+            .into_iter()
+            .all(|k| body.get(k.as_str().unwrap()).is_some());
+        let props = branch["properties"].as_object().unwrap();
+        present
+            && props.iter().all(|(name, rule)| {
+                assert_eq!(rule.as_object().unwrap().len(), 1, "{rule}");
+                body.get(name)
+                    .is_none_or(|v| rule["enum"].as_array().unwrap().contains(v))
+            })
+    }
+
     #[test]
-    fn parameters_are_uuids_in_the_path_and_never_null() {
+    fn only_warm_vms_may_be_asked_to_boot_warm() {
+        let doc = document(&facts(false));
+        let any_of = doc["components"]["schemas"]["CreateBody"]["anyOf"]
+            .as_array()
+            .unwrap();
+        for (body, ok) in [
+            (
+                json!({"vm_name": "alpha", "commands": "x", "boot": "warm"}),
+                true,
+            ),
+            (
+                json!({"vm_name": "tiny", "commands": "x", "boot": "warm"}),
+                false,
+            ),
+            (
+                json!({"vm_name": "tiny", "commands": "x", "boot": "cold"}),
+                true,
+            ),
+            (
+                json!({"vm_name": "tiny", "commands": "x", "boot": null}),
+                true,
+            ),
+            (json!({"vm_name": "tiny", "commands": "x"}), true),
+            (json!({"commands": "x", "boot": "warm"}), false),
+        ] {
+            let admitted = any_of.iter().any(|b| satisfies(b, &body));
+            assert_eq!(admitted, ok, "{body}");
+        }
+    }
+
+    #[test]
+    fn path_parameters_are_uuids_or_vm_names_and_never_null() {
         let doc = document(&facts(false));
         for (method, path, op) in operations(&doc) {
             for p in op["parameters"].as_array().into_iter().flatten() {
@@ -382,7 +458,12 @@ mod tests {
                     "{method} {path}: {p}"
                 );
                 if p["in"] == "path" {
-                    assert_eq!(p["schema"]["format"], "uuid", "{method} {path}");
+                    let (name, schema) = (&p["name"], &p["schema"]);
+                    assert!(
+                        (name == "uuid" && schema["format"] == "uuid")
+                            || (name == "name" && schema["pattern"] == vms::VM_NAME_PATTERN),
+                        "{method} {path}: {p}"
+                    );
                 }
             }
         }
@@ -399,7 +480,7 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "a path parameter other than a request uuid")]
+    #[should_panic(expected = "a path parameter other than a request uuid or a VM name")]
     fn unknown_path_parameters_are_refused() {
         let mut op = json!({
             "parameters": [{ "name": "id", "in": "path", "schema": { "type": "integer" } }],

@@ -4,7 +4,7 @@ use super::error::{ApiError, InvalidTransitionResponse};
 use super::input::{self, Object};
 use super::AppState;
 use crate::config::vm::{is_valid_vm_name, VmConfigError};
-use crate::model::{NewRequest, Request, RequestId, Status, CONTROL_TARGETS};
+use crate::model::{BootChoice, NewRequest, Request, RequestId, Status, CONTROL_TARGETS};
 use crate::store::{ControlOutcome, DeleteOutcome, RequestQuery};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, RawQuery, State};
@@ -46,10 +46,11 @@ pub struct CreateBody {
     #[serde(default, deserialize_with = "input::optional_whole_number")]
     #[schema(value_type = Option<i64>, minimum = 1)]
     pub timeout: Option<i128>,
-    /// `warm`: restore a clone of the VM's template (cold while it has none ready); `cold`: boot
-    /// from the disk image. Absent or null: the VM's `WARM` setting decides.
+    /// `warm`: restore a clone of the VM's template (cold while it has none ready); only for a
+    /// VM whose config sets `WARM="on"` (this document's `anyOf` lists them). `cold`: boot from
+    /// the disk image. Absent or null: the VM's `WARM` setting decides.
     #[serde(default)]
-    pub boot: Option<crate::model::BootChoice>,
+    pub boot: Option<BootChoice>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -69,8 +70,8 @@ fn validate(state: &AppState, body: CreateBody) -> Result<NewRequest, ApiError> 
             state.catalog.available().join(", ")
         )));
     }
-    match state.catalog.load(&body.vm_name) {
-        Ok(_) => {}
+    let vm = match state.catalog.load(&body.vm_name) {
+        Ok(vm) => vm,
         Err(e @ VmConfigError::Unknown { .. }) => return Err(ApiError::Validation(e.to_string())),
         Err(e) => {
             return Err(ApiError::Validation(format!(
@@ -78,6 +79,13 @@ fn validate(state: &AppState, body: CreateBody) -> Result<NewRequest, ApiError> 
                 body.vm_name
             )))
         }
+    };
+    if body.boot == Some(BootChoice::Warm) && !vm.warm {
+        return Err(ApiError::Validation(format!(
+            "boot \"warm\" needs WARM=\"on\" in the config of VM {}; submit with boot \"cold\" \
+             or without boot",
+            body.vm_name
+        )));
     }
     if body.commands.bytes().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::Validation(

@@ -159,6 +159,16 @@ pub enum CliCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Every VM: valid or not, warm start, accelerator, template state and restore time.
+    Vms {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build or delete a VM's warm-start template on every host.
+    Template {
+        #[command(subcommand)]
+        action: TemplateAction,
+    },
     /// Delete finished requests (and their logs) older than a duration: 30d, 12h, 90m, 3600s.
     Prune {
         #[arg(long, value_parser = parse_age)]
@@ -166,6 +176,25 @@ pub enum CliCommand {
         /// Only report what would be deleted.
         #[arg(long)]
         dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateAction {
+    /// Order every host to build (or rebuild) the VM's template; needs WARM="on".
+    Build {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Order every host to delete the VM's template.
+    Delete {
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
         #[arg(long)]
         json: bool,
     },
@@ -325,5 +354,21 @@ mod tests {
         assert!(
             Cli::try_parse_from(["sqlite-sim", "cli", "list-requests", "--limit", "0"]).is_err()
         );
+    }
+
+    #[test]
+    fn template_commands_take_a_name() {
+        match Cli::parse_from(["sqlite-sim", "cli", "template", "delete", "tiny", "-y"]).command {
+            Command::Cli {
+                command:
+                    CliCommand::Template {
+                        action: TemplateAction::Delete { name, yes, json },
+                    },
+                ..
+            } => assert_eq!((name.as_str(), yes, json), ("tiny", true, false)),
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["sqlite-sim", "cli", "template", "build"]).is_err());
+        assert!(Cli::try_parse_from(["sqlite-sim", "cli", "template", "rebuild", "x"]).is_err());
     }
 }

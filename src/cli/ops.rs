@@ -1,8 +1,10 @@
-//! `sqlite-sim cli …`: list, show, delete, logs, stats, cancel/hold/resume.
+//! `sqlite-sim cli …`: list, show, delete, logs, stats, cancel/hold/resume, VMs and their
+//! templates.
 
 use super::client::{ApiClient, CliError, Controlled};
 use super::render::{self, LogPrinter};
-use super::{exit, CliCommand, Conn};
+use super::{exit, CliCommand, Conn, TemplateAction};
+use crate::api::vms::{Vm, VmList};
 use crate::model::{LogType, Request, Status};
 use serde_json::Value;
 use std::io::{IsTerminal, Write};
@@ -34,7 +36,74 @@ pub async fn run(conn: Conn, command: CliCommand) -> Result<u8, CliError> {
             dry_run,
             json,
         } => prune(&client, older_than, dry_run, json).await,
+        CliCommand::Vms { json } => vms(&client, json).await,
+        CliCommand::Template { action } => template(&client, action).await,
     }
+}
+
+async fn vms(client: &ApiClient, json: bool) -> Result<u8, CliError> {
+    let v: Value = client.get("/vms").await?;
+    if json {
+        print_json(&v)?;
+        return Ok(0);
+    }
+    let list: VmList = serde_json::from_value(v).map_err(|e| CliError::Protocol(e.to_string()))?;
+    if list.vms.is_empty() {
+        eprintln!("(no VMs: the server has no VM configs or images)");
+    }
+    print!("{}", render::vm_table(&list.vms));
+    Ok(0)
+}
+
+/// `/vms/NAME/template`. A name is checked here as the server would check it: valid names need
+/// no escaping, and a URL library would turn `..` into a different path.
+fn template_path(name: &str) -> Result<String, CliError> {
+    if !crate::config::vm::is_valid_vm_name(name) {
+        return Err(CliError::Input(format!(
+            "{name:?} is not a VM name: use 1-64 letters, digits, '.', '_' or '-', starting \
+             with a letter or digit"
+        )));
+    }
+    Ok(format!("/vms/{name}/template"))
+}
+
+async fn template(client: &ApiClient, action: TemplateAction) -> Result<u8, CliError> {
+    let (path, json, building) = match action {
+        TemplateAction::Build { name, json } => (template_path(&name)?, json, true),
+        TemplateAction::Delete { name, yes, json } => {
+            let path = template_path(&name)?;
+            if !yes
+                && std::io::stdin().is_terminal()
+                && !confirm(&format!("Delete VM {name}'s template on every host?"))?
+            {
+                eprintln!("nothing done");
+                return Ok(exit::ERROR);
+            }
+            (path, json, false)
+        }
+    };
+    let method = if building {
+        reqwest::Method::POST
+    } else {
+        reqwest::Method::DELETE
+    };
+    let vm: Vm = client.json(client.request(method, &path)).await?;
+    if json {
+        print_json(&vm)?;
+        return Ok(0);
+    }
+    let (what, n) = if building {
+        ("build", vm.template.orders.build)
+    } else {
+        ("deletion", vm.template.orders.delete)
+    };
+    println!(
+        "{}: template {what} ordered (order {n}); each host's agents carry it out, \
+         `sqlite-sim cli vms` shows the progress",
+        vm.name
+    );
+    println!("now: {}", render::template_line(&vm.template));
+    Ok(0)
 }
 
 async fn prune(
@@ -330,5 +399,21 @@ fn report_control(c: &Controlled, verb: &str) {
             "{verb}: requested for {} (now {}); its agent applies it shortly",
             r.uuid, r.status
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_paths_take_vm_names_only() {
+        assert_eq!(template_path("tiny").unwrap(), "/vms/tiny/template");
+        for bad in ["..", "a/b", "", "a b", "-x"] {
+            assert!(
+                matches!(template_path(bad), Err(CliError::Input(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

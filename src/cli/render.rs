@@ -1,7 +1,8 @@
-//! Human output: tables, ages and durations, and log entries (raw bytes when piped; a label
-//! and colour per log type on a terminal).
+//! Human output: tables, ages and durations, VMs and their templates, and log entries (raw
+//! bytes when piped; a label and colour per log type on a terminal).
 
-use crate::model::{LogType, Request, Status};
+use crate::api::vms::{AccelPolicy, TemplateHost, TemplateView, Vm};
+use crate::model::{LogType, Request, Status, TemplateState};
 use crate::timefmt;
 use base64::Engine;
 use serde_json::Value;
@@ -89,6 +90,197 @@ pub fn exit_cell(r: &Request) -> String {
         (Status::Failed, None) => "err".into(),
         _ => "-".into(),
     }
+}
+
+/// `800 KiB`, `412 MiB`, `1.5 GiB`.
+pub fn bytes(n: i64) -> String {
+    let n = n.max(0) as f64;
+    if n < 1024.0 * 1024.0 {
+        format!("{:.0} KiB", n / 1024.0)
+    } else if n < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.0} MiB", n / 1_048_576.0)
+    } else {
+        format!("{:.1} GiB", n / 1_073_741_824.0)
+    }
+}
+
+/// `14 ms`, `3.2 s`.
+pub fn millis(ms: i64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
+}
+
+/// `text`, cut to `max` characters with an ellipsis.
+fn shorten(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("");
+    if line.chars().count() <= max && line.len() == text.len() {
+        line.to_string()
+    } else {
+        let cut: String = line.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+/// One host's template in words: `ready on h1 (built …, 412 MiB, in 3.2 s)`,
+/// `failed 2× on h1: boom`.
+pub fn template_host(h: &TemplateHost) -> String {
+    let failures = match (h.failures, &h.error) {
+        (0, _) | (_, None) => String::new(),
+        (n, Some(e)) => format!(", {n}× failed since: {}", e.trim_end()),
+    };
+    match h.state {
+        TemplateState::Ready => {
+            let mut about = Vec::new();
+            if let Some(at) = &h.built_at {
+                about.push(format!("built {at}"));
+            }
+            if let Some(size) = h.size_bytes {
+                about.push(bytes(size));
+            }
+            if let Some(ms) = h.build_ms {
+                about.push(format!("in {}", millis(ms)));
+            }
+            let about = if about.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", about.join(", "))
+            };
+            format!("ready on {}{about}{failures}", h.host_id)
+        }
+        TemplateState::Building => format!("building on {} (since {})", h.host_id, h.updated_at),
+        TemplateState::Failed => {
+            let times = if h.failures > 1 {
+                format!(" {}×", h.failures)
+            } else {
+                String::new()
+            };
+            let error = h
+                .error
+                .as_deref()
+                .map_or("no error recorded", str::trim_end);
+            format!("failed{times} on {}: {error}", h.host_id)
+        }
+        TemplateState::None => format!("none on {}", h.host_id),
+    }
+}
+
+/// The orders some host has not carried out yet: `build ordered`, `delete ordered`.
+pub fn pending_orders(t: &TemplateView) -> Option<String> {
+    if !t.orders.outstanding {
+        return None;
+    }
+    let behind = |n: i64, done: fn(&TemplateHost) -> i64| {
+        n > 0 && (t.hosts.is_empty() || t.hosts.iter().any(|h| done(h) < n))
+    };
+    let mut pending = Vec::new();
+    if behind(t.orders.build, |h| h.build_order) {
+        pending.push("build ordered");
+    }
+    if behind(t.orders.delete, |h| h.delete_order) {
+        pending.push("delete ordered");
+    }
+    Some(pending.join(", "))
+}
+
+/// A VM's template in one line, as `status` prints it.
+pub fn template_line(t: &TemplateView) -> String {
+    let mut line = if t.hosts.is_empty() {
+        "none (no host has reported one)".to_string()
+    } else {
+        t.hosts
+            .iter()
+            .map(template_host)
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if let Some(p50) = t.restore_p50_ms {
+        line.push_str(&format!(
+            "; restore p50 {} over {} runs",
+            millis(p50),
+            t.restores
+        ));
+    }
+    if let Some(pending) = pending_orders(t) {
+        line.push_str(&format!(" [{pending}, not yet carried out]"));
+    }
+    line
+}
+
+/// The `cli vms` table.
+pub fn vm_table(vms: &[Vm]) -> String {
+    let dash = || "-".to_string();
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            let t = &vm.template;
+            let (warm, pool, accel) = match (&vm.config, &vm.accelerator) {
+                (Some(c), Some(a)) => {
+                    // The description starts with the accelerator chosen.
+                    let chosen = a.split_whitespace().next().unwrap_or("?");
+                    let accel = if c.accel == AccelPolicy::Auto {
+                        format!("{chosen} (auto)")
+                    } else {
+                        chosen.to_string()
+                    };
+                    let warm = if c.warm { "on" } else { "off" };
+                    (warm.to_string(), c.warm_pool.to_string(), accel)
+                }
+                _ => (dash(), dash(), dash()),
+            };
+            let mut state = t.state.as_str().to_string();
+            let failures: i64 = t.hosts.iter().map(|h| h.failures).sum();
+            if failures > 0 {
+                state.push_str(&format!(", {failures}× failed"));
+            }
+            if let Some(pending) = pending_orders(t) {
+                state.push_str(&format!(", {pending}"));
+            }
+            let size = t
+                .hosts
+                .iter()
+                .filter(|h| h.state == TemplateState::Ready)
+                .filter_map(|h| h.size_bytes)
+                .max()
+                .map_or_else(dash, bytes);
+            let restore = t.restore_p50_ms.map_or_else(dash, millis);
+            // The config's error, else the latest template error of any host.
+            let error = vm.error.clone().or_else(|| {
+                t.hosts
+                    .iter()
+                    .filter(|h| h.error.is_some())
+                    .max_by(|a, b| a.updated_at.cmp(&b.updated_at))
+                    .map(|h| format!("{}: {}", h.host_id, h.error.as_deref().unwrap_or("")))
+            });
+            vec![
+                vm.name.clone(),
+                if vm.valid { "yes" } else { "no" }.to_string(),
+                warm,
+                pool,
+                accel,
+                state,
+                size,
+                restore,
+                error.map_or_else(dash, |e| shorten(&e, 80)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "VALID",
+            "WARM",
+            "POOL",
+            "ACCEL",
+            "TEMPLATE",
+            "SIZE",
+            "RESTORE P50",
+            "ERROR",
+        ],
+        &rows,
+    )
 }
 
 /// The exact bytes of a log entry as the API returned it.
@@ -195,6 +387,82 @@ mod tests {
             &[vec!["xxx".into(), "y".into(), "z".into()]],
         );
         assert_eq!(t, "A    BB  C\nxxx  y   z\n");
+    }
+
+    #[test]
+    fn sizes_and_times_read_naturally() {
+        assert_eq!(bytes(800 * 1024), "800 KiB");
+        assert_eq!(bytes(412 * 1024 * 1024), "412 MiB");
+        assert_eq!(bytes(3 * 1024 * 1024 * 1024 / 2), "1.5 GiB");
+        assert_eq!(millis(14), "14 ms");
+        assert_eq!(millis(3210), "3.2 s");
+        assert_eq!(shorten("abcdef", 4), "abc…");
+        assert_eq!(shorten("abc", 4), "abc");
+        assert_eq!(shorten("a\nb", 4), "a…", "one line only");
+    }
+
+    fn host(state: TemplateState) -> TemplateHost {
+        TemplateHost {
+            host_id: "h1".into(),
+            state,
+            key: None,
+            built_at: None,
+            built_from: None,
+            build_ms: None,
+            size_bytes: None,
+            error: None,
+            failures: 0,
+            build_order: 1,
+            delete_order: 0,
+            updated_at: "2026-12-01T10:00:00.000000Z".into(),
+        }
+    }
+
+    #[test]
+    fn template_hosts_in_words() {
+        let ready = TemplateHost {
+            built_at: Some("2026-12-01T09:00:00.000000Z".into()),
+            size_bytes: Some(412 * 1024 * 1024),
+            build_ms: Some(3200),
+            ..host(TemplateState::Ready)
+        };
+        assert_eq!(
+            template_host(&ready),
+            "ready on h1 (built 2026-12-01T09:00:00.000000Z, 412 MiB, in 3.2 s)"
+        );
+        let failed = TemplateHost {
+            failures: 2,
+            error: Some("boot timeout".into()),
+            ..host(TemplateState::Failed)
+        };
+        assert_eq!(template_host(&failed), "failed 2× on h1: boot timeout");
+        assert_eq!(
+            template_host(&host(TemplateState::Building)),
+            "building on h1 (since 2026-12-01T10:00:00.000000Z)"
+        );
+        let mut t = TemplateView {
+            state: TemplateState::Failed,
+            hosts: vec![failed],
+            restores: 3,
+            restore_p50_ms: Some(14),
+            restore_p99_ms: Some(20),
+            orders: crate::api::vms::OrdersView {
+                build: 2,
+                delete: 0,
+                outstanding: true,
+            },
+        };
+        assert_eq!(
+            template_line(&t),
+            "failed 2× on h1: boot timeout; restore p50 14 ms over 3 runs \
+             [build ordered, not yet carried out]"
+        );
+        t.hosts.clear();
+        t.restore_p50_ms = None;
+        assert_eq!(
+            template_line(&t),
+            "none (no host has reported one) [build ordered, not yet carried out]"
+        );
     }
 
     #[test]

@@ -126,19 +126,24 @@ pub(super) async fn print_config(settings: &Settings) -> anyhow::Result<ExitCode
 
 pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let mut healthy = true;
-    match Store::open(&settings.db_path).await {
+    let store = match Store::open(&settings.db_path).await {
         Ok(store) => match store.health().await {
-            Ok(()) => println!("database: ok ({})", settings.db_path.display()),
+            Ok(()) => {
+                println!("database: ok ({})", settings.db_path.display());
+                Some(store)
+            }
             Err(e) => {
                 healthy = false;
                 println!("database: ERROR {e}");
+                None
             }
         },
         Err(e) => {
             healthy = false;
             println!("database: ERROR {e}");
+            None
         }
-    }
+    };
     match tokio::process::Command::new(&settings.qemu_binary)
         .arg("--version")
         .output()
@@ -167,11 +172,17 @@ pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let resolver = AccelResolver::new(
-        &settings.qemu_binary,
-        &settings.run_dir,
-        &settings.kvm_device,
-    );
+    // The templates are read as `GET /vms` shows them, from the same views.
+    let state = store
+        .map(|store| AppState::new(Arc::new(settings.clone()), store, Arc::new(Notify::new())));
+    let resolver = match &state {
+        Some(state) => state.accel.clone(),
+        None => Arc::new(AccelResolver::new(
+            &settings.qemu_binary,
+            &settings.run_dir,
+            &settings.kvm_device,
+        )),
+    };
     println!("{}", accel_line(settings, &resolver).await);
     let catalog = VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir);
     let names = catalog.available();
@@ -183,11 +194,50 @@ pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
             names.join(", ")
         }
     );
+    if let Some(state) = &state {
+        match api::vms::all(state).await {
+            Ok(vms) => {
+                for line in template_lines(&vms) {
+                    println!("{line}");
+                }
+            }
+            Err(e) => {
+                healthy = false;
+                println!("templates: ERROR {e}");
+            }
+        }
+    }
+    // A failed template is not ill health: its VM's requests boot cold.
     Ok(if healthy {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `template NAME: …` for every WARM VM, and for any other VM that still has a template.
+fn template_lines(vms: &[api::vms::Vm]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for vm in vms {
+        let warm = vm.config.as_ref().map(|c| c.warm);
+        let leftover = vm
+            .template
+            .hosts
+            .iter()
+            .any(|h| h.state != crate::model::TemplateState::None);
+        let note = match warm {
+            Some(true) => "",
+            _ if !leftover => continue,
+            Some(false) => " (WARM is off: no request uses it)",
+            None => " (the config does not load)",
+        };
+        lines.push(format!(
+            "template {}: {}{note}",
+            vm.name,
+            super::render::template_line(&vm.template)
+        ));
+    }
+    lines
 }
 
 pub(super) async fn console(

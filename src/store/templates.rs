@@ -32,7 +32,8 @@ pub struct TemplateRecord {
     pub updated_at: String,
 }
 
-/// What the API has ordered for a VM's templates (counters; see the module docs).
+/// What the API has ordered for a VM's templates: numbers from one sequence per VM, so the
+/// larger of the two is the latest order (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TemplateOrders {
     pub build: i64,
@@ -159,15 +160,23 @@ impl Store {
     ) -> Result<TemplateOrders, StoreError> {
         self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Orders share one sequence, so whichever is larger came last.
+            let next: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(MAX(build_order, delete_order)), 0) + 1
+                 FROM template_orders WHERE vm_name = ?1",
+                [&vm],
+                |r| r.get(0),
+            )?;
             let (b, d) = match order {
-                TemplateOrder::Build => (1, 0),
-                TemplateOrder::Delete => (0, 1),
+                TemplateOrder::Build => (Some(next), None),
+                TemplateOrder::Delete => (None, Some(next)),
             };
             tx.execute(
                 "INSERT INTO template_orders (vm_name, build_order, delete_order, updated_at)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (vm_name) DO UPDATE SET build_order = build_order + ?2,
-                     delete_order = delete_order + ?3, updated_at = ?4",
+                 VALUES (?1, COALESCE(?2, 0), COALESCE(?3, 0), ?4)
+                 ON CONFLICT (vm_name) DO UPDATE SET
+                     build_order = COALESCE(?2, build_order),
+                     delete_order = COALESCE(?3, delete_order), updated_at = ?4",
                 params![vm, b, d, timefmt::now()],
             )?;
             let orders = tx.query_row(

@@ -29,7 +29,11 @@ impl Ports {
         let pumps = vec![
             tokio::spawn(drain(art_r, collecting.clone(), tx)),
             // Nothing comes back on the input port; whatever does is drained all the same.
-            tokio::spawn(drain(in_r, Arc::new(AtomicBool::new(false)), mpsc::channel(1).0)),
+            tokio::spawn(drain(
+                in_r,
+                Arc::new(AtomicBool::new(false)),
+                mpsc::channel(1).0,
+            )),
         ];
         (
             Ports {

@@ -151,7 +151,7 @@ fn last_seen_is_readable() {
 
 #[test]
 fn stderr_split_at_its_marker() {
-    let mut p = StderrParser::new(TOK);
+    let mut p = StreamParser::stderr(TOK);
     let marker = format!("SQSIM_{TOK}_EOF\n");
     let stream = [b"err1\nSQSIM_".as_slice(), b"x\n", marker.as_bytes()].concat();
     let mut got = Vec::new();
