@@ -458,3 +458,54 @@ async fn one_build_per_vm_across_agents_processes_and_crashes_leave_nothing() {
     done(&r, &system);
     assert_eq!(r["boot_mode"], "warm");
 }
+
+#[tokio::test]
+async fn templates_are_managed_over_the_api() {
+    let (s, _slot) = server(&[("w", warm_conf(""))], &[]).await;
+    template_dir(&s, "w").await;
+    let (r, _, system) = run(&s, "w", "true").await;
+    done(&r, &system);
+    let (code, vm) = s.get_json("/vms/w").await;
+    assert_eq!(code, 200, "{vm}");
+    let t = &vm["template"];
+    assert_eq!(t["state"], "ready", "{vm}");
+    let host = &t["hosts"][0];
+    assert!(host["size_bytes"].as_i64().unwrap() > 0, "{vm}");
+    assert!(host["build_ms"].as_i64().unwrap() > 0, "{vm}");
+    assert_eq!(host["built_from"]["vm"], "w", "{vm}");
+    assert_eq!(t["restores"], 1, "{vm}");
+    assert!(t["restore_p50_ms"].as_i64().unwrap() > 0);
+    // Rebuild on order.
+    let (code, v) = s.post_json("/vms/w/template", &serde_json::json!({})).await;
+    assert_eq!(code, 202, "{v}");
+    let start = Instant::now();
+    while s.logs().matches("template ready").count() < 2 {
+        assert!(start.elapsed() < LIMIT, "not rebuilt:\n{}", s.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Delete on order: gone, and it stays gone; requests boot cold and say why.
+    let (code, v) = s.delete("/vms/w/template").await;
+    assert_eq!(code, 202, "{v}");
+    let start = Instant::now();
+    loop {
+        let (_, vm) = s.get_json("/vms/w").await;
+        if vm["template"]["state"] == "none" && ready_templates(&s, "w").is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "not deleted: {vm}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (r, _, system) = run(&s, "w", "true").await;
+    done(&r, &system);
+    assert_eq!(r["boot_mode"], "cold");
+    assert!(system.contains("deleted on order"), "{system}");
+    assert!(
+        ready_templates(&s, "w").is_empty(),
+        "not rebuilt on its own"
+    );
+    assert_eq!(
+        s.delete("/vms/w/template").await.0,
+        404,
+        "nothing left to delete"
+    );
+}
