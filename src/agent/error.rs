@@ -59,6 +59,17 @@ pub enum RunError {
     KvmSilent,
     #[error("cancelled")]
     Cancelled,
+    #[error("uploading files: {0}")]
+    Upload(String),
+    #[error("moving files into or out of the guest did not finish within {0} s")]
+    FilesTimeout(u64),
+    #[error("the commands did not stop within {0} s of a Ctrl-C")]
+    InterruptTimeout(u64),
+    #[error(
+        "CHANNEL=\"virtio\" but the guest has no /dev/virtio-ports/org.sqlite-sim.* ports \
+         (is its virtio_console driver loaded?)"
+    )]
+    NoChannel,
     #[error("database: {0}")]
     Store(#[from] crate::store::StoreError),
 }

@@ -6,8 +6,11 @@
 use super::error::RunError;
 use super::vm::{Deadline, Limit, Vm};
 use crate::config::vm::VmConfig;
+use crate::config::vm::ChannelPolicy;
+use crate::model::Channel;
 use crate::qemu::console::protocol::{
-    ConsoleEvent, Runner, Session, ACK_READY, REPORT_RNG, REPORT_SHELL, SEED_BYTES,
+    ConsoleEvent, Runner, Session, ACK_READY, REPORT_CHANNEL, REPORT_RNG, REPORT_SHELL,
+    SEED_BYTES,
 };
 use std::time::Duration;
 use tokio::time::Instant;
@@ -30,9 +33,18 @@ pub(super) struct Ready {
     /// From `cont` to here, time held excluded.
     pub boot: Duration,
     held_at: Duration,
-    session: Session,
+    pub(super) session: Session,
     /// The console shell's binary, as the guest reported it.
     pub login_shell: String,
+    /// How the commands' output and files travel.
+    pub channel: Channel,
+}
+
+/// What a guest is known to be, from its set-up (or its template's).
+#[derive(Debug, Clone)]
+pub(super) struct Known {
+    pub login_shell: String,
+    pub channel: Channel,
 }
 
 /// The commands finished.
@@ -145,19 +157,46 @@ impl Started {
         let session = Session::new(token, cfg.stderr_device.clone());
         vm.console.send(&session.setup_line()).await?;
         let login_shell = report(vm, REPORT_SHELL, limits.run).await?;
+        let channel = match report(vm, REPORT_CHANNEL, limits.run).await?.as_str() {
+            "virtio" if cfg.channel.has_devices() => Channel::Virtio,
+            _ => Channel::Console,
+        };
         wait_ack(vm, ACK_READY, limits.run).await?;
-        Ok(self.ready(vm, session, login_shell))
+        if cfg.channel == ChannelPolicy::Virtio && channel != Channel::Virtio {
+            return Err(RunError::NoChannel);
+        }
+        vm.sink
+            .system(match channel {
+                Channel::Virtio => "guest channel: virtio-serial ports".to_string(),
+                Channel::Console => format!(
+                    "guest channel: the serial console{}",
+                    if cfg.channel.has_devices() {
+                        " (the guest has no /dev/virtio-ports: is virtio_console loaded?)"
+                    } else {
+                        " (CHANNEL=\"console\")"
+                    }
+                ),
+            })
+            .await;
+        Ok(self.ready(
+            vm,
+            session,
+            Known {
+                login_shell,
+                channel,
+            },
+        ))
     }
 
     /// Brings a restored clone to readiness: the template's shell is already set up, so only
-    /// the clone's own set-up is typed (its RNG seed, the clock). `login_shell` is what the
+    /// the clone's own set-up is typed (its RNG seed, the clock). `known` is what the
     /// template's guest reported.
     pub async fn resume(
         self,
         vm: &mut Vm,
         cfg: &VmConfig,
         token: &str,
-        login_shell: String,
+        known: Known,
     ) -> Result<Ready, RunError> {
         let session = Session::new(token, cfg.stderr_device.clone());
         let seed: [u8; SEED_BYTES] = rand::random();
@@ -185,20 +224,32 @@ impl Started {
                 ),
             })
             .await;
-        Ok(self.ready(vm, session, login_shell))
+        Ok(self.ready(vm, session, known))
     }
 
     fn elapsed(&self, vm: &Vm) -> Duration {
         self.at.elapsed().saturating_sub(vm.held_total())
     }
 
-    fn ready(self, vm: &Vm, session: Session, login_shell: String) -> Ready {
+    fn ready(self, vm: &Vm, mut session: Session, known: Known) -> Ready {
+        session.set_channel(known.channel == Channel::Virtio);
+        if known.channel == Channel::Virtio {
+            vm.console.output_on_channel();
+        }
         Ready {
             at: Instant::now(),
             boot: self.elapsed(vm),
             held_at: vm.held_total(),
             session,
-            login_shell,
+            login_shell: known.login_shell,
+            channel: known.channel,
+        }
+    }
+
+    pub fn known(ready: &Ready) -> Known {
+        Known {
+            login_shell: ready.login_shell.clone(),
+            channel: ready.channel,
         }
     }
 }
@@ -257,7 +308,11 @@ impl Ready {
     }
 }
 
-async fn wait_ack(vm: &mut Vm, word: &str, deadline: Deadline) -> Result<(), RunError> {
+pub(super) async fn wait_ack(
+    vm: &mut Vm,
+    word: &str,
+    deadline: Deadline,
+) -> Result<(), RunError> {
     vm.wait(
         |e| matches!(e, ConsoleEvent::Ack(w) if w == word),
         deadline,
@@ -268,7 +323,7 @@ async fn wait_ack(vm: &mut Vm, word: &str, deadline: Deadline) -> Result<(), Run
 }
 
 /// Waits for the guest's `KEY=value` report; its value.
-async fn report(vm: &mut Vm, key: &str, deadline: Deadline) -> Result<String, RunError> {
+pub(super) async fn report(vm: &mut Vm, key: &str, deadline: Deadline) -> Result<String, RunError> {
     match vm
         .wait(
             |e| matches!(e, ConsoleEvent::Report { key: k, .. } if k == key),

@@ -12,6 +12,7 @@ mod recovery;
 mod run;
 pub mod slots;
 mod template;
+mod transfer;
 mod vm;
 
 use crate::config::vm::VmCatalog;

@@ -5,13 +5,18 @@
 
 use super::boot::{self, Launch, Launched};
 use super::error::RunError;
-use super::guest::Limits;
+use super::guest::{Exited, Known, Limits, Ready};
+use super::transfer;
+use super::vm::Limit;
+use crate::qemu::console::protocol::ConsoleEvent;
 use super::template;
 use super::vm::{Control, Vm, KVM_SILENCE};
 use super::AgentContext;
 use crate::config::vm::VmConfig;
 use crate::config::Accel;
-use crate::model::{AgentId, BootChoice, BootMode, LogType, Request, ShutdownStep, Status};
+use crate::model::{
+    AgentId, BootChoice, BootMode, Channel, LogType, Request, ShutdownStep, Status,
+};
 use crate::qemu::console::protocol::Session;
 use crate::qemu::launch::RunPaths;
 use crate::store::sink::LogSink;
@@ -38,6 +43,7 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
             shutdown_ms: outcome.shutdown_ms,
             boot_mode: outcome.boot_mode,
             restore_ms: outcome.restore_ms,
+            channel: outcome.channel,
             ..Default::default()
         };
         match &outcome.result {
@@ -144,6 +150,8 @@ struct Outcome {
     restore_ms: Option<i64>,
     /// The guest never reached its prompt from a clone: the template is at fault.
     restore_failed: bool,
+    /// How the commands' output travelled.
+    channel: Option<Channel>,
 }
 
 impl Outcome {
@@ -158,6 +166,7 @@ impl Outcome {
             boot_mode: None,
             restore_ms: None,
             restore_failed: false,
+            channel: None,
         }
     }
 }
@@ -309,7 +318,10 @@ async fn attempt(
     lost: tokio::sync::watch::Receiver<bool>,
 ) -> Outcome {
     let mode = launch.mode();
-    let login_shell = launch.template().map(|t| t.meta.login_shell.clone());
+    let known = launch.template().map(|t| Known {
+        login_shell: t.meta.login_shell.clone(),
+        channel: t.meta.channel,
+    });
     let kvm_watch = matches!(
         launch,
         Launch::Cold {
@@ -371,18 +383,25 @@ async fn attempt(
             tracing::debug!("request already running (a second attempt) or no longer ours");
         }
         let limits = Limits::for_request(started, req.timeout, cfg.boot_timeout);
-        let mut ready = match &login_shell {
+        let mut ready = match &known {
             None => started.boot(&mut vm, cfg, &token, &limits).await?,
-            Some(shell) => {
-                let ready = started.resume(&mut vm, cfg, &token, shell.clone()).await?;
+            Some(known) => {
+                let ready = started.resume(&mut vm, cfg, &token, known.clone()).await?;
                 out.restore_ms = Some(since.elapsed().as_millis() as i64);
                 ready
             }
         };
         reached_ready = true;
         out.boot_mode = Some(mode);
+        out.channel = Some(ready.channel);
         out.boot_ms = Some(ready.boot.as_millis() as i64);
-        let exited = ready.run(&mut vm, cfg, &req.commands, limits.run).await?;
+        let uploads = ctx.store.uploads(req.uuid).await?;
+        transfer::place(&mut ready, &mut vm, &ctx.store, &uploads).await?;
+        let exited = ready.run(&mut vm, cfg, &req.commands, limits.run).await;
+        if !req.artifacts.is_empty() {
+            collect_artifacts(ctx, req, &mut ready, &mut vm, &exited).await?;
+        }
+        let exited = exited?;
         out.run_ms = Some(exited.run.as_millis() as i64);
         Ok(exited.code)
     }
@@ -392,7 +411,7 @@ async fn attempt(
     }
     // A clone that never got to its prompt is the template's fault (unless an operator or the
     // agent ended it).
-    out.restore_failed = login_shell.is_some()
+    out.restore_failed = known.is_some()
         && !reached_ready
         && !matches!(
             result,
@@ -407,6 +426,58 @@ async fn attempt(
     finish_dir(ctx, &paths, !keep);
     out.result = result;
     out
+}
+
+/// How long timed-out commands get to die of a Ctrl-C, so their artifacts can be collected.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+
+/// Collects the request's artifacts after its commands: when they exited, whatever their
+/// status, and when they timed out if a Ctrl-C gives the shell back. Anything else means the
+/// guest no longer answers. Only an operator's cancel or the agent's own stop during the
+/// collection changes the run's outcome.
+async fn collect_artifacts(
+    ctx: &AgentContext,
+    req: &Request,
+    ready: &mut Ready,
+    vm: &mut Vm,
+    exited: &Result<Exited, RunError>,
+) -> Result<(), RunError> {
+    let answering = match exited {
+        Ok(_) => Ok(()),
+        Err(RunError::Timeout(_)) => {
+            vm.sink
+                .system("timed out: interrupting the commands (Ctrl-C) to collect artifacts")
+                .await;
+            vm.console.send("\u{3}").await?;
+            let soon = Vm::deadline(
+                tokio::time::Instant::now(),
+                INTERRUPT_GRACE,
+                Limit::Interrupt(INTERRUPT_GRACE.as_secs()),
+            );
+            vm.wait(|e| matches!(e, ConsoleEvent::Exit(_)), soon, false)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(why) = answering {
+        vm.sink
+            .system(format!("artifacts not collected: {why}"))
+            .await;
+        return Ok(());
+    }
+    let limit = ctx.settings.max_artifacts;
+    match transfer::collect(ready, vm, &ctx.store, req.uuid, &req.artifacts, limit).await {
+        Ok(_) => Ok(()),
+        Err(e @ (RunError::Cancelled | RunError::AgentStopping | RunError::LeaseLost)) => Err(e),
+        Err(e) => {
+            vm.sink
+                .system(format!("artifact collection ended early: {e}"))
+                .await;
+            Ok(())
+        }
+    }
 }
 
 /// How long the ladder waits for an ACPI power-off: the VM's `SHUTDOWN_TIMEOUT` normally, the

@@ -18,12 +18,12 @@
 
 use super::boot;
 use super::error::RunError;
-use super::guest::Limits;
+use super::guest::{Known, Limits, Started};
 use super::vm::Vm;
 use super::AgentContext;
 use crate::config::vm::VmConfig;
 use crate::config::Accel;
-use crate::model::TemplateState;
+use crate::model::{Channel, TemplateState};
 use crate::qemu::accel::{cpu_model, QemuIdentity};
 use crate::qemu::console::protocol::Session;
 use crate::qemu::image;
@@ -82,6 +82,8 @@ pub struct TemplateMeta {
     /// The console shell's binary, as the template's guest reported it (clones run commands
     /// with it, as a cold boot would).
     pub login_shell: String,
+    /// Whether the template's guest has the channel's ports.
+    pub channel: Channel,
     pub accel: Accel,
     /// Whether the VM has a disk (`disk.qcow2`).
     pub disk: bool,
@@ -582,16 +584,16 @@ async fn build_in(
             .await
             .map_err(RunError::from)?;
         snapshot::save(&mut vm.machine, &state, SAVE_LIMIT).await?;
-        Ok::<_, TemplateError>(ready.login_shell)
+        Ok::<_, TemplateError>(Started::known(&ready))
     }
     .await;
     // Saved or not, this QEMU is done: `quit` (a paused guest cannot react to ACPI).
     let report = vm.shut_down(Duration::ZERO).await;
     drop(sink);
     sink_task.close().await;
-    let login_shell = saved?;
+    let known = saved?;
     tracing::debug!(step = report.step.as_str(), "template QEMU ended");
-    place(ctx, cfg, ident, run, &ram, &state, login_shell, start)
+    place(ctx, cfg, ident, run, &ram, &state, known, start)
 }
 
 /// Waits (bounded) until the console has been silent for [`QUIET`].
@@ -619,7 +621,7 @@ fn place(
     run: &RunPaths,
     ram: &Path,
     state: &Path,
-    login_shell: String,
+    known: Known,
     start: Instant,
 ) -> Result<Template, TemplateError> {
     let templates = &ctx.templates;
@@ -655,7 +657,8 @@ fn place(
         key: ident.key.clone(),
         built_at: crate::timefmt::now(),
         build_ms: start.elapsed().as_millis() as i64,
-        login_shell,
+        login_shell: known.login_shell,
+        channel: known.channel,
         accel: ident.accel,
         disk: cfg.image.is_some(),
         inputs: ident.inputs.clone(),
@@ -750,6 +753,7 @@ mod tests {
             built_at: "x".into(),
             build_ms: 1,
             login_shell: "/bin/busybox".into(),
+            channel: Channel::Virtio,
             accel: Accel::Tcg,
             disk: true,
             inputs: serde_json::Value::Null,

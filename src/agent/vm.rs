@@ -39,6 +39,10 @@ pub(super) enum Limit {
     Prepare(u64),
     /// A restored clone's set-up (seconds).
     Restore(u64),
+    /// Files moving into or out of the guest (seconds).
+    Files(u64),
+    /// The commands' end after a Ctrl-C (seconds).
+    Interrupt(u64),
 }
 
 /// A wait's end, pushed back by the time the VM is held.
@@ -202,6 +206,8 @@ impl Vm {
                         Limit::Restore(secs) => RunError::Restore(format!(
                             "the restored guest did not answer within {secs} s"
                         )),
+                        Limit::Files(secs) => RunError::FilesTimeout(secs),
+                        Limit::Interrupt(secs) => RunError::InterruptTimeout(secs),
                     });
                 }
                 _ = sleep_until_opt(silence), if kvm_silent && silence.is_some() => {

@@ -80,6 +80,10 @@ pub struct Settings {
     pub kvm_device: PathBuf,
     /// This host's name among the hosts sharing the store (default: the hostname).
     pub host_id: String,
+    /// Most bytes of files one submission may carry into its guest.
+    pub max_upload: u64,
+    /// Most bytes of artifacts stored for one request.
+    pub max_artifacts: u64,
     /// Keep a failed run's directory (overlay, sockets, QEMU stderr) for inspection.
     pub keep_failed_runs: bool,
     /// How long a cancelled VM gets to power off through ACPI before `quit`.
@@ -168,6 +172,8 @@ impl Settings {
             run_dir,
             qemu_binary: v.path("SQLITE_SIM_QEMU_BINARY", "qemu-system-x86_64".into()),
             kvm_device: v.path("SQLITE_SIM_KVM_DEVICE", "/dev/kvm".into()),
+            max_upload: v.size("SQLITE_SIM_MAX_UPLOAD", 256 << 20)?,
+            max_artifacts: v.size("SQLITE_SIM_MAX_ARTIFACTS", 256 << 20)?,
             host_id: {
                 let id = v.string("SQLITE_SIM_HOST_ID", &default_host_id());
                 if !crate::config::vm::is_valid_vm_name(&id) {
@@ -224,6 +230,8 @@ impl Settings {
             ("SQLITE_SIM_QEMU_BINARY", p(&self.qemu_binary)),
             ("SQLITE_SIM_KVM_DEVICE", p(&self.kvm_device)),
             ("SQLITE_SIM_HOST_ID", self.host_id.clone()),
+            ("SQLITE_SIM_MAX_UPLOAD", self.max_upload.to_string()),
+            ("SQLITE_SIM_MAX_ARTIFACTS", self.max_artifacts.to_string()),
             (
                 "SQLITE_SIM_KEEP_FAILED_RUNS",
                 self.keep_failed_runs.to_string(),
@@ -356,6 +364,28 @@ impl Vars<'_> {
         }
     }
 
+    /// Bytes: a whole number with an optional K, M or G (powers of 1024), e.g. `256M`.
+    fn size(&self, var: &'static str, default: u64) -> Result<u64, ConfigError> {
+        let Some(s) = self.raw(var) else {
+            return Ok(default);
+        };
+        let (digits, mult) = match s.trim_end_matches(['B', 'b', 'i']).char_indices().last() {
+            Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+            Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+            Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+            _ => (s.as_str(), 1),
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .filter(|n| *n > 0)
+            .ok_or_else(|| ConfigError::Invalid {
+                var,
+                message: format!("{s:?} is not a size in bytes like 256M or 1G"),
+            })
+    }
+
     fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
         let Some(s) = self.raw(var) else {
             return Ok(default);
@@ -396,6 +426,18 @@ mod tests {
         assert!(!s.enable_cors);
         assert_eq!(s.allowed_origins, vec!["*"]);
         assert_eq!(s.accel, Accel::Auto);
+        assert_eq!((s.max_upload, s.max_artifacts), (256 << 20, 256 << 20));
+    }
+
+    #[test]
+    fn sizes() {
+        for (text, bytes) in [("1024", 1024), ("64K", 65536), ("256M", 256 << 20), ("2GiB", 2 << 30)] {
+            let s = settings(&[("SQLITE_SIM_MAX_UPLOAD", text)]).unwrap();
+            assert_eq!(s.max_upload, bytes, "{text}");
+        }
+        for bad in ["0", "x", "-1M", "1T", "1.5G"] {
+            assert!(settings(&[("SQLITE_SIM_MAX_ARTIFACTS", bad)]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct Console {
     /// End markers delivered by the output streams: (stdout, stderr).
     ends: Arc<(AtomicBool, AtomicBool)>,
     files: Option<files::Ports>,
+    /// Artifacts sent over the console (base64 text between markers), while collected.
+    captured: files::Tap,
     _idle_writers: Vec<BoxWrite>,
 }
 
@@ -93,6 +95,7 @@ impl Console {
         let (tx, events) = mpsc::unbounded_channel();
         let parser = Arc::new(Mutex::new(parser));
         let received = Arc::new(AtomicU64::new(0));
+        let captured = files::Tap::default();
         let mut pumps = Vec::new();
         {
             let (p1, p2) = (parser.clone(), parser.clone());
@@ -106,6 +109,7 @@ impl Console {
                 move || p2.lock().expect("parser lock").finish(),
                 sink.clone(),
                 tx.clone(),
+                Some(captured.clone()),
             ));
         }
         let mut keep = Vec::new();
@@ -132,6 +136,7 @@ impl Console {
                 move || p2.lock().expect("stream lock").finish(),
                 sink.clone(),
                 tx.clone(),
+                None,
             ));
         }
         let files = files.map(|f| {
@@ -147,8 +152,19 @@ impl Console {
             received,
             ends,
             files,
+            captured,
             _idle_writers: keep,
         }
+    }
+
+    /// Artifacts sent over the console from now on (base64 text), until
+    /// [`Console::stop_capturing`].
+    pub fn capture(&self) -> mpsc::Receiver<Vec<u8>> {
+        self.captured.open()
+    }
+
+    pub fn stop_capturing(&self) {
+        self.captured.close();
     }
 
     /// Whether the channel's stdout port has delivered everything the commands wrote to it.
@@ -156,9 +172,9 @@ impl Console {
         self.ends.0.load(Ordering::Relaxed)
     }
 
-    /// The channel's file ports, if the guest has them.
-    pub fn files(&mut self) -> Option<&mut files::Ports> {
-        self.files.as_mut()
+    /// The channel's file ports, if QEMU has them.
+    pub fn files(&self) -> Option<&files::Ports> {
+        self.files.as_ref()
     }
 
     /// Whether a stderr stream has delivered everything the commands wrote to it.
@@ -220,6 +236,7 @@ fn spawn_pump(
     finish: impl FnOnce() -> Parsed + Send + 'static,
     sink: LogSink,
     tx: mpsc::UnboundedSender<ConsoleEvent>,
+    captured: Option<files::Tap>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
@@ -233,15 +250,25 @@ fn spawn_pump(
                     break;
                 }
             };
-            deliver(feed(&buf[..n]), &sink, &tx).await;
+            deliver(feed(&buf[..n]), &sink, &tx, captured.as_ref()).await;
         }
-        deliver(finish(), &sink, &tx).await;
+        deliver(finish(), &sink, &tx, captured.as_ref()).await;
     })
 }
 
-async fn deliver(p: Parsed, sink: &LogSink, tx: &mpsc::UnboundedSender<ConsoleEvent>) {
+/// Logs, then captured bytes, then events: a collector has every byte before the event that
+/// ends its stream.
+async fn deliver(
+    p: Parsed,
+    sink: &LogSink,
+    tx: &mpsc::UnboundedSender<ConsoleEvent>,
+    captured: Option<&files::Tap>,
+) {
     for (ty, bytes) in p.logs {
         sink.write(ty, bytes).await;
+    }
+    if let (Some(tap), false) = (captured, p.captured.is_empty()) {
+        tap.pour(p.captured).await;
     }
     for e in p.events {
         let _ = tx.send(e);

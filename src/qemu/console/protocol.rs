@@ -7,6 +7,7 @@
 //! command's own output can fake one.
 
 use crate::model::LogType;
+use crate::qemu::launch::{PORT_ARTIFACTS, PORT_IN, PORT_STDERR, PORT_STDOUT};
 use base64::Engine;
 use regex::bytes::Regex;
 
@@ -51,6 +52,66 @@ pub const REPORT_SHELL: &str = "SHELL";
 pub const REPORT_RNG: &str = "RNG";
 /// Bytes of host randomness a restored clone's RNG is seeded with.
 pub const SEED_BYTES: usize = 64;
+/// Report key of the session set-up: `virtio` when the guest has the channel's ports, else
+/// `console`.
+pub const REPORT_CHANNEL: &str = "CHANNEL";
+/// Report key of artifacts sent over the channel: `<paths matched>:<tar's status>`.
+pub const REPORT_ART: &str = "ART";
+
+/// The guest's device of a channel port.
+fn port(name: &str) -> String {
+    format!("/dev/virtio-ports/{name}")
+}
+
+/// `s` as one shell word, single-quoted.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A guest glob as one shell word: its literal parts quoted, `*`, `?` and simple bracket
+/// expressions left for the shell to expand.
+pub fn glob_word(glob: &str) -> String {
+    let mut out = String::new();
+    let mut literal = String::new();
+    let flush = |out: &mut String, literal: &mut String| {
+        if !literal.is_empty() {
+            out.push_str(&shell_quote(literal));
+            literal.clear();
+        }
+    };
+    let chars: Vec<char> = glob.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '*' | '?' => {
+                flush(&mut out, &mut literal);
+                out.push(c);
+            }
+            '[' => {
+                let close = chars[i + 1..].iter().position(|&c| c == ']').map(|p| i + 1 + p);
+                let simple = close.is_some_and(|end| {
+                    end > i + 1
+                        && chars[i + 1..end]
+                            .iter()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-!^".contains(*c))
+                });
+                match close {
+                    Some(end) if simple => {
+                        flush(&mut out, &mut literal);
+                        out.extend(&chars[i..=end]);
+                        i = end;
+                    }
+                    _ => literal.push(c),
+                }
+            }
+            c => literal.push(c),
+        }
+        i += 1;
+    }
+    flush(&mut out, &mut literal);
+    out
+}
 
 /// How the guest runs the uploaded script.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +161,8 @@ pub struct Session {
     file_tag: String,
     stderr_device: Option<String>,
     runner: Runner,
+    /// The commands' output, uploads and artifacts travel over the channel's ports.
+    channel: bool,
 }
 
 impl Session {
@@ -109,7 +172,13 @@ impl Session {
             file_tag: Self::random_token(),
             stderr_device,
             runner: Runner::Shell("sh".into()),
+            channel: false,
         }
+    }
+
+    /// The guest has the channel: output, files and artifacts use it (default: the console).
+    pub fn set_channel(&mut self, on: bool) {
+        self.channel = on;
     }
 
     /// Chooses how [`Session::run_line`] runs the script (default: `sh`).
@@ -148,6 +217,17 @@ impl Session {
             "printf 'SQSIM_%s_{REPORT_SHELL}=%s\\n' {} \"$(readlink /proc/$$/exe 2>/dev/null)\"; ",
             self.token
         ));
+        let ports = [PORT_STDOUT, PORT_STDERR, PORT_ARTIFACTS]
+            .iter()
+            .map(|p| format!("[ -w {} ]", port(p)))
+            .chain([format!("[ -r {} ]", port(PORT_IN))])
+            .collect::<Vec<_>>()
+            .join(" && ");
+        s.push_str(&format!(
+            "if {ports}; then __sqsim_ch=virtio; else __sqsim_ch=console; fi; \
+             printf 'SQSIM_%s_{REPORT_CHANNEL}=%s\\n' {} \"$__sqsim_ch\"; ",
+            self.token
+        ));
         s.push_str(&self.ack(ACK_READY));
         s.push('\n');
         s
@@ -174,42 +254,158 @@ impl Session {
 
     /// The script as base64 lines, each followed by its own ack word (`A1`, `A2`, …).
     pub fn upload_lines(&self, script: &[u8]) -> Vec<(String, String)> {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(script);
-        let file = self.file("b64");
-        let mut lines = Vec::new();
+        self.base64_lines(script, &self.file("b64"), "A", true)
+    }
+
+    /// `data` written into the guest's `file` as base64 lines, each acknowledged with
+    /// `<prefix><n>`; the first line truncates the file when `fresh`.
+    fn base64_lines(
+        &self,
+        data: &[u8],
+        file: &str,
+        prefix: &str,
+        fresh: bool,
+    ) -> Vec<(String, String)> {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(data);
         let chunks: Vec<&[u8]> = if b64.is_empty() {
             vec![&[][..]]
         } else {
             b64.as_bytes().chunks(UPLOAD_LINE).collect()
         };
-        for (i, chunk) in chunks.iter().enumerate() {
-            let word = format!("A{}", i + 1);
-            let redirect = if i == 0 { ">" } else { ">>" };
-            let chunk = std::str::from_utf8(chunk).expect("base64 is ASCII");
-            lines.push((
-                format!(
-                    "printf %s '{chunk}' {redirect}{file}; {}\n",
-                    self.ack(&word)
-                ),
-                word,
-            ));
-        }
+        chunks
+            .iter()
+            .enumerate()
+            .map(|(i, chunk)| {
+                let word = format!("{prefix}{}", i + 1);
+                let redirect = if i == 0 && fresh { ">" } else { ">>" };
+                let chunk = std::str::from_utf8(chunk).expect("base64 is ASCII");
+                (
+                    format!("printf %s '{chunk}' {redirect}{file}; {}\n", self.ack(&word)),
+                    word,
+                )
+            })
+            .collect()
+    }
+
+    /// Places upload `n` (a file of `size` bytes, or a tar extracted into `path`) from the
+    /// channel's input port, where the host writes its bytes; the guest reports `UP<n>=<status>`.
+    pub fn place_line(&self, n: usize, path: &str, tar: bool, mode: u32, size: u64) -> String {
+        let input = port(PORT_IN);
+        let place = if tar {
+            format!(
+                "mkdir -p -- {p} && head -c {size} <{input} | tar -x -f - -C {p}",
+                p = shell_quote(path)
+            )
+        } else {
+            format!(
+                "mkdir -p -- {d} && head -c {size} <{input} >{p} && chmod {mode:o} {p}",
+                d = shell_quote(parent(path)),
+                p = shell_quote(path)
+            )
+        };
+        format!("{place}; {}\n", self.report_status(&format!("UP{n}")))
+    }
+
+    /// The same over the console: one chunk of upload `n` as acknowledged base64 lines, then a
+    /// line that decodes it onto the upload's temporary file (ack `D<n>_<chunk>`).
+    pub fn chunk_lines(&self, n: usize, chunk: usize, data: &[u8]) -> Vec<(String, String)> {
+        let (b64, bin) = (self.file(&format!("up{n}.b64")), self.file(&format!("up{n}")));
+        let mut lines = self.base64_lines(data, &b64, &format!("U{n}_{chunk}_"), true);
+        let word = format!("D{n}_{chunk}");
+        let redirect = if chunk == 0 { ">" } else { ">>" };
+        lines.push((
+            format!(
+                "base64 -d {b64} {redirect}{bin} && rm -f {b64} && {}\n",
+                self.ack(&word)
+            ),
+            word,
+        ));
         lines
+    }
+
+    /// After [`Session::chunk_lines`]: puts upload `n`'s temporary file in place.
+    pub fn place_from_temp_line(&self, n: usize, path: &str, tar: bool, mode: u32) -> String {
+        let bin = self.file(&format!("up{n}"));
+        let place = if tar {
+            format!(
+                "mkdir -p -- {p} && tar -x -f {bin} -C {p}; __sqsim_r=$?; rm -f {bin}; [ $__sqsim_r = 0 ]",
+                p = shell_quote(path)
+            )
+        } else {
+            format!(
+                "mkdir -p -- {d} && touch {bin} && mv -f {bin} {p} && chmod {mode:o} {p}",
+                d = shell_quote(parent(path)),
+                p = shell_quote(path)
+            )
+        };
+        format!("{place}; {}\n", self.report_status(&format!("UP{n}")))
+    }
+
+    /// Sends the files matching `globs` to the host as a tar stream: over the channel's
+    /// artifacts port (report `ART=<matched>:<status>`), or over the console as base64 between
+    /// `ARTB` and the `ARTE=<matched>:<status>` report.
+    pub fn collect_line(&self, globs: &[String]) -> String {
+        let words: Vec<String> = globs.iter().map(|g| glob_word(g)).collect();
+        let select = format!(
+            "set --; for __sqsim_f in {}; do if [ -e \"$__sqsim_f\" ] || [ -L \"$__sqsim_f\" ]; \
+             then set -- \"$@\" \"$__sqsim_f\"; fi; done; ",
+            words.join(" ")
+        );
+        let tok = &self.token;
+        if self.channel {
+            format!(
+                "{select}if [ $# -gt 0 ]; then tar -c -f - -- \"$@\" >{art} 2>/dev/null; \
+                 __sqsim_r=$?; else __sqsim_r=0; fi; \
+                 printf 'SQSIM_%s_{REPORT_ART}=%s:%s\\n' {tok} $# $__sqsim_r\n",
+                art = port(PORT_ARTIFACTS),
+            )
+        } else {
+            let t = self.file("art.tar");
+            format!(
+                "{select}if [ $# -gt 0 ]; then tar -c -f {t} -- \"$@\" 2>/dev/null; __sqsim_r=$?; \
+                 else __sqsim_r=0; : >{t}; fi; {artb}; base64 {t}; rm -f {t}; \
+                 printf 'SQSIM_%s_{REPORT_ARTE}=%s:%s\\n' {tok} $# $__sqsim_r\n",
+                artb = self.ack(ACK_ARTB),
+            )
+        }
+    }
+
+    /// `printf` of report `key` with the last command's status.
+    fn report_status(&self, key: &str) -> String {
+        format!("printf 'SQSIM_%s_{key}=%s\\n' {} \"$?\"", self.token)
     }
 
     /// Decodes and runs the script with stdin from /dev/null, then prints the exit marker.
     pub fn run_line(&self) -> String {
         let (b64, sh) = (self.file("b64"), self.file("sh"));
+        let run = match &self.runner {
+            Runner::Executable => format!("chmod 700 {sh}; {sh}"),
+            Runner::Shell(cmd) => format!("{cmd} {sh}"),
+        };
+        if self.channel {
+            // The ports are opened once for the whole group: a background process the commands
+            // leave holding stdout would make a second open fail (a port has one opener).
+            let eof = |fd| format!("printf 'SQSIM_%s_EOF\\n' {} >&{fd}", self.token);
+            return format!(
+                "if base64 -d {b64} >{sh}; then {go}; {{ {run} </dev/null >&3 2>&4 3>&- 4>&-; \
+                 __sqsim_rc=$?; {e3}; {e4}; }} 3>{out} 4>{err}; \
+                 else __sqsim_rc=255; {nodecode}; fi; rm -f {b64} {sh}; \
+                 printf 'SQSIM_%s:%d;' {tok} $__sqsim_rc\n",
+                go = self.ack(ACK_GO),
+                nodecode = self.ack(ACK_NODECODE),
+                tok = self.token,
+                e3 = eof(3),
+                e4 = eof(4),
+                out = port(PORT_STDOUT),
+                err = port(PORT_STDERR),
+            );
+        }
         let (err, eof) = match &self.stderr_device {
             Some(dev) => (
                 format!("2>{dev}"),
                 format!(" printf 'SQSIM_%s_EOF\\n' {} >{dev};", self.token),
             ),
             None => ("2>&1".to_string(), String::new()),
-        };
-        let run = match &self.runner {
-            Runner::Executable => format!("chmod 700 {sh}; {sh}"),
-            Runner::Shell(cmd) => format!("{cmd} {sh}"),
         };
         format!(
             "if base64 -d {b64} >{sh}; then {go}; {run} </dev/null {err}; __sqsim_rc=$?;{eof} \
@@ -219,6 +415,14 @@ impl Session {
             nodecode = self.ack(ACK_NODECODE),
             tok = self.token,
         )
+    }
+}
+
+/// The directory part of an absolute guest path (`/` for a top-level one).
+fn parent(path: &str) -> &str {
+    match path.trim_end_matches('/').rsplit_once('/') {
+        Some(("", _)) | None => "/",
+        Some((dir, _)) => dir,
     }
 }
 

@@ -372,3 +372,77 @@ fn reports_carry_values_and_are_not_acks() {
         ]
     );
 }
+
+#[test]
+fn globs_become_shell_words_that_expand_only_their_wildcards() {
+    assert_eq!(glob_word("/root/out/*.xml"), "'/root/out/'*'.xml'");
+    assert_eq!(glob_word("/var/log/syslog"), "'/var/log/syslog'");
+    assert_eq!(glob_word("/a b/it's/f?[0-9]"), r"'/a b/it'\''s/f'?[0-9]");
+    // A bracket that is not a simple class stays literal: nothing else reaches the shell.
+    assert_eq!(glob_word("/x/[$(reboot)]"), "'/x/[$(reboot)]'");
+    assert_eq!(glob_word("/x/["), "'/x/['");
+}
+
+#[test]
+fn channel_lines_use_the_ports_and_report() {
+    let mut s = Session::new(TOK, None);
+    assert!(s.setup_line().contains("[ -w /dev/virtio-ports/org.sqlite-sim.stdout ]"));
+    assert!(s.setup_line().contains("SQSIM_%s_CHANNEL=%s"));
+    s.set_channel(true);
+    let run = s.run_line();
+    assert!(
+        run.contains("3>/dev/virtio-ports/org.sqlite-sim.stdout 4>/dev/virtio-ports/org.sqlite-sim.stderr"),
+        "{run}"
+    );
+    assert!(run.contains("</dev/null >&3 2>&4 3>&- 4>&-"), "{run}");
+    assert!(run.contains(&format!("printf 'SQSIM_%s_EOF\\n' {TOK} >&3")), "{run}");
+    let file = s.place_line(2, "/root/my dir/run.sh", false, 0o755, 10);
+    assert!(
+        file.starts_with("mkdir -p -- '/root/my dir' && head -c 10 </dev/virtio-ports/org.sqlite-sim.in >'/root/my dir/run.sh' && chmod 755 '/root/my dir/run.sh';"),
+        "{file}"
+    );
+    assert!(file.contains("SQSIM_%s_UP2=%s"), "{file}");
+    let tar = s.place_line(1, "/srv", true, 0, 4096);
+    assert!(tar.contains("| tar -x -f - -C '/srv'"), "{tar}");
+    let art = s.collect_line(&["/root/out/*.xml".into()]);
+    assert!(art.contains("for __sqsim_f in '/root/out/'*'.xml'; do"), "{art}");
+    assert!(art.contains(">/dev/virtio-ports/org.sqlite-sim.artifacts"), "{art}");
+    assert!(art.contains("SQSIM_%s_ART=%s:%s"), "{art}");
+    s.set_channel(false);
+    let art = s.collect_line(&["/x".into()]);
+    assert!(art.contains("base64 /tmp/sqsim-") && art.contains("_ARTE=%s:%s"), "{art}");
+    // Every typed line is one line, and none holds a marker literally.
+    for line in [run, file, tar, art] {
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        assert!(!line.contains(&format!("SQSIM_{TOK}")), "{line}");
+    }
+}
+
+#[test]
+fn artifacts_over_the_console_are_captured_not_logged() {
+    let mut p = parser();
+    p.feed(format!("SQSIM_{TOK}_GO\r\nout").as_bytes());
+    p.feed(format!("SQSIM_{TOK}:0;").as_bytes());
+    let mut got = Parsed::default();
+    let stream = format!("noise\r\nSQSIM_{TOK}_ARTB\nQUJD\nREVG\nSQSIM_{TOK}_ARTE=1:0\r\nafter");
+    for b in stream.as_bytes().chunks(3) {
+        let part = p.feed(b);
+        got.logs.extend(part.logs);
+        got.events.extend(part.events);
+        got.captured.extend(part.captured);
+    }
+    assert_eq!(got.captured, b"QUJD\nREVG\n");
+    assert_eq!(
+        got.events,
+        vec![
+            ConsoleEvent::Ack("ARTB".into()),
+            ConsoleEvent::Report {
+                key: "ARTE".into(),
+                value: "1:0".into()
+            }
+        ]
+    );
+    let logged: Vec<u8> = got.logs.iter().flat_map(|(_, b)| b.clone()).collect();
+    assert!(!String::from_utf8_lossy(&logged).contains("QUJD"), "not in the logs");
+    assert!(String::from_utf8_lossy(&logged).ends_with("after"));
+}
