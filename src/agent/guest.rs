@@ -5,12 +5,11 @@
 
 use super::error::RunError;
 use super::vm::{Deadline, Limit, Vm};
-use crate::config::vm::VmConfig;
 use crate::config::vm::ChannelPolicy;
+use crate::config::vm::VmConfig;
 use crate::model::Channel;
 use crate::qemu::console::protocol::{
-    ConsoleEvent, Runner, Session, ACK_READY, REPORT_CHANNEL, REPORT_RNG, REPORT_SHELL,
-    SEED_BYTES,
+    ConsoleEvent, Runner, Session, ACK_READY, REPORT_CHANNEL, REPORT_RNG, REPORT_SHELL, SEED_BYTES,
 };
 use std::time::Duration;
 use tokio::time::Instant;
@@ -308,11 +307,7 @@ impl Ready {
     }
 }
 
-pub(super) async fn wait_ack(
-    vm: &mut Vm,
-    word: &str,
-    deadline: Deadline,
-) -> Result<(), RunError> {
+pub(super) async fn wait_ack(vm: &mut Vm, word: &str, deadline: Deadline) -> Result<(), RunError> {
     vm.wait(
         |e| matches!(e, ConsoleEvent::Ack(w) if w == word),
         deadline,

@@ -6,10 +6,9 @@
 use super::boot::{self, Launch, Launched};
 use super::error::RunError;
 use super::guest::{Exited, Known, Limits, Ready};
+use super::template;
 use super::transfer;
 use super::vm::Limit;
-use crate::qemu::console::protocol::ConsoleEvent;
-use super::template;
 use super::vm::{Control, Vm, KVM_SILENCE};
 use super::AgentContext;
 use crate::config::vm::VmConfig;
@@ -17,6 +16,7 @@ use crate::config::Accel;
 use crate::model::{
     AgentId, BootChoice, BootMode, Channel, LogType, Request, ShutdownStep, Status,
 };
+use crate::qemu::console::protocol::ConsoleEvent;
 use crate::qemu::console::protocol::Session;
 use crate::qemu::launch::RunPaths;
 use crate::store::sink::LogSink;

@@ -192,7 +192,8 @@ pub(super) async fn collect(
     let matched = match &answered {
         Ok(v) => v.split(':').next().unwrap_or("0").to_string(),
         Err(e) => {
-            got.cut.get_or_insert_with(|| format!("the guest did not finish sending: {e}"));
+            got.cut
+                .get_or_insert_with(|| format!("the guest did not finish sending: {e}"));
             "?".into()
         }
     };
@@ -246,7 +247,9 @@ async fn consume(
             match decode_base64(&mut text, &data) {
                 Ok(b) => b,
                 Err(e) => {
-                    c.cut = Some(format!("the console sent something that is not base64: {e}"));
+                    c.cut = Some(format!(
+                        "the console sent something that is not base64: {e}"
+                    ));
                     break;
                 }
             }
@@ -335,9 +338,7 @@ async fn on_event(
                         });
                         return Ok(());
                     }
-                    let artifact = store
-                        .begin_artifact(id, path.clone(), Some(e.mode))
-                        .await?;
+                    let artifact = store.begin_artifact(id, path.clone(), Some(e.mode)).await?;
                     *current = Some(Current {
                         artifact: Some(artifact),
                         path,
@@ -463,7 +464,13 @@ mod tests {
     fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
         let mut out = Vec::new();
         for (p, d) in entries {
-            out.extend(tarball::header(p, EntryKind::File, 0o600, d.len() as u64, 0));
+            out.extend(tarball::header(
+                p,
+                EntryKind::File,
+                0o600,
+                d.len() as u64,
+                0,
+            ));
             out.extend_from_slice(d);
             out.extend(std::iter::repeat_n(0u8, tarball::padding(d.len() as u64)));
         }
@@ -471,7 +478,11 @@ mod tests {
         out
     }
 
-    async fn run_consume(stream: Vec<u8>, base64_text: bool, limit: u64) -> (Collected, Store, RequestId, tempfile::TempDir) {
+    async fn run_consume(
+        stream: Vec<u8>,
+        base64_text: bool,
+        limit: u64,
+    ) -> (Collected, Store, RequestId, tempfile::TempDir) {
         let (store, dir) = temp_store().await;
         let r = pending_request(&store).await;
         let (tx, rx) = mpsc::channel(4);
@@ -488,23 +499,38 @@ mod tests {
     #[tokio::test]
     async fn files_are_stored_with_digests_and_the_limit_leaves_files_out() {
         let big = vec![9u8; 3 * CHUNK + 7];
-        let tar = tar_of(&[("root/out/a.xml", b"<a/>"), ("root/out/big", &big), ("root/out/c", b"c")]);
+        let tar = tar_of(&[
+            ("root/out/a.xml", b"<a/>"),
+            ("root/out/big", &big),
+            ("root/out/c", b"c"),
+        ]);
         let (c, store, id, _d) = run_consume(tar, false, (CHUNK * 2) as u64).await;
         assert_eq!((c.files, c.cut.as_deref()), (2, None), "{c:?}");
         assert_eq!(c.left_out.len(), 1);
-        assert!(c.left_out[0].1.contains("SQLITE_SIM_MAX_ARTIFACTS"), "{c:?}");
+        assert!(
+            c.left_out[0].1.contains("SQLITE_SIM_MAX_ARTIFACTS"),
+            "{c:?}"
+        );
         let list = store.artifacts(id).await.unwrap();
         let a = list.iter().find(|a| a.path == "/root/out/a.xml").unwrap();
         assert_eq!(a.size, 4);
-        assert_eq!(a.sha256.as_deref(), Some(format!("{:x}", Sha256::digest(b"<a/>")).as_str()));
-        assert_eq!(store.artifact_chunk(a.id, 0).await.unwrap().unwrap(), b"<a/>");
+        assert_eq!(
+            a.sha256.as_deref(),
+            Some(format!("{:x}", Sha256::digest(b"<a/>")).as_str())
+        );
+        assert_eq!(
+            store.artifact_chunk(a.id, 0).await.unwrap().unwrap(),
+            b"<a/>"
+        );
         let big = list.iter().find(|a| a.path == "/root/out/big").unwrap();
         assert!(big.left_out.is_some() && big.sha256.is_none());
     }
 
     #[tokio::test]
     async fn chunks_reassemble_byte_exact() {
-        let data: Vec<u8> = (0..(2 * CHUNK + 12345)).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(2 * CHUNK + 12345))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         let tar = tar_of(&[("f", &data)]);
         let (c, store, id, _d) = run_consume(tar, false, u64::MAX / 8).await;
         assert_eq!(c.files, 1);
@@ -516,7 +542,10 @@ mod tests {
             seq += 1;
         }
         assert_eq!(back, data);
-        assert_eq!(a.sha256.as_deref(), Some(format!("{:x}", Sha256::digest(&data)).as_str()));
+        assert_eq!(
+            a.sha256.as_deref(),
+            Some(format!("{:x}", Sha256::digest(&data)).as_str())
+        );
     }
 
     #[tokio::test]
@@ -550,7 +579,13 @@ mod tests {
         assert!(c.cut.unwrap().contains("cut off"), "a flood is cut off");
         // Names with `..`, and links, are listed as left out, never stored.
         let mut tar = Vec::new();
-        tar.extend(tarball::header("../../etc/evil", EntryKind::File, 0o644, 1, 0));
+        tar.extend(tarball::header(
+            "../../etc/evil",
+            EntryKind::File,
+            0o644,
+            1,
+            0,
+        ));
         tar.extend_from_slice(b"x");
         tar.extend(std::iter::repeat_n(0u8, tarball::padding(1)));
         tar.extend(tarball::trailer());
@@ -558,6 +593,10 @@ mod tests {
         assert_eq!(c.files, 0);
         let list = store.artifacts(id).await.unwrap();
         assert_eq!(list.len(), 1);
-        assert!(list[0].left_out.as_deref().unwrap().contains("leaves its directory"));
+        assert!(list[0]
+            .left_out
+            .as_deref()
+            .unwrap()
+            .contains("leaves its directory"));
     }
 }

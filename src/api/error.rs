@@ -26,6 +26,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("request body too large")]
     PayloadTooLarge,
+    #[error("the files carry {size} bytes; SQLITE_SIM_MAX_UPLOAD allows {limit}")]
+    UploadTooLarge { size: u64, limit: u64 },
     #[error("{0:?} is not a UUID")]
     InvalidUuid(String),
     #[error("no request {0}")]
@@ -267,7 +269,9 @@ impl ApiError {
             ApiError::Validation(_) => ErrorCode::Validation,
             ApiError::MalformedJson(_) => ErrorCode::MalformedJson,
             ApiError::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
-            ApiError::PayloadTooLarge => ErrorCode::PayloadTooLarge,
+            ApiError::PayloadTooLarge | ApiError::UploadTooLarge { .. } => {
+                ErrorCode::PayloadTooLarge
+            }
             ApiError::InvalidUuid(_) => ErrorCode::InvalidUuid,
             ApiError::NotFound(_) | ApiError::UnknownVm { .. } | ApiError::NoTemplate(_) => {
                 ErrorCode::NotFound

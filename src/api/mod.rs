@@ -4,6 +4,7 @@
 //! with Swagger UI, offline.
 
 pub mod error;
+mod files;
 mod input;
 mod logs;
 mod metrics;

@@ -1,6 +1,7 @@
 //! `/requests`: submit, list, read, control (hold/resume/cancel) and delete.
 
 use super::error::{ApiError, InvalidTransitionResponse};
+use super::files;
 use super::input::{self, Object};
 use super::AppState;
 use crate::config::vm::{is_valid_vm_name, VmConfigError};
@@ -51,6 +52,16 @@ pub struct CreateBody {
     /// the disk image. Absent or null: the VM's `WARM` setting decides.
     #[serde(default)]
     pub boot: Option<BootChoice>,
+    /// Small files put in place in the guest before the commands run (larger ones travel as
+    /// `multipart/form-data`). Their decoded bytes count against `SQLITE_SIM_MAX_UPLOAD`.
+    #[serde(default)]
+    #[schema(max_items = 64)]
+    pub files: Option<Vec<files::InlineFile>>,
+    /// Absolute guest paths or globs (`*`, `?`, `[…]`) collected after the commands, also when
+    /// they failed or timed out; a directory brings everything under it.
+    #[serde(default)]
+    #[schema(max_items = 64, value_type = Option<Vec<String>>)]
+    pub artifacts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -61,7 +72,11 @@ pub struct Created {
 }
 
 /// Checks a submission against the settings and the VMs that exist; nothing is stored on error.
-fn validate(state: &AppState, body: CreateBody) -> Result<NewRequest, ApiError> {
+/// Its inline files are returned to be staged.
+fn validate(
+    state: &AppState,
+    body: CreateBody,
+) -> Result<(NewRequest, Vec<files::Pending>), ApiError> {
     if !is_valid_vm_name(&body.vm_name) {
         let shown: String = body.vm_name.chars().take(80).collect();
         return Err(ApiError::Validation(format!(
@@ -108,14 +123,19 @@ fn validate(state: &AppState, body: CreateBody) -> Result<NewRequest, ApiError> 
                 ApiError::Validation(format!("timeout must be from 1 to {max} seconds, got {t}"))
             })?,
     };
-    Ok(NewRequest {
-        vm_name: body.vm_name,
-        commands: body.commands,
-        timeout,
-        boot: body.boot,
-        uploads: Vec::new(),
-        artifacts: Vec::new(),
-    })
+    let pending = files::inline(body.files.unwrap_or_default())?;
+    let artifacts = files::globs(body.artifacts.unwrap_or_default())?;
+    Ok((
+        NewRequest {
+            vm_name: body.vm_name,
+            commands: body.commands,
+            timeout,
+            boot: body.boot,
+            uploads: Vec::new(),
+            artifacts,
+        },
+        pending,
+    ))
 }
 
 /// Submit a request.
@@ -127,8 +147,16 @@ pub async fn create(
     body: Result<Json<Object<CreateBody>>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = input::body(body)?;
-    let new = validate(&state, body)?;
-    let req = state.store.create(new).await?;
+    let (mut new, pending) = validate(&state, body)?;
+    new.uploads = files::stage(&state.store, pending, state.settings.max_upload).await?;
+    let staged = new.uploads.clone();
+    let req = match state.store.create(new).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = state.store.discard_uploads(staged).await;
+            return Err(e.into());
+        }
+    };
     tracing::info!(request = %req.uuid, vm = %req.vm_name, "request created");
     state.wake.notify_waiters();
     Ok((

@@ -431,12 +431,20 @@ mod tests {
 
     #[test]
     fn sizes() {
-        for (text, bytes) in [("1024", 1024), ("64K", 65536), ("256M", 256 << 20), ("2GiB", 2 << 30)] {
+        for (text, bytes) in [
+            ("1024", 1024),
+            ("64K", 65536),
+            ("256M", 256 << 20),
+            ("2GiB", 2 << 30),
+        ] {
             let s = settings(&[("SQLITE_SIM_MAX_UPLOAD", text)]).unwrap();
             assert_eq!(s.max_upload, bytes, "{text}");
         }
         for bad in ["0", "x", "-1M", "1T", "1.5G"] {
-            assert!(settings(&[("SQLITE_SIM_MAX_ARTIFACTS", bad)]).is_err(), "{bad}");
+            assert!(
+                settings(&[("SQLITE_SIM_MAX_ARTIFACTS", bad)]).is_err(),
+                "{bad}"
+            );
         }
     }
 

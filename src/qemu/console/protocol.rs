@@ -89,7 +89,10 @@ pub fn glob_word(glob: &str) -> String {
                 out.push(c);
             }
             '[' => {
-                let close = chars[i + 1..].iter().position(|&c| c == ']').map(|p| i + 1 + p);
+                let close = chars[i + 1..]
+                    .iter()
+                    .position(|&c| c == ']')
+                    .map(|p| i + 1 + p);
                 let simple = close.is_some_and(|end| {
                     end > i + 1
                         && chars[i + 1..end]
@@ -280,7 +283,10 @@ impl Session {
                 let redirect = if i == 0 && fresh { ">" } else { ">>" };
                 let chunk = std::str::from_utf8(chunk).expect("base64 is ASCII");
                 (
-                    format!("printf %s '{chunk}' {redirect}{file}; {}\n", self.ack(&word)),
+                    format!(
+                        "printf %s '{chunk}' {redirect}{file}; {}\n",
+                        self.ack(&word)
+                    ),
                     word,
                 )
             })
@@ -307,11 +313,15 @@ impl Session {
     }
 
     /// The same over the console: one chunk of upload `n` as acknowledged base64 lines, then a
-    /// line that decodes it onto the upload's temporary file (ack `D<n>_<chunk>`).
+    /// line that decodes it onto the upload's temporary file (ack `D<n>C<chunk>`; ack words
+    /// are capitals and digits only).
     pub fn chunk_lines(&self, n: usize, chunk: usize, data: &[u8]) -> Vec<(String, String)> {
-        let (b64, bin) = (self.file(&format!("up{n}.b64")), self.file(&format!("up{n}")));
-        let mut lines = self.base64_lines(data, &b64, &format!("U{n}_{chunk}_"), true);
-        let word = format!("D{n}_{chunk}");
+        let (b64, bin) = (
+            self.file(&format!("up{n}.b64")),
+            self.file(&format!("up{n}")),
+        );
+        let mut lines = self.base64_lines(data, &b64, &format!("U{n}C{chunk}L"), true);
+        let word = format!("D{n}C{chunk}");
         let redirect = if chunk == 0 { ">" } else { ">>" };
         lines.push((
             format!(

@@ -386,16 +386,23 @@ fn globs_become_shell_words_that_expand_only_their_wildcards() {
 #[test]
 fn channel_lines_use_the_ports_and_report() {
     let mut s = Session::new(TOK, None);
-    assert!(s.setup_line().contains("[ -w /dev/virtio-ports/org.sqlite-sim.stdout ]"));
+    assert!(s
+        .setup_line()
+        .contains("[ -w /dev/virtio-ports/org.sqlite-sim.stdout ]"));
     assert!(s.setup_line().contains("SQSIM_%s_CHANNEL=%s"));
     s.set_channel(true);
     let run = s.run_line();
     assert!(
-        run.contains("3>/dev/virtio-ports/org.sqlite-sim.stdout 4>/dev/virtio-ports/org.sqlite-sim.stderr"),
+        run.contains(
+            "3>/dev/virtio-ports/org.sqlite-sim.stdout 4>/dev/virtio-ports/org.sqlite-sim.stderr"
+        ),
         "{run}"
     );
     assert!(run.contains("</dev/null >&3 2>&4 3>&- 4>&-"), "{run}");
-    assert!(run.contains(&format!("printf 'SQSIM_%s_EOF\\n' {TOK} >&3")), "{run}");
+    assert!(
+        run.contains(&format!("printf 'SQSIM_%s_EOF\\n' {TOK} >&3")),
+        "{run}"
+    );
     let file = s.place_line(2, "/root/my dir/run.sh", false, 0o755, 10);
     assert!(
         file.starts_with("mkdir -p -- '/root/my dir' && head -c 10 </dev/virtio-ports/org.sqlite-sim.in >'/root/my dir/run.sh' && chmod 755 '/root/my dir/run.sh';"),
@@ -405,12 +412,21 @@ fn channel_lines_use_the_ports_and_report() {
     let tar = s.place_line(1, "/srv", true, 0, 4096);
     assert!(tar.contains("| tar -x -f - -C '/srv'"), "{tar}");
     let art = s.collect_line(&["/root/out/*.xml".into()]);
-    assert!(art.contains("for __sqsim_f in '/root/out/'*'.xml'; do"), "{art}");
-    assert!(art.contains(">/dev/virtio-ports/org.sqlite-sim.artifacts"), "{art}");
+    assert!(
+        art.contains("for __sqsim_f in '/root/out/'*'.xml'; do"),
+        "{art}"
+    );
+    assert!(
+        art.contains(">/dev/virtio-ports/org.sqlite-sim.artifacts"),
+        "{art}"
+    );
     assert!(art.contains("SQSIM_%s_ART=%s:%s"), "{art}");
     s.set_channel(false);
     let art = s.collect_line(&["/x".into()]);
-    assert!(art.contains("base64 /tmp/sqsim-") && art.contains("_ARTE=%s:%s"), "{art}");
+    assert!(
+        art.contains("base64 /tmp/sqsim-") && art.contains("_ARTE=%s:%s"),
+        "{art}"
+    );
     // Every typed line is one line, and none holds a marker literally.
     for line in [run, file, tar, art] {
         assert_eq!(line.matches('\n').count(), 1, "{line}");
@@ -443,6 +459,25 @@ fn artifacts_over_the_console_are_captured_not_logged() {
         ]
     );
     let logged: Vec<u8> = got.logs.iter().flat_map(|(_, b)| b.clone()).collect();
-    assert!(!String::from_utf8_lossy(&logged).contains("QUJD"), "not in the logs");
+    assert!(
+        !String::from_utf8_lossy(&logged).contains("QUJD"),
+        "not in the logs"
+    );
     assert!(String::from_utf8_lossy(&logged).ends_with("after"));
+}
+
+#[test]
+fn every_ack_word_is_one_the_parser_recognises() {
+    let s = Session::new(TOK, None);
+    let words: Vec<String> = s
+        .chunk_lines(3, 12, &[7u8; 5000])
+        .into_iter()
+        .chain(s.upload_lines(b"script"))
+        .map(|(_, w)| w)
+        .collect();
+    for w in words {
+        let mut p = parser();
+        let got = p.feed(format!("SQSIM_{TOK}_{w}\r\n").as_bytes());
+        assert_eq!(got.events, vec![ConsoleEvent::Ack(w.clone())], "{w}");
+    }
 }
