@@ -2,12 +2,14 @@
 //! (`cli …`, `submit`) talk to the REST API through [`client`], so they work against a remote
 //! server exactly as against a local one.
 
+pub mod artifacts;
 mod client;
 mod follow;
 mod ops;
 mod render;
 mod service;
 mod submit;
+mod upload;
 
 use crate::config::Settings;
 use crate::model::{LogType, Status};
@@ -156,6 +158,16 @@ pub enum CliCommand {
     /// Resume a held request.
     Resume {
         id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A request's artifacts: a table, or with --out DIR downloaded to DIR/<guest path>.
+    Artifacts {
+        id: String,
+        /// Download every stored artifact here (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+        /// The listing as JSON.
         #[arg(long)]
         json: bool,
     },
