@@ -95,6 +95,21 @@ def vm_rss_kib(pid):
     return None
 
 
+def smaps_rollup_kib(pid):
+    """{field: KiB} from /proc/PID/smaps_rollup (Rss, Pss, Pss_Anon, Pss_File, Shared_Clean,
+    Private_Dirty, ...); None if the process is gone."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    out[parts[0].rstrip(":")] = int(parts[1])
+    except OSError:
+        return None
+    return out or None
+
+
 # ----------------------------------------------------------------------------------------
 # perf
 
