@@ -45,6 +45,24 @@ def set_key(text, key, value):
     return text.rstrip("\n") + "\n" + line + "\n"
 
 
+POOL_VM = "tiny-pool"
+# The pool keeper says when a clone is restored and in the pool (at DEBUG).
+POOL_TRACE = "sqlite_sim::agent::pool=debug"
+POOL_READY = re.compile(r'^(\S+Z)\s+DEBUG\s.*pool clone ready vm="?([^" ]+)"? ms=(\d+)', re.M)
+
+
+def warm_tiny_configs(pool=1):
+    """The shipped `tiny` (its config says WARM="on"; set here should it ever not) and, with
+    `pool`, `tiny-pool`: the same guest and keys plus IMAGE and WARM_POOL. {name: text}."""
+    tiny = shipped_configs()["tiny"]
+    if not re.search(r'(?m)^\s*WARM\s*=\s*["\']?on', tiny):
+        tiny = set_key(tiny, "WARM", "on")
+    out = {"tiny": tiny}
+    if pool:
+        out[POOL_VM] = set_key(set_key(tiny, "IMAGE", "tiny.qcow2"), "WARM_POOL", str(pool))
+    return out
+
+
 # The supervisor's own trace of each system line, with the instant it was produced; used
 # because merged log rows only carry their first line's timestamp. Costs a few lines per run.
 TRACE_RUNS = "warn,sqlite_sim::run=info,sqlite_sim::agent::run=info"
@@ -163,6 +181,21 @@ class Server:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.label}: no template of {vm} after {timeout} s")
             time.sleep(0.1)
+
+    def pool_ready(self, vm=POOL_VM):
+        """[(epoch, restore ms)] of every clone of `vm` the pool keeper restored so far."""
+        return [(parse_ts(m.group(1)), int(m.group(3)))
+                for m in POOL_READY.finditer(self.log_text()) if m.group(2) == vm]
+
+    def wait_pool(self, restored, vm=POOL_VM, timeout=120):
+        """Waits until the keeper has restored `restored` clones of `vm` in all (so the pool is
+        full again after `restored - size` takes) and a pool directory exists."""
+        deadline = time.monotonic() + timeout
+        while len(self.pool_ready(vm)) < restored or not self.pool_dirs():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.label}: the pool of {vm} did not refill in "
+                                   f"{timeout} s ({len(self.pool_ready(vm))} of {restored})")
+            time.sleep(0.02)
 
     def pool_dirs(self):
         """The pool's clone directories (`RUN_DIR/pool-<pid>-<n>`)."""

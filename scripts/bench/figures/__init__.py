@@ -18,6 +18,7 @@ MODULES = [
     "f6_api_throughput",
     "f7_memory",
     "f8_scaling",
+    "f9_warm_latency",
 ]
 
 
