@@ -39,6 +39,16 @@ def proc_cpu_seconds(pid):
         return None
 
 
+def proc_children_cpu_seconds(pid):
+    """cutime + cstime: CPU of a process's children it has waited for (its QEMUs, qemu-img)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def thread_cpu(pid):
     """{tid: cpu seconds} for every thread of a process ({} if it is gone)."""
     out = {}

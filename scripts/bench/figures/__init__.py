@@ -20,6 +20,7 @@ MODULES = [
     "f8_scaling",
     "f9_warm_latency",
     "f10_debian_warm",
+    "f11_warm_throughput",
 ]
 
 
