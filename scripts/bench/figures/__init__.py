@@ -21,6 +21,7 @@ MODULES = [
     "f9_warm_latency",
     "f10_debian_warm",
     "f11_warm_throughput",
+    "f12_clone_memory",
 ]
 
 
