@@ -74,7 +74,8 @@ def figure12(n, runs):
             f"{med(mib(warm, 'Private_Dirty')):.1f} MiB. A cold VM: PSS {cp:.1f} MiB, RSS "
             f"{cr:.1f} MiB, nearly all private: {med(mib(cold, 'Pss_Anon')):.1f} MiB of anonymous "
             "memory (its guest RAM, as much as the boot touched, and TCG's translation buffer; a "
-            "clone's anonymous memory is the pages it wrote and its own translations). {n} clones: {wp * n:.0f} MiB of PSS "
+            "clone's anonymous memory is the pages it wrote and its own translations). "
+            f"{n} clones: {wp * n:.0f} MiB of PSS "
             f"against {cp * n:.0f} MiB for {n} cold VMs ({wp / cp:.2f}x); the template's RAM "
             f"file is {meta['size_bytes'] / 2**20:.0f} MiB on disk (meta.json size_bytes, with "
             "state and disk), in the page cache once, whatever the number of clones.")

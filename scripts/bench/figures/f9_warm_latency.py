@@ -238,7 +238,8 @@ def figure9(n_warm, n_pool, n_raw, n_probe):
         "QEMU CPU time of each step matches its wall time, while its minor page faults (the "
         "copy-on-write RAM's first touches) number only hundreds, microseconds each (figure "
         "9's profile table): the time is QEMU computing, i.e. translating. "
-        "A job's own programs pay the same again on their first run in the clone. The pool's clone also shares "
+        "A job's own programs pay the same again on their first run in the clone. The pool's "
+        "clone also shares "
         f"the 2 cores with the keeper's refill, which ran during {overlap} of {len(pool)} pool "
         "samples' `cont` -> ready.")
     detail = {"columns": ["phase", "warm ms", "pool ms", "cold (supervisor, 1 run) ms"],
