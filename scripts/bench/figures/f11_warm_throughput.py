@@ -95,8 +95,8 @@ def figure11(levels, warm_mult, warm_runs, cold_mult):
             f"c={c}: warm {med([b['jobs_s'] for b in warm]):.2f} jobs/s, host CPU "
             f"{med([b['busy'] for b in warm]) * 100:.0f}% busy (this server and its QEMUs: "
             f"{med([b['ours'] for b in warm]) * 100:.0f}% of {cores} cores), per job {q:.0f} ms "
-            f"of QEMU CPU + {sv:.0f} ms of sqlite-sim, restore_ms {med([b['restore'] for b in warm]):.0f}"
-            f"; cold {cold['jobs_s']:.2f} jobs/s, {cold['qemu_cpu'] * 1000:.0f} ms of QEMU CPU "
+            f"of QEMU CPU + {sv:.0f} ms of sqlite-sim, restore_ms "
+            f"{med([b['restore'] for b in warm]):.0f}; cold {cold['jobs_s']:.2f} jobs/s, {cold['qemu_cpu'] * 1000:.0f} ms of QEMU CPU "
             "per job")
     best = max(out, key=lambda x: med([b["jobs_s"] for b in x[1]]))
     per_job = (med([b["qemu_cpu"] + b["srv_cpu"] for b in best[1]]))
