@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
-# Measures the performance figures of issue 6 side by side, in one run, and keeps them:
-# prints a table and writes BENCHMARKS.md (machine, date, QEMU version, commit, results, notes).
+# Measures the performance figures of issues 6 and 11 (warm start) side by side, in one run,
+# and keeps them: prints a table and writes BENCHMARKS.md (machine, date, QEMU version,
+# commit, results, notes).
 #
-#   scripts/bench.sh            full run (about 15-25 minutes on 2 cores under TCG)
-#   scripts/bench.sh --quick    tiny repetitions, to check that everything works end to end
+#   scripts/bench.sh               full run (about 25-40 minutes on 2 cores under TCG)
+#   scripts/bench.sh --quick       tiny repetitions, to check that everything works end to end
+#   scripts/bench.sh --quick --no-debian
+#                                  the same without figure 10 (the Debian 12 guest), e.g. where
+#                                  its image cannot be built; a full run always includes it
 #
 # Environment:
 #   BENCH_FLOOD_MB   MB the real guest prints for figure 4b (default 20; 2 with --quick).
 #                    The TCG serial port moves ~0.1-0.3 MB/s, so 100 MB takes 10+ minutes.
+#   BENCH_NO_DEBIAN=1  the same as --no-debian.
 #
 # Figures 4a and 5 (synthetic console ingest, SSE follow latency) come from
 # `cargo bench --bench hot_paths`; every other figure from scripts/bench_vm.py, which drives
 # the release binary and real QEMU (its code: scripts/bench/, one module per figure). Each
-# prints one JSON object per line.
+# prints one JSON object per line. The Debian 12 image for figure 10 is built (or copied from
+# the image cache, in seconds) by scripts/build-debian-image.sh, which needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 
 quick=0
+no_debian=0
+[ "${BENCH_NO_DEBIAN:-0}" = 1 ] && no_debian=1
 for arg in "$@"; do
     case "$arg" in
         --quick) quick=1 ;;
+        --no-debian) no_debian=1 ;;
         -h | --help)
             usage
             exit 0
@@ -49,6 +58,11 @@ notes="$work/notes.md"
 : >"$results"
 : >"$notes"
 
+if [ "$no_debian" = 1 ] && [ "$quick" != 1 ]; then
+    echo "bench: --no-debian (BENCH_NO_DEBIAN=1) is for --quick runs: a full run includes figure 10" >&2
+    exit 2
+fi
+
 if [ "$quick" = 1 ]; then
     flood_mb="${BENCH_FLOOD_MB:-2}"
     vm_args=(--quick --flood-mb "$flood_mb")
@@ -58,12 +72,24 @@ else
     vm_args=(--flood-mb "$flood_mb")
     command_line="scripts/bench.sh"
 fi
+if [ "$no_debian" = 1 ]; then
+    vm_args+=(--no-debian)
+    command_line="$command_line --no-debian"
+fi
 if [ -n "${BENCH_FLOOD_MB:-}" ]; then
     command_line="BENCH_FLOOD_MB=$BENCH_FLOOD_MB $command_line"
 fi
 
 echo "bench: setting up QEMU and the tiny image" >&2
 scripts/setup.sh >&2
+if [ "$no_debian" != 1 ]; then
+    # Figure 10's guest: copied from the image cache when it holds this recipe, else built
+    # (debootstrap: many minutes). A failure leaves figure 10 to report the missing image.
+    echo "bench: setting up the Debian 12 image (figure 10)" >&2
+    as_root scripts/build-debian-image.sh >&2 ||
+        echo "bench: the Debian 12 image could not be built; figure 10 will fail" \
+            "(--quick --no-debian skips it)" >&2
+fi
 
 if ! command -v wrk >/dev/null; then
     echo "bench: installing wrk" >&2
@@ -166,6 +192,11 @@ fi
     echo "- Figure 7 runs \`sleep 30; echo x\` in each VM so that all of them are up at once,"
     echo "  with \`BOOT_TIMEOUT\` raised to 300 s in a copy of the configs: 8 TCG guests booting"
     echo "  on 2 cores take far longer than one."
+    echo "- Figures 1-8 run \`tiny\` cold, as issue 6 defines them: their servers get copies of"
+    echo "  the configs without the warm-start keys. Figures 9-12 use the shipped \`tiny\`"
+    echo "  (\`WARM=\"on\"\`), \`tiny-pool\` (the same plus \`WARM_POOL=\"1\"\`) and"
+    echo "  vm_images/debian12.conf.example plus \`WARM=\"on\"\`, each timed only once its"
+    echo "  template's meta.json exists."
 } >>"$notes"
 
 dirty=""
@@ -175,7 +206,7 @@ fi
 if [ "$quick" = 1 ]; then
     mode="quick (\`--quick\`: 1-2 repetitions per figure; not for conclusions)"
 else
-    mode="full: 5 alternating pairs (1), 10 runs per mode (2), 5 holds and 5 cancels (3), 1 flood (4b), 3 wrk runs of 10 s (6), 3 runs (7), 3 runs per concurrency level (8)"
+    mode="full: 5 alternating pairs (1), 10 runs per mode (2), 5 holds and 5 cancels (3), 1 flood (4b), 3 wrk runs of 10 s (6), 3 runs (7), 3 runs per concurrency level (8), 20 warm + 20 pool + 5 raw cold runs and 3 hand-restored clones (9), 3 cold + 6 warm Debian runs (10), 3 warm batches of 4c and 1 cold batch of 2c per level (11), 2 runs of 8 clones and 8 cold VMs (12)"
 fi
 load_note="load average $load_at_start at start ($busy_at_start cargo/rustc/qemu-system processes);"
 load_note="$load_note when the VM measurements began: CPU ${cpu_before}% busy over 5 s, load $load_before"

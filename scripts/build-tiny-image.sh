@@ -14,6 +14,8 @@
 #                  root shell straight away.
 #   sqsim.acpi=0   ignore ACPI power-button presses (QMP system_powerdown):
 #                  no button driver, no watcher; the host has to quit QEMU.
+#   sqsim.virtio=0 no virtio_console driver: no /dev/virtio-ports, as a guest
+#                  without the supervisor's channel.
 #   sqsim.shell=PATH  the login shell on ttyS0, e.g. /bin/bash (Debian's
 #                  bash-static); root's shell in /etc/passwd too. Default
 #                  /bin/sh (busybox ash).
@@ -227,8 +229,13 @@ for m in pvpanic pvpanic-mmio pvpanic-pci; do
 done
 # virtio-serial (in dependency order). The ports show up asynchronously;
 # /dev/virtio-ports/ is filled just before the shell starts, below.
+# "sqsim.virtio=0" leaves the console driver out: a guest without the
+# supervisor's channel, as older or smaller guests are.
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev \
          virtio_pci virtio_console; do
+    case " $(cat /proc/cmdline) " in
+        *" sqsim.virtio=0 "*) [ "$m" = virtio_console ] && continue ;;
+    esac
     insmod /lib/modules/$m.ko
 done
 

@@ -16,7 +16,8 @@ from .server import Server
 DESCRIPTION = """\
 End-to-end benchmarks of sqlite-sim with the real release binary and real QEMU (issue 6).
 
-Measures figures 1, 2, 3, 4b, 6, 7 and 8 of BENCHMARKS.md (4a and 5 come from
+Measures figures 1, 2, 3, 4b, 6, 7 and 8 (issue 6) and 9-12 (warm start, issue 11) of
+BENCHMARKS.md (4a and 5 come from
 `cargo bench --bench hot_paths`). Every server runs in its own temporary directory with its
 own database and run directory, on a kernel-chosen port, and is stopped with SIGTERM.
 
@@ -40,11 +41,17 @@ def parse_args(argv):
     ap.add_argument("--flood-mb", type=float, default=None,
                     help="MB the guest prints for figure 4b (default 100; 2 with --quick). "
                          "The TCG serial port moves ~0.1-0.3 MB/s: 100 MB takes 10+ minutes.")
+    ap.add_argument("--no-debian", action="store_true",
+                    help="with --quick: skip figure 10 (the Debian 12 guest), e.g. when its "
+                         "image cannot be built here; a full run always includes it")
     ap.add_argument("--runs", type=int, default=None, help="override N for figures 1 and 3")
     ap.add_argument("--render", metavar="RESULTS", help="render BENCHMARKS.md from JSON lines")
     ap.add_argument("--meta", metavar="FILE", help="KEY=VALUE lines for --render")
     ap.add_argument("--table-out", metavar="FILE", help="with --render: also write the table")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if a.no_debian and not a.quick:
+        ap.error("--no-debian is for --quick runs: a full run includes the Debian 12 figure")
+    return a
 
 
 def run_figure(fig, ctx, failures):
@@ -78,7 +85,7 @@ def main(argv=None):
     install_cleanup()
     record.start_sampling()
 
-    ctx = Context(quick=a.quick, runs=a.runs, flood_mb=a.flood_mb)
+    ctx = Context(quick=a.quick, runs=a.runs, flood_mb=a.flood_mb, no_debian=a.no_debian)
     # The figures that share the `all` server run on one, started before the first of them
     # and stopped after the last, so that it is gone before the others start their own.
     shared = [f for f in selected if f.shared_server]

@@ -38,6 +38,15 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
+def pctl(xs, p):
+    """The p-th percentile by nearest rank (p99 of fewer than 100 samples is their maximum)."""
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    rank = max(1, -(-len(xs) * p // 100))  # ceil
+    return xs[int(rank) - 1]
+
+
 # ----------------------------------------------------------------------------------------
 # Everything this run started
 

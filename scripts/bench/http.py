@@ -76,9 +76,17 @@ class Api:
             raise RuntimeError(f"{method} {path} -> {st} {resp}")
         return resp
 
-    def submit(self, commands, timeout=300, vm="tiny"):
-        return self._ok("POST", "/requests",
-                        {"vm_name": vm, "commands": commands, "timeout": timeout}, want=201)["uuid"]
+    def submit(self, commands, timeout=300, vm="tiny", boot=None):
+        """POSTs a request; `boot`: None (the VM's default), "cold" or "warm"."""
+        body = {"vm_name": vm, "commands": commands, "timeout": timeout}
+        if boot is not None:
+            body["boot"] = boot
+        return self._ok("POST", "/requests", body, want=201)["uuid"]
+
+    def list(self, **query):
+        """GET /requests with `query` (e.g. vm_name, limit): the list of requests."""
+        q = "&".join(f"{k}={v}" for k, v in query.items())
+        return self._ok("GET", "/requests" + ("?" + q if q else ""))["requests"]
 
     def get(self, uuid):
         return self._ok("GET", f"/requests/{uuid}")

@@ -39,6 +39,16 @@ def proc_cpu_seconds(pid):
         return None
 
 
+def proc_children_cpu_seconds(pid):
+    """cutime + cstime: CPU of a process's children it has waited for (its QEMUs, qemu-img)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def thread_cpu(pid):
     """{tid: cpu seconds} for every thread of a process ({} if it is gone)."""
     out = {}
@@ -93,6 +103,21 @@ def vm_rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return None
+
+
+def smaps_rollup_kib(pid):
+    """{field: KiB} from /proc/PID/smaps_rollup (Rss, Pss, Pss_Anon, Pss_File, Shared_Clean,
+    Private_Dirty, ...); None if the process is gone."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    out[parts[0].rstrip(":")] = int(parts[1])
+    except OSError:
+        return None
+    return out or None
 
 
 # ----------------------------------------------------------------------------------------

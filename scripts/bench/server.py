@@ -2,6 +2,7 @@
 started on it (`all`, or `api` plus `agents`) on a kernel-chosen port, stopped with SIGTERM;
 and the supervisor's own trace of each request's system lines."""
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,53 @@ from . import common
 from .common import BIN, CONFIGS, IMAGES, log, parse_ts
 from .http import Api
 from .procstat import proc_alive
+
+# The keys of warm start (issue 11). Issue 6's figures measure cold boots, so their servers
+# get copies of the configs without them: no template is built behind their backs, and every
+# request boots as those figures expect.
+WARM_KEYS = re.compile(r"(?m)^\s*(WARM|WARM_POOL|WARM_WAIT|PREPARE)\s*=.*\n?")
+
+
+def shipped_configs():
+    """{name: text} of the shipped vm_configs/*.conf."""
+    out = {}
+    for name in sorted(os.listdir(CONFIGS)):
+        if name.endswith(".conf"):
+            with open(os.path.join(CONFIGS, name)) as f:
+                out[name[:-5]] = f.read()
+    return out
+
+
+def cold_configs():
+    """The shipped configs with the warm-start keys removed."""
+    return {n: WARM_KEYS.sub("", t) for n, t in shipped_configs().items()}
+
+
+def set_key(text, key, value):
+    """`text` with `KEY="value"` set (replaced where it is, else appended)."""
+    line = f'{key}="{value}"'
+    if re.search(rf"(?m)^\s*{key}\s*=", text):
+        return re.sub(rf"(?m)^\s*{key}\s*=.*$", line, text)
+    return text.rstrip("\n") + "\n" + line + "\n"
+
+
+POOL_VM = "tiny-pool"
+# The pool keeper says when a clone is restored and in the pool (at DEBUG).
+POOL_TRACE = "sqlite_sim::agent::pool=debug"
+POOL_READY = re.compile(r'^(\S+Z)\s+DEBUG\s.*pool clone ready vm="?([^" ]+)"? ms=(\d+)', re.M)
+
+
+def warm_tiny_configs(pool=1):
+    """The shipped `tiny` (its config says WARM="on"; set here should it ever not) and, with
+    `pool`, `tiny-pool`: the same guest and keys plus IMAGE and WARM_POOL. {name: text}."""
+    tiny = shipped_configs()["tiny"]
+    if not re.search(r'(?m)^\s*WARM\s*=\s*["\']?on', tiny):
+        tiny = set_key(tiny, "WARM", "on")
+    out = {"tiny": tiny}
+    if pool:
+        out[POOL_VM] = set_key(set_key(tiny, "IMAGE", "tiny.qcow2"), "WARM_POOL", str(pool))
+    return out
+
 
 # The supervisor's own trace of each system line, with the instant it was produced; used
 # because merged log rows only carry their first line's timestamp. Costs a few lines per run.
@@ -52,7 +100,9 @@ class Server:
     """One sqlite-sim deployment: a temp dir with its database and run dir, and the processes
     (`all`, or `api` plus `agents`) started on it."""
 
-    def __init__(self, env=None, label="server", trace_runs=True):
+    def __init__(self, env=None, label="server", trace_runs=True, configs=None, trace=None):
+        """`configs`: {name: text} for its config directory (default: `cold_configs()`);
+        `trace`: extra RUST_LOG directives (e.g. the pool keeper's debug lines)."""
         self.root = tempfile.mkdtemp(prefix="bsim-", dir="/tmp")
         self.run_dir = os.path.join(self.root, "run")
         self.db = os.path.join(self.root, "bench.db")
@@ -74,9 +124,85 @@ class Server:
             "SQLITE_SIM_LOG_LEVEL": "WARN",
         })
         if trace_runs:
-            self.env["RUST_LOG"] = TRACE_RUNS
+            self.env["RUST_LOG"] = TRACE_RUNS + (f",{trace}" if trace else "")
+        self.config_dir = os.path.join(self.root, "configs")
+        self.env["SQLITE_SIM_VM_CONFIG_DIR"] = self.config_dir
+        os.makedirs(self.config_dir)
+        for name, text in (cold_configs() if configs is None else configs).items():
+            self.write_config(name, text)
         self.env.update(env or {})
         common.SERVERS.append(self)
+
+    def write_config(self, name, text):
+        """Adds (or replaces) `name`'s config; agents see it at their next pass."""
+        tmp = os.path.join(self.config_dir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.rename(tmp, os.path.join(self.config_dir, f"{name}.conf"))
+
+    def log_text(self):
+        """Everything the server's processes logged so far."""
+        out = []
+        for p in self.procs:
+            try:
+                with open(p.log_path, errors="replace") as f:
+                    out.append(f.read())
+            except OSError:
+                pass
+        return "".join(out)
+
+    def template(self, vm):
+        """(dir, meta) of `vm`'s ready template in this server's run dir, or None."""
+        root = os.path.join(self.run_dir, "templates")
+        try:
+            names = sorted(os.listdir(root))
+        except OSError:
+            return None
+        for n in names:
+            key = n[len(vm) + 1:]
+            if n.startswith(vm + "-") and len(key) == 16:
+                try:
+                    with open(os.path.join(root, n, "meta.json")) as f:
+                        return os.path.join(root, n), json.load(f)
+                except (OSError, ValueError):
+                    continue
+        return None
+
+    def wait_template(self, vm, timeout=300):
+        """Waits until `vm`'s template is ready (its meta.json exists); (dir, meta)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            t = self.template(vm)
+            if t is not None:
+                return t
+            failed = re.search(r"template build failed.*", self.log_text())
+            if failed:
+                raise RuntimeError(f"{self.label}: {vm}'s {failed.group(0)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.label}: no template of {vm} after {timeout} s")
+            time.sleep(0.1)
+
+    def pool_ready(self, vm=POOL_VM):
+        """[(epoch, restore ms)] of every clone of `vm` the pool keeper restored so far."""
+        return [(parse_ts(m.group(1)), int(m.group(3)))
+                for m in POOL_READY.finditer(self.log_text()) if m.group(2) == vm]
+
+    def wait_pool(self, restored, vm=POOL_VM, timeout=120):
+        """Waits until the keeper has restored `restored` clones of `vm` in all (so the pool is
+        full again after `restored - size` takes) and a pool directory exists."""
+        deadline = time.monotonic() + timeout
+        while len(self.pool_ready(vm)) < restored or not self.pool_dirs():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.label}: the pool of {vm} did not refill in "
+                                   f"{timeout} s ({len(self.pool_ready(vm))} of {restored})")
+            time.sleep(0.02)
+
+    def pool_dirs(self):
+        """The pool's clone directories (`RUN_DIR/pool-<pid>-<n>`)."""
+        try:
+            return sorted(n for n in os.listdir(self.run_dir) if n.startswith("pool-"))
+        except OSError:
+            return []
 
     def run_lines(self, uuid):
         out = []
@@ -178,22 +304,16 @@ class Server:
             common.SERVERS.remove(self)
 
 
-def concurrent_server(c, label):
+def concurrent_server(c, label, configs=None, trace=None):
     """An `all` server for `c` concurrent VMs (as many agents), with BOOT_TIMEOUT raised to
-    300 s in a copy of the configs inside its root: 8 TCG guests on 2 cores boot slowly."""
+    300 s in its copy of the configs (default: `cold_configs()`): 8 TCG guests on 2 cores boot
+    slowly."""
+    configs = cold_configs() if configs is None else configs
     srv = Server(label=label, env={
         "SQLITE_SIM_MAX_CONCURRENT_VMS": str(c),
         "SQLITE_SIM_AGENT_COUNT": str(c),
-    })
-    cfg = os.path.join(srv.root, "configs")
-    os.makedirs(cfg)
-    for name in os.listdir(CONFIGS):
-        if name.endswith(".conf"):
-            with open(os.path.join(CONFIGS, name)) as f:
-                text = f.read()
-            with open(os.path.join(cfg, name), "w") as f:
-                f.write(re.sub(r'(?m)^BOOT_TIMEOUT=.*$', 'BOOT_TIMEOUT="300"', text))
-    srv.env["SQLITE_SIM_VM_CONFIG_DIR"] = cfg
+    }, configs={n: set_key(t, "BOOT_TIMEOUT", "300") for n, t in configs.items()},
+        trace=trace)
     srv.spawn("all")
     return srv
 

@@ -5,7 +5,7 @@
 
 use super::boot::{self, Launch, Launched};
 use super::error::RunError;
-use super::guest::{Exited, Known, Limits, Ready};
+use super::guest::{wait_ack, Exited, Known, Limits, Ready};
 use super::template;
 use super::transfer;
 use super::vm::Limit;
@@ -16,8 +16,8 @@ use crate::config::Accel;
 use crate::model::{
     AgentId, BootChoice, BootMode, Channel, LogType, Request, ShutdownStep, Status,
 };
-use crate::qemu::console::protocol::ConsoleEvent;
 use crate::qemu::console::protocol::Session;
+use crate::qemu::console::protocol::ACK_ALIVE;
 use crate::qemu::launch::RunPaths;
 use crate::store::sink::LogSink;
 use crate::store::Finish;
@@ -428,7 +428,7 @@ async fn attempt(
     out
 }
 
-/// How long timed-out commands get to die of a Ctrl-C, so their artifacts can be collected.
+/// How long the shell gets to answer after a Ctrl-C, so artifacts can be collected.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 
 /// Collects the request's artifacts after its commands: when they exited, whatever their
@@ -448,15 +448,19 @@ async fn collect_artifacts(
             vm.sink
                 .system("timed out: interrupting the commands (Ctrl-C) to collect artifacts")
                 .await;
+            // Whatever the console shows from now on is not the commands' output. Shells
+            // differ in what a Ctrl-C does (it ends the job, or only gives the shell back):
+            // either way a shell that answers a probe can collect.
+            vm.console.interrupt();
             vm.console.send("\u{3}").await?;
+            vm.console.send(&ready.session.probe_line()).await?;
             let soon = Vm::deadline(
                 tokio::time::Instant::now(),
                 INTERRUPT_GRACE,
                 Limit::Interrupt(INTERRUPT_GRACE.as_secs()),
             );
-            vm.wait(|e| matches!(e, ConsoleEvent::Exit(_)), soon, false)
+            wait_ack(vm, ACK_ALIVE, soon)
                 .await
-                .map(|_| ())
                 .map_err(|e| e.to_string())
         }
         Err(e) => Err(e.to_string()),

@@ -18,6 +18,10 @@ MODULES = [
     "f6_api_throughput",
     "f7_memory",
     "f8_scaling",
+    "f9_warm_latency",
+    "f10_debian_warm",
+    "f11_warm_throughput",
+    "f12_clone_memory",
 ]
 
 
@@ -30,6 +34,7 @@ class Context:
     runs: Optional[int] = None  # --runs: N for the figures that take it (1 and 3)
     flood_mb: Optional[float] = None  # --flood-mb
     server: object = None  # server.Server, for figures with shared_server
+    no_debian: bool = False  # --no-debian: figure 10 is skipped (with --quick only)
 
     def pick(self, quick, full):
         """`quick` with --quick, else `full`."""

@@ -49,7 +49,9 @@ def figure3(srv, n_hold, n_cancel):
         log(f"  hold {i + 1}/{n_hold}: PUT -> QMP STOP {hold_lat[-1]:.1f} ms, "
             f"PUT round trip {rtt[-1]:.1f} ms, resume round trip {resume_rtt[-1]:.1f} ms")
         time.sleep(0.5)
-    api.call("DELETE", f"/requests/{uuid}")
+    # DELETE would remove the request at once (a31d985): cancel it, and wait for its end, so
+    # that its VM is gone before the cancel figure starts.
+    api.put_status(uuid, "cancelled")
     api.wait_terminal(uuid, poll=0.05)
     p50 = med(hold_lat)
     emit("3", "hold: PUT sent -> QMP STOP (QEMU timestamp)", "ms", hold_lat, target="p50 <= 50",

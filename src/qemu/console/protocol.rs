@@ -41,6 +41,8 @@ pub enum ConsoleEvent {
 pub const ACK_READY: &str = "READY";
 pub const ACK_GO: &str = "GO";
 pub const ACK_NODECODE: &str = "NODECODE";
+/// Answers a probe: the shell is listening again.
+pub const ACK_ALIVE: &str = "ALIVE";
 /// Acknowledges the start of artifacts sent over the console (base64 until `ARTE`).
 pub const ACK_ARTB: &str = "ARTB";
 /// Report ending artifacts sent over the console: `<matches>:<tar status>`.
@@ -378,6 +380,11 @@ impl Session {
                 artb = self.ack(ACK_ARTB),
             )
         }
+    }
+
+    /// Asks the shell whether it is listening (ack `ALIVE`).
+    pub fn probe_line(&self) -> String {
+        format!("{}\n", self.ack(ACK_ALIVE))
     }
 
     /// `printf` of report `key` with the last command's status.
