@@ -341,6 +341,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        // The body was left unread: the connection cannot carry another request.
+        let unread = matches!(
+            self,
+            ApiError::MultipartTooLarge { .. } | ApiError::MalformedMultipart(_)
+        );
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
@@ -351,6 +356,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (status, Json(body)).into_response();
+        if unread {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
