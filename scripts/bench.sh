@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Measures the performance figures of issues 6 and 11 (warm start) side by side, in one run,
+# Measures the performance figures of issues 6, 11 (warm start) and 12 (guest channel) side by
+# side with their baselines, in one run,
 # and keeps them: prints a table and writes BENCHMARKS.md (machine, date, QEMU version,
 # commit, results, notes).
 #
@@ -197,6 +198,9 @@ fi
     echo "  (\`WARM=\"on\"\`), \`tiny-pool\` (the same plus \`WARM_POOL=\"1\"\`) and"
     echo "  vm_images/debian12.conf.example plus \`WARM=\"on\"\`, each timed only once its"
     echo "  template's meta.json exists."
+    echo "- Figure 4b runs \`tiny\` with \`CHANNEL=\"console\"\` (the serial console, the baseline);"
+    echo "  figure 13 runs it with 768 MiB (its root is in RAM and holds the 100 MB) on the guest"
+    echo "  channel (\`CHANNEL=\"virtio\"\`), and its console baselines 13b0/13c0 move 1 MB."
 } >>"$notes"
 
 dirty=""

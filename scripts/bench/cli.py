@@ -16,7 +16,7 @@ from .server import Server
 DESCRIPTION = """\
 End-to-end benchmarks of sqlite-sim with the real release binary and real QEMU (issue 6).
 
-Measures figures 1, 2, 3, 4b, 6, 7 and 8 (issue 6) and 9-12 (warm start, issue 11) of
+Measures figures 1, 2, 3, 4b, 6, 7 and 8 (issue 6), 9-12 (warm start, issue 11) and 13 (the guest channel, issue 12) of
 BENCHMARKS.md (4a and 5 come from
 `cargo bench --bench hot_paths`). Every server runs in its own temporary directory with its
 own database and run directory, on a kernel-chosen port, and is stopped with SIGTERM.
