@@ -168,6 +168,21 @@ async fn multipart_files_in_and_artifacts_out_through_the_api() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "modes kept in the tar");
 
+    // Deleting the request deletes its files and artifacts with it.
+    let (code, _) = s.delete_request(&id).await;
+    assert_eq!(code, 204);
+    let db = rusqlite::Connection::open(&s.db).unwrap();
+    for table in ["uploads", "upload_chunks", "artifacts", "artifact_chunks"] {
+        let n: i64 = db
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0, "{table} after DELETE");
+    }
+    assert_eq!(
+        s.fetch(&format!("/requests/{id}/artifacts")).await.status,
+        404
+    );
+
     // Unknown requests are 404 on every artifacts route.
     let nobody = "00000000-0000-4000-8000-000000000000";
     for path in ["artifacts", "artifacts.tar", "artifacts/a/b"] {
