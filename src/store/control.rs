@@ -39,6 +39,7 @@ impl Store {
         id: RequestId,
         target: Status,
     ) -> Result<ControlOutcome, StoreError> {
+        on_pg!(self.control(id, target));
         self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let Some(req) = get_in(&tx, id)? else {
@@ -97,6 +98,7 @@ impl Store {
         agent: &AgentId,
         status: Status,
     ) -> Result<bool, StoreError> {
+        on_pg!(self.apply_desired(id, agent, status));
         let agent = agent.0.clone();
         self.call_write(move |c| {
             let n = c.execute(
@@ -115,6 +117,7 @@ impl Store {
     /// goes back to `pending` (or to its pending hold/cancel); one whose VM ran ends `failed`
     /// with `agent lost` (its VM died with the agent). A `system` log line says which.
     pub async fn reap_expired(&self) -> Result<Vec<(RequestId, Status)>, StoreError> {
+        on_pg!(self.reap_expired());
         let reaped = self
             .call_write(move |c| {
                 let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -177,6 +180,7 @@ impl Store {
     /// Whether another agent still holds a live claim on the request (used before removing
     /// what looks like a leftover run directory).
     pub async fn claimed_alive(&self, id: RequestId) -> Result<bool, StoreError> {
+        on_pg!(self.claimed_alive(id));
         self.call(move |c| {
             let n: i64 = c.query_row(
                 "SELECT COUNT(*) FROM requests WHERE uuid = ?1
@@ -194,6 +198,7 @@ impl Store {
     /// in batches so the write lock is never held for long. Returns (requests, log bytes); with
     /// `dry_run`, counts only.
     pub async fn prune(&self, before: String, dry_run: bool) -> Result<(u64, u64), StoreError> {
+        on_pg!(self.prune(before, dry_run));
         const SELECTED: &str = "SELECT uuid FROM requests
              WHERE status IN ('done','failed','cancelled') AND finished_at < ?1";
         let (count, bytes): (i64, i64) = self
@@ -238,6 +243,7 @@ impl Store {
 
     /// The desired state of a request, if any (what the agent polls).
     pub async fn desired(&self, id: RequestId) -> Result<Option<Status>, StoreError> {
+        on_pg!(self.desired(id));
         // Not through `get`: a request being deleted is hidden from the API, not from its agent.
         self.call_point_read(move |c| Ok(get_in(c, id)?.and_then(|r| r.desired_status)))
     }
@@ -246,6 +252,7 @@ impl Store {
     /// one), goes at once with its logs. One with a VM is cancelled and hidden; its agent
     /// removes it once the VM is down (`finish`), or lease recovery does if the agent is lost.
     pub async fn delete(&self, id: RequestId) -> Result<DeleteOutcome, StoreError> {
+        on_pg!(self.delete(id));
         self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let Some(req) = get_in(&tx, id)? else {
@@ -274,6 +281,7 @@ impl Store {
 
     /// Whether the row still exists at all (a deletion in progress counts).
     pub async fn exists(&self, id: RequestId) -> Result<bool, StoreError> {
+        on_pg!(self.exists(id));
         self.call_point_read(move |c| Ok(get_in(c, id)?.is_some()))
     }
 }

@@ -30,6 +30,7 @@ impl Store {
         kind: UploadKind,
         mode: Option<u32>,
     ) -> Result<i64, StoreError> {
+        on_pg!(self.stage_upload(path, kind, mode));
         self.call_write(move |c| {
             c.execute(
                 "INSERT INTO uploads (path, kind, mode, staged_at) VALUES (?1, ?2, ?3, ?4)",
@@ -47,6 +48,7 @@ impl Store {
         seq: i64,
         data: Vec<u8>,
     ) -> Result<(), StoreError> {
+        on_pg!(self.append_upload_chunk(upload, seq, data));
         self.call_write(move |c| {
             c.execute(
                 "INSERT INTO upload_chunks (upload_id, seq, data) VALUES (?1, ?2, ?3)",
@@ -64,6 +66,7 @@ impl Store {
         size: u64,
         sha256: String,
     ) -> Result<(), StoreError> {
+        on_pg!(self.finish_upload(upload, size, sha256));
         self.call_write(move |c| {
             c.execute(
                 "UPDATE uploads SET size = ?1, sha256 = ?2 WHERE id = ?3 AND request_uuid IS NULL",
@@ -76,6 +79,7 @@ impl Store {
 
     /// Removes staged uploads (a refused submission) with their chunks.
     pub async fn discard_uploads(&self, ids: Vec<i64>) -> Result<(), StoreError> {
+        on_pg!(self.discard_uploads(ids));
         if ids.is_empty() {
             return Ok(());
         }
@@ -96,6 +100,7 @@ impl Store {
     /// Removes uploads staged before `before` (RFC 3339) that no request ever took: what a
     /// crashed or abandoned submission left.
     pub async fn drop_stale_uploads(&self, before: String) -> Result<u64, StoreError> {
+        on_pg!(self.drop_stale_uploads(before));
         self.call_write(move |c| {
             let n = c.execute(
                 "DELETE FROM uploads WHERE request_uuid IS NULL AND staged_at < ?1",
@@ -108,6 +113,7 @@ impl Store {
 
     /// A request's uploads, in the order they are placed.
     pub async fn uploads(&self, id: RequestId) -> Result<Vec<Upload>, StoreError> {
+        on_pg!(self.uploads(id));
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, path, kind, mode, size, sha256 FROM uploads
@@ -143,6 +149,7 @@ impl Store {
 
     /// Chunk `seq` of an upload; `None` past its end.
     pub async fn upload_chunk(&self, upload: i64, seq: i64) -> Result<Option<Vec<u8>>, StoreError> {
+        on_pg!(self.upload_chunk(upload, seq));
         self.call(move |c| {
             Ok(c.query_row(
                 "SELECT data FROM upload_chunks WHERE upload_id = ?1 AND seq = ?2",
@@ -161,6 +168,7 @@ impl Store {
         path: String,
         mode: Option<u32>,
     ) -> Result<i64, StoreError> {
+        on_pg!(self.begin_artifact(id, path, mode));
         self.call_write(move |c| {
             c.execute(
                 "INSERT INTO artifacts (request_uuid, path, mode) VALUES (?1, ?2, ?3)
@@ -185,6 +193,7 @@ impl Store {
         seq: i64,
         data: Vec<u8>,
     ) -> Result<(), StoreError> {
+        on_pg!(self.append_artifact_chunk(artifact, seq, data));
         self.call_write(move |c| {
             c.execute(
                 "INSERT INTO artifact_chunks (artifact_id, seq, data) VALUES (?1, ?2, ?3)",
@@ -204,6 +213,7 @@ impl Store {
         sha256: Option<String>,
         left_out: Option<String>,
     ) -> Result<(), StoreError> {
+        on_pg!(self.end_artifact(artifact, size, sha256, left_out));
         self.call_write(move |c| {
             c.execute(
                 "UPDATE artifacts SET size = ?1, sha256 = ?2, complete = ?3, left_out = ?4
@@ -222,6 +232,7 @@ impl Store {
         path: String,
         reason: String,
     ) -> Result<(), StoreError> {
+        on_pg!(self.leave_out_artifact(id, path, reason));
         self.call_write(move |c| {
             c.execute(
                 "INSERT INTO artifacts (request_uuid, path, left_out) VALUES (?1, ?2, ?3)
@@ -235,6 +246,7 @@ impl Store {
 
     /// A request's artifacts by path, left-out ones included.
     pub async fn artifacts(&self, id: RequestId) -> Result<Vec<Artifact>, StoreError> {
+        on_pg!(self.artifacts(id));
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, path, size, sha256, mode, left_out FROM artifacts
@@ -263,6 +275,7 @@ impl Store {
         artifact: i64,
         seq: i64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
+        on_pg!(self.artifact_chunk(artifact, seq));
         self.call(move |c| {
             Ok(c.query_row(
                 "SELECT data FROM artifact_chunks WHERE artifact_id = ?1 AND seq = ?2",

@@ -20,6 +20,7 @@ impl Store {
         id: RequestId,
         chunks: Vec<(String, LogType, Vec<u8>)>,
     ) -> Result<(), StoreError> {
+        on_pg!(self.append_logs(id, chunks));
         if chunks.is_empty() {
             return Ok(());
         }
@@ -50,6 +51,7 @@ impl Store {
 
     /// A request's log entries in order.
     pub async fn logs(&self, id: RequestId, q: LogQuery) -> Result<Vec<LogEntry>, StoreError> {
+        on_pg!(self.logs(id, q));
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT seq, timestamp, log_type, output FROM work_log

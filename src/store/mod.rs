@@ -1,14 +1,34 @@
-//! SQLite storage behind one narrow boundary: requests, their state changes and their logs.
+//! Storage behind one narrow boundary: requests, their state changes, their logs and files,
+//! templates' metadata. [`Store`]'s public methods *are* the boundary (the API, the agents and the
+//! CLI use nothing else), and two engines implement it:
 //!
-//! rusqlite is synchronous, so every operation runs on tokio's blocking pool with a connection
+//! - **SQLite** (the default, one host): the SQL in this module's files (`requests.rs`,
+//!   `control.rs`, `logs.rs`, `files.rs`, `templates.rs`, `metrics.rs`), described below;
+//! - **PostgreSQL** (`SQLITE_SIM_DATABASE_URL`, many hosts): all of its SQL under [`postgres`],
+//!   one file per concern mirroring these. Each public method starts with a one-line dispatch
+//!   (`if let Some(pg) = &self.pg { return pg.method(..).await; }`) and otherwise runs the
+//!   SQLite code, so both engines keep the same signatures, outcomes and errors.
+//!
+//! On SQLite, rusqlite is synchronous, so every operation runs on tokio's blocking pool with a connection
 //! taken from a small pool of open connections. The database runs in WAL mode with a busy
 //! timeout, so the API and any number of agent processes can share one file. Every write
 //! starts with `BEGIN IMMEDIATE`, which makes claims atomic across processes.
+
+/// First line of every public [`Store`] method: hands the call to the PostgreSQL engine when
+/// the store is PostgreSQL (one line, so edits to the SQLite bodies below merge cleanly).
+macro_rules! on_pg {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        if let Some(pg) = &$self.pg {
+            return pg.$method($($arg),*).await;
+        }
+    };
+}
 
 mod control;
 mod files;
 mod logs;
 mod metrics;
+pub mod postgres;
 mod requests;
 mod schema;
 pub mod sink;
@@ -47,13 +67,48 @@ pub enum StoreError {
     TooNew { found: i64, supported: i64 },
     #[error("database task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Postgres(#[from] postgres::PgError),
 }
 
 impl StoreError {
     /// The disk (or the database's size limit) is full.
     pub fn is_full(&self) -> bool {
-        matches!(self, StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
-            if f.code == rusqlite::ErrorCode::DiskFull)
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+                f.code == rusqlite::ErrorCode::DiskFull
+            }
+            StoreError::Postgres(e) => {
+                e.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL)
+            }
+            _ => false,
+        }
+    }
+
+    /// The database cannot be reached right now (PostgreSQL down or restarting), or is busy.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            StoreError::Postgres(e) => e.is_unavailable(),
+            _ => false,
+        }
+    }
+
+    /// A uniqueness constraint refused the write.
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+                f.code == rusqlite::ErrorCode::ConstraintViolation
+                    && f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            }
+            StoreError::Postgres(e) => {
+                e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -68,6 +123,9 @@ const RESERVE_BYTES: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// The PostgreSQL engine, when the store is PostgreSQL: every public method hands over to
+    /// it on its first line. `None`: SQLite (`inner`'s connections).
+    pg: Option<Arc<postgres::Pg>>,
 }
 
 struct Inner {
@@ -97,10 +155,47 @@ impl Store {
                 changes: tokio::sync::watch::channel(0).0,
                 write_turn: Mutex::new(()),
             }),
+            pg: None,
         };
         store.call_write(schema::migrate).await?;
         store.make_reserve();
         Ok(store)
+    }
+
+    /// Opens the store the settings name: PostgreSQL at `database_url` if given, otherwise
+    /// SQLite at `db_path`.
+    pub async fn open_configured(
+        db_path: &Path,
+        database_url: Option<&str>,
+    ) -> Result<Self, StoreError> {
+        match database_url {
+            Some(url) => Self::open_postgres(postgres::parse_url(url)?).await,
+            None => Self::open(db_path).await,
+        }
+    }
+
+    /// Connects to PostgreSQL and brings its schema up to date.
+    pub async fn open_postgres(cfg: tokio_postgres::Config) -> Result<Self, StoreError> {
+        let changes = tokio::sync::watch::channel(0).0;
+        let pg = postgres::Pg::open(cfg, changes.clone()).await?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: PathBuf::new(),
+                idle: Mutex::new(Vec::new()),
+                changes,
+                write_turn: Mutex::new(()),
+            }),
+            pg: Some(Arc::new(pg)),
+        })
+    }
+
+    /// Which engine this store runs on (`"sqlite"` or `"postgres"`).
+    pub fn engine(&self) -> &'static str {
+        if self.pg.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        }
     }
 
     /// Space set aside next to the database, released when the disk fills up so that final
@@ -112,6 +207,9 @@ impl Store {
     }
 
     fn make_reserve(&self) {
+        if self.pg.is_some() {
+            return;
+        }
         let path = self.reserve_path();
         if path.exists() {
             return;
@@ -132,6 +230,9 @@ impl Store {
     /// Frees the reserved space; true if there was any. Used when a write failed because the
     /// disk is full.
     pub fn release_reserve(&self) -> bool {
+        if self.pg.is_some() {
+            return false; // PostgreSQL's disk is the server's to manage.
+        }
         let released = std::fs::remove_file(self.reserve_path()).is_ok();
         if released {
             tracing::warn!("disk full: released the reserved space to record final states");
@@ -143,7 +244,8 @@ impl Store {
         &self.inner.path
     }
 
-    /// Changes whenever this process writes to the database.
+    /// Changes whenever this process writes to the database; on PostgreSQL also whenever any
+    /// process on any host commits a write (`LISTEN/NOTIFY`).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.changes.subscribe()
     }
@@ -239,6 +341,7 @@ impl Store {
 
     /// `PRAGMA integrity_check` and a trivial query: the database is reachable and sound.
     pub async fn health(&self) -> Result<(), StoreError> {
+        on_pg!(self.health());
         self.call(|c| {
             let r: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
             if r == "ok" {
@@ -255,11 +358,48 @@ impl Store {
 pub(crate) mod test_support {
     use super::Store;
 
-    /// A fresh database in a temp dir (kept alive by the returned guard).
-    pub async fn temp_store() -> (Store, tempfile::TempDir) {
+    /// What keeps a test's store alive: its temp dir (SQLite), or its own PostgreSQL database,
+    /// dropped with the guard.
+    pub struct TempStore {
+        dir: tempfile::TempDir,
+        pg: Option<(String, tokio_postgres::Config, String)>,
+    }
+
+    impl TempStore {
+        /// Another handle on the same store, with its own connections (as another process).
+        pub async fn reopen(&self) -> Store {
+            match &self.pg {
+                Some((_, cfg, _)) => Store::open_postgres(cfg.clone()).await.unwrap(),
+                None => Store::open(self.dir.path().join("t.db")).await.unwrap(),
+            }
+        }
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            if let Some((admin, _, name)) = &self.pg {
+                super::postgres::test_support::drop_db(admin, name);
+            }
+        }
+    }
+
+    /// A fresh store: SQLite in a temp dir, or, when `SQLITE_SIM_TEST_DATABASE_URL` names a
+    /// PostgreSQL cluster, a database of its own there.
+    pub async fn temp_store() -> (Store, TempStore) {
         let dir = tempfile::tempdir().unwrap();
+        if let Some(admin) = super::postgres::test_support::admin_url() {
+            let (cfg, name) = super::postgres::test_support::create_db(&admin).await;
+            let store = Store::open_postgres(cfg.clone()).await.unwrap();
+            return (
+                store,
+                TempStore {
+                    dir,
+                    pg: Some((admin, cfg, name)),
+                },
+            );
+        }
         let store = Store::open(dir.path().join("t.db")).await.unwrap();
-        (store, dir)
+        (store, TempStore { dir, pg: None })
     }
 
     /// A pending request with throwaway values.

@@ -102,6 +102,7 @@ fn lease_until(lease: Duration) -> String {
 impl Store {
     /// Stores a new `pending` request.
     pub async fn create(&self, new: NewRequest) -> Result<Request, StoreError> {
+        on_pg!(self.create(new));
         self.call_write(move |c| {
             let id = RequestId::new();
             let now = timefmt::now();
@@ -143,6 +144,7 @@ impl Store {
 
     /// The request as the API shows it: one being deleted is already gone.
     pub async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
+        on_pg!(self.get(id));
         self.call_point_read(move |c| {
             let row = c
                 .query_row(
@@ -157,6 +159,7 @@ impl Store {
 
     /// Requests matching `q`, newest first, and the total number matching (ignoring limit/offset).
     pub async fn list(&self, q: RequestQuery) -> Result<(Vec<Request>, u64), StoreError> {
+        on_pg!(self.list(q));
         self.call(move |c| {
             let mut wh = vec!["deleting = 0".to_string()];
             let mut args: Vec<String> = Vec::new();
@@ -203,6 +206,7 @@ impl Store {
         agent: &AgentId,
         lease: Duration,
     ) -> Result<Option<Request>, StoreError> {
+        on_pg!(self.claim(agent, lease));
         let agent = agent.0.clone();
         self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -239,6 +243,7 @@ impl Store {
 
     /// `acknowledged → running`, recording when the VM started.
     pub async fn mark_running(&self, id: RequestId, agent: &AgentId) -> Result<bool, StoreError> {
+        on_pg!(self.mark_running(id, agent));
         let agent = agent.0.clone();
         self.call_write(move |c| {
             let now = timefmt::now();
@@ -260,6 +265,7 @@ impl Store {
         agent: &AgentId,
         lease: Duration,
     ) -> Result<bool, StoreError> {
+        on_pg!(self.heartbeat(id, agent, lease));
         let agent = agent.0.clone();
         self.call_write(move |c| {
             let n = c.execute(
@@ -279,6 +285,7 @@ impl Store {
         agent: &AgentId,
         fin: Finish,
     ) -> Result<bool, StoreError> {
+        on_pg!(self.finish(id, agent, fin));
         debug_assert!(fin.status.is_terminal());
         let agent = agent.0.clone();
         self.call_write(move |c| {
@@ -431,7 +438,7 @@ mod tests {
         }
         let mut stores = Vec::new();
         for _ in 0..4 {
-            stores.push(Store::open(dir.path().join("t.db")).await.unwrap());
+            stores.push(dir.reopen().await);
         }
         assert_eq!(claim_all_concurrently(stores).await, 30);
     }

@@ -90,6 +90,7 @@ const RESTORE_WINDOW: u32 = 200;
 impl Store {
     /// Every host's template rows, of one VM or of all, ordered by VM then host.
     pub async fn templates(&self, vm: Option<String>) -> Result<Vec<TemplateRecord>, StoreError> {
+        on_pg!(self.templates(vm));
         self.call(move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM templates WHERE (?1 IS NULL OR vm_name = ?1)
@@ -105,6 +106,7 @@ impl Store {
 
     /// A host records where its template stands (insert or replace).
     pub async fn put_template(&self, rec: TemplateRecord) -> Result<(), StoreError> {
+        on_pg!(self.put_template(rec));
         self.call_write(move |c| {
             c.execute(
                 &format!(
@@ -135,6 +137,7 @@ impl Store {
 
     /// What the API has ordered for `vm`'s templates.
     pub async fn template_orders(&self, vm: String) -> Result<TemplateOrders, StoreError> {
+        on_pg!(self.template_orders(vm));
         self.call(move |c| {
             Ok(c.query_row(
                 "SELECT build_order, delete_order FROM template_orders WHERE vm_name = ?1",
@@ -158,6 +161,7 @@ impl Store {
         vm: String,
         order: TemplateOrder,
     ) -> Result<TemplateOrders, StoreError> {
+        on_pg!(self.order_template(vm, order));
         self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             // Orders share one sequence, so whichever is larger came last.
@@ -198,6 +202,7 @@ impl Store {
 
     /// p50 and p99 restore time over `vm`'s latest warm and pooled runs.
     pub async fn restore_stats(&self, vm: String) -> Result<RestoreStats, StoreError> {
+        on_pg!(self.restore_stats(vm));
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT restore_ms FROM requests

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# A private PostgreSQL cluster for the tests: Debian's postgresql package (installed if
+# missing), initdb + pg_ctl on a private directory, port and socket directory, trust auth for
+# local connections only. initdb and pg_ctl refuse to run as root, so they run as `postgres`.
+# Usage: scripts/postgres.sh start|stop|restart|url|status
+# Env: SQLITE_SIM_PG_DIR (default /tmp/sqlite-sim-pg-$PORT), SQLITE_SIM_PG_PORT (default 55432)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+port="${SQLITE_SIM_PG_PORT:-55432}"
+dir="${SQLITE_SIM_PG_DIR:-/tmp/sqlite-sim-pg-$port}"
+data="$dir/data"
+sock="$dir/sock"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+bindir() {
+    local d
+    d="$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null |
+        sort -V | tail -1)"
+    [ -n "$d" ] && [ -x "$d/initdb" ] && echo "$d"
+}
+
+install_pg() {
+    if bindir >/dev/null; then return; fi
+    echo "postgres: installing Debian's postgresql package" >&2
+    as_root apt-get update -qq
+    # Debian 12's postgresql (15): the distribution's version, like QEMU in setup.sh.
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        postgresql >/dev/null
+}
+
+# Runs a PostgreSQL tool as the cluster's owner (root may not own a cluster).
+as_owner() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# The socket directory as the host: the form libpq and tokio-postgres both read.
+url() { echo "postgres://postgres@/postgres?host=$sock&port=$port"; }
+
+start() {
+    install_pg
+    local bin
+    bin="$(bindir)"
+    mkdir -p "$dir"
+    if [ "$(id -u)" = 0 ]; then chown postgres: "$dir"; fi
+    if [ ! -f "$data/PG_VERSION" ]; then
+        as_owner mkdir -p "$sock"
+        as_owner "$bin/initdb" -D "$data" -U postgres --auth=trust --no-instructions \
+            -E UTF8 --locale=C >/dev/null
+    fi
+    if as_owner "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+        url
+        return
+    fi
+    # No TCP listener: only the private socket directory, so nothing outside the machine
+    # reaches the trust-authenticated cluster. fsync off: a test cluster, thrown away.
+    as_owner "$bin/pg_ctl" -D "$data" -l "$dir/log" -w -t 60 \
+        -o "-p $port -k $sock -c listen_addresses='' -c fsync=off -c max_connections=300" \
+        start >/dev/null
+    url
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop)
+        if bin="$(bindir)" && [ -f "$data/PG_VERSION" ]; then
+            as_owner "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null 2>&1 || true
+        fi
+        ;;
+    restart)
+        bin="$(bindir)"
+        as_owner "$bin/pg_ctl" -D "$data" -m fast -w restart >/dev/null
+        ;;
+    status)
+        bin="$(bindir)"
+        as_owner "$bin/pg_ctl" -D "$data" status
+        ;;
+    url) url ;;
+    *) sed -n '2,6p' "$0" >&2; exit 2 ;;
+esac

@@ -1,0 +1,87 @@
+//! The work log on PostgreSQL: `bytea` rows, `seq` continuing per request.
+
+use super::Pg;
+use crate::model::{LogEntry, LogType, RequestId};
+use crate::store::{LogQuery, StoreError};
+
+impl Pg {
+    /// One transaction per batch; the request's row is locked first so that concurrent
+    /// appenders (the sink, lease recovery's system line) take turns on `seq`. A batch whose
+    /// COMMIT was lost is found by its last row (same time, type and bytes as the request's
+    /// last entry) and not written twice.
+    pub(crate) async fn append_logs(
+        &self,
+        id: RequestId,
+        chunks: Vec<(String, LogType, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let uuid = id.to_string();
+        let (last_ts, last_ty, last_bytes) = chunks.last().expect("not empty").clone();
+        write_tx!(self, "append_logs", |tx| async {
+            tx.execute("SELECT 1 FROM requests WHERE uuid = $1 FOR UPDATE", &[&uuid])
+                .await?;
+            let mut next: i64 = tx
+                .query_one(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = $1",
+                    &[&uuid],
+                )
+                .await?
+                .get(0);
+            let ins = tx
+                .prepare(
+                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .await?;
+            for (ts, ty, bytes) in &chunks {
+                tx.execute(&ins, &[&uuid, &next, ts, &ty.as_str(), bytes])
+                    .await?;
+                next += 1;
+            }
+            Ok(())
+        }
+        .await, recheck |c| {
+            let row = c
+                .query_opt(
+                    "SELECT timestamp = $2 AND log_type = $3 AND output = $4 FROM work_log
+                     WHERE request_uuid = $1 ORDER BY seq DESC LIMIT 1",
+                    &[&uuid, &last_ts, &last_ty.as_str(), &last_bytes],
+                )
+                .await?;
+            Ok(row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false).then_some(()))
+        })
+    }
+
+    pub(crate) async fn logs(&self, id: RequestId, q: LogQuery) -> Result<Vec<LogEntry>, StoreError> {
+        let uuid = id.to_string();
+        let ty = q.log_type.map(|t| t.as_str());
+        let limit = q.limit.map(i64::from);
+        let after = q.after.unwrap_or(0);
+        retry!(self, "logs", |c| {
+            let rows = c
+                .query(
+                    "SELECT seq, timestamp, log_type, output FROM work_log
+                     WHERE request_uuid = $1 AND seq > $2 AND ($3::text IS NULL OR log_type = $3)
+                     ORDER BY seq LIMIT $4",
+                    &[&uuid, &after, &ty, &limit],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    let id: i64 = r.try_get(0)?;
+                    let ty: String = r.try_get(2)?;
+                    Ok(LogEntry {
+                        id,
+                        timestamp: r.try_get(1)?,
+                        log_type: ty
+                            .parse()
+                            .map_err(|e| StoreError::Corrupt(format!("log {id}: {e}")))?,
+                        output: r.try_get(3)?,
+                    })
+                })
+                .collect()
+        })
+    }
+}

@@ -1,0 +1,322 @@
+//! Request rows on PostgreSQL: create, read, claim (`FOR UPDATE SKIP LOCKED`, one round trip)
+//! and the agent's state changes, each guarded by ownership as in `store/requests.rs`.
+
+use super::Pg;
+use crate::model::{AgentId, NewRequest, Request, RequestId};
+use crate::store::{Finish, RequestQuery, StoreError};
+use crate::timefmt;
+use std::time::Duration;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, Row};
+
+pub(super) const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
+     started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
+     boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel";
+
+pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
+    let uuid: String = r.try_get(0)?;
+    let bad = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("request {uuid}: {e}"));
+    let parse_opt = |i: usize| -> Result<Option<String>, StoreError> { Ok(r.try_get(i)?) };
+    let status: String = r.try_get(4)?;
+    let timeout: i64 = r.try_get(3)?;
+    Ok(Request {
+        uuid: uuid.parse().map_err(|e| bad(&e))?,
+        vm_name: r.try_get(1)?,
+        commands: r.try_get(2)?,
+        timeout: u32::try_from(timeout).map_err(|e| bad(&e))?,
+        status: status.parse().map_err(|e| bad(&e))?,
+        created_at: r.try_get(5)?,
+        updated_at: r.try_get(6)?,
+        started_at: r.try_get(7)?,
+        finished_at: r.try_get(8)?,
+        exit_code: r.try_get(9)?,
+        error: r.try_get(10)?,
+        agent_id: r.try_get(11)?,
+        desired_status: parse_opt(12)?
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|e| bad(&e))?,
+        shutdown_step: parse_opt(13)?
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|e| bad(&e))?,
+        boot_ms: r.try_get(14)?,
+        run_ms: r.try_get(15)?,
+        shutdown_ms: r.try_get(16)?,
+        boot: parse_opt(17)?
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|e| bad(&e))?,
+        boot_mode: parse_opt(18)?
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|e| bad(&e))?,
+        restore_ms: r.try_get(19)?,
+        artifacts: match parse_opt(20)? {
+            Some(j) => serde_json::from_str(&j).map_err(|e| bad(&e))?,
+            None => Vec::new(),
+        },
+        channel: parse_opt(21)?
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|e| bad(&e))?,
+    })
+}
+
+/// The row whatever its state (a deletion in progress included).
+pub(super) async fn get_in(
+    c: &impl GenericClient,
+    id: RequestId,
+) -> Result<Option<Request>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM requests WHERE uuid = $1");
+    c.query_opt(&sql, &[&id.to_string()])
+        .await?
+        .map(|r| from_row(&r))
+        .transpose()
+}
+
+fn lease_until(lease: Duration) -> String {
+    timefmt::format(time::OffsetDateTime::now_utc() + lease)
+}
+
+impl Pg {
+    pub(crate) async fn create(&self, new: NewRequest) -> Result<Request, StoreError> {
+        // Chosen once, so a retry after a lost COMMIT can tell whether the insert landed.
+        let id = RequestId::new();
+        let uuid = id.to_string();
+        let globs = (!new.artifacts.is_empty())
+            .then(|| serde_json::to_string(&new.artifacts).expect("json"));
+        let boot = new.boot.map(|b| b.as_str());
+        write_tx!(self, "create", |tx| async {
+            let now = timefmt::now();
+            tx.execute(
+                "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
+                                       updated_at, boot, artifact_globs)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7)",
+                &[
+                    &uuid,
+                    &new.vm_name,
+                    &new.commands,
+                    &i64::from(new.timeout),
+                    &now,
+                    &boot,
+                    &globs,
+                ],
+            )
+            .await?;
+            for (seq, upload) in new.uploads.iter().enumerate() {
+                let n = tx
+                    .execute(
+                        "UPDATE uploads SET request_uuid = $1, seq = $2
+                         WHERE id = $3 AND request_uuid IS NULL",
+                        &[&uuid, &(seq as i64), upload],
+                    )
+                    .await?;
+                if n != 1 {
+                    return Err(StoreError::Corrupt(format!(
+                        "upload {upload} is not staged (already linked, or dropped)"
+                    )));
+                }
+            }
+            get_in(&tx, id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("insert vanished".into()))
+        }
+        .await, recheck |c| get_in(c, id).await)
+    }
+
+    pub(crate) async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM requests WHERE uuid = $1 AND NOT deleting");
+        retry!(self, "get", |c| {
+            c.query_opt(&sql, &[&id.to_string()])
+                .await?
+                .map(|r| from_row(&r))
+                .transpose()
+        })
+    }
+
+    pub(crate) async fn list(&self, q: RequestQuery) -> Result<(Vec<Request>, u64), StoreError> {
+        let mut wh = vec!["NOT deleting".to_string()];
+        let mut args: Vec<String> = Vec::new();
+        if !q.statuses.is_empty() {
+            args.extend(q.statuses.iter().map(|s| s.as_str().to_string()));
+            let marks: Vec<String> = (1..=args.len()).map(|i| format!("${i}")).collect();
+            wh.push(format!("status IN ({})", marks.join(",")));
+        }
+        if let Some(vm) = &q.vm_name {
+            args.push(vm.clone());
+            wh.push(format!("vm_name = ${}", args.len()));
+        }
+        if let Some(p) = &q.uuid_prefix {
+            debug_assert!(p.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+            args.push(p.to_ascii_lowercase());
+            // left() keeps it a prefix match with no LIKE wildcards to escape.
+            wh.push(format!("left(uuid, {}) = ${}", p.len(), args.len()));
+        }
+        let wh = format!("WHERE {}", wh.join(" AND "));
+        let count_sql = format!("SELECT COUNT(*) FROM requests {wh}");
+        let sql = format!(
+            "SELECT {COLUMNS} FROM requests {wh} ORDER BY created_at DESC, row_id DESC \
+             LIMIT {} OFFSET {}",
+            q.limit, q.offset
+        );
+        let params: Vec<&(dyn ToSql + Sync)> =
+            args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        retry!(self, "list", |c| {
+            let total: i64 = c.query_one(&count_sql, &params).await?.get(0);
+            let rows = c.query(&sql, &params).await?;
+            let rows = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+            Ok((rows, total as u64))
+        })
+    }
+
+    /// One statement: the subquery locks the oldest pending row, skipping rows other claimers
+    /// hold, so concurrent claimers never wait on each other nor take the same row.
+    pub(crate) async fn claim(
+        &self,
+        agent: &AgentId,
+        lease: Duration,
+    ) -> Result<Option<Request>, StoreError> {
+        let agent = agent.0.clone();
+        // One `now` across retries: a claim whose COMMIT was lost is found by it (an agent id
+        // claims one request at a time).
+        let now = timefmt::now();
+        let sql = format!(
+            "UPDATE requests
+             SET status = 'acknowledged', agent_id = $1, lease_expires_at = $2, updated_at = $3
+             WHERE uuid = (SELECT uuid FROM requests WHERE status = 'pending'
+                           ORDER BY created_at, row_id LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING {COLUMNS}"
+        );
+        let found = format!(
+            "SELECT {COLUMNS} FROM requests
+             WHERE agent_id = $1 AND updated_at = $2 AND status = 'acknowledged'"
+        );
+        write_tx!(self, "claim", |tx| async {
+            tx.query_opt(&sql, &[&agent, &lease_until(lease), &now])
+                .await?
+                .map(|r| from_row(&r))
+                .transpose()
+        }
+        .await, recheck |c| {
+            match c.query_opt(&found, &[&agent, &now]).await? {
+                Some(r) => Ok(Some(Some(from_row(&r)?))),
+                None => Ok(None),
+            }
+        })
+    }
+
+    pub(crate) async fn mark_running(
+        &self,
+        id: RequestId,
+        agent: &AgentId,
+    ) -> Result<bool, StoreError> {
+        let (agent, uuid, now) = (agent.0.clone(), id.to_string(), timefmt::now());
+        write_tx!(self, "mark_running", |tx| async {
+            let n = tx
+                .execute(
+                    "UPDATE requests SET status = 'running', started_at = $1, updated_at = $1
+                     WHERE uuid = $2 AND agent_id = $3 AND status = 'acknowledged'",
+                    &[&now, &uuid, &agent],
+                )
+                .await?;
+            Ok(n == 1)
+        }
+        .await, recheck |c| {
+            let n = c
+                .execute(
+                    "SELECT 1 FROM requests WHERE uuid = $1 AND agent_id = $2 AND started_at = $3",
+                    &[&uuid, &agent, &now],
+                )
+                .await?;
+            Ok((n == 1).then_some(true))
+        })
+    }
+
+    /// Idempotent (the lease is set, not added to), so simply retried.
+    pub(crate) async fn heartbeat(
+        &self,
+        id: RequestId,
+        agent: &AgentId,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let (agent, uuid) = (agent.0.clone(), id.to_string());
+        retry!(self, "heartbeat", |c| {
+            let n = c
+                .execute(
+                    "UPDATE requests SET lease_expires_at = $1
+                     WHERE uuid = $2 AND agent_id = $3
+                       AND status IN ('acknowledged','running','hold')",
+                    &[&lease_until(lease), &uuid, &agent],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    pub(crate) async fn finish(
+        &self,
+        id: RequestId,
+        agent: &AgentId,
+        fin: Finish,
+    ) -> Result<bool, StoreError> {
+        debug_assert!(fin.status.is_terminal());
+        let (agent, uuid, now) = (agent.0.clone(), id.to_string(), timefmt::now());
+        let status = fin.status.as_str();
+        let step = fin.shutdown_step.map(|s| s.as_str());
+        let mode = fin.boot_mode.map(|m| m.as_str());
+        let channel = fin.channel.map(|c| c.as_str());
+        write_tx!(self, "finish", |tx| async {
+            // Deleted while it ran: now that its VM is down, it goes with its logs.
+            let gone = tx
+                .execute(
+                    "DELETE FROM requests WHERE uuid = $1 AND agent_id = $2 AND deleting",
+                    &[&uuid, &agent],
+                )
+                .await?;
+            if gone == 1 {
+                return Ok(true);
+            }
+            let n = tx
+                .execute(
+                    "UPDATE requests SET status = $1, exit_code = $2, error = $3,
+                            shutdown_step = $4, finished_at = $5, updated_at = $5,
+                            lease_expires_at = NULL, desired_status = NULL, boot_ms = $8,
+                            run_ms = $9, shutdown_ms = $10, boot_mode = $11, restore_ms = $12,
+                            channel = $13
+                     WHERE uuid = $6 AND agent_id = $7
+                       AND status NOT IN ('done','failed','cancelled')",
+                    &[
+                        &status,
+                        &fin.exit_code,
+                        &fin.error,
+                        &step,
+                        &now,
+                        &uuid,
+                        &agent,
+                        &fin.boot_ms,
+                        &fin.run_ms,
+                        &fin.shutdown_ms,
+                        &mode,
+                        &fin.restore_ms,
+                        &channel,
+                    ],
+                )
+                .await?;
+            Ok(n == 1)
+        }
+        .await, recheck |c| {
+            // Ours if it carries this very finish time, or if it is gone (a deletion we ran).
+            let row = c
+                .query_opt(
+                    "SELECT finished_at = $2 AND agent_id = $3 FROM requests WHERE uuid = $1",
+                    &[&uuid, &now, &agent],
+                )
+                .await?;
+            Ok(match row {
+                None => Some(true),
+                Some(r) => r.get::<_, Option<bool>>(0).unwrap_or(false).then_some(true),
+            })
+        })
+    }
+}
