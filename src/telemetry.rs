@@ -9,7 +9,12 @@ pub fn init(settings: &Settings) -> anyhow::Result<()> {
         other => other.to_ascii_lowercase(),
     };
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},tower_http=info")));
+        // tokio-postgres logs every statement at DEBUG: the store's own lines say enough.
+        .unwrap_or_else(|_| {
+            EnvFilter::new(format!(
+                "{level},tower_http=info,tokio_postgres=info,deadpool=info"
+            ))
+        });
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match &settings.log_file {
         Some(path) => {

@@ -35,9 +35,7 @@ fn assert_error(status: u16, body: &Value, want_status: u16, code: &str) {
 }
 
 fn count_requests(s: &Server) -> i64 {
-    let c = rusqlite::Connection::open(&s.db).unwrap();
-    c.query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
-        .unwrap()
+    s.query_i64("SELECT COUNT(*) FROM requests")
 }
 
 #[tokio::test]

@@ -373,17 +373,14 @@ impl IntoResponse for ApiError {
 }
 
 impl From<StoreError> for ApiError {
+    /// Engine-neutral: SQLite's busy/locked and PostgreSQL's unreachable server (down,
+    /// restarting, connection lost after the store's own retries) are both a 503 to retry;
+    /// everything else (a constraint, a full disk, a corrupt row) is a 500 on either engine.
     fn from(e: StoreError) -> Self {
-        match &e {
-            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
-                if matches!(
-                    f.code,
-                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                ) =>
-            {
-                ApiError::Busy(e.to_string())
-            }
-            _ => ApiError::Internal(e.to_string()),
+        if e.is_unavailable() {
+            ApiError::Busy(e.to_string())
+        } else {
+            ApiError::Internal(e.to_string())
         }
     }
 }
@@ -525,6 +522,27 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&r["422"]).unwrap()[DECLARED_CODES],
             serde_json::json!(["validation_error"])
+        );
+    }
+
+    #[test]
+    fn store_errors_map_the_same_on_both_engines() {
+        use crate::store::postgres::PgError;
+        let sqlite_busy = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        ));
+        let pg_down = StoreError::Postgres(PgError::Pool("connection refused".into()));
+        for e in [sqlite_busy, pg_down] {
+            assert_eq!(
+                ApiError::from(e).status_and_code().0,
+                StatusCode::SERVICE_UNAVAILABLE
+            );
+        }
+        let corrupt = StoreError::Corrupt("x".into());
+        assert_eq!(
+            ApiError::from(corrupt).status_and_code().0,
+            StatusCode::INTERNAL_SERVER_ERROR
         );
     }
 }

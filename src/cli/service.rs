@@ -20,9 +20,9 @@ pub(super) async fn serve(
 ) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(&settings)?;
     let settings = Arc::new(settings);
-    let store = Store::open(&settings.db_path)
+    let store = Store::open_configured(&settings.db_path, settings.database_url.as_deref())
         .await
-        .with_context(|| format!("opening {}", settings.db_path.display()))?;
+        .with_context(|| format!("opening {}", settings.store_location()))?;
     let wake = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let agents = with_agents.then(|| {
@@ -126,10 +126,12 @@ pub(super) async fn print_config(settings: &Settings) -> anyhow::Result<ExitCode
 
 pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let mut healthy = true;
-    let store = match Store::open(&settings.db_path).await {
+    let store = match Store::open_configured(&settings.db_path, settings.database_url.as_deref())
+        .await
+    {
         Ok(store) => match store.health().await {
             Ok(()) => {
-                println!("database: ok ({})", settings.db_path.display());
+                println!("database: ok ({})", settings.store_location());
                 Some(store)
             }
             Err(e) => {

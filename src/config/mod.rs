@@ -59,6 +59,8 @@ impl Accel {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub db_path: PathBuf,
+    /// PostgreSQL instead of SQLite at `db_path` (`postgres://…`); `None`: SQLite.
+    pub database_url: Option<String>,
     pub api_host: IpAddr,
     pub api_port: u16,
     pub api_workers: usize,
@@ -139,8 +141,21 @@ impl Settings {
                 message: format!("{log_level:?} is not one of TRACE, DEBUG, INFO, WARN, ERROR"),
             });
         }
+        let database_url = v.raw("SQLITE_SIM_DATABASE_URL");
+        if let Some(url) = &database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::Invalid {
+                    var: "SQLITE_SIM_DATABASE_URL",
+                    message: format!(
+                        "{:?} does not start with postgres:// or postgresql://",
+                        redact_url(url)
+                    ),
+                });
+            }
+        }
         Ok(Settings {
             db_path: v.path("SQLITE_SIM_DB_PATH", "./simulation.db".into()),
+            database_url,
             api_host: v.parse("SQLITE_SIM_API_HOST", "127.0.0.1", "an IP address")?,
             api_port: v.num("SQLITE_SIM_API_PORT", 8000u16, 0, u16::MAX)?,
             api_workers: v.num("SQLITE_SIM_API_WORKERS", 1usize, 1, 256)?,
@@ -194,11 +209,23 @@ impl Settings {
         })
     }
 
+    /// Where the store is, for messages: the SQLite file, or the PostgreSQL URL (redacted).
+    pub fn store_location(&self) -> String {
+        match &self.database_url {
+            Some(url) => redact_url(url),
+            None => self.db_path.display().to_string(),
+        }
+    }
+
     /// `(name, value)` pairs for `sqlite-sim config`.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         let p = |p: &Path| p.display().to_string();
         vec![
             ("SQLITE_SIM_DB_PATH", p(&self.db_path)),
+            (
+                "SQLITE_SIM_DATABASE_URL",
+                self.database_url.as_deref().map(redact_url).unwrap_or_default(),
+            ),
             ("SQLITE_SIM_API_HOST", self.api_host.to_string()),
             ("SQLITE_SIM_API_PORT", self.api_port.to_string()),
             ("SQLITE_SIM_API_WORKERS", self.api_workers.to_string()),
@@ -252,6 +279,30 @@ impl Settings {
                 },
             ),
         ]
+    }
+}
+
+/// A database URL with its password (if any) replaced, for display.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    // userinfo ends at the last '@' before the path; a password follows its first ':'.
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let url = match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>{}", &rest[at..]),
+        None => url.to_string(),
+    };
+    // libpq also takes `?password=…` among the parameters.
+    match url.find("password=") {
+        Some(i) => {
+            let end = url[i..].find('&').map_or(url.len(), |e| i + e);
+            format!("{}password=<redacted>{}", &url[..i], &url[end..])
+        }
+        None => url,
     }
 }
 
@@ -427,6 +478,31 @@ mod tests {
         assert_eq!(s.allowed_origins, vec!["*"]);
         assert_eq!(s.accel, Accel::Auto);
         assert_eq!((s.max_upload, s.max_artifacts), (256 << 20, 256 << 20));
+    }
+
+    #[test]
+    fn database_url_is_checked_and_shown_without_its_password() {
+        assert_eq!(settings(&[]).unwrap().database_url, None);
+        let s = settings(&[(
+            "SQLITE_SIM_DATABASE_URL",
+            "postgres://sim:s3cret@db:5432/sim?host=/run/pg",
+        )])
+        .unwrap();
+        let shown = s
+            .describe()
+            .into_iter()
+            .find(|(k, _)| *k == "SQLITE_SIM_DATABASE_URL")
+            .unwrap()
+            .1;
+        assert_eq!(shown, "postgres://sim:<redacted>@db:5432/sim?host=/run/pg");
+        assert_eq!(
+            redact_url("postgresql://u@/d?host=/s&password=x&port=1"),
+            "postgresql://u@/d?host=/s&password=<redacted>&port=1"
+        );
+        assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
+        let e = settings(&[("SQLITE_SIM_DATABASE_URL", "mysql://u:pw@h/d")]).unwrap_err();
+        assert!(e.to_string().contains("SQLITE_SIM_DATABASE_URL"), "{e}");
+        assert!(!e.to_string().contains("pw"), "{e}");
     }
 
     #[test]

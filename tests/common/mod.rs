@@ -79,6 +79,8 @@ pub struct Server {
     child: Option<Proc>,
     http: Client,
     env: Vec<(String, String)>,
+    /// (admin URL, database) when the server runs on a PostgreSQL database of its own.
+    pg_db: Option<(String, String)>,
 }
 
 impl std::ops::Deref for Server {
@@ -155,6 +157,20 @@ impl Server {
             ("SQLITE_SIM_AGENT_POLL_INTERVAL".into(), "0.2".into()),
             ("SQLITE_SIM_LOG_LEVEL".into(), "DEBUG".into()),
         ];
+        // With a test cluster named, the server runs on PostgreSQL: a database of its own,
+        // dropped with the server.
+        let pg_db = match std::env::var("SQLITE_SIM_TEST_DATABASE_URL") {
+            Ok(admin) if !admin.is_empty() => {
+                let name = format!("e_{}", uuid::Uuid::new_v4().simple());
+                pg_exec(&admin, &format!("CREATE DATABASE {name}"));
+                env.push((
+                    "SQLITE_SIM_DATABASE_URL".into(),
+                    with_dbname(&admin, &name),
+                ));
+                Some((admin, name))
+            }
+            _ => None,
+        };
         env.extend(opts.env.iter().cloned());
         let mut s = Server {
             dir,
@@ -164,6 +180,7 @@ impl Server {
             child: None,
             http: Client::new(String::new()),
             env,
+            pg_db,
         };
         s.spawn(opts.mode);
         if opts.mode != Mode::Agents {
@@ -347,7 +364,77 @@ impl Drop for Server {
             );
         }
         self.stop();
+        if let Some((admin, name)) = self.pg_db.take() {
+            pg_exec(&admin, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+        }
     }
+}
+
+impl Server {
+    /// A `SELECT COUNT(*) …` (or any single integer) straight from the store, on whichever
+    /// engine the server runs.
+    pub fn query_i64(&self, sql: &str) -> i64 {
+        match &self.pg_db {
+            Some((admin, name)) => {
+                let (url, sql) = (with_dbname(admin, name), sql.to_string());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                            .await
+                            .unwrap();
+                        tokio::spawn(conn);
+                        client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0)
+                    })
+                })
+                .join()
+                .unwrap()
+            }
+            None => rusqlite::Connection::open(&self.db)
+                .unwrap()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap(),
+        }
+    }
+}
+
+/// `url` (a `postgres://` URL) naming database `name` instead.
+pub fn with_dbname(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let path_at = base[after_scheme..]
+        .find('/')
+        .map_or(base.len(), |i| after_scheme + i);
+    let mut out = format!("{}/{name}", &base[..path_at]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// Runs one statement on the cluster at `url`, from any context (a thread of its own with its
+/// own runtime: Drop cannot await).
+pub fn pg_exec(url: &str, sql: &str) {
+    let (url, sql) = (url.to_string(), sql.to_string());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connecting to the test cluster");
+            tokio::spawn(conn);
+            client.batch_execute(&sql).await.expect(&sql);
+        })
+    })
+    .join()
+    .unwrap();
 }
 
 /// A server process that is stopped (SIGTERM, then SIGKILL) when dropped, so a failing test
