@@ -141,7 +141,9 @@ if [ -z "$inv_errors" ]; then pass "agents units: stop/run-dir/KVM invariants"; 
 ENVF=$DEPLOY/systemd/sqlite-sim.env.example
 bad=$(grep -vnE '^(#.*|[[:space:]]*|SQLITE_SIM_[A-Z_]+=[^[:space:]"'"'"']*)$' "$ENVF")
 if [ -z "$bad" ]; then pass "env file: only comments and plain KEY=value lines"; else fail "env file: unexpected lines" "$bad"; fi
-src_vars=$(grep -rhoE '"SQLITE_SIM_[A-Z_]+"' "$ROOT/src" | tr -d '"' | sort -u)
+# SQLITE_SIM_TEST_* are the test suite's (a test database cluster), not deployment settings.
+src_vars=$(grep -rhoE '"SQLITE_SIM_[A-Z_]+"' "$ROOT/src" | tr -d '"' | grep -v '^SQLITE_SIM_TEST_' |
+    sort -u)
 env_vars=$(grep -oE '^#?SQLITE_SIM_[A-Z_]+=' "$ENVF" | tr -d '#=' | sort -u)
 missing=$(comm -23 <(printf '%s\n' "$src_vars") <(printf '%s\n' "$env_vars"))
 extra=$(comm -13 <(printf '%s\n' "$src_vars") <(printf '%s\n' "$env_vars"))

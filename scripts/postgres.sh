@@ -3,12 +3,12 @@
 # missing), initdb + pg_ctl on a private directory, port and socket directory, trust auth for
 # local connections only. initdb and pg_ctl refuse to run as root, so they run as `postgres`.
 # Usage: scripts/postgres.sh start|stop|restart|url|status
-# Env: SQLITE_SIM_PG_DIR (default /tmp/sqlite-sim-pg-$PORT), SQLITE_SIM_PG_PORT (default 55432)
+# Env: SQLITE_SIM_TEST_PG_DIR (default /tmp/sqlite-sim-pg-$PORT), SQLITE_SIM_TEST_PG_PORT (default 55432)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-port="${SQLITE_SIM_PG_PORT:-55432}"
-dir="${SQLITE_SIM_PG_DIR:-/tmp/sqlite-sim-pg-$port}"
+port="${SQLITE_SIM_TEST_PG_PORT:-55432}"
+dir="${SQLITE_SIM_TEST_PG_DIR:-/tmp/sqlite-sim-pg-$port}"
 data="$dir/data"
 sock="$dir/sock"
 

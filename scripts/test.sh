@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: set-up as run.sh does, formatting and lints, the deployment files, then
 # unit, fixture, property and real-QEMU tests. VM tests run under TCG, at most
-# SQLITE_SIM_TEST_VMS at once (default 2).
+# SQLITE_SIM_TEST_VMS at once (default 2). Then the PostgreSQL engine: a private cluster
+# (scripts/postgres.sh, stopped at exit), the unit tests again on it (every store test, each in
+# a database of its own), the HTTP API tests and one real-QEMU run on a PostgreSQL-backed server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -27,5 +29,14 @@ shellcheck scripts/*.sh .ci/run
 # Real-QEMU tests boot guests under TCG: bound how many run at once on this 2-core machine.
 export SQLITE_SIM_TEST_VMS="${SQLITE_SIM_TEST_VMS:-2}"
 cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
+
+# The same store tests, API tests and one VM run on PostgreSQL.
+trap 'scripts/postgres.sh stop' EXIT
+SQLITE_SIM_TEST_DATABASE_URL="$(scripts/postgres.sh start)"
+export SQLITE_SIM_TEST_DATABASE_URL
+cargo test --locked --lib -- --test-threads="${TEST_THREADS:-4}"
+cargo test --locked --test api -- --test-threads="${TEST_THREADS:-4}"
+cargo test --locked --test e2e hello_world_reaches_done_with_every_log_type
+unset SQLITE_SIM_TEST_DATABASE_URL
 # The API against its own OpenAPI document: Schemathesis, every check and phase (its own venv).
 scripts/schemathesis.sh

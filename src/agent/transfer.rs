@@ -482,7 +482,12 @@ mod tests {
         stream: Vec<u8>,
         base64_text: bool,
         limit: u64,
-    ) -> (Collected, Store, RequestId, crate::store::test_support::TempStore) {
+    ) -> (
+        Collected,
+        Store,
+        RequestId,
+        crate::store::test_support::TempStore,
+    ) {
         let (store, dir) = temp_store().await;
         let r = pending_request(&store).await;
         let (tx, rx) = mpsc::channel(4);

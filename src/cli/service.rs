@@ -126,26 +126,25 @@ pub(super) async fn print_config(settings: &Settings) -> anyhow::Result<ExitCode
 
 pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let mut healthy = true;
-    let store = match Store::open_configured(&settings.db_path, settings.database_url.as_deref())
-        .await
-    {
-        Ok(store) => match store.health().await {
-            Ok(()) => {
-                println!("database: ok ({})", settings.store_location());
-                Some(store)
-            }
+    let store =
+        match Store::open_configured(&settings.db_path, settings.database_url.as_deref()).await {
+            Ok(store) => match store.health().await {
+                Ok(()) => {
+                    println!("database: ok ({})", settings.store_location());
+                    Some(store)
+                }
+                Err(e) => {
+                    healthy = false;
+                    println!("database: ERROR {e}");
+                    None
+                }
+            },
             Err(e) => {
                 healthy = false;
                 println!("database: ERROR {e}");
                 None
             }
-        },
-        Err(e) => {
-            healthy = false;
-            println!("database: ERROR {e}");
-            None
-        }
-    };
+        };
     match tokio::process::Command::new(&settings.qemu_binary)
         .arg("--version")
         .output()

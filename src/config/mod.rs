@@ -224,7 +224,10 @@ impl Settings {
             ("SQLITE_SIM_DB_PATH", p(&self.db_path)),
             (
                 "SQLITE_SIM_DATABASE_URL",
-                self.database_url.as_deref().map(redact_url).unwrap_or_default(),
+                self.database_url
+                    .as_deref()
+                    .map(redact_url)
+                    .unwrap_or_default(),
             ),
             ("SQLITE_SIM_API_HOST", self.api_host.to_string()),
             ("SQLITE_SIM_API_PORT", self.api_port.to_string()),

@@ -163,10 +163,7 @@ impl Server {
             Ok(admin) if !admin.is_empty() => {
                 let name = format!("e_{}", uuid::Uuid::new_v4().simple());
                 pg_exec(&admin, &format!("CREATE DATABASE {name}"));
-                env.push((
-                    "SQLITE_SIM_DATABASE_URL".into(),
-                    with_dbname(&admin, &name),
-                ));
+                env.push(("SQLITE_SIM_DATABASE_URL".into(), with_dbname(&admin, &name)));
                 Some((admin, name))
             }
             _ => None,
@@ -365,7 +362,10 @@ impl Drop for Server {
         }
         self.stop();
         if let Some((admin, name)) = self.pg_db.take() {
-            pg_exec(&admin, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            pg_exec(
+                &admin,
+                &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            );
         }
     }
 }
@@ -403,7 +403,9 @@ impl Server {
 
 /// `url` (a `postgres://` URL) naming database `name` instead.
 pub fn with_dbname(url: &str, name: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let after_scheme = base.find("://").map_or(0, |i| i + 3);
     let path_at = base[after_scheme..]
         .find('/')

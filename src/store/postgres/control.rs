@@ -16,61 +16,69 @@ impl Pg {
     ) -> Result<ControlOutcome, StoreError> {
         let (uuid, now) = (id.to_string(), timefmt::now());
         let locked = format!("SELECT {COLUMNS}, deleting FROM requests WHERE uuid = $1 FOR UPDATE");
-        write_tx!(self, "control", |tx| async {
-            let Some(row) = tx.query_opt(&locked, &[&uuid]).await? else {
-                return Ok(ControlOutcome::NotFound);
-            };
-            if row.try_get::<_, bool>("deleting")? {
-                return Ok(ControlOutcome::NotFound);
-            }
-            let req = super::requests::from_row(&row)?;
-            let outcome = match transition(
-                req.status,
-                req.agent_id.is_some(),
-                req.desired_status,
-                target,
-            ) {
-                Transition::Refused(allowed) => {
-                    return Ok(ControlOutcome::Refused {
-                        current: req.status,
-                        allowed,
-                    })
+        write_tx!(
+            self,
+            "control",
+            |tx| async {
+                let Some(row) = tx.query_opt(&locked, &[&uuid]).await? else {
+                    return Ok(ControlOutcome::NotFound);
+                };
+                if row.try_get::<_, bool>("deleting")? {
+                    return Ok(ControlOutcome::NotFound);
                 }
-                Transition::Immediate(status) => {
-                    let finished = status.is_terminal().then_some(now.as_str());
-                    tx.execute(
+                let req = super::requests::from_row(&row)?;
+                let outcome = match transition(
+                    req.status,
+                    req.agent_id.is_some(),
+                    req.desired_status,
+                    target,
+                ) {
+                    Transition::Refused(allowed) => {
+                        return Ok(ControlOutcome::Refused {
+                            current: req.status,
+                            allowed,
+                        })
+                    }
+                    Transition::Immediate(status) => {
+                        let finished = status.is_terminal().then_some(now.as_str());
+                        tx.execute(
                         "UPDATE requests SET status = $1, desired_status = NULL, updated_at = $2,
                                 finished_at = COALESCE($3, finished_at)
                          WHERE uuid = $4",
                         &[&status.as_str(), &now, &finished, &uuid],
                     )
                     .await?;
-                    ControlOutcome::Applied
-                }
-                Transition::Desired(status) => {
-                    tx.execute(
+                        ControlOutcome::Applied
+                    }
+                    Transition::Desired(status) => {
+                        tx.execute(
                         "UPDATE requests SET desired_status = $1, updated_at = $2 WHERE uuid = $3",
                         &[&status.as_str(), &now, &uuid],
                     )
                     .await?;
-                    ControlOutcome::Requested
-                }
-            };
-            let req = get_in(&tx, id)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
-            Ok(outcome(req))
-        }
-        .await, recheck |c| {
-            // A change that carries our timestamp is ours.
-            Ok(get_in(c, id).await?.filter(|r| r.updated_at == now).map(|r| {
-                if r.desired_status.is_some() {
-                    ControlOutcome::Requested(r)
-                } else {
-                    ControlOutcome::Applied(r)
-                }
-            }))
-        })
+                        ControlOutcome::Requested
+                    }
+                };
+                let req = get_in(&tx, id)
+                    .await?
+                    .ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
+                Ok(outcome(req))
+            }
+            .await,
+            recheck | c | {
+                // A change that carries our timestamp is ours.
+                Ok(get_in(c, id)
+                    .await?
+                    .filter(|r| r.updated_at == now)
+                    .map(|r| {
+                        if r.desired_status.is_some() {
+                            ControlOutcome::Requested(r)
+                        } else {
+                            ControlOutcome::Applied(r)
+                        }
+                    }))
+            }
+        )
     }
 
     /// Idempotent: applying the same state twice leaves the same row.
@@ -176,7 +184,11 @@ impl Pg {
     }
 
     /// Batched deletes, each idempotent, so a retry only finds less to delete.
-    pub(crate) async fn prune(&self, before: String, dry_run: bool) -> Result<(u64, u64), StoreError> {
+    pub(crate) async fn prune(
+        &self,
+        before: String,
+        dry_run: bool,
+    ) -> Result<(u64, u64), StoreError> {
         const SELECTED: &str = "SELECT uuid FROM requests
              WHERE status IN ('done','failed','cancelled') AND finished_at < $1";
         let counts = format!(
@@ -208,12 +220,17 @@ impl Pg {
         let uuid = id.to_string();
         retry!(self, "desired", |c| {
             let row = c
-                .query_opt("SELECT desired_status FROM requests WHERE uuid = $1", &[&uuid])
+                .query_opt(
+                    "SELECT desired_status FROM requests WHERE uuid = $1",
+                    &[&uuid],
+                )
                 .await?;
             match row.and_then(|r| r.get::<_, Option<String>>(0)) {
-                Some(s) => Ok(Some(s.parse().map_err(|e| {
-                    StoreError::Corrupt(format!("request {uuid}: {e}"))
-                })?)),
+                Some(s) => {
+                    Ok(Some(s.parse().map_err(|e| {
+                        StoreError::Corrupt(format!("request {uuid}: {e}"))
+                    })?))
+                }
                 None => Ok(None),
             }
         })
@@ -222,56 +239,62 @@ impl Pg {
     pub(crate) async fn delete(&self, id: RequestId) -> Result<DeleteOutcome, StoreError> {
         let (uuid, now) = (id.to_string(), timefmt::now());
         let locked = format!("SELECT {COLUMNS}, deleting FROM requests WHERE uuid = $1 FOR UPDATE");
-        write_tx!(self, "delete", |tx| async {
-            let Some(row) = tx.query_opt(&locked, &[&uuid]).await? else {
-                return Ok(DeleteOutcome::NotFound);
-            };
-            if row.try_get::<_, bool>("deleting")? {
-                return Ok(DeleteOutcome::NotFound);
-            }
-            let req = super::requests::from_row(&row)?;
-            if req.status.is_terminal() || req.agent_id.is_none() {
-                tx.execute("DELETE FROM requests WHERE uuid = $1", &[&uuid])
-                    .await?;
-                return Ok(DeleteOutcome::Deleted);
-            }
-            tx.execute(
+        write_tx!(
+            self,
+            "delete",
+            |tx| async {
+                let Some(row) = tx.query_opt(&locked, &[&uuid]).await? else {
+                    return Ok(DeleteOutcome::NotFound);
+                };
+                if row.try_get::<_, bool>("deleting")? {
+                    return Ok(DeleteOutcome::NotFound);
+                }
+                let req = super::requests::from_row(&row)?;
+                if req.status.is_terminal() || req.agent_id.is_none() {
+                    tx.execute("DELETE FROM requests WHERE uuid = $1", &[&uuid])
+                        .await?;
+                    return Ok(DeleteOutcome::Deleted);
+                }
+                tx.execute(
                 "UPDATE requests SET deleting = TRUE, desired_status = 'cancelled', updated_at = $1
                  WHERE uuid = $2",
                 &[&now, &uuid],
             )
             .await?;
-            let req = get_in(&tx, id)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
-            Ok(DeleteOutcome::Deleting(Box::new(req)))
-        }
-        .await, recheck |c| {
-            // Gone, or hidden with our timestamp: the lost COMMIT went through.
-            let row = c
-                .query_opt(
-                    &format!("SELECT {COLUMNS}, deleting FROM requests WHERE uuid = $1"),
-                    &[&uuid],
-                )
-                .await?;
-            Ok(match row {
-                None => Some(DeleteOutcome::Deleted),
-                Some(r) => {
-                    let req = super::requests::from_row(&r)?;
-                    (r.try_get::<_, bool>("deleting")? && req.updated_at == now)
-                        .then(|| DeleteOutcome::Deleting(Box::new(req)))
-                }
-            })
-        })
+                let req = get_in(&tx, id)
+                    .await?
+                    .ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
+                Ok(DeleteOutcome::Deleting(Box::new(req)))
+            }
+            .await,
+            recheck | c | {
+                // Gone, or hidden with our timestamp: the lost COMMIT went through.
+                let row = c
+                    .query_opt(
+                        &format!("SELECT {COLUMNS}, deleting FROM requests WHERE uuid = $1"),
+                        &[&uuid],
+                    )
+                    .await?;
+                Ok(match row {
+                    None => Some(DeleteOutcome::Deleted),
+                    Some(r) => {
+                        let req = super::requests::from_row(&r)?;
+                        (r.try_get::<_, bool>("deleting")? && req.updated_at == now)
+                            .then(|| DeleteOutcome::Deleting(Box::new(req)))
+                    }
+                })
+            }
+        )
     }
 
     pub(crate) async fn exists(&self, id: RequestId) -> Result<bool, StoreError> {
         let uuid = id.to_string();
         retry!(self, "exists", |c| {
-            Ok(c
-                .query_opt("SELECT 1 FROM requests WHERE uuid = $1", &[&uuid])
-                .await?
-                .is_some())
+            Ok(
+                c.query_opt("SELECT 1 FROM requests WHERE uuid = $1", &[&uuid])
+                    .await?
+                    .is_some(),
+            )
         })
     }
 }

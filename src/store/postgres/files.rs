@@ -128,15 +128,18 @@ impl Pg {
         })
     }
 
-    pub(crate) async fn upload_chunk(&self, upload: i64, seq: i64) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(crate) async fn upload_chunk(
+        &self,
+        upload: i64,
+        seq: i64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         retry!(self, "upload_chunk", |c| {
-            Ok(c
-                .query_opt(
-                    "SELECT data FROM upload_chunks WHERE upload_id = $1 AND seq = $2",
-                    &[&upload, &seq],
-                )
-                .await?
-                .map(|r| r.get(0)))
+            Ok(c.query_opt(
+                "SELECT data FROM upload_chunks WHERE upload_id = $1 AND seq = $2",
+                &[&upload, &seq],
+            )
+            .await?
+            .map(|r| r.get(0)))
         })
     }
 
@@ -159,8 +162,11 @@ impl Pg {
                 )
                 .await?
                 .get(0);
-            tx.execute("DELETE FROM artifact_chunks WHERE artifact_id = $1", &[&aid])
-                .await?;
+            tx.execute(
+                "DELETE FROM artifact_chunks WHERE artifact_id = $1",
+                &[&aid],
+            )
+            .await?;
             Ok(aid)
         }
         .await)
@@ -195,7 +201,13 @@ impl Pg {
             tx.execute(
                 "UPDATE artifacts SET size = $1, sha256 = $2, complete = $3, left_out = $4
                  WHERE id = $5",
-                &[&(size as i64), &sha256, &left_out.is_none(), &left_out, &artifact],
+                &[
+                    &(size as i64),
+                    &sha256,
+                    &left_out.is_none(),
+                    &left_out,
+                    &artifact,
+                ],
             )
             .await?;
             Ok(())
@@ -254,13 +266,12 @@ impl Pg {
         seq: i64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         retry!(self, "artifact_chunk", |c| {
-            Ok(c
-                .query_opt(
-                    "SELECT data FROM artifact_chunks WHERE artifact_id = $1 AND seq = $2",
-                    &[&artifact, &seq],
-                )
-                .await?
-                .map(|r| r.get(0)))
+            Ok(c.query_opt(
+                "SELECT data FROM artifact_chunks WHERE artifact_id = $1 AND seq = $2",
+                &[&artifact, &seq],
+            )
+            .await?
+            .map(|r| r.get(0)))
         })
     }
 }

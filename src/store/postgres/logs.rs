@@ -19,42 +19,57 @@ impl Pg {
         }
         let uuid = id.to_string();
         let (last_ts, last_ty, last_bytes) = chunks.last().expect("not empty").clone();
-        write_tx!(self, "append_logs", |tx| async {
-            tx.execute("SELECT 1 FROM requests WHERE uuid = $1 FOR UPDATE", &[&uuid])
-                .await?;
-            let mut next: i64 = tx
-                .query_one(
-                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = $1",
+        write_tx!(
+            self,
+            "append_logs",
+            |tx| async {
+                tx.execute(
+                    "SELECT 1 FROM requests WHERE uuid = $1 FOR UPDATE",
                     &[&uuid],
                 )
-                .await?
-                .get(0);
-            let ins = tx
-                .prepare(
-                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
+                .await?;
+                let mut next: i64 = tx
+                    .query_one(
+                        "SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = $1",
+                        &[&uuid],
+                    )
+                    .await?
+                    .get(0);
+                let ins = tx
+                    .prepare(
+                        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
                      VALUES ($1, $2, $3, $4, $5)",
-                )
-                .await?;
-            for (ts, ty, bytes) in &chunks {
-                tx.execute(&ins, &[&uuid, &next, ts, &ty.as_str(), bytes])
+                    )
                     .await?;
-                next += 1;
+                for (ts, ty, bytes) in &chunks {
+                    tx.execute(&ins, &[&uuid, &next, ts, &ty.as_str(), bytes])
+                        .await?;
+                    next += 1;
+                }
+                Ok(())
             }
-            Ok(())
-        }
-        .await, recheck |c| {
-            let row = c
-                .query_opt(
-                    "SELECT timestamp = $2 AND log_type = $3 AND output = $4 FROM work_log
+            .await,
+            recheck | c | {
+                let row = c
+                    .query_opt(
+                        "SELECT timestamp = $2 AND log_type = $3 AND output = $4 FROM work_log
                      WHERE request_uuid = $1 ORDER BY seq DESC LIMIT 1",
-                    &[&uuid, &last_ts, &last_ty.as_str(), &last_bytes],
-                )
-                .await?;
-            Ok(row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false).then_some(()))
-        })
+                        &[&uuid, &last_ts, &last_ty.as_str(), &last_bytes],
+                    )
+                    .await?;
+                Ok(row
+                    .and_then(|r| r.get::<_, Option<bool>>(0))
+                    .unwrap_or(false)
+                    .then_some(()))
+            }
+        )
     }
 
-    pub(crate) async fn logs(&self, id: RequestId, q: LogQuery) -> Result<Vec<LogEntry>, StoreError> {
+    pub(crate) async fn logs(
+        &self,
+        id: RequestId,
+        q: LogQuery,
+    ) -> Result<Vec<LogEntry>, StoreError> {
         let uuid = id.to_string();
         let ty = q.log_type.map(|t| t.as_str());
         let limit = q.limit.map(i64::from);

@@ -8,7 +8,12 @@ use crate::store::{Histogram, MetricsSnapshot, Stats, StoreError, Summary, BUCKE
 async fn histogram(c: &tokio_postgres::Client, column: &str) -> Result<Histogram, StoreError> {
     let mut cols: Vec<String> = BUCKETS
         .iter()
-        .map(|le| format!("COUNT(*) FILTER (WHERE {column} <= {})", (le * 1000.0) as i64))
+        .map(|le| {
+            format!(
+                "COUNT(*) FILTER (WHERE {column} <= {})",
+                (le * 1000.0) as i64
+            )
+        })
         .collect();
     cols.push(format!("COALESCE(SUM({column}), 0)::bigint"));
     cols.push(format!("COUNT({column})"));

@@ -46,7 +46,7 @@ macro_rules! retry {
 /// committed outcome, `None` runs the body again.
 macro_rules! write_tx {
     ($pg:expr, $what:literal, |$tx:ident| $body:expr) => {
-        $crate::store::postgres::write_tx!($pg, $what, |$tx| $body, recheck |_c| Ok(None))
+        $crate::store::postgres::write_tx!($pg, $what, |$tx| $body, recheck | _c | Ok(None))
     };
     ($pg:expr, $what:literal, |$tx:ident| $body:expr, recheck |$c2:ident| $recheck:expr) => {{
         let mut attempt = $crate::store::postgres::Attempt::new($what);
@@ -67,7 +67,8 @@ macro_rules! write_tx {
                 let $tx = c.transaction().await?;
                 let v: Result<_, $crate::store::StoreError> = $body;
                 let v = v?;
-                $tx.batch_execute(concat!("NOTIFY ", "sqlite_sim_changes")).await?;
+                $tx.batch_execute(concat!("NOTIFY ", "sqlite_sim_changes"))
+                    .await?;
                 ambiguous = true;
                 $tx.commit().await?;
                 ambiguous = false;
@@ -385,3 +386,6 @@ pub(crate) mod test_support {
         .join();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{GenericClient, Row};
 
-pub(super) const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
+pub(super) const COLUMNS: &str =
+    "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel";
 
@@ -87,42 +88,47 @@ impl Pg {
         let globs = (!new.artifacts.is_empty())
             .then(|| serde_json::to_string(&new.artifacts).expect("json"));
         let boot = new.boot.map(|b| b.as_str());
-        write_tx!(self, "create", |tx| async {
-            let now = timefmt::now();
-            tx.execute(
-                "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
+        write_tx!(
+            self,
+            "create",
+            |tx| async {
+                let now = timefmt::now();
+                tx.execute(
+                    "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
                                        updated_at, boot, artifact_globs)
                  VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7)",
-                &[
-                    &uuid,
-                    &new.vm_name,
-                    &new.commands,
-                    &i64::from(new.timeout),
-                    &now,
-                    &boot,
-                    &globs,
-                ],
-            )
-            .await?;
-            for (seq, upload) in new.uploads.iter().enumerate() {
-                let n = tx
-                    .execute(
-                        "UPDATE uploads SET request_uuid = $1, seq = $2
+                    &[
+                        &uuid,
+                        &new.vm_name,
+                        &new.commands,
+                        &i64::from(new.timeout),
+                        &now,
+                        &boot,
+                        &globs,
+                    ],
+                )
+                .await?;
+                for (seq, upload) in new.uploads.iter().enumerate() {
+                    let n = tx
+                        .execute(
+                            "UPDATE uploads SET request_uuid = $1, seq = $2
                          WHERE id = $3 AND request_uuid IS NULL",
-                        &[&uuid, &(seq as i64), upload],
-                    )
-                    .await?;
-                if n != 1 {
-                    return Err(StoreError::Corrupt(format!(
-                        "upload {upload} is not staged (already linked, or dropped)"
-                    )));
+                            &[&uuid, &(seq as i64), upload],
+                        )
+                        .await?;
+                    if n != 1 {
+                        return Err(StoreError::Corrupt(format!(
+                            "upload {upload} is not staged (already linked, or dropped)"
+                        )));
+                    }
                 }
+                get_in(&tx, id)
+                    .await?
+                    .ok_or_else(|| StoreError::Corrupt("insert vanished".into()))
             }
-            get_in(&tx, id)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt("insert vanished".into()))
-        }
-        .await, recheck |c| get_in(c, id).await)
+            .await,
+            recheck | c | get_in(c, id).await
+        )
     }
 
     pub(crate) async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
@@ -192,18 +198,23 @@ impl Pg {
             "SELECT {COLUMNS} FROM requests
              WHERE agent_id = $1 AND updated_at = $2 AND status = 'acknowledged'"
         );
-        write_tx!(self, "claim", |tx| async {
-            tx.query_opt(&sql, &[&agent, &lease_until(lease), &now])
-                .await?
-                .map(|r| from_row(&r))
-                .transpose()
-        }
-        .await, recheck |c| {
-            match c.query_opt(&found, &[&agent, &now]).await? {
-                Some(r) => Ok(Some(Some(from_row(&r)?))),
-                None => Ok(None),
+        write_tx!(
+            self,
+            "claim",
+            |tx| async {
+                tx.query_opt(&sql, &[&agent, &lease_until(lease), &now])
+                    .await?
+                    .map(|r| from_row(&r))
+                    .transpose()
             }
-        })
+            .await,
+            recheck | c | {
+                match c.query_opt(&found, &[&agent, &now]).await? {
+                    Some(r) => Ok(Some(Some(from_row(&r)?))),
+                    None => Ok(None),
+                }
+            }
+        )
     }
 
     pub(crate) async fn mark_running(
@@ -212,25 +223,30 @@ impl Pg {
         agent: &AgentId,
     ) -> Result<bool, StoreError> {
         let (agent, uuid, now) = (agent.0.clone(), id.to_string(), timefmt::now());
-        write_tx!(self, "mark_running", |tx| async {
-            let n = tx
-                .execute(
-                    "UPDATE requests SET status = 'running', started_at = $1, updated_at = $1
+        write_tx!(
+            self,
+            "mark_running",
+            |tx| async {
+                let n = tx
+                    .execute(
+                        "UPDATE requests SET status = 'running', started_at = $1, updated_at = $1
                      WHERE uuid = $2 AND agent_id = $3 AND status = 'acknowledged'",
-                    &[&now, &uuid, &agent],
-                )
-                .await?;
-            Ok(n == 1)
-        }
-        .await, recheck |c| {
-            let n = c
+                        &[&now, &uuid, &agent],
+                    )
+                    .await?;
+                Ok(n == 1)
+            }
+            .await,
+            recheck | c | {
+                let n = c
                 .execute(
                     "SELECT 1 FROM requests WHERE uuid = $1 AND agent_id = $2 AND started_at = $3",
                     &[&uuid, &agent, &now],
                 )
                 .await?;
-            Ok((n == 1).then_some(true))
-        })
+                Ok((n == 1).then_some(true))
+            }
+        )
     }
 
     /// Idempotent (the lease is set, not added to), so simply retried.
@@ -266,57 +282,62 @@ impl Pg {
         let step = fin.shutdown_step.map(|s| s.as_str());
         let mode = fin.boot_mode.map(|m| m.as_str());
         let channel = fin.channel.map(|c| c.as_str());
-        write_tx!(self, "finish", |tx| async {
-            // Deleted while it ran: now that its VM is down, it goes with its logs.
-            let gone = tx
-                .execute(
-                    "DELETE FROM requests WHERE uuid = $1 AND agent_id = $2 AND deleting",
-                    &[&uuid, &agent],
-                )
-                .await?;
-            if gone == 1 {
-                return Ok(true);
-            }
-            let n = tx
-                .execute(
-                    "UPDATE requests SET status = $1, exit_code = $2, error = $3,
+        write_tx!(
+            self,
+            "finish",
+            |tx| async {
+                // Deleted while it ran: now that its VM is down, it goes with its logs.
+                let gone = tx
+                    .execute(
+                        "DELETE FROM requests WHERE uuid = $1 AND agent_id = $2 AND deleting",
+                        &[&uuid, &agent],
+                    )
+                    .await?;
+                if gone == 1 {
+                    return Ok(true);
+                }
+                let n = tx
+                    .execute(
+                        "UPDATE requests SET status = $1, exit_code = $2, error = $3,
                             shutdown_step = $4, finished_at = $5, updated_at = $5,
                             lease_expires_at = NULL, desired_status = NULL, boot_ms = $8,
                             run_ms = $9, shutdown_ms = $10, boot_mode = $11, restore_ms = $12,
                             channel = $13
                      WHERE uuid = $6 AND agent_id = $7
                        AND status NOT IN ('done','failed','cancelled')",
-                    &[
-                        &status,
-                        &fin.exit_code,
-                        &fin.error,
-                        &step,
-                        &now,
-                        &uuid,
-                        &agent,
-                        &fin.boot_ms,
-                        &fin.run_ms,
-                        &fin.shutdown_ms,
-                        &mode,
-                        &fin.restore_ms,
-                        &channel,
-                    ],
-                )
-                .await?;
-            Ok(n == 1)
-        }
-        .await, recheck |c| {
-            // Ours if it carries this very finish time, or if it is gone (a deletion we ran).
-            let row = c
-                .query_opt(
-                    "SELECT finished_at = $2 AND agent_id = $3 FROM requests WHERE uuid = $1",
-                    &[&uuid, &now, &agent],
-                )
-                .await?;
-            Ok(match row {
-                None => Some(true),
-                Some(r) => r.get::<_, Option<bool>>(0).unwrap_or(false).then_some(true),
-            })
-        })
+                        &[
+                            &status,
+                            &fin.exit_code,
+                            &fin.error,
+                            &step,
+                            &now,
+                            &uuid,
+                            &agent,
+                            &fin.boot_ms,
+                            &fin.run_ms,
+                            &fin.shutdown_ms,
+                            &mode,
+                            &fin.restore_ms,
+                            &channel,
+                        ],
+                    )
+                    .await?;
+                Ok(n == 1)
+            }
+            .await,
+            recheck | c | {
+                // Ours if it carries this very finish time, or if it is gone (a deletion we ran).
+                let row = c
+                    .query_opt(
+                        "SELECT finished_at = $2 AND agent_id = $3 FROM requests WHERE uuid = $1",
+                        &[&uuid, &now, &agent],
+                    )
+                    .await?;
+                Ok(match row {
+                    None => Some(true),
+                    Some(r) => r.get::<_, Option<bool>>(0).unwrap_or(false).then_some(true),
+                })
+            }
+        )
     }
 }

@@ -141,11 +141,8 @@ pub(super) async fn migrate(c: &mut tokio_postgres::Client) -> Result<(), StoreE
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         tx.batch_execute(sql).await?;
-        tx.execute(
-            "UPDATE schema_version SET version = $1",
-            &[&(i as i64 + 1)],
-        )
-        .await?;
+        tx.execute("UPDATE schema_version SET version = $1", &[&(i as i64 + 1)])
+            .await?;
     }
     tx.commit().await?;
     Ok(())

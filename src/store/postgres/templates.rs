@@ -43,7 +43,10 @@ fn orders_of(r: &Row) -> Result<TemplateOrders, StoreError> {
 }
 
 impl Pg {
-    pub(crate) async fn templates(&self, vm: Option<String>) -> Result<Vec<TemplateRecord>, StoreError> {
+    pub(crate) async fn templates(
+        &self,
+        vm: Option<String>,
+    ) -> Result<Vec<TemplateRecord>, StoreError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM templates WHERE ($1::text IS NULL OR vm_name = $1)
              ORDER BY vm_name, host_id"

@@ -1,0 +1,257 @@
+//! Promises only the PostgreSQL engine makes, on a real server (skipped unless
+//! `SQLITE_SIM_TEST_DATABASE_URL` names a cluster): claims across many handles, fencing of an
+//! agent whose lease ran out, wake-ups across handles by `LISTEN/NOTIFY`, and surviving a
+//! server restart (its own private cluster, so other tests are not disturbed).
+
+use crate::model::{AgentId, LogType, NewRequest, RequestId, Status};
+use crate::store::sink::LogSink;
+use crate::store::test_support::{pending_request, temp_store};
+use crate::store::{Finish, LogQuery, Store};
+use std::time::{Duration, Instant};
+
+fn on_pg() -> bool {
+    super::test_support::admin_url().is_some()
+}
+
+fn new() -> NewRequest {
+    NewRequest {
+        vm_name: "t".into(),
+        commands: "x".into(),
+        timeout: 9,
+        boot: None,
+        uploads: Vec::new(),
+        artifacts: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_handles_and_tasks_claim_each_request_once() {
+    if !on_pg() {
+        return;
+    }
+    let (s, d) = temp_store().await;
+    const HANDLES: usize = 4;
+    const TASKS: usize = 4;
+    const CLAIMS: usize = 10;
+    for _ in 0..HANDLES * TASKS * CLAIMS {
+        s.create(new()).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for h in 0..HANDLES {
+        let store = d.reopen().await;
+        for t in 0..TASKS {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let agent = AgentId(format!("h{h}:t{t}"));
+                let mut got = Vec::new();
+                for _ in 0..CLAIMS {
+                    let r = store.claim(&agent, Duration::from_secs(30)).await.unwrap();
+                    got.push(r.expect("enough for everyone").uuid);
+                }
+                got
+            }));
+        }
+    }
+    let mut all: Vec<RequestId> = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(n, HANDLES * TASKS * CLAIMS);
+    assert_eq!(all.len(), n, "a request was claimed twice");
+    assert!(s
+        .claim(&AgentId("late".into()), Duration::from_secs(1))
+        .await
+        .unwrap()
+        .is_none());
+}
+
+/// An agent paused past its lease wakes up to find its request recovered and claimed by
+/// another agent: none of its writes land.
+#[tokio::test]
+async fn an_agent_that_lost_its_lease_is_fenced_off() {
+    if !on_pg() {
+        return;
+    }
+    let (s, _d) = temp_store().await;
+    let (paused, other) = (AgentId("paused".into()), AgentId("other".into()));
+    let r = s.create(new()).await.unwrap();
+    s.claim(&paused, Duration::from_millis(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        s.reap_expired().await.unwrap(),
+        vec![(r.uuid, Status::Pending)]
+    );
+    let again = s
+        .claim(&other, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.uuid, r.uuid);
+    // The paused agent wakes up.
+    assert!(!s.mark_running(r.uuid, &paused).await.unwrap());
+    assert!(!s
+        .heartbeat(r.uuid, &paused, Duration::from_secs(30))
+        .await
+        .unwrap());
+    assert!(!s
+        .apply_desired(r.uuid, &paused, Status::Hold)
+        .await
+        .unwrap());
+    let lost = Finish {
+        status: Status::Failed,
+        error: Some("stale".into()),
+        ..Default::default()
+    };
+    assert!(!s.finish(r.uuid, &paused, lost).await.unwrap());
+    let now = s.get(r.uuid).await.unwrap().unwrap();
+    assert_eq!(
+        (now.status, now.agent_id.as_deref()),
+        (Status::Acknowledged, Some("other"))
+    );
+    // The new owner goes on.
+    assert!(s.mark_running(r.uuid, &other).await.unwrap());
+    let done = Finish {
+        status: Status::Done,
+        exit_code: Some(0),
+        ..Default::default()
+    };
+    assert!(s.finish(r.uuid, &other, done).await.unwrap());
+    // A request whose VM ran ends failed when its agent is lost; the agent cannot revive it.
+    let r = s.create(new()).await.unwrap();
+    s.claim(&paused, Duration::from_millis(1)).await.unwrap();
+    s.mark_running(r.uuid, &paused).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.reap_expired().await.unwrap();
+    let fin = Finish {
+        status: Status::Done,
+        exit_code: Some(0),
+        ..Default::default()
+    };
+    assert!(!s.finish(r.uuid, &paused, fin).await.unwrap());
+    let x = s.get(r.uuid).await.unwrap().unwrap();
+    assert_eq!(
+        (x.status, x.error.as_deref()),
+        (Status::Failed, Some("agent lost"))
+    );
+}
+
+/// Waits until `rx` changes; how long it took.
+async fn woken(rx: &mut tokio::sync::watch::Receiver<u64>, within: Duration) -> Duration {
+    let start = Instant::now();
+    tokio::time::timeout(within, rx.changed())
+        .await
+        .expect("no wake-up in time")
+        .unwrap();
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn a_write_through_one_handle_wakes_another_at_once() {
+    if !on_pg() {
+        return;
+    }
+    let (a, d) = temp_store().await;
+    let b = d.reopen().await;
+    let mut rx = b.subscribe();
+    // The listener's first connection bumps once; start from a quiet receiver.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rx.borrow_and_update();
+    let r = a.create(new()).await.unwrap();
+    let took = woken(&mut rx, Duration::from_secs(2)).await;
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    rx.borrow_and_update();
+    a.control(r.uuid, Status::Hold).await.unwrap();
+    woken(&mut rx, Duration::from_secs(2)).await;
+}
+
+/// `scripts/postgres.sh` on a private cluster of this test's own.
+fn cluster(cmd: &str, port: u16) -> String {
+    let out = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh"),
+    )
+    .arg(cmd)
+    .env("SQLITE_SIM_TEST_PG_PORT", port.to_string())
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "postgres.sh {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+struct Cluster(u16);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        cluster("stop", self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_is_survived_and_loses_no_log_bytes() {
+    if !on_pg() {
+        return;
+    }
+    let port = 55400 + (std::process::id() % 20) as u16;
+    let url = tokio::task::spawn_blocking(move || cluster("start", port))
+        .await
+        .unwrap();
+    let _guard = Cluster(port);
+    let s = Store::open_postgres(super::parse_url(&url).unwrap())
+        .await
+        .unwrap();
+    let other = Store::open_postgres(super::parse_url(&url).unwrap())
+        .await
+        .unwrap();
+    let r = pending_request(&s).await;
+    let (sink, task) = LogSink::start(s.clone(), r.uuid);
+    sink.write(LogType::Stdout, b"before\n".to_vec()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    tokio::task::spawn_blocking(move || cluster("stop", port))
+        .await
+        .unwrap();
+    // Buffered while the server is down; its flush retries.
+    sink.write(LogType::Stdout, b"during\n".to_vec()).await;
+    let read = tokio::spawn({
+        let s = s.clone();
+        async move { s.get(r.uuid).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::task::spawn_blocking(move || cluster("start", port))
+        .await
+        .unwrap();
+    let got = read
+        .await
+        .unwrap()
+        .expect("a read retried through the outage");
+    assert_eq!(got.unwrap().uuid, r.uuid);
+    sink.write(LogType::Stdout, b"after\n".to_vec()).await;
+    drop(sink);
+    let stats = task.close().await;
+    assert_eq!(stats.lost_bytes, 0, "{:?}", stats.last_error);
+    let out: Vec<u8> = s
+        .logs(r.uuid, LogQuery::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|e| e.output)
+        .collect();
+    assert_eq!(out, b"before\nduring\nafter\n", "every byte once");
+    // Writes go on, and the other handle's listener reconnected.
+    let mut rx = other.subscribe();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    rx.borrow_and_update();
+    let agent = AgentId("a".into());
+    assert!(s
+        .claim(&agent, Duration::from_secs(9))
+        .await
+        .unwrap()
+        .is_some());
+    woken(&mut rx, Duration::from_secs(3)).await;
+}
