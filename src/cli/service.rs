@@ -20,7 +20,7 @@ pub(super) async fn serve(
 ) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(&settings)?;
     let settings = Arc::new(settings);
-    let store = Store::open_configured(&settings.db_path, settings.database_url.as_deref())
+    let store = Store::open_settings(&settings)
         .await
         .with_context(|| format!("opening {}", settings.store_location()))?;
     let wake = Arc::new(Notify::new());
@@ -126,25 +126,24 @@ pub(super) async fn print_config(settings: &Settings) -> anyhow::Result<ExitCode
 
 pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let mut healthy = true;
-    let store =
-        match Store::open_configured(&settings.db_path, settings.database_url.as_deref()).await {
-            Ok(store) => match store.health().await {
-                Ok(()) => {
-                    println!("database: ok ({})", settings.store_location());
-                    Some(store)
-                }
-                Err(e) => {
-                    healthy = false;
-                    println!("database: ERROR {e}");
-                    None
-                }
-            },
+    let store = match Store::open_settings(settings).await {
+        Ok(store) => match store.health().await {
+            Ok(()) => {
+                println!("database: ok ({})", settings.store_location());
+                Some(store)
+            }
             Err(e) => {
                 healthy = false;
                 println!("database: ERROR {e}");
                 None
             }
-        };
+        },
+        Err(e) => {
+            healthy = false;
+            println!("database: ERROR {e}");
+            None
+        }
+    };
     match tokio::process::Command::new(&settings.qemu_binary)
         .arg("--version")
         .output()

@@ -174,6 +174,11 @@ impl Store {
         }
     }
 
+    /// The store `settings` name (`SQLITE_SIM_DATABASE_URL`, else `SQLITE_SIM_DB_PATH`).
+    pub async fn open_settings(settings: &crate::config::Settings) -> Result<Self, StoreError> {
+        Self::open_configured(&settings.db_path, settings.database_url.as_deref()).await
+    }
+
     /// Connects to PostgreSQL and brings its schema up to date.
     pub async fn open_postgres(cfg: tokio_postgres::Config) -> Result<Self, StoreError> {
         let changes = tokio::sync::watch::channel(0).0;
