@@ -49,6 +49,11 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # Other heavy processes (compilers, QEMU guests) distort every figure: record them.
 busy_processes() { pgrep -c -x 'cargo|rustc|qemu-system-x86' 2>/dev/null || true; }
 load_at_start="$(cut -d' ' -f1-3 /proc/loadavg)"
+# What is measured is what was checked out when the run began (the binary is built from it).
+commit_at_start="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if [ -n "$(git status --porcelain -- . ':!BENCHMARKS.md' 2>/dev/null)" ]; then
+    commit_at_start="$commit_at_start + uncommitted changes"
+fi
 busy_at_start="$(busy_processes)"
 
 work="$(mktemp -d /tmp/bench-sh.XXXXXX)"
@@ -203,14 +208,10 @@ fi
     echo "  channel (\`CHANNEL=\"virtio\"\`), and its console baselines 13b0/13c0 move 1 MB."
 } >>"$notes"
 
-dirty=""
-if [ -n "$(git status --porcelain -- . ':!BENCHMARKS.md' 2>/dev/null)" ]; then
-    dirty=" + uncommitted changes"
-fi
 if [ "$quick" = 1 ]; then
     mode="quick (\`--quick\`: 1-2 repetitions per figure; not for conclusions)"
 else
-    mode="full: 5 alternating pairs (1), 10 runs per mode (2), 5 holds and 5 cancels (3), 1 flood (4b), 3 wrk runs of 10 s (6), 3 runs (7), 3 runs per concurrency level (8), 20 warm + 20 pool + 5 raw cold runs and 3 hand-restored clones (9), 3 cold + 6 warm Debian runs (10), 3 warm batches of 4c and 1 cold batch of 2c per level (11), 2 runs of 8 clones and 8 cold VMs (12)"
+    mode="full: 5 alternating pairs (1), 10 runs per mode (2), 5 holds and 5 cancels (3), 1 flood (4b), 3 wrk runs of 10 s (6), 3 runs (7), 3 runs per concurrency level (8), 20 warm + 20 pool + 5 raw cold runs and 3 hand-restored clones (9), 3 cold + 6 warm Debian runs (10), 3 warm batches of 4c and 1 cold batch of 2c per level (11), 2 runs of 8 clones and 8 cold VMs (12), 1 run of each part of 13"
 fi
 load_note="load average $load_at_start at start ($busy_at_start cargo/rustc/qemu-system processes);"
 load_note="$load_note when the VM measurements began: CPU ${cpu_before}% busy over 5 s, load $load_before"
@@ -233,7 +234,7 @@ kernel=$(uname -r)
 os=$(awk -F= '$1 == "PRETTY_NAME" { gsub(/"/, "", $2); print $2 }' /etc/os-release)
 qemu=$(qemu-system-x86_64 --version | head -n1)
 accel=TCG (\`SQLITE_SIM_ACCEL=tcg\`; KVM opens but hangs guests on this nested host)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$dirty
+commit=$commit_at_start
 mode=$mode
 load=$load_note
 command=$command_line
