@@ -1,0 +1,239 @@
+// Browser tests of the dashboard: Debian's Chromium driven by playwright-core against a real
+// server that tests/ui.rs started (real agents, the real tiny guest).
+//
+// Usage: node tests/ui/run.mjs BASE_URL OUTDIR SCENARIO...
+//   UI_TOKEN=…  the server's SQLITE_SIM_API_TOKEN (the `token` scenario)
+//   CHROMIUM=…  the browser (default /usr/bin/chromium)
+// Screenshots of every page go to OUTDIR/<scenario>-<step>.png. Exit code 0 when every
+// scenario passed; a failing scenario's screenshot is saved as OUTDIR/<scenario>-FAILED.png.
+
+import { chromium } from 'playwright-core';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const [base, outDir, ...names] = process.argv.slice(2);
+if (!base || !outDir || !names.length) {
+  console.error('usage: node run.mjs BASE_URL OUTDIR SCENARIO...');
+  process.exit(2);
+}
+mkdirSync(outDir, { recursive: true });
+
+// Generous for TCG on a shared 2-core machine: a boot is ~3 s alone, much more under load.
+const VM_TIMEOUT = 120_000;
+
+/** Polls `probe` until it returns a truthy value; fails with `what` and the last value. */
+async function until(what, probe, timeout = 30_000) {
+  const start = Date.now();
+  let last;
+  for (;;) {
+    try {
+      last = await probe();
+      if (last) return last;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() - start > timeout) throw new Error(`timed out after ${timeout} ms waiting for ${what} (last: ${last})`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+const text = (page, sel) => page.locator(sel).first().innerText({ timeout: 2000 });
+const statusOf = (page) => page.locator('[data-testid=status]').getAttribute('data-status', { timeout: 2000 });
+const enabled = (page, id) => page.locator(`[data-testid=${id}]`).isEnabled({ timeout: 2000 });
+const consoleText = (page) => text(page, '[data-testid=console] .xterm-rows');
+
+async function waitStatus(page, want, timeout = VM_TIMEOUT) {
+  const wanted = [].concat(want);
+  return until(`status ${wanted.join('|')}`, async () => {
+    const s = await statusOf(page);
+    return wanted.includes(s) && s;
+  }, timeout);
+}
+
+/** Submits `commands` from the form; returns the new request's uuid (the page goes there). */
+async function submitForm(page, shot, commands, { timeout, keep } = {}) {
+  await page.goto(`${base}/ui/#/submit`);
+  await page.locator('[data-testid=vm]').selectOption('tiny');
+  await page.locator('[data-testid=commands]').fill(commands);
+  if (timeout) await page.locator('[data-testid=timeout]').fill(String(timeout));
+  if (keep) await page.locator('[data-testid=keep-on-failure]').fill(String(keep));
+  await shot('form');
+  await page.locator('[data-testid=submit]').click();
+  await page.waitForURL(/#\/requests\/[0-9a-f-]{36}$/, { timeout: 10_000 });
+  return page.url().split('/').pop();
+}
+
+async function api(path, init = {}) {
+  const headers = { ...(init.headers || {}) };
+  if (process.env.UI_TOKEN) headers.Authorization = `Bearer ${process.env.UI_TOKEN}`;
+  const r = await fetch(base + path, { ...init, headers });
+  return r.json();
+}
+
+const scenarios = {
+  /** The VMs page lists the catalogue with each VM's template state and order buttons. */
+  async vms(page, shot) {
+    await page.goto(`${base}/ui/#/vms`);
+    await until('the tiny VM row', async () => (await page.locator('tr[data-vm=tiny]').count()) === 1);
+    const row = await text(page, 'tr[data-vm=tiny]');
+    if (!/128M/.test(row) || !/tcg/.test(row)) throw new Error(`tiny's row lacks its config: ${row}`);
+    // The test server drops WARM from the configs: no template, so no rebuild either.
+    if (await enabled(page, 'rebuild-tiny')) throw new Error('rebuild enabled for a VM without WARM');
+    await shot('catalogue');
+  },
+
+  /** Submit from the form; the output appears live in the console and the logs; done, 0. */
+  async 'submit-live'(page, shot) {
+    const uuid = await submitForm(page, shot, 'echo hello-ui\nsleep 3\necho bye-$((6*7))');
+    await until('hello-ui in the console', async () => /hello-ui/.test(await consoleText(page)), VM_TIMEOUT);
+    // Live: the first line is on screen while the command still runs.
+    const mid = await api(`/requests/${uuid}`);
+    if (mid.status !== 'running') throw new Error(`expected running while sleeping, got ${mid.status}`);
+    await shot('running');
+    await waitStatus(page, 'done');
+    await until('bye-42 in the console', async () => /bye-42/.test(await consoleText(page)));
+    await until('exit code 0', async () => (await text(page, '[data-testid=exit-code]')) === '0');
+    await page.locator('[data-testid=tab-stdout]').click();
+    await until('stdout tab', async () => /hello-ui\s+bye-42/.test(await text(page, '[data-testid=log-text]')));
+    for (const b of ['hold', 'resume', 'cancel']) {
+      if (await enabled(page, b)) throw new Error(`${b} enabled on a done request`);
+    }
+    await shot('done');
+    // The list shows it, with the counts on top.
+    await page.goto(`${base}/ui/#/`);
+    await until('the request in the list', async () => /done/.test(await text(page, `tr[data-uuid="${uuid}"]`)));
+    await until('done count', async () => Number(await text(page, '[data-testid=count-done] b')) >= 1);
+    await shot('list');
+  },
+
+  /** Hold and resume from the buttons (status changes without reload), then cancel. */
+  async 'hold-resume-cancel'(page, shot) {
+    const uuid = await submitForm(page, shot, 'i=0; while [ $i -lt 300 ]; do i=$((i+1)); echo tick-$i; sleep 1; done');
+    await until('ticks in the console', async () => /tick-2/.test(await consoleText(page)), VM_TIMEOUT);
+    if (await enabled(page, 'resume')) throw new Error('resume enabled while running');
+    // The list, open in a second tab, follows the status without a reload.
+    const list = await page.context().newPage();
+    await list.goto(`${base}/ui/#/`);
+    await until('running in the list', async () => /running/.test(await text(list, `tr[data-uuid="${uuid}"]`)));
+    await page.locator('[data-testid=hold]').click();
+    await waitStatus(page, 'hold', 20_000);
+    await until('resume enabled', () => enabled(page, 'resume'));
+    if (await enabled(page, 'hold')) throw new Error('hold enabled while held');
+    await until('hold in the list', async () => /hold/.test(await text(list, `tr[data-uuid="${uuid}"]`)));
+    await shot('held');
+    await list.screenshot({ path: join(outDir, 'hold-resume-cancel-list.png'), fullPage: true });
+    await page.locator('[data-testid=resume]').click();
+    await waitStatus(page, 'running', 20_000);
+    const before = (await consoleText(page)).match(/tick-(\d+)/g)?.length ?? 0;
+    await until('ticks again after resume', async () => ((await consoleText(page)).match(/tick-(\d+)/g)?.length ?? 0) > before);
+    await shot('resumed');
+    await page.locator('[data-testid=cancel]').click();
+    await waitStatus(page, 'cancelled', 30_000);
+    await until('list shows cancelled', async () => /cancelled/.test(await text(list, `tr[data-uuid="${uuid}"]`)));
+    for (const b of ['hold', 'resume', 'cancel']) {
+      if (await enabled(page, b)) throw new Error(`${b} enabled on a cancelled request`);
+    }
+    await shot('cancelled');
+    // Delete from the page: back to the list, and the API no longer has it.
+    page.once('dialog', (d) => d.accept());
+    await page.locator('[data-testid=delete]').click();
+    await page.waitForURL(/#\/$/, { timeout: 10_000 });
+    const gone = await fetch(`${base}/requests/${uuid}`);
+    if (gone.status !== 404) throw new Error(`deleted request still answers ${gone.status}`);
+    await list.close();
+  },
+
+  /**
+   * With SQLITE_SIM_API_TOKEN: the page asks for the token, refuses a wrong one, keeps the
+   * right one in sessionStorage only, and every call (list, submit, stream, control) carries it.
+   * The server runs without agents, so the request stays pending and no VM is needed.
+   */
+  async token(page, shot) {
+    await page.goto(`${base}/ui/`);
+    await page.locator('#token-dialog[open]').waitFor({ timeout: 10_000 });
+    await shot('prompt');
+    await page.locator('#token-input').fill('wrong-token');
+    await page.locator('#token-submit').click();
+    await until('refusal', async () => /refused/.test(await text(page, '#token-error')));
+    await shot('refused');
+    await page.locator('#token-input').fill(process.env.UI_TOKEN);
+    await page.locator('#token-submit').click();
+    await until('list loaded', async () => (await page.locator('[data-testid=count-pending]').count()) === 1);
+    const stored = await page.evaluate(() => [sessionStorage.getItem('sqlite-sim.token'), localStorage.length]);
+    if (stored[0] !== process.env.UI_TOKEN || stored[1] !== 0) throw new Error(`token storage: ${stored}`);
+    await shot('list');
+    const uuid = await submitForm(page, shot, 'echo never-runs');
+    await waitStatus(page, 'pending', 10_000);
+    await page.locator('[data-testid=hold]').click();
+    await waitStatus(page, 'hold', 10_000);
+    await page.locator('[data-testid=cancel]').click();
+    await waitStatus(page, 'cancelled', 10_000);
+    await shot('cancelled');
+    const r = await api(`/requests/${uuid}`);
+    if (r.status !== 'cancelled') throw new Error(`API says ${r.status}`);
+  },
+
+  /**
+   * Needs the console branch (the WebSocket and keep_on_failure): keep a failing run, attach
+   * in the page, type a command and see its output, then release the VM.
+   */
+  async 'keep-attach'(page, shot) {
+    const uuid = await submitForm(page, shot, 'echo about-to-fail; exit 3', { keep: 300 });
+    await until('kept_until set', async () => (await api(`/requests/${uuid}`)).kept_until, VM_TIMEOUT);
+    await until('live console mode', async () => /live console/.test(await text(page, '[data-testid=console-mode]')));
+    await until('attach enabled', () => enabled(page, 'attach'));
+    await page.locator('[data-testid=attach]').click();
+    await until('we are the typist', async () => /you are typing/.test(await text(page, '[data-testid=console-mode]')));
+    await page.locator('[data-testid=console] .xterm').click();
+    await page.keyboard.type('echo typed-$((6*7))\n', { delay: 20 });
+    await until('typed-42 on the console', async () => /typed-42/.test(await consoleText(page)), 60_000);
+    await shot('attached');
+    await until('release enabled', () => enabled(page, 'release'));
+    await page.locator('[data-testid=release]').click();
+    await waitStatus(page, 'done', 60_000);
+    await until('exit code 3', async () => (await text(page, '[data-testid=exit-code]')) === '3');
+    await shot('released');
+  },
+};
+
+const profile = mkdtempSync(join(tmpdir(), 'sqsim-chromium-'));
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync', '--no-first-run'],
+  viewport: { width: 1360, height: 900 },
+});
+const failures = [];
+try {
+  for (const name of names) {
+    const fn = scenarios[name];
+    if (!fn) throw new Error(`unknown scenario ${name}; known: ${Object.keys(scenarios).join(', ')}`);
+    const page = await context.newPage();
+    const problems = [];
+    // A CSP violation or a script error is a failure, whatever the scenario checks.
+    page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+    page.on('console', (m) => {
+      if (m.type() === 'error' && !/status of 40[14]|WebSocket connection/.test(m.text())) problems.push(`console error: ${m.text()}`);
+    });
+    const shot = (step) => page.screenshot({ path: join(outDir, `${name}-${step}.png`), fullPage: true });
+    const start = Date.now();
+    try {
+      await fn(page, shot);
+      if (problems.length) throw new Error(problems.join('\n'));
+      console.log(`ok   ${name} (${((Date.now() - start) / 1000).toFixed(1)} s)`);
+    } catch (e) {
+      failures.push(name);
+      console.log(`FAIL ${name}: ${e.stack || e}`);
+      if (problems.length) console.log(problems.join('\n'));
+      await page.screenshot({ path: join(outDir, `${name}-FAILED.png`), fullPage: true }).catch(() => {});
+    }
+    await page.close();
+  }
+} finally {
+  await context.close();
+  rmSync(profile, { recursive: true, force: true });
+}
+console.log(`screenshots in ${outDir}`);
+process.exit(failures.length ? 1 : 0);
