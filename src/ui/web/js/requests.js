@@ -50,7 +50,7 @@ export function mountRequests(root, { params }) {
       go({ status: STATUSES.filter((x) => filters.querySelector(`input[value="${x}"]`).checked) }));
     return el('label', { class: 'check' }, box, s);
   });
-  filters.append(el('span', { class: 'muted' }, 'Status:'), boxes, el('span', { class: 'muted' }, 'VM:'), vmSelect,
+  clear(filters, el('span', { class: 'muted' }, 'Status:'), boxes, el('span', { class: 'muted' }, 'VM:'), vmSelect,
     (status.length || vm) ? el('a', { href: '#/', class: 'clear-filters' }, 'clear filters') : null);
   filters.addEventListener('submit', (e) => e.preventDefault());
 
@@ -103,7 +103,6 @@ export function mountRequests(root, { params }) {
   if (status.length) q.set('status', status.join(','));
   if (vm) q.set('vm_name', vm);
 
-  let n = 0;
   const tick = async () => {
     if (stopped) return;
     if (document.visibilityState !== 'hidden') {
@@ -114,14 +113,11 @@ export function mountRequests(root, { params }) {
           lastList = key;
           renderList(list);
         }
-        // The figures move more slowly: every other poll.
-        if (n++ % 2 === 0) {
-          const s = await get('/stats', { signal: ctrl.signal });
-          const sk = JSON.stringify(s);
-          if (sk !== lastStats) {
-            lastStats = sk;
-            renderStats(s);
-          }
+        const s = await get('/stats', { signal: ctrl.signal });
+        const sk = JSON.stringify(s);
+        if (sk !== lastStats) {
+          lastStats = sk;
+          renderStats(s);
         }
         live.textContent = `live · updated ${new Date().toLocaleTimeString()}`;
       } catch (e) {
