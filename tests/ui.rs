@@ -115,7 +115,8 @@ async fn dashboard_asks_for_the_token() {
         return;
     }
     let token = "ui-test-token-3f9a";
-    // API only: the request the page submits stays pending, so no VM is needed.
+    // API only: the requests the page submits stay pending, so no VM is needed (the console
+    // scenario fakes its socket in the page).
     let s = Server::start(Options {
         mode: Mode::Api,
         env: vec![
@@ -125,7 +126,7 @@ async fn dashboard_asks_for_the_token() {
         ..Default::default()
     })
     .await;
-    run_scenarios(&s, &["token"], Some(token)).await;
+    run_scenarios(&s, &["token", "console-protocol"], Some(token)).await;
 }
 
 #[tokio::test]

@@ -105,6 +105,14 @@ const scenarios = {
     await until('the request in the list', async () => /done/.test(await text(page, `tr[data-uuid="${uuid}"]`)));
     await until('done count', async () => Number(await text(page, '[data-testid=count-done] b')) >= 1);
     await shot('list');
+    // Filters: by status (checkboxes) and VM (the catalogue's names), kept in the URL.
+    await page.locator('[data-testid=filter-failed]').check();
+    await page.waitForURL(/status=failed/);
+    await until('the done request filtered out', async () => /No requests match/.test(await text(page, 'main')));
+    await page.goto(`${base}/ui/#/?status=done&vm=tiny`);
+    await until('filtered list', async () => (await page.locator(`tr[data-uuid="${uuid}"]`).count()) === 1);
+    if (!(await page.locator('[data-testid=filter-done]').isChecked())) throw new Error('done filter not shown checked');
+    await shot('filtered');
   },
 
   /** Hold and resume from the buttons (status changes without reload), then cancel. */
@@ -172,6 +180,75 @@ const scenarios = {
     await shot('cancelled');
     const r = await api(`/requests/${uuid}`);
     if (r.status !== 'cancelled') throw new Error(`API says ${r.status}`);
+  },
+
+  /**
+   * The console view's side of the WebSocket protocol, against a socket Playwright fakes in the
+   * page (the server's socket comes with the console branch): colours, hello/typist/missed/
+   * status frames, take → keystrokes as binary frames, a reconnect from the offset reached, no
+   * reconnect after a final status. The request itself is real (pending: no agents here).
+   */
+  async 'console-protocol'(page, shot) {
+    const { uuid } = await api('/requests', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ vm_name: 'tiny', commands: 'echo mocked' }),
+    });
+    const urls = [];
+    const fromClient = [];
+    let sock = null;
+    await page.routeWebSocket(/\/requests\/[0-9a-f-]+\/console/, (ws) => {
+      urls.push(ws.url());
+      sock = ws;
+      ws.onMessage((m) => {
+        fromClient.push(m);
+        if (typeof m === 'string' && JSON.parse(m).type === 'take') {
+          ws.send(JSON.stringify({ type: 'typist', who: 'you', you: true }));
+        } else if (typeof m !== 'string') {
+          ws.send(m); // echo, as a tty would
+        }
+      });
+      const first = urls.length === 1;
+      ws.send(JSON.stringify({ type: 'hello', offset: first ? 0 : 5000, status: 'running', typist: first ? 'ci-bot' : null }));
+      // Green "boot-green", then a prompt.
+      if (first) ws.send(Buffer.from('\x1b[32mboot-green\x1b[0m\r\n# ', 'utf8'));
+    });
+    if (process.env.UI_TOKEN) {
+      await page.addInitScript((t) => sessionStorage.setItem('sqlite-sim.token', t), process.env.UI_TOKEN);
+    }
+    await page.goto(`${base}/ui/#/requests/${uuid}`);
+    await until('mocked bytes on screen', async () => /boot-green/.test(await consoleText(page)));
+    await until('typist named', async () => /ci-bot is typing/.test(await text(page, '[data-testid=console-mode]')));
+    // ANSI colours reach the terminal: the word is drawn in a foreground colour class.
+    const coloured = await page.locator('[data-testid=console] .xterm-rows span', { hasText: 'boot-green' }).first().getAttribute('class');
+    if (!/xterm-fg-2/.test(coloured || '')) throw new Error(`boot-green not green: class=${coloured}`);
+    await until('attach enabled', () => enabled(page, 'attach'));
+    await page.locator('[data-testid=attach]').click();
+    await until('we type', async () => /you are typing/.test(await text(page, '[data-testid=console-mode]')));
+    await page.locator('[data-testid=console] .xterm').click();
+    await page.keyboard.type('ls\n');
+    await until('keystrokes sent as binary frames', async () =>
+      fromClient.filter((m) => typeof m !== 'string').map((b) => b.toString()).join('') === 'ls\r');
+    if (!fromClient.some((m) => typeof m === 'string' && JSON.parse(m).type === 'take')) throw new Error('no take frame');
+    await until('echo drawn', async () => /# ls/.test(await consoleText(page)));
+    sock.send(JSON.stringify({ type: 'missed', bytes: 4096, offset: 5000 }));
+    await until('missed notice', async () => /4096 bytes not shown/.test(await consoleText(page)));
+    await shot('typing');
+    // A dropped socket reconnects from the offset reached: the missed frame said 5000.
+    await sock.close({ code: 1011 });
+    await until('reconnected', async () => urls.length === 2, 10_000);
+    if (!/[?&]from=5000$/.test(urls[1])) throw new Error(`reconnect url ${urls[1]}`);
+    if (/bearer/.test(urls.join(' '))) throw new Error('token leaked into the URL');
+    await until('typing stopped with the old socket', async () => /nobody is typing/.test(await text(page, '[data-testid=console-mode]')));
+    sock.send(JSON.stringify({ type: 'status', status: 'done' }));
+    await sock.close({ code: 1000 });
+    await until('closed for good', async () => /request has ended/.test(await text(page, '[data-testid=console-mode]')));
+    await new Promise((r) => setTimeout(r, 2000));
+    if (urls.length !== 2) throw new Error(`reconnected after the final status: ${urls.length} sockets`);
+    await shot('closed');
+    await api(`/requests/${uuid}/status`, {
+      method: 'PUT', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ status: 'cancelled' }),
+    });
   },
 
   /**

@@ -59,6 +59,7 @@ export function createConsole(container, { uuid, onChange = () => {} }) {
   let disposed = false;
   let typist = null;
   let you = false;
+  let status = null; // the request's status as the socket last said
   let timer = null;
   let pending = []; // log entries received before the transport is decided
   const encoder = new TextEncoder();
@@ -134,6 +135,7 @@ export function createConsole(container, { uuid, onChange = () => {} }) {
           offset = msg.offset ?? offset;
           typist = msg.typist ?? null;
           you = false;
+          status = msg.status ?? status;
           if (FINAL.has(msg.status)) final = true;
           break;
         case 'missed':
@@ -145,6 +147,7 @@ export function createConsole(container, { uuid, onChange = () => {} }) {
           you = !!msg.you;
           break;
         case 'status':
+          status = msg.status ?? status;
           if (FINAL.has(msg.status)) final = true;
           break;
         case 'error':
@@ -207,7 +210,7 @@ export function createConsole(container, { uuid, onChange = () => {} }) {
       send({ type: 'release' });
     },
     state() {
-      return { mode, connected: opened && !!ws, typist, you };
+      return { mode, connected: opened && !!ws, typist, you, status };
     },
     dispose() {
       disposed = true;

@@ -72,7 +72,8 @@ export function mountRequest(root, { uuid }) {
     buttons.release.hidden = !('kept_until' in req);
     buttons.release.disabled = !a.release;
     const c = con.state();
-    buttons.attach.disabled = !(c.mode === 'ws' && c.connected && req.status === 'running');
+    // The socket's word on the status is the freshest; typing needs a running guest.
+    buttons.attach.disabled = !(c.mode === 'ws' && c.connected && (c.status ?? req.status) === 'running');
     buttons.attach.title = c.mode === 'logs' ? 'needs the console WebSocket, which this server does not have' : '';
     buttons.attach.textContent = c.you ? 'Stop typing' : 'Attach and type';
   };
