@@ -106,7 +106,7 @@ const scenarios = {
     await until('done count', async () => Number(await text(page, '[data-testid=count-done] b')) >= 1);
     await shot('list');
     // Filters: by status (checkboxes) and VM (the catalogue's names), kept in the URL.
-    await page.locator('[data-testid=filter-failed]').check();
+    await page.locator('[data-testid=filter-failed]').click();
     await page.waitForURL(/status=failed/);
     await until('the done request filtered out', async () => /No requests match/.test(await text(page, 'main')));
     await page.goto(`${base}/ui/#/?status=done&vm=tiny`);
