@@ -119,6 +119,8 @@ async fn dashboard_asks_for_the_token() {
     // scenario fakes its socket in the page).
     let s = Server::start(Options {
         mode: Mode::Api,
+        // The shipped WARM keys kept: the VMs page may order a template (no agent builds it).
+        warm: true,
         env: vec![
             ("SQLITE_SIM_UI_DIR".into(), bundle().display().to_string()),
             ("SQLITE_SIM_API_TOKEN".into(), token.into()),
@@ -126,7 +128,7 @@ async fn dashboard_asks_for_the_token() {
         ..Default::default()
     })
     .await;
-    run_scenarios(&s, &["token", "console-protocol"], Some(token)).await;
+    run_scenarios(&s, &["token", "console-protocol", "vms-order"], Some(token)).await;
 }
 
 #[tokio::test]

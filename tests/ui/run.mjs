@@ -83,6 +83,21 @@ const scenarios = {
     await shot('catalogue');
   },
 
+  /**
+   * A warm VM's template orders from the VMs page (the server has no agents, so an order stays
+   * outstanding and nothing boots): rebuild is ordered and shows as outstanding.
+   */
+  async 'vms-order'(page, shot) {
+    await page.goto(`${base}/ui/#/vms`);
+    await until('rebuild enabled for the warm tiny', () => enabled(page, 'rebuild-tiny'));
+    await page.locator('[data-testid=rebuild-tiny]').click();
+    await until('ordered notice', async () => /ordered/.test(await text(page, '[data-testid=vms-status]')));
+    await until('order outstanding', async () => /order outstanding/.test(await text(page, 'tr[data-vm=tiny]')));
+    const vm = await api('/vms/tiny');
+    if (!(vm.template.orders.build >= 1)) throw new Error(`no build order: ${JSON.stringify(vm.template.orders)}`);
+    await shot('ordered');
+  },
+
   /** Submit from the form; the output appears live in the console and the logs; done, 0. */
   async 'submit-live'(page, shot) {
     const uuid = await submitForm(page, shot, 'echo hello-ui\nsleep 3\necho bye-$((6*7))');
@@ -213,9 +228,6 @@ const scenarios = {
       // Green "boot-green", then a prompt.
       if (first) ws.send(Buffer.from('\x1b[32mboot-green\x1b[0m\r\n# ', 'utf8'));
     });
-    if (process.env.UI_TOKEN) {
-      await page.addInitScript((t) => sessionStorage.setItem('sqlite-sim.token', t), process.env.UI_TOKEN);
-    }
     await page.goto(`${base}/ui/#/requests/${uuid}`);
     await until('mocked bytes on screen', async () => /boot-green/.test(await consoleText(page)));
     await until('typist named', async () => /ci-bot is typing/.test(await text(page, '[data-testid=console-mode]')));
@@ -288,6 +300,10 @@ try {
     const fn = scenarios[name];
     if (!fn) throw new Error(`unknown scenario ${name}; known: ${Object.keys(scenarios).join(', ')}`);
     const page = await context.newPage();
+    // Against an auth-on server, every scenario but the prompt's own starts signed in.
+    if (process.env.UI_TOKEN && name !== 'token') {
+      await page.addInitScript((t) => sessionStorage.setItem('sqlite-sim.token', t), process.env.UI_TOKEN);
+    }
     const problems = [];
     // A CSP violation or a script error is a failure, whatever the scenario checks.
     page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
