@@ -9,6 +9,7 @@
 
 import { chromium } from 'playwright-core';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -52,10 +53,11 @@ async function waitStatus(page, want, timeout = VM_TIMEOUT) {
 }
 
 /** Submits `commands` from the form; returns the new request's uuid (the page goes there). */
-async function submitForm(page, shot, commands, { timeout, keep } = {}) {
+async function submitForm(page, shot, commands, { timeout, keep, files } = {}) {
   await page.goto(`${base}/ui/#/submit`);
   await page.locator('[data-testid=vm]').selectOption('tiny');
   await page.locator('[data-testid=commands]').fill(commands);
+  if (files) await page.locator('[data-testid=files]').setInputFiles(files);
   if (timeout) await page.locator('[data-testid=timeout]').fill(String(timeout));
   if (keep) await page.locator('[data-testid=keep-on-failure]').fill(String(keep));
   await shot('form');
@@ -100,7 +102,9 @@ const scenarios = {
 
   /** Submit from the form; the output appears live in the console and the logs; done, 0. */
   async 'submit-live'(page, shot) {
-    const uuid = await submitForm(page, shot, 'echo hello-ui\nsleep 3\necho bye-$((6*7))');
+    const uuid = await submitForm(page, shot, 'echo hello-ui\ncat /root/from-form.txt\nsleep 3\necho bye-$((6*7))', {
+      files: [{ name: 'from-form.txt', mimeType: 'text/plain', buffer: Buffer.from('uploaded-by-the-form\n') }],
+    });
     await until('hello-ui in the console', async () => /hello-ui/.test(await consoleText(page)), VM_TIMEOUT);
     // Live: the first line is on screen while the command still runs.
     const mid = await api(`/requests/${uuid}`);
@@ -110,7 +114,12 @@ const scenarios = {
     await until('bye-42 in the console', async () => /bye-42/.test(await consoleText(page)));
     await until('exit code 0', async () => (await text(page, '[data-testid=exit-code]')) === '0');
     await page.locator('[data-testid=tab-stdout]').click();
-    await until('stdout tab', async () => /hello-ui\s+bye-42/.test(await text(page, '[data-testid=log-text]')));
+    await until('stdout tab', async () =>
+      /hello-ui\s+uploaded-by-the-form\s+bye-42/.test(await text(page, '[data-testid=log-text]')));
+    // The raw download (fetched with the page's headers) is the stored bytes of that type.
+    const [dl] = await Promise.all([page.waitForEvent('download'), page.locator('[data-testid=download-raw]').click()]);
+    const raw = await readFile(await dl.path(), 'utf8');
+    if (raw !== 'hello-ui\nuploaded-by-the-form\nbye-42\n') throw new Error(`raw stdout: ${JSON.stringify(raw)}`);
     for (const b of ['hold', 'resume', 'cancel']) {
       if (await enabled(page, b)) throw new Error(`${b} enabled on a done request`);
     }
