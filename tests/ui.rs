@@ -128,7 +128,7 @@ async fn dashboard_asks_for_the_token() {
         ..Default::default()
     })
     .await;
-    run_scenarios(&s, &["token", "console-protocol", "vms-order"], Some(token)).await;
+    run_scenarios(&s, &["token", "console-protocol", "vms-order", "paging"], Some(token)).await;
 }
 
 #[tokio::test]

@@ -206,6 +206,29 @@ const scenarios = {
     if (r.status !== 'cancelled') throw new Error(`API says ${r.status}`);
   },
 
+  /** Paging through more requests than a page holds (they stay pending: no agents here). */
+  async paging(page, shot) {
+    const before = (await api('/requests?limit=1')).total;
+    for (let i = 0; i < 30; i++) {
+      await api('/requests', {
+        method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ vm_name: 'tiny', commands: `echo page-${i}` }),
+      });
+    }
+    const total = before + 30;
+    await page.goto(`${base}/ui/#/?status=pending`);
+    await until('first page', async () => (await text(page, '.pager')).includes(`1–25 of `));
+    if (await enabled(page, 'prev')) throw new Error('newer enabled on the first page');
+    if ((await page.locator('[data-testid=requests-table] tbody tr').count()) !== 25) throw new Error('not 25 rows');
+    await page.locator('[data-testid=next]').click();
+    await page.waitForURL(/page=1/);
+    const pending = (await api('/requests?status=pending&limit=1')).total;
+    await until('second page', async () => (await text(page, '.pager')).includes(`26–${pending} of ${pending}`));
+    if (pending < 30 || total < pending) throw new Error(`counts: ${pending} pending of ${total}`);
+    await until('newer enabled', () => enabled(page, 'prev'));
+    await shot('second-page');
+  },
+
   /**
    * The console view's side of the WebSocket protocol, against a socket Playwright fakes in the
    * page (the server's socket comes with the console branch): colours, hello/typist/missed/
