@@ -106,6 +106,14 @@ async fn dashboard_in_a_real_browser() {
     } else {
         eprintln!("keep-attach scenario not run: this server has no keep_on_failure yet");
     }
+    // Likewise the artifacts listing and download, with the files branch.
+    if doc["paths"].get("/requests/{uuid}/artifacts").is_some() {
+        scenarios.push("artifacts");
+    } else {
+        eprintln!(
+            "artifacts scenario not run: this server has no GET /requests/{{uuid}}/artifacts"
+        );
+    }
     run_scenarios(&s, &scenarios, None).await;
 }
 
@@ -128,7 +136,12 @@ async fn dashboard_asks_for_the_token() {
         ..Default::default()
     })
     .await;
-    run_scenarios(&s, &["token", "console-protocol", "vms-order", "paging"], Some(token)).await;
+    run_scenarios(
+        &s,
+        &["token", "console-protocol", "vms-order", "paging"],
+        Some(token),
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -53,13 +53,14 @@ async function waitStatus(page, want, timeout = VM_TIMEOUT) {
 }
 
 /** Submits `commands` from the form; returns the new request's uuid (the page goes there). */
-async function submitForm(page, shot, commands, { timeout, keep, files } = {}) {
+async function submitForm(page, shot, commands, { timeout, keep, files, artifacts } = {}) {
   await page.goto(`${base}/ui/#/submit`);
   await page.locator('[data-testid=vm]').selectOption('tiny');
   await page.locator('[data-testid=commands]').fill(commands);
   if (files) await page.locator('[data-testid=files]').setInputFiles(files);
   if (timeout) await page.locator('[data-testid=timeout]').fill(String(timeout));
   if (keep) await page.locator('[data-testid=keep-on-failure]').fill(String(keep));
+  if (artifacts) await page.locator('[data-testid=artifacts]').fill(artifacts);
   await shot('form');
   await page.locator('[data-testid=submit]').click();
   await page.waitForURL(/#\/requests\/[0-9a-f-]{36}$/, { timeout: 10_000 });
@@ -293,6 +294,18 @@ const scenarios = {
     await api(`/requests/${uuid}/status`, {
       method: 'PUT', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ status: 'cancelled' }),
     });
+  },
+
+  /** Needs the artifacts API (files branch): collect a file, list it, download it. */
+  async artifacts(page, shot) {
+    await submitForm(page, shot, 'mkdir -p /root/out && echo artifact-body > /root/out/a.txt', { artifacts: '/root/out/*' });
+    await waitStatus(page, 'done');
+    await until('artifact listed', async () => /\/root\/out\/a\.txt/.test(await text(page, '[data-testid=artifacts]')));
+    const [dl] = await Promise.all([page.waitForEvent('download'),
+      page.locator('[data-testid=artifacts] li', { hasText: 'a.txt' }).locator('button').click()]);
+    const body = await readFile(await dl.path(), 'utf8');
+    if (body !== 'artifact-body\n') throw new Error(`artifact bytes: ${JSON.stringify(body)}`);
+    await shot('listed');
   },
 
   /**

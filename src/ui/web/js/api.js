@@ -66,6 +66,13 @@ export async function call(method, path, body, { signal } = {}) {
 
 export const get = (path, opts) => call('GET', path, undefined, opts);
 
+/** POSTs a multipart form (the browser sets its boundary); resolves to the JSON answer. */
+export async function postForm(path, form) {
+  const resp = await fetch(path, { method: 'POST', headers: headers(), body: form });
+  if (!resp.ok) throw await failure(resp);
+  return resp.json();
+}
+
 /** Fetches a binary answer (raw logs, artifacts) with the token and saves it as `name`. */
 export async function download(path, name) {
   const resp = await fetch(path, { headers: headers() });

@@ -5,7 +5,7 @@
 
 import { ApiError, call, download, get, serverFeatures, sse } from './api.js';
 import { createConsole } from './console.js';
-import { FINAL, allowed, badge, clear, el, fmtMs, fmtTime, showError } from './util.js';
+import { FINAL, allowed, badge, clear, el, fmtBytes, fmtMs, fmtTime, showError } from './util.js';
 
 const LOG_TYPES = ['boot', 'command', 'stdout', 'stderr', 'shutdown', 'system', 'input'];
 const RECONNECT_MS = 1000;
@@ -157,16 +157,25 @@ export function mountRequest(root, { uuid }) {
     const filePath = [...f.paths].find((p) => p.startsWith('/requests/{uuid}/artifacts/'));
     try {
       const body = await get(`/requests/${uuid}/artifacts`);
+      // [{path, size, sha256, mode, left_out}]: left_out says why a listed file has no bytes.
       const items = Array.isArray(body) ? body : body.artifacts || [];
+      const tar = f.paths.has('/requests/{uuid}/artifacts.tar');
+      const save = (url, name) => download(url, name).catch((e) => showError(notice, e));
       clear(artifactsBox, el('h2', {}, 'Artifacts'),
+        items.length && tar ? el('button', {
+          type: 'button', class: 'link', 'data-testid': 'artifacts-tar',
+          onclick: () => save(`/requests/${uuid}/artifacts.tar`, `${uuid.slice(0, 8)}-artifacts.tar`),
+        }, 'download all (.tar)') : null,
         items.length ? el('ul', { class: 'artifacts' }, items.map((a) => {
           const name = a.path ?? a.name ?? String(a);
-          // The file route's one parameter is the artifact's path, segment by segment.
-          const url = filePath
+          // The file route's parameter is the guest path without its leading slash.
+          const url = filePath && !a.left_out
             ? `/requests/${uuid}/artifacts/${name.split('/').filter(Boolean).map(encodeURIComponent).join('/')}`
             : null;
-          return el('li', {}, el('span', { class: 'mono' }, name), a.size != null ? el('small', { class: 'muted' }, ` ${a.size} B `) : ' ',
-            url ? el('button', { type: 'button', class: 'link', onclick: () => download(url, name.split('/').pop()).catch((e) => showError(notice, e)) }, 'download') : null);
+          return el('li', {}, el('span', { class: 'mono' }, name),
+            a.size != null ? el('small', { class: 'muted' }, ` ${fmtBytes(a.size)} `) : ' ',
+            a.left_out ? el('small', { class: 'error' }, `left out: ${a.left_out}`) : null,
+            url ? el('button', { type: 'button', class: 'link', onclick: () => save(url, name.split('/').pop()) }, 'download') : null);
         })) : el('p', { class: 'muted' }, 'No artifacts.'));
     } catch (e) {
       if (!(e instanceof ApiError && e.status === 404)) showError(artifactsBox, e);

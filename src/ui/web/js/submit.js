@@ -1,8 +1,10 @@
 // The submit form: POST /requests with the body the CLI's `submit` sends. Optional fields
 // (boot, keep_on_failure, files, artifacts) appear when this server's OpenAPI document lists
-// them, so the page never sends a field the server would refuse as unknown.
+// them, so the page never sends a field the server would refuse as unknown. Files go as
+// multipart `file` parts (filename = guest destination) where the server takes multipart,
+// else inline as base64 in the JSON.
 
-import { call, get, serverFeatures } from './api.js';
+import { call, get, postForm, serverFeatures } from './api.js';
 import { clear, el, showError } from './util.js';
 
 /** JSON bodies are at most 128 KiB (src/api/mod.rs BODY_LIMIT); inline files count in it. */
@@ -56,7 +58,9 @@ function build(form, status, vms, features) {
   if (features.fields.has('files')) {
     files = el('input', { type: 'file', multiple: true, name: 'files', 'data-testid': 'files' });
     dir = el('input', { type: 'text', name: 'dir', value: '/root', class: 'mono', 'data-testid': 'files-dir' });
-    rows.push(row('Files', files, 'Small files, sent inline (the whole submission at most 128 KiB).'));
+    rows.push(row('Files', files, features.multipart
+      ? 'Uploaded as multipart parts, up to the server\'s SQLITE_SIM_MAX_UPLOAD.'
+      : 'Small files, sent inline (the whole submission at most 128 KiB).'));
     rows.push(row('…into guest directory', dir));
   }
   let artifacts = null;
@@ -77,14 +81,23 @@ function build(form, status, vms, features) {
       if (timeout.value) body.timeout = Number(timeout.value);
       if (boot && boot.value) body.boot = boot.value;
       if (keepSupported && keep.value) body.keep_on_failure = Number(keep.value);
-      if (files && files.files.length) body.files = await inlineFiles(files.files, dir.value);
       if (artifacts && artifacts.value.trim()) {
         body.artifacts = artifacts.value.split(',').map((s) => s.trim()).filter(Boolean);
       }
-      if (new Blob([JSON.stringify(body)]).size > BODY_LIMIT) {
-        throw new Error('The submission is over 128 KiB: send larger files with the CLI.');
+      const picked = files ? [...files.files] : [];
+      let created;
+      if (picked.length && features.multipart) {
+        const form = new FormData();
+        form.append('request', new Blob([JSON.stringify(body)], { type: 'application/json' }));
+        for (const f of picked) form.append('file', f, guestPath(dir.value, f.name));
+        created = await postForm('/requests', form);
+      } else {
+        if (picked.length) body.files = await inlineFiles(picked, dir.value);
+        if (new Blob([JSON.stringify(body)]).size > BODY_LIMIT) {
+          throw new Error('The submission is over 128 KiB: send larger files with the CLI.');
+        }
+        created = await call('POST', '/requests', body);
       }
-      const created = await call('POST', '/requests', body);
       location.hash = `#/requests/${created.uuid}`;
     } catch (err) {
       showError(status, err);
@@ -98,14 +111,17 @@ function row(label, input, help) {
     help ? el('small', { class: 'muted' }, help) : null);
 }
 
+function guestPath(dir, name) {
+  return `${(dir || '/root').replace(/\/+$/, '')}/${name}`;
+}
+
 async function inlineFiles(list, dir) {
-  const base = (dir || '/root').replace(/\/+$/, '') || '';
   const out = [];
   for (const f of list) {
     const bytes = new Uint8Array(await f.arrayBuffer());
     let bin = '';
     for (let i = 0; i < bytes.length; i += 0x8000) bin += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
-    out.push({ path: `${base}/${f.name}`, content_base64: btoa(bin) });
+    out.push({ path: guestPath(dir, f.name), content_base64: btoa(bin) });
   }
   return out;
 }
