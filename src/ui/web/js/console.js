@@ -8,6 +8,13 @@
 // Client → server: binary frames are keystrokes (typed only while we are the typist), text
 // `{"type":"take"}` / `{"type":"release"}`. A dropped socket reconnects from the last offset.
 //
+// The commands' output may not be on the serial console at all: with the virtio channel
+// (`"channel": "virtio"`) stdout and stderr travel on their own ports, and the stream holds
+// only boot, shutdown and anything typed. So for a request still running when the page opened,
+// stdout/stderr log entries from the page's SSE are drawn too, once the socket's backlog has
+// been drawn (so they land after the boot text, where they belong). For a request that had
+// already ended, the stream alone is shown; the logs below hold the output.
+//
 // Fallback: a server without the WebSocket refuses the upgrade before it opens; the console is
 // then drawn from the log entries the request page already streams over SSE (feedLog), read
 // only: boot, stdout, stderr (red), shutdown and typed input, in order.
@@ -62,6 +69,11 @@ export function createConsole(container, { uuid, onChange = () => {} }) {
   let status = null; // the request's status as the socket last said
   let timer = null;
   let pending = []; // log entries received before the transport is decided
+  let channel = null; // the request's `channel`
+  let finalAtOpen = null;
+  let drained = false; // the socket's first burst (the backlog) has been drawn
+  let quiet = null;
+  let channelQueue = []; // channel output waiting for the backlog
   const encoder = new TextEncoder();
 
   const changed = () => {
@@ -88,7 +100,27 @@ export function createConsole(container, { uuid, onChange = () => {} }) {
     mode = 'logs';
     for (const e of pending) writeEntry(e);
     pending = [];
+    channelQueue = [];
     changed();
+  };
+
+  const isOutput = (e) => e.log_type === 'stdout' || e.log_type === 'stderr';
+  // A request's `channel` may stay null until it ends; while it is unknown the output is taken
+  // to travel on the channel (the shipped guests' way), and once it is known to be the console
+  // the output is left to the stream, which then holds it.
+  const flushChannel = () => {
+    if (mode !== 'ws' || !drained) return;
+    if ((channel ?? 'virtio') === 'virtio') for (const e of channelQueue) writeEntry(e);
+    channelQueue = [];
+  };
+  // The backlog is drawn once the socket has been quiet for a moment.
+  const settle = () => {
+    if (drained) return;
+    clearTimeout(quiet);
+    quiet = setTimeout(() => {
+      drained = true;
+      flushChannel();
+    }, 150);
   };
 
   const connect = () => {
@@ -122,6 +154,7 @@ export function createConsole(container, { uuid, onChange = () => {} }) {
         const bytes = new Uint8Array(m.data);
         offset += bytes.length;
         term.write(bytes);
+        settle();
         return;
       }
       let msg;
@@ -137,6 +170,7 @@ export function createConsole(container, { uuid, onChange = () => {} }) {
           you = false;
           status = msg.status ?? status;
           if (FINAL.has(msg.status)) final = true;
+          settle();
           break;
         case 'missed':
           term.write(`\r\n\x1b[33m[${msg.bytes} bytes not shown: this view fell behind; the logs below have them]\x1b[0m\r\n`);
@@ -192,10 +226,27 @@ export function createConsole(container, { uuid, onChange = () => {} }) {
   const send = (obj) => ws && ws.readyState === WebSocket.OPEN && ws.send(JSON.stringify(obj));
 
   return {
-    /** A log entry from the page's SSE stream; drawn only in the fallback mode. */
+    /** The request as the page last read it (its channel, whether it had ended). */
+    setRequest(r) {
+      // No `channel` field at all: a server whose output is always on the console.
+      channel = 'channel' in r ? r.channel : 'console';
+      if (finalAtOpen === null) finalAtOpen = FINAL.has(r.status);
+      flushChannel();
+    },
+    /**
+     * A log entry from the page's SSE stream: all of the console in the fallback mode, the
+     * channel's output next to the socket's stream otherwise.
+     */
     feedLog(entry) {
-      if (mode === 'logs') writeEntry(entry);
-      else if (mode === 'connecting') pending.push(entry);
+      if (mode === 'logs') {
+        writeEntry(entry);
+        return;
+      }
+      if (mode === 'connecting') pending.push(entry);
+      if (isOutput(entry) && !finalAtOpen) {
+        channelQueue.push(entry);
+        flushChannel();
+      }
     },
     /** The request reached a final status: no reconnecting after the socket closes. */
     ended() {
@@ -215,6 +266,7 @@ export function createConsole(container, { uuid, onChange = () => {} }) {
     dispose() {
       disposed = true;
       clearTimeout(timer);
+      clearTimeout(quiet);
       resize.disconnect();
       if (ws) ws.close();
       term.dispose();

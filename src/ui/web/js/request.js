@@ -80,6 +80,7 @@ export function mountRequest(root, { uuid }) {
 
   const update = (r) => {
     req = r;
+    con.setRequest(r);
     clear(head,
       el('h1', { class: 'mono' }, el('a', { href: '#/', class: 'muted' }, 'Requests / '), r.uuid),
       badge(r.status, r.desired_status));
@@ -144,7 +145,19 @@ export function mountRequest(root, { uuid }) {
       if (count) count.textContent = ` ${list.length}`;
     }
     con.feedLog(entry);
+    // Some changes come without a status event (a kept run stays `running` and gains
+    // `kept_until`); each is logged as `system`, so re-read the request after one.
+    if (entry.log_type === 'system') refetchSoon();
   };
+
+  let refetchTimer = null;
+  const refetch = () => get(`/requests/${uuid}`).then((r) => !stopped && update(r), () => {});
+  const refetchSoon = () => {
+    clearTimeout(refetchTimer);
+    refetchTimer = setTimeout(refetch, 250);
+  };
+  // And a slow re-read while it is active, in case the log came before the row's change.
+  const poll = setInterval(() => req && !FINAL.has(req.status) && document.visibilityState !== 'hidden' && refetch(), 5000);
 
   // Artifacts, when this server has the endpoint (added with multipart uploads).
   let artifactsLoaded = false;
@@ -223,6 +236,8 @@ export function mountRequest(root, { uuid }) {
     stopped = true;
     ctrl.abort();
     clearTimeout(timer);
+    clearTimeout(refetchTimer);
+    clearInterval(poll);
     con.dispose();
   };
 }
