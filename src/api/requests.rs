@@ -7,7 +7,7 @@ use super::upload;
 use super::{AppState, BODY_LIMIT};
 use crate::config::vm::{is_valid_vm_name, VmConfigError};
 use crate::model::{BootChoice, Label, NewRequest, Request, RequestId, Status, CONTROL_TARGETS};
-use crate::store::{place, ControlOutcome, DeleteOutcome, Placement, RequestQuery};
+use crate::store::{ControlOutcome, DeleteOutcome, Placement, RequestQuery};
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, RawQuery, State};
@@ -197,14 +197,14 @@ pub async fn create(
     // API started before its agents) there is nothing to judge by, and a host that is down
     // may come back (the request waits, and says why).
     if !new.requires.is_empty() {
-        let hosts = match state.store.hosts().await {
-            Ok(h) => h,
+        let placement = match state.store.placement(new.requires.clone()).await {
+            Ok(p) => p,
             Err(e) => {
                 let _ = state.store.discard_uploads(staged).await;
                 return Err(e.into());
             }
         };
-        if let Placement::Impossible(why) = place(&new.requires, &hosts) {
+        if let Placement::Impossible(why) = placement {
             let _ = state.store.discard_uploads(staged).await;
             return Err(ApiError::NoCapableHost(why));
         }

@@ -130,8 +130,9 @@ fn labels_json(labels: &[Label]) -> String {
     serde_json::to_string(labels).expect("labels serialise")
 }
 
-/// The registry as hosts, from the rows of their processes.
-pub(super) fn hosts_in(c: &Connection) -> Result<Vec<Host>, StoreError> {
+/// The registry as hosts, from the rows of their processes; `slots` counts each host's
+/// unfinished claims (placement needs only labels and liveness, so it skips that).
+pub(super) fn hosts_in(c: &Connection, slots: bool) -> Result<Vec<Host>, StoreError> {
     struct Row {
         host_id: String,
         labels: String,
@@ -180,12 +181,15 @@ pub(super) fn hosts_in(c: &Connection) -> Result<Vec<Host>, StoreError> {
             vms.extend(serde_json::from_str::<Vec<String>>(&r.vms).map_err(bad)?);
             agents.extend(serde_json::from_str::<Vec<String>>(&r.agents).map_err(bad)?);
         }
-        let in_use: i64 = c.query_row(
-            "SELECT COUNT(*) FROM requests
-             WHERE host_id = ?1 AND status IN ('acknowledged','running','hold')",
-            [&id],
-            |r| r.get(0),
-        )?;
+        let in_use: i64 = if slots {
+            c.prepare_cached(
+                "SELECT COUNT(*) FROM requests
+                 WHERE host_id = ?1 AND status IN ('acknowledged','running','hold')",
+            )?
+            .query_row([&id], |r| r.get(0))?
+        } else {
+            0
+        };
         hosts.push(Host {
             live: group.iter().any(|r| r.live),
             labels: labels.into_iter().collect(),
@@ -254,7 +258,13 @@ impl Store {
 
     /// Every registered host, by id.
     pub async fn hosts(&self) -> Result<Vec<Host>, StoreError> {
-        self.call(|c| hosts_in(c)).await
+        self.call(|c| hosts_in(c, true)).await
+    }
+
+    /// Whether the registered hosts can meet `requires` ([`place`]).
+    pub async fn placement(&self, requires: Vec<Label>) -> Result<Placement, StoreError> {
+        self.call(move |c| Ok(place(&requires, &hosts_in(c, false)?)))
+            .await
     }
 
     /// Whether a pending request this host could claim exists: a cheap read that decides
