@@ -120,6 +120,19 @@ async fn a_label_only_one_host_has_routes_there_and_the_registry_shows_both() {
         msg.contains("h-big lacks gpu") && msg.contains("h-small lacks big, gpu"),
         "{msg}"
     );
+    let (_, doc) = s.get_json("/openapi.json").await;
+    let codes = &doc["paths"]["/requests"]["post"]["responses"]["422"]["content"]
+        ["application/json"]["schema"]["allOf"][1]["properties"]["error"]["properties"]["code"]
+        ["enum"];
+    assert!(
+        codes
+            .as_array()
+            .unwrap()
+            .contains(&json!("no_capable_host")),
+        "documented as served: {codes}"
+    );
+    let hosts_op = &doc["paths"]["/hosts"]["get"]["responses"]["200"];
+    assert!(!hosts_op.is_null(), "GET /hosts documented");
     let (code, v) = s.submit_json(&submission("true", &["-bad label"])).await;
     assert_eq!(
         (code, &v["error"]["code"]),
