@@ -7,6 +7,7 @@
 mod artifacts;
 pub mod error;
 mod files;
+mod hosts;
 mod input;
 mod logs;
 mod metrics;
@@ -90,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/requests/{uuid}/logs", get(logs::logs))
         .route("/requests/{uuid}/logs/raw", get(logs::raw))
         .route("/requests/{uuid}/logs/stream", get(logs::stream_logs))
+        .route("/hosts", get(hosts::list_hosts))
         .route("/metrics", get(metrics::metrics))
         .route("/stats", get(metrics::stats))
         .route("/prune", axum::routing::post(requests::prune))

@@ -95,6 +95,11 @@ pub struct Settings {
     pub agent_lease: Duration,
     /// The dashboard's built bundle, served at `/ui/` (see [`crate::ui`]).
     pub ui_dir: PathBuf,
+    /// Labels this host's agents advertise besides the automatic `accel:*` and `vm:*`.
+    pub agent_labels: Vec<crate::model::Label>,
+    /// How often a process checks whether another one committed (`PRAGMA data_version`), to
+    /// wake its agents and log streams at once.
+    pub change_check_interval: Duration,
 }
 
 /// Longest run-dir path that still leaves room for `/<uuid>/console.sock` within the
@@ -197,6 +202,8 @@ impl Settings {
                 Some(d) => PathBuf::from(d),
                 None => crate::ui::default_dir(),
             },
+            agent_labels: parse_labels(&v.string("SQLITE_SIM_AGENT_LABELS", ""))?,
+            change_check_interval: v.seconds("SQLITE_SIM_CHANGE_CHECK_INTERVAL", 0.015)?,
         })
     }
 
@@ -252,6 +259,18 @@ impl Settings {
             ),
             ("SQLITE_SIM_UI_DIR", p(&self.ui_dir)),
             (
+                "SQLITE_SIM_AGENT_LABELS",
+                self.agent_labels
+                    .iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (
+                "SQLITE_SIM_CHANGE_CHECK_INTERVAL",
+                format!("{}", self.change_check_interval.as_secs_f64()),
+            ),
+            (
                 "SQLITE_SIM_API_TOKEN",
                 match &self.api_token {
                     Some(_) => "<set, redacted>".into(),
@@ -260,6 +279,27 @@ impl Settings {
             ),
         ]
     }
+}
+
+/// `kvm,big`: comma-separated labels, each like a VM name (no `:`, which the automatic
+/// `accel:` and `vm:` labels use), sorted and without duplicates.
+fn parse_labels(s: &str) -> Result<Vec<crate::model::Label>, ConfigError> {
+    let mut out = Vec::new();
+    for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        if !crate::config::vm::is_valid_vm_name(word) {
+            return Err(ConfigError::Invalid {
+                var: "SQLITE_SIM_AGENT_LABELS",
+                message: format!(
+                    "{word:?} is not 1-64 letters, digits, '.', '_' or '-', starting with a \
+                     letter or digit"
+                ),
+            });
+        }
+        out.push(word.parse().expect("a VM-name-like word is a label"));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// The hostname, cut to what a host id may hold (`host` if it has none usable).

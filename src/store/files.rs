@@ -311,6 +311,7 @@ mod tests {
                 boot: None,
                 uploads: vec![b, a],
                 artifacts: vec!["/root/out/*.xml".into()],
+                requires: Vec::new(),
             })
             .await
             .unwrap();
@@ -333,6 +334,7 @@ mod tests {
                 boot: None,
                 uploads: vec![a],
                 artifacts: vec![],
+                requires: Vec::new(),
             })
             .await;
         assert!(again.is_err(), "{again:?}");
