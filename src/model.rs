@@ -54,6 +54,60 @@ impl fmt::Display for AgentId {
     }
 }
 
+/// A capability label a host advertises and a request may require: 1-80 letters, digits,
+/// '.', '_', '-' or ':', starting with a letter or digit (`kvm`, `accel:tcg`, `vm:tiny`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, pattern = "^[A-Za-z0-9][A-Za-z0-9._:-]{0,79}$")]
+pub struct Label(String);
+
+/// Error for a label that is not well-formed.
+#[derive(Debug, thiserror::Error)]
+#[error("label {0:?} is invalid: use 1-80 letters, digits, '.', '_', '-' or ':', starting with a letter or digit")]
+pub struct BadLabel(pub String);
+
+impl Label {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Label {
+    type Err = BadLabel;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let b = s.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 80
+            && b[0].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b':'));
+        if ok {
+            Ok(Label(s.to_string()))
+        } else {
+            Err(BadLabel(s.chars().take(100).collect()))
+        }
+    }
+}
+
+impl TryFrom<String> for Label {
+    type Error = BadLabel;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Label> for String {
+    fn from(l: Label) -> String {
+        l.0
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A request's lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -293,6 +347,17 @@ pub struct Request {
     /// How the commands' output travelled: `virtio` (the guest channel) or `console`.
     #[serde(default)]
     pub channel: Option<Channel>,
+    /// Labels a host must have to claim it: the VM config's `REQUIRES` and the submission's
+    /// `requires`, sorted.
+    #[serde(default)]
+    pub requires: Vec<Label>,
+    /// The host (`SQLITE_SIM_HOST_ID`) whose agent claimed it last; null while never claimed.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Why a `pending` request is not being picked up, when no live host can claim it now
+    /// (e.g. `no live host has labels kvm (h2 last seen …)`); null otherwise.
+    #[serde(default)]
+    pub waiting_for: Option<String>,
 }
 
 /// How a run's commands talk to the host.
@@ -390,6 +455,8 @@ pub struct NewRequest {
     pub uploads: Vec<i64>,
     /// Guest globs collected after the commands.
     pub artifacts: Vec<String>,
+    /// Labels the claiming host must have (sorted, no duplicates).
+    pub requires: Vec<Label>,
 }
 
 /// How a submission asks its guest to start.

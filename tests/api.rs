@@ -568,6 +568,7 @@ async fn openapi_lists_exactly_the_routes_served_and_docs_are_served() {
             "DELETE /requests/{uuid}",
             "DELETE /vms/{name}/template",
             "GET /health",
+            "GET /hosts",
             "GET /metrics",
             "GET /requests",
             "GET /requests/{uuid}",

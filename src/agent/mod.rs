@@ -1,12 +1,16 @@
 //! Agents: claim loops that take pending requests from the store and run each in a throwaway VM.
 //!
-//! In `all` mode the API wakes the agents directly (no polling delay); as a separate process
-//! they poll every `SQLITE_SIM_AGENT_POLL_INTERVAL`. A host-wide slot is taken before claiming,
-//! so no request is claimed that could not start at once.
+//! In `all` mode the API wakes the agents directly. As a separate process they wake on any
+//! commit to the store (`Store::watch_commits`, a cheap `PRAGMA data_version` check), look
+//! whether a request they could claim is pending (a read), and only then claim (a write);
+//! `SQLITE_SIM_AGENT_POLL_INTERVAL` stays as a slow safety net. A host-wide slot is taken
+//! before claiming, so no request is claimed that could not start at once. Claims carry this
+//! host's labels ([`host`]), so a request runs only where its required labels are.
 
 mod boot;
 mod error;
 mod guest;
+mod host;
 mod pool;
 mod recovery;
 mod run;
@@ -41,6 +45,8 @@ pub struct AgentContext {
     pub pool: pool::Pool,
     /// Becomes true when the process is stopping: no new claims; running VMs are shut down.
     pub stopping: watch::Receiver<bool>,
+    /// This host in the registry, and the labels its agents claim with.
+    pub host: host::Presence,
 }
 
 impl AgentContext {
@@ -64,6 +70,7 @@ impl AgentContext {
             ),
             templates: template::Templates::new(&settings.run_dir),
             pool: pool::Pool::default(),
+            host: host::Presence::new(&settings.host_id),
             settings,
             store,
             wake,
@@ -82,14 +89,19 @@ pub async fn run_agents(ctx: Arc<AgentContext>) {
         let verdict = ctx.accel.kvm().await;
         tracing::info!("SQLITE_SIM_ACCEL=auto: {}", verdict.describe());
     }
+    let host = &ctx.settings.host_id;
+    let pid = std::process::id();
+    let ids: Vec<AgentId> = (0..ctx.settings.agent_count)
+        .map(|i| AgentId(format!("{host}:{pid}:{i}")))
+        .collect();
+    // Registered (with its labels) before the first claim.
+    host::report(&ctx, &ids).await;
+    let reporter = tokio::spawn(host::reporter(ctx.clone(), ids.clone()));
     let reaper = tokio::spawn(recovery::reaper(ctx.clone()));
     let templates = tokio::spawn(template::manager(ctx.clone()));
     let pool = tokio::spawn(pool::keeper(ctx.clone()));
-    let host = &ctx.settings.host_id;
-    let pid = std::process::id();
     let mut tasks = Vec::new();
-    for i in 0..ctx.settings.agent_count {
-        let id = AgentId(format!("{host}:{pid}:{i}"));
+    for id in ids {
         let span = tracing::info_span!("agent", agent = %id);
         tasks.push(tokio::spawn(agent_loop(ctx.clone(), id).instrument(span)));
     }
@@ -97,6 +109,8 @@ pub async fn run_agents(ctx: Arc<AgentContext>) {
         let _ = t.await;
     }
     reaper.abort();
+    let _ = reporter.await;
+    host::stopped(&ctx).await;
     // Both end on `stopping`: a build in progress is shut down, pooled clones are killed.
     let _ = templates.await;
     let _ = pool.await;
@@ -113,6 +127,7 @@ async fn agent_loop(ctx: Arc<AgentContext>, id: AgentId) {
         let notified = ctx.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let mut changes = ctx.store.subscribe();
         let slot = tokio::select! {
             s = ctx.slots.acquire() => s,
             _ = stopping.changed() => break,
@@ -125,17 +140,37 @@ async fn agent_loop(ctx: Arc<AgentContext>, id: AgentId) {
                 continue;
             }
         };
-        match ctx.store.claim(&id, ctx.settings.agent_lease).await {
+        let caps = ctx.host.capabilities();
+        match ctx
+            .store
+            .claim_as(&id, &caps, ctx.settings.agent_lease)
+            .await
+        {
             Ok(Some(req)) => {
                 run::execute(&ctx, &id, req).await;
                 drop(slot);
             }
             Ok(None) => {
                 drop(slot);
-                tokio::select! {
-                    _ = &mut notified => {}
-                    _ = tokio::time::sleep(ctx.settings.agent_poll_interval) => {}
-                    _ = stopping.changed() => {}
+                let poll = tokio::time::sleep(ctx.settings.agent_poll_interval);
+                tokio::pin!(poll);
+                loop {
+                    tokio::select! {
+                        _ = &mut notified => break,
+                        _ = &mut poll => break,
+                        _ = stopping.changed() => break,
+                        r = changes.changed() => {
+                            if r.is_err() {
+                                // No store left to wake us: the poll alone.
+                                (&mut poll).await;
+                                break;
+                            }
+                            // Most commits are log lines: claim only if there is work for us.
+                            if !matches!(ctx.store.claimable_exists(&caps), Ok(false)) {
+                                break;
+                            }
+                        }
+                    }
                 }
             }
             Err(e) => {

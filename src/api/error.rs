@@ -72,6 +72,10 @@ pub enum ApiError {
     },
     #[error("missing or wrong bearer token (Authorization: Bearer <SQLITE_SIM_API_TOKEN>)")]
     Unauthorized,
+    /// The labels a submission requires are had by no registered host; the words name what
+    /// each one lacks.
+    #[error("{0}")]
+    NoCapableHost(String),
     #[error("database busy, retry shortly: {0}")]
     Busy(String),
     #[error("internal error: {0}")]
@@ -94,12 +98,13 @@ pub enum ErrorCode {
     PayloadTooLarge,
     UnsupportedMediaType,
     Validation,
+    NoCapableHost,
     Internal,
     DatabaseBusy,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::MalformedJson,
         ErrorCode::MalformedMultipart,
         ErrorCode::InvalidUuid,
@@ -113,6 +118,7 @@ impl ErrorCode {
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::Validation,
+        ErrorCode::NoCapableHost,
         ErrorCode::Internal,
         ErrorCode::DatabaseBusy,
     ];
@@ -130,7 +136,7 @@ impl ErrorCode {
             ErrorCode::InvalidTransition | ErrorCode::NotWarm => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ErrorCode::Validation => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::Validation | ErrorCode::NoCapableHost => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::DatabaseBusy => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -151,6 +157,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Validation => "validation_error",
+            ErrorCode::NoCapableHost => "no_capable_host",
             ErrorCode::Internal => "internal",
             ErrorCode::DatabaseBusy => "database_busy",
         }
@@ -190,6 +197,10 @@ impl ErrorCode {
             ErrorCode::Validation => {
                 "a parameter or the body breaks a rule of its schema, or the VM it names has a \
                  config that does not load; the message says which"
+            }
+            ErrorCode::NoCapableHost => {
+                "hosts have reported, but none has every label the request requires (its VM \
+                 config's `REQUIRES` and its `requires`); the message names what each lacks"
             }
             ErrorCode::Internal => "a server fault, never caused by the input",
             ErrorCode::DatabaseBusy => "the database stayed locked; retry shortly",
@@ -283,6 +294,15 @@ impl utoipa::IntoResponses for InvalidVmConfigResponse {
     }
 }
 
+/// `no_capable_host`: for submissions, whose required labels no registered host has.
+pub struct NoCapableHostResponse;
+
+impl utoipa::IntoResponses for NoCapableHostResponse {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        declared(&[ErrorCode::NoCapableHost])
+    }
+}
+
 fn allowed_text(allowed: &[Status]) -> String {
     if allowed.is_empty() {
         "it allows no change".to_string()
@@ -326,6 +346,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             ApiError::Conflict { .. } => ErrorCode::InvalidTransition,
             ApiError::Unauthorized => ErrorCode::Unauthorized,
+            ApiError::NoCapableHost(_) => ErrorCode::NoCapableHost,
             ApiError::Busy(_) => ErrorCode::DatabaseBusy,
             ApiError::Internal(_) => ErrorCode::Internal,
         }
@@ -500,6 +521,7 @@ mod tests {
                 (413, "payload_too_large"),
                 (415, "unsupported_media_type"),
                 (422, "validation_error"),
+                (422, "no_capable_host"),
                 (500, "internal"),
                 (503, "database_busy"),
             ]

@@ -21,9 +21,10 @@ use utoipa::{IntoParams, ToSchema};
 
 /// Rows fetched per database round trip when streaming.
 const PAGE: u32 = 256;
-/// How often a follower re-reads the database when no in-process write woke it (writes by an
-/// agents process elsewhere).
-const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// How often a follower re-reads the database when nothing woke it: a safety net only, since
+/// this process's writes and (through `Store::watch_commits`) other processes' commits wake
+/// it at once.
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
 
 /// Largest `limit` of `GET /requests/{uuid}/logs`.
 const MAX_LOG_LIMIT: u32 = 100_000;

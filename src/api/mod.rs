@@ -7,6 +7,7 @@
 mod artifacts;
 pub mod error;
 mod files;
+mod hosts;
 mod input;
 mod logs;
 mod metrics;
@@ -90,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/requests/{uuid}/logs", get(logs::logs))
         .route("/requests/{uuid}/logs/raw", get(logs::raw))
         .route("/requests/{uuid}/logs/stream", get(logs::stream_logs))
+        .route("/hosts", get(hosts::list_hosts))
         .route("/metrics", get(metrics::metrics))
         .route("/stats", get(metrics::stats))
         .route("/prune", axum::routing::post(requests::prune))
@@ -105,6 +107,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         // Liveness stays open to load balancers.
         .route(HEALTH, get(health))
+        // The dashboard's files are public: the page loads first, then asks for the token.
+        .merge(crate::ui::router(state.settings.ui_dir.clone()))
         .fallback(|| async { ApiError::NoRoute })
         // axum keeps the `Allow` header on this answer.
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

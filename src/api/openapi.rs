@@ -6,7 +6,7 @@
 //! server runs.
 
 use super::error::{self, ErrorCode};
-use super::{artifacts, logs, metrics, requests, vms, AppState};
+use super::{artifacts, hosts, logs, metrics, requests, vms, AppState};
 use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
@@ -36,6 +36,7 @@ use utoipa::OpenApi;
         logs::logs,
         logs::raw,
         logs::stream_logs,
+        hosts::list_hosts,
         metrics::metrics,
         metrics::stats,
         vms::list_vms,
@@ -368,12 +369,12 @@ mod tests {
                 ("get", p) if p.starts_with("/requests/{uuid}/logs") => {
                     vec![400, 404, 422, 500, 503]
                 }
-                ("get", "/metrics" | "/stats" | "/health" | "/vms") => vec![500, 503],
+                ("get", "/metrics" | "/stats" | "/health" | "/vms" | "/hosts") => vec![500, 503],
                 other => panic!("an operation this test does not know: {other:?}"),
             }
         };
         let ops = operations(&doc);
-        assert_eq!(ops.len(), 19);
+        assert_eq!(ops.len(), 20);
         for (method, path, op) in &ops {
             assert_eq!(error_statuses(op), want(method, path), "{method} {path}");
             assert!(op.get("security").is_none(), "{method} {path}");

@@ -1,13 +1,13 @@
 //! `/requests`: submit, list, read, control (hold/resume/cancel) and delete.
 
-use super::error::{ApiError, InvalidTransitionResponse};
+use super::error::{ApiError, InvalidTransitionResponse, NoCapableHostResponse};
 use super::files;
 use super::input::{self, Object};
 use super::upload;
 use super::{AppState, BODY_LIMIT};
 use crate::config::vm::{is_valid_vm_name, VmConfigError};
-use crate::model::{BootChoice, NewRequest, Request, RequestId, Status, CONTROL_TARGETS};
-use crate::store::{ControlOutcome, DeleteOutcome, RequestQuery};
+use crate::model::{BootChoice, Label, NewRequest, Request, RequestId, Status, CONTROL_TARGETS};
+use crate::store::{ControlOutcome, DeleteOutcome, Placement, RequestQuery};
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, RawQuery, State};
@@ -22,6 +22,8 @@ use utoipa::ToSchema;
 
 /// Largest accepted `commands` text, in bytes of UTF-8.
 pub const MAX_COMMANDS: usize = 64 * 1024;
+/// Most labels a submission may require.
+const MAX_REQUIRES: usize = 32;
 /// How long a control call waits for the owning agent to apply the change before answering
 /// `202 Accepted` with `"applied": false`.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
@@ -64,6 +66,12 @@ pub struct CreateBody {
     #[serde(default)]
     #[schema(max_items = 64, value_type = Option<Vec<files::GuestPath>>)]
     pub artifacts: Option<Vec<String>>,
+    /// Labels the host that runs it must have, besides its VM config's `REQUIRES` (e.g.
+    /// `big`, `accel:kvm`, `vm:tiny`). Unknown labels are accepted while some host could still
+    /// report them; when hosts have reported and none has them all: `422 no_capable_host`.
+    #[serde(default)]
+    #[schema(max_items = 32)]
+    pub requires: Option<Vec<Label>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -127,6 +135,16 @@ pub(super) fn validate(
     };
     let pending = files::inline(body.files.unwrap_or_default())?;
     let artifacts = files::globs(body.artifacts.unwrap_or_default())?;
+    let asked = body.requires.unwrap_or_default();
+    if asked.len() > MAX_REQUIRES {
+        return Err(ApiError::Validation(format!(
+            "requires lists {} labels; the limit is {MAX_REQUIRES}",
+            asked.len()
+        )));
+    }
+    let mut requires: Vec<Label> = vm.requires.iter().cloned().chain(asked).collect();
+    requires.sort();
+    requires.dedup();
     Ok((
         NewRequest {
             vm_name: body.vm_name,
@@ -135,6 +153,7 @@ pub(super) fn validate(
             boot: body.boot,
             uploads: Vec::new(),
             artifacts,
+            requires,
         },
         pending,
     ))
@@ -151,7 +170,8 @@ pub(super) fn validate(
         no destination twice, their bytes at most `SQLITE_SIM_MAX_UPLOAD` in all.",
         content((CreateBody = "application/json"), ("multipart/form-data"))),
     responses((status = 201, body = Created, description = "stored as `pending`",
-        headers(("Location" = String, description = "`/requests/{uuid}` of the new request")))))]
+        headers(("Location" = String, description = "`/requests/{uuid}` of the new request"))),
+        NoCapableHostResponse))]
 pub async fn create(
     State(state): State<AppState>,
     req: axum::extract::Request,
@@ -173,6 +193,22 @@ pub async fn create(
         new
     };
     let staged = new.uploads.clone();
+    // Refused only when hosts have reported and none has the labels: with no host yet (an
+    // API started before its agents) there is nothing to judge by, and a host that is down
+    // may come back (the request waits, and says why).
+    if !new.requires.is_empty() {
+        let placement = match state.store.placement(new.requires.clone()).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = state.store.discard_uploads(staged).await;
+                return Err(e.into());
+            }
+        };
+        if let Placement::Impossible(why) = placement {
+            let _ = state.store.discard_uploads(staged).await;
+            return Err(ApiError::NoCapableHost(why));
+        }
+    }
     let req = match state.store.create(new).await {
         Ok(r) => r,
         Err(e) => {
@@ -472,10 +508,10 @@ async fn wait_applied(
         if done {
             return Ok(Some(r));
         }
-        // Another process's agent is seen by polling; this process's at once.
+        // Any process's commit wakes this (`Store::watch_commits`); the sleep is a safety net.
         tokio::select! {
             _ = changes.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = tokio::time::sleep_until(deadline) => return Ok(None),
         }
     }

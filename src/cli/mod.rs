@@ -171,6 +171,11 @@ pub enum CliCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Every agents host: live or not, slots in use, labels, agents, last heartbeat.
+    Hosts {
+        #[arg(long)]
+        json: bool,
+    },
     /// Every VM: valid or not, warm start, accelerator, template state and restore time.
     Vms {
         #[arg(long)]

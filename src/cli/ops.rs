@@ -40,8 +40,54 @@ pub async fn run(conn: Conn, command: CliCommand) -> Result<u8, CliError> {
             super::artifacts::run(&client, &id, out.as_deref(), json).await
         }
         CliCommand::Vms { json } => vms(&client, json).await,
+        CliCommand::Hosts { json } => hosts(&client, json).await,
         CliCommand::Template { action } => template(&client, action).await,
     }
+}
+
+async fn hosts(client: &ApiClient, json: bool) -> Result<u8, CliError> {
+    let v: Value = client.get("/hosts").await?;
+    if json {
+        print_json(&v)?;
+        return Ok(0);
+    }
+    let hosts: Vec<crate::store::Host> = serde_json::from_value(v["hosts"].clone())
+        .map_err(|e| CliError::Protocol(e.to_string()))?;
+    if hosts.is_empty() {
+        eprintln!("(no hosts: no agents process has reported to this store yet)");
+    }
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.host_id.clone(),
+                if h.live { "live" } else { "down" }.into(),
+                format!("{}/{}", h.slots_in_use, h.max_concurrent_vms),
+                h.last_heartbeat.clone(),
+                h.agents.join(","),
+                h.labels
+                    .iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render::table(
+            &[
+                "HOST",
+                "STATE",
+                "SLOTS",
+                "LAST HEARTBEAT",
+                "AGENTS",
+                "LABELS"
+            ],
+            &rows
+        )
+    );
+    Ok(0)
 }
 
 async fn vms(client: &ApiClient, json: bool) -> Result<u8, CliError> {
@@ -171,6 +217,7 @@ async fn list(
                 r.vm_name.clone(),
                 render::status_cell(r),
                 render::exit_cell(r),
+                r.host.clone().unwrap_or_else(|| "-".into()),
                 render::age(r),
                 render::duration(r),
             ]
@@ -178,7 +225,10 @@ async fn list(
         .collect();
     print!(
         "{}",
-        render::table(&["UUID", "VM", "STATUS", "EXIT", "AGE", "DURATION"], &rows)
+        render::table(
+            &["UUID", "VM", "STATUS", "EXIT", "HOST", "AGE", "DURATION"],
+            &rows
+        )
     );
     let total = page["total"].as_u64().unwrap_or(0);
     if total > requests.len() as u64 {

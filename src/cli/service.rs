@@ -23,6 +23,11 @@ pub(super) async fn serve(
     let store = Store::open_settings(&settings)
         .await
         .with_context(|| format!("opening {}", settings.store_location()))?;
+    // Other processes' commits (an API's submissions and control, agents' logs and states)
+    // wake this one's agents, control checks and log streams within the interval.
+    store
+        .watch_commits(settings.change_check_interval)
+        .context("watching the database for commits")?;
     let wake = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let agents = with_agents.then(|| {

@@ -95,6 +95,13 @@ pub struct Settings {
     /// How long a claim stays valid without a heartbeat (heartbeats come every third of it).
     /// An agent that dies loses its requests after this long.
     pub agent_lease: Duration,
+    /// The dashboard's built bundle, served at `/ui/` (see [`crate::ui`]).
+    pub ui_dir: PathBuf,
+    /// Labels this host's agents advertise besides the automatic `accel:*` and `vm:*`.
+    pub agent_labels: Vec<crate::model::Label>,
+    /// How often a process checks whether another one committed (`PRAGMA data_version`), to
+    /// wake its agents and log streams at once.
+    pub change_check_interval: Duration,
 }
 
 /// Longest run-dir path that still leaves room for `/<uuid>/console.sock` within the
@@ -206,6 +213,12 @@ impl Settings {
             cancel_grace: v.seconds("SQLITE_SIM_CANCEL_GRACE", 3.0)?,
             api_token: v.raw("SQLITE_SIM_API_TOKEN"),
             agent_lease: v.seconds("SQLITE_SIM_AGENT_LEASE", 30.0)?,
+            ui_dir: match (get)("SQLITE_SIM_UI_DIR").filter(|s| !s.is_empty()) {
+                Some(d) => PathBuf::from(d),
+                None => crate::ui::default_dir(),
+            },
+            agent_labels: parse_labels(&v.string("SQLITE_SIM_AGENT_LABELS", ""))?,
+            change_check_interval: v.seconds("SQLITE_SIM_CHANGE_CHECK_INTERVAL", 0.015)?,
         })
     }
 
@@ -274,6 +287,19 @@ impl Settings {
                 "SQLITE_SIM_AGENT_LEASE",
                 format!("{}", self.agent_lease.as_secs_f64()),
             ),
+            ("SQLITE_SIM_UI_DIR", p(&self.ui_dir)),
+            (
+                "SQLITE_SIM_AGENT_LABELS",
+                self.agent_labels
+                    .iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (
+                "SQLITE_SIM_CHANGE_CHECK_INTERVAL",
+                format!("{}", self.change_check_interval.as_secs_f64()),
+            ),
             (
                 "SQLITE_SIM_API_TOKEN",
                 match &self.api_token {
@@ -307,6 +333,27 @@ pub fn redact_url(url: &str) -> String {
         }
         None => url,
     }
+}
+
+/// `kvm,big`: comma-separated labels, each like a VM name (no `:`, which the automatic
+/// `accel:` and `vm:` labels use), sorted and without duplicates.
+fn parse_labels(s: &str) -> Result<Vec<crate::model::Label>, ConfigError> {
+    let mut out = Vec::new();
+    for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        if !crate::config::vm::is_valid_vm_name(word) {
+            return Err(ConfigError::Invalid {
+                var: "SQLITE_SIM_AGENT_LABELS",
+                message: format!(
+                    "{word:?} is not 1-64 letters, digits, '.', '_' or '-', starting with a \
+                     letter or digit"
+                ),
+            });
+        }
+        out.push(word.parse().expect("a VM-name-like word is a label"));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// The hostname, cut to what a host id may hold (`host` if it has none usable).

@@ -109,6 +109,8 @@ pub struct VmConfig {
     /// While the template is (re)built, warm requests wait for it instead of booting cold.
     pub warm_wait: bool,
     pub channel: ChannelPolicy,
+    /// Labels a host must advertise to run this VM (`REQUIRES="kvm big"`), sorted.
+    pub requires: Vec<crate::model::Label>,
 }
 
 /// Most clones `WARM_POOL` may keep.
@@ -138,6 +140,7 @@ pub const KEYS: &[&str] = &[
     "WARM_WAIT",
     "PREPARE",
     "CHANNEL",
+    "REQUIRES",
 ];
 
 /// Default prompt: a root or user shell prompt (`# ` or `$ `) at the end of the output.
@@ -319,6 +322,19 @@ impl VmConfig {
                 )))
             }
         };
+        let mut requires = Vec::new();
+        for word in get("REQUIRES")
+            .unwrap_or_default()
+            .split([',', ' ', '\t'])
+            .filter(|w| !w.is_empty())
+        {
+            requires.push(
+                word.parse::<crate::model::Label>()
+                    .map_err(|e| invalid(format!("REQUIRES: {e}")))?,
+            );
+        }
+        requires.sort();
+        requires.dedup();
         if !warm {
             for (key, set) in [
                 ("WARM_POOL", warm_pool > 0),
@@ -354,6 +370,7 @@ impl VmConfig {
             prepare,
             warm_wait,
             channel,
+            requires,
         })
     }
 }
@@ -566,6 +583,9 @@ mod tests {
                 .as_deref(),
             Some("/bin/busybox sh")
         );
+        let r = parse("REQUIRES=\"kvm, big accel:kvm kvm\"").unwrap();
+        let names: Vec<&str> = r.requires.iter().map(|l| l.as_str()).collect();
+        assert_eq!(names, ["accel:kvm", "big", "kvm"]);
     }
 
     #[test]
@@ -580,6 +600,7 @@ mod tests {
             ("PROMPT=\"(\"", "PROMPT"),
             ("BOOT_TIMEOUT=\"0\"", "BOOT_TIMEOUT"),
             ("CONSOLE=\"vnc\"", "CONSOLE"),
+            ("REQUIRES=\"kvm -big\"", "REQUIRES"),
             ("STDERR_DEVICE=\"ttyS1\"", "STDERR_DEVICE"),
             ("SHELL=\"bash\"", "SHELL"),
             ("WARM=\"maybe\"", "WARM"),

@@ -151,7 +151,8 @@ impl Store {
                         "UPDATE requests SET status = ?1, error = COALESCE(?2, error), updated_at = ?3,
                                 finished_at = COALESCE(?4, finished_at), desired_status = NULL,
                                 lease_expires_at = NULL,
-                                agent_id = CASE WHEN ?1 IN ('pending','hold') THEN NULL ELSE agent_id END
+                                agent_id = CASE WHEN ?1 IN ('pending','hold') THEN NULL ELSE agent_id END,
+                                host_id = CASE WHEN ?1 IN ('pending','hold') THEN NULL ELSE host_id END
                          WHERE uuid = ?5",
                         params![new.as_str(), error, now, finished, uuid],
                     )?;
@@ -302,6 +303,7 @@ mod tests {
             boot: None,
             uploads: Vec::new(),
             artifacts: Vec::new(),
+            requires: Vec::new(),
         }
     }
 

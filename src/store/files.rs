@@ -324,6 +324,7 @@ mod tests {
                 boot: None,
                 uploads: vec![b, a],
                 artifacts: vec!["/root/out/*.xml".into()],
+                requires: Vec::new(),
             })
             .await
             .unwrap();
@@ -346,6 +347,7 @@ mod tests {
                 boot: None,
                 uploads: vec![a],
                 artifacts: vec![],
+                requires: Vec::new(),
             })
             .await;
         assert!(again.is_err(), "{again:?}");

@@ -202,6 +202,7 @@ mod tests {
                 boot: None,
                 uploads: Vec::new(),
                 artifacts: Vec::new(),
+                requires: Vec::new(),
             })
             .await
             .unwrap();

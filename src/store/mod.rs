@@ -26,6 +26,7 @@ macro_rules! on_pg {
 
 mod control;
 mod files;
+mod hosts;
 mod logs;
 mod metrics;
 pub mod postgres;
@@ -36,6 +37,7 @@ mod templates;
 
 pub use control::{ControlOutcome, DeleteOutcome};
 pub use files::CHUNK;
+pub use hosts::{place, Capabilities, Host, HostReport, Placement};
 pub use logs::LogQuery;
 pub use metrics::{Histogram, MetricsSnapshot, Stats, Summary, BUCKETS};
 pub use requests::{Finish, RequestQuery};
@@ -132,7 +134,7 @@ struct Inner {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
     /// Bumped after every write this process makes, so followers and agents in this process
-    /// react at once; other processes' writes are noticed by polling.
+    /// react at once; other processes' writes bump it too once [`Store::watch_commits`] runs.
     changes: tokio::sync::watch::Sender<u64>,
     /// Serialises this process's write transactions.
     write_turn: Mutex<()>,
@@ -257,6 +259,43 @@ impl Store {
 
     pub(crate) fn bump(&self) {
         self.inner.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Makes commits of other processes (and hosts, for an engine that has them) wake this
+    /// process's subscribers: a thread reads `PRAGMA data_version` on a connection of its own
+    /// every `every`; the value changes whenever another connection has committed. That costs
+    /// microseconds per check, where a claim is a write transaction, so agents and log
+    /// streams of a separate process react within `every` instead of their poll interval.
+    /// The thread ends with the last handle on the store.
+    pub fn watch_commits(&self, every: Duration) -> Result<(), StoreError> {
+        // PostgreSQL: its LISTEN connection already turns every commit into a wake-up.
+        if self.pg.is_some() {
+            return Ok(());
+        }
+        let conn = Self::connect(&self.inner.path)?;
+        let weak = Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("store-commits".into())
+            .spawn(move || {
+                let version = |c: &Connection| -> rusqlite::Result<i64> {
+                    c.query_row("PRAGMA data_version", [], |r| r.get(0))
+                };
+                let mut seen = version(&conn).ok();
+                loop {
+                    std::thread::sleep(every);
+                    let Some(inner) = weak.upgrade() else { return };
+                    match version(&conn) {
+                        Ok(v) if Some(v) != seen => {
+                            seen = Some(v);
+                            inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "PRAGMA data_version failed"),
+                    }
+                }
+            });
+        spawned.map_err(|e| StoreError::Task(format!("starting the commit watcher: {e}")))?;
+        Ok(())
     }
 
     fn connect(path: &Path) -> Result<Connection, StoreError> {
@@ -417,6 +456,7 @@ pub(crate) mod test_support {
                 boot: None,
                 uploads: Vec::new(),
                 artifacts: Vec::new(),
+                requires: Vec::new(),
             })
             .await
             .unwrap()

@@ -1,5 +1,6 @@
 //! Request rows: create, read, claim, and the agent's state changes.
 
+use super::hosts::{self, Capabilities, Placement, ELIGIBLE};
 use super::{Store, StoreError};
 use crate::model::{
     AgentId, BootMode, Channel, NewRequest, Request, RequestId, ShutdownStep, Status,
@@ -10,7 +11,8 @@ use std::time::Duration;
 
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
-     boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel";
+     boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
+     requires, host_id";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -21,6 +23,7 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
     let boot_mode: Option<String> = r.get(18)?;
     let globs: Option<String> = r.get(20)?;
     let channel: Option<String> = r.get(21)?;
+    let requires: Option<String> = r.get(22)?;
     let build = || -> Result<Request, StoreError> {
         let bad = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("request {uuid}: {e}"));
         Ok(Request {
@@ -58,6 +61,12 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
                 .map(|s| s.parse())
                 .transpose()
                 .map_err(|e| bad(&e))?,
+            requires: match requires {
+                Some(j) => serde_json::from_str(&j).map_err(|e| bad(&e))?,
+                None => Vec::new(),
+            },
+            host: r.get(23)?,
+            waiting_for: None,
         })
     };
     Ok(build())
@@ -95,6 +104,23 @@ pub struct Finish {
     pub channel: Option<Channel>,
 }
 
+/// Says why pending requests wait when no live host can claim them now (one read of the
+/// registry for all of them).
+fn fill_waiting(c: &rusqlite::Connection, reqs: &mut [Request]) -> Result<(), StoreError> {
+    if !reqs.iter().any(|r| r.status == Status::Pending) {
+        return Ok(());
+    }
+    let hosts = hosts::hosts_in(c, false)?;
+    for r in reqs.iter_mut().filter(|r| r.status == Status::Pending) {
+        r.waiting_for = match hosts::place(&r.requires, &hosts) {
+            Placement::Live => None,
+            Placement::NoHosts => Some("no agents host has reported yet".into()),
+            Placement::Down(why) | Placement::Impossible(why) => Some(why),
+        };
+    }
+    Ok(())
+}
+
 fn lease_until(lease: Duration) -> String {
     timefmt::format(time::OffsetDateTime::now_utc() + lease)
 }
@@ -109,8 +135,8 @@ impl Store {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
-                                       boot, artifact_globs)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7)",
+                                       boot, artifact_globs, requires)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8)",
                 params![
                     id.to_string(),
                     new.vm_name,
@@ -120,6 +146,12 @@ impl Store {
                     new.boot.map(|b| b.as_str()),
                     (!new.artifacts.is_empty())
                         .then(|| serde_json::to_string(&new.artifacts).expect("json")),
+                    {
+                        let mut need = new.requires.clone();
+                        need.sort();
+                        need.dedup();
+                        (!need.is_empty()).then(|| serde_json::to_string(&need).expect("json"))
+                    },
                 ],
             )?;
             for (seq, upload) in new.uploads.iter().enumerate() {
@@ -134,7 +166,10 @@ impl Store {
                     )));
                 }
             }
-            let req = get_in(&tx, id)?.ok_or_else(|| StoreError::Corrupt("insert vanished".into()))?;
+            let mut req =
+                get_in(&tx, id)?.ok_or_else(|| StoreError::Corrupt("insert vanished".into()))?;
+            // As every read shows it (one indexed read of a small table).
+            fill_waiting(&tx, std::slice::from_mut(&mut req))?;
             tx.commit()?;
             Ok(req)
         })
@@ -153,7 +188,11 @@ impl Store {
                     from_row,
                 )
                 .optional()?;
-            row.transpose()
+            let Some(mut req) = row.transpose()? else {
+                return Ok(None);
+            };
+            fill_waiting(c, std::slice::from_mut(&mut req))?;
+            Ok(Some(req))
         })
     }
 
@@ -189,36 +228,61 @@ impl Store {
                 q.limit, q.offset
             );
             let mut stmt = c.prepare(&sql)?;
-            let rows = stmt
+            let mut rows = stmt
                 .query_map(rusqlite::params_from_iter(args.iter()), from_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()?;
+            fill_waiting(c, &mut rows)?;
             Ok((rows, total))
         })
         .await
     }
 
-    /// Atomically takes the oldest `pending` request for `agent`, or `None`.
-    /// `BEGIN IMMEDIATE` serialises claimers across processes, so no request is ever run twice.
+    /// Atomically takes the oldest `pending` request that needs no labels, for `agent` (whose
+    /// host is the part of its id before the first `:`), or `None`.
     pub async fn claim(
         &self,
         agent: &AgentId,
         lease: Duration,
     ) -> Result<Option<Request>, StoreError> {
-        on_pg!(self.claim(agent, lease));
+        let host = agent.0.split(':').next().unwrap_or_default().to_string();
+        let caps = Capabilities {
+            host_id: host,
+            labels: Vec::new(),
+        };
+        self.claim_as(agent, &caps, lease).await
+    }
+
+    /// Atomically takes the oldest `pending` request whose required labels are all among
+    /// `caps.labels`, for `agent` on `caps.host_id`, or `None`. The filter is inside the one
+    /// `UPDATE`, and `BEGIN IMMEDIATE` serialises claimers across processes, so no request is
+    /// ever run twice and none is skipped for a younger one the same host could run.
+    pub async fn claim_as(
+        &self,
+        agent: &AgentId,
+        caps: &Capabilities,
+        lease: Duration,
+    ) -> Result<Option<Request>, StoreError> {
+        on_pg!(self.claim_as(agent, caps, lease));
         let agent = agent.0.clone();
+        let labels = serde_json::to_string(&caps.labels).expect("labels serialise");
+        let host = caps.host_id.clone();
         self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = timefmt::now();
             let id: Option<String> = tx
                 .query_row(
-                    "UPDATE requests
-                     SET status = 'acknowledged', agent_id = ?1, lease_expires_at = ?2, updated_at = ?3
-                     WHERE uuid = (SELECT uuid FROM requests WHERE status = 'pending'
-                                   ORDER BY created_at, rowid LIMIT 1)
-                     RETURNING uuid",
-                    params![agent, lease_until(lease), now],
+                    &format!(
+                        "UPDATE requests
+                         SET status = 'acknowledged', agent_id = ?2, lease_expires_at = ?3,
+                             updated_at = ?4, host_id = ?5
+                         WHERE uuid = (SELECT uuid FROM requests WHERE status = 'pending'
+                                         AND {ELIGIBLE}
+                                       ORDER BY created_at, rowid LIMIT 1)
+                         RETURNING uuid"
+                    ),
+                    params![labels, agent, lease_until(lease), now, host],
                     |r| r.get(0),
                 )
                 .optional()?;
@@ -367,6 +431,7 @@ mod tests {
             boot: None,
             uploads: Vec::new(),
             artifacts: Vec::new(),
+            requires: Vec::new(),
         }
     }
 
@@ -475,6 +540,59 @@ mod tests {
         assert_eq!(got.shutdown_step, Some(ShutdownStep::Powerdown));
         assert_eq!(got.boot_ms, Some(2500));
         assert!(got.started_at.is_some() && got.finished_at.is_some());
+    }
+
+    /// Fencing: an agent whose lease expired and whose request was recovered writes nothing
+    /// over the state that is no longer its own (the new owner's, or the recovered outcome).
+    #[tokio::test]
+    async fn an_agent_that_lost_its_lease_cannot_overwrite_the_new_owner() {
+        let (s, _d) = temp_store().await;
+        let old = AgentId("h1:1:0".into());
+        let new_owner = AgentId("h2:2:0".into());
+        let short = Duration::from_millis(1);
+        let fin = Finish {
+            status: Status::Done,
+            exit_code: Some(0),
+            ..Default::default()
+        };
+        // Lost before it ran: re-queued, claimed by another agent.
+        let r = s.create(new("a")).await.unwrap();
+        s.claim(&old, short).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(s.reap_expired().await.unwrap(), [(r.uuid, Status::Pending)]);
+        let got = s
+            .claim(&new_owner, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.uuid, got.host.as_deref()), (r.uuid, Some("h2")));
+        assert!(!s.mark_running(r.uuid, &old).await.unwrap());
+        assert!(!s.heartbeat(r.uuid, &old, short).await.unwrap());
+        assert!(!s.apply_desired(r.uuid, &old, Status::Hold).await.unwrap());
+        assert!(!s.finish(r.uuid, &old, fin.clone()).await.unwrap());
+        let now = s.get(r.uuid).await.unwrap().unwrap();
+        assert_eq!(now.status, Status::Acknowledged);
+        assert_eq!(now.agent_id.as_deref(), Some("h2:2:0"));
+        assert!(s.mark_running(r.uuid, &new_owner).await.unwrap());
+        assert!(s.finish(r.uuid, &new_owner, fin.clone()).await.unwrap());
+        // Lost while it ran: recovered as failed, which the old agent's late finish keeps.
+        let r = s.create(new("b")).await.unwrap();
+        s.claim(&old, short).await.unwrap().unwrap();
+        assert!(s.mark_running(r.uuid, &old).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(s.reap_expired().await.unwrap(), [(r.uuid, Status::Failed)]);
+        assert!(!s.heartbeat(r.uuid, &old, short).await.unwrap());
+        assert!(!s
+            .apply_desired(r.uuid, &old, Status::Running)
+            .await
+            .unwrap());
+        assert!(!s.finish(r.uuid, &old, fin).await.unwrap());
+        let now = s.get(r.uuid).await.unwrap().unwrap();
+        assert_eq!(
+            (now.status, now.error.as_deref()),
+            (Status::Failed, Some("agent lost"))
+        );
+        assert_eq!(now.exit_code, None);
     }
 
     #[tokio::test]

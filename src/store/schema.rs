@@ -119,6 +119,27 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (artifact_id, seq)
     );
     "#,
+    // hosts: agents processes report themselves (labels, slots, heartbeat); requests record
+    // the labels they need and the host that claimed them. Self-contained so it can be
+    // renumbered freely.
+    r#"
+    ALTER TABLE requests ADD COLUMN requires TEXT;
+    ALTER TABLE requests ADD COLUMN host_id TEXT;
+    CREATE TABLE agent_processes (
+        process       TEXT PRIMARY KEY,
+        host_id       TEXT NOT NULL,
+        labels        TEXT NOT NULL,
+        vms           TEXT NOT NULL,
+        agents        TEXT NOT NULL,
+        slots_in_use  INTEGER NOT NULL DEFAULT 0,
+        max_vms       INTEGER NOT NULL,
+        live_until    TEXT NOT NULL,
+        started_at    TEXT NOT NULL,
+        last_seen     TEXT NOT NULL,
+        stopped       INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX agent_processes_by_host ON agent_processes (host_id);
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

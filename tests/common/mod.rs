@@ -200,6 +200,12 @@ impl Server {
 
     /// Starts (another) process of the binary with this server's environment.
     pub fn spawn_process(&self, mode: Mode) -> Proc {
+        self.spawn_process_with(mode, &[])
+    }
+
+    /// Like [`Server::spawn_process`], with `extra` overriding the environment (another host
+    /// id, run directory or labels, for a second host on the same database).
+    pub fn spawn_process_with(&self, mode: Mode, extra: &[(&str, String)]) -> Proc {
         static SPAWNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let sub = match mode {
             Mode::All => "all",
@@ -212,6 +218,7 @@ impl Server {
         cmd.arg(sub)
             .current_dir(self.dir.path())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(extra.iter().map(|(k, v)| (k, v)))
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

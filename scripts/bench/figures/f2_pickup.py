@@ -67,24 +67,47 @@ def figure2(srv_all, n, poll_interval=1.0):
     emit("2", "  of which created_at -> claimed, `all` mode", "ms", [x["claim"] for x in s],
          digits=1)
 
+    # Split mode as it is now: agents wake on any commit (PRAGMA data_version checked every
+    # SQLITE_SIM_CHANGE_CHECK_INTERVAL), with the poll left at its 5 s default as a safety net.
+    check = 0.015
     log(f"figure 2: pickup latency, {n} runs in split api+agents mode "
-        f"(poll {poll_interval} s, random submission phase)")
-    srv = Server(label="split", env={"SQLITE_SIM_AGENT_POLL_INTERVAL": str(poll_interval)})
-    try:
-        srv.spawn("api")
-        srv.spawn("agents")
-        s = pickup_samples(srv, n, jitter=poll_interval)
-    finally:
-        srv.stop()
+        f"(change check every {check * 1000:g} ms, poll 5 s, random submission phase)")
+    s = split_samples(n, {"SQLITE_SIM_AGENT_POLL_INTERVAL": "5",
+                          "SQLITE_SIM_CHANGE_CHECK_INTERVAL": str(check)}, jitter=0.5)
+    p50 = med([x["pickup"] for x in s])
+    note = (f"split mode, agents woken by the change check (every {check * 1000:g} ms) with "
+            f"the 5 s poll behind it: p50 {p50:.0f} ms, max {max(x['pickup'] for x in s):.0f} "
+            f"ms; created_at -> claimed p50 {med([x['claim'] for x in s]):.1f} ms, claimed -> "
+            f"starting (overlay) p50 {med([x['prepare'] for x in s]):.1f} ms.")
+    emit("2", f"pickup latency, split `api`+`agents` (change check {check * 1000:g} ms; p50; "
+         "max)", "ms", [x["pickup"] for x in s], target="p50 <= 100", ok=p50 <= 100,
+         note=note, digits=1)
+
+    # The old baseline: polling only (the change check pushed out of reach).
+    log(f"figure 2: pickup latency, {n} runs in split api+agents mode "
+        f"(poll {poll_interval} s only, random submission phase)")
+    s = split_samples(n, {"SQLITE_SIM_AGENT_POLL_INTERVAL": str(poll_interval),
+                          "SQLITE_SIM_CHANGE_CHECK_INTERVAL": "3600"}, jitter=poll_interval)
     mx = max(x["pickup"] for x in s)
     lim = poll_interval * 1000 + 10
     p50 = med([x["pickup"] for x in s])
-    note = (f"split mode: the agents process polls every {poll_interval:g} s, so pickup is "
-            f"uniform in [0, {poll_interval * 1000:.0f}] ms plus the fixed cost; p50 "
-            f"{p50:.0f} ms, max {mx:.0f} ms; claimed -> starting (overlay) p50 "
-            f"{med([x['prepare'] for x in s]):.1f} ms. `met` is judged on the max.")
-    emit("2", f"pickup latency, split `api`+`agents` (poll {poll_interval:g} s; p50; max)", "ms",
-         [x["pickup"] for x in s], target=f"max <= {lim:.0f}", ok=mx <= lim, note=note, digits=1)
+    note = (f"split mode without the change check: the agents process polls every "
+            f"{poll_interval:g} s, so pickup is uniform in [0, {poll_interval * 1000:.0f}] ms "
+            f"plus the fixed cost; p50 {p50:.0f} ms, max {mx:.0f} ms; claimed -> starting "
+            f"(overlay) p50 {med([x['prepare'] for x in s]):.1f} ms. `met` is judged on the max.")
+    emit("2", f"pickup latency, split `api`+`agents` (poll {poll_interval:g} s only; p50; max)",
+         "ms", [x["pickup"] for x in s], target=f"max <= {lim:.0f}", ok=mx <= lim, note=note,
+         digits=1)
+
+
+def split_samples(n, env, jitter):
+    srv = Server(label="split", env=env)
+    try:
+        srv.spawn("api")
+        srv.spawn("agents")
+        return pickup_samples(srv, n, jitter=jitter)
+    finally:
+        srv.stop()
 
 
 def _run(ctx):

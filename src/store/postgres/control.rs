@@ -109,62 +109,69 @@ impl Pg {
     /// log) the same request twice. A lost COMMIT is simply run again: what it did is no longer
     /// expired.
     pub(crate) async fn reap_expired(&self) -> Result<Vec<(RequestId, Status)>, StoreError> {
-        write_tx!(self, "reap_expired", |tx| async {
-            let now = timefmt::now();
-            tx.execute(
-                "DELETE FROM requests WHERE deleting AND lease_expires_at < $1",
-                &[&now],
-            )
-            .await?;
-            let expired = tx
-                .query(
-                    "SELECT uuid, status, desired_status, agent_id FROM requests
-                     WHERE status IN ('acknowledged','running','hold') AND agent_id IS NOT NULL
-                       AND lease_expires_at IS NOT NULL AND lease_expires_at < $1
-                     FOR UPDATE SKIP LOCKED",
+        write_tx!(
+            self,
+            "reap_expired",
+            |tx| async {
+                let now = timefmt::now();
+                tx.execute(
+                    "DELETE FROM requests WHERE deleting AND lease_expires_at < $1",
                     &[&now],
                 )
                 .await?;
-            let mut out = Vec::new();
-            for row in expired {
-                let uuid: String = row.try_get(0)?;
-                let status: String = row.try_get(1)?;
-                let desired: Option<String> = row.try_get(2)?;
-                let agent: String = row.try_get::<_, Option<String>>(3)?.unwrap_or_default();
-                let (new, note) = match (status.as_str(), desired.as_deref()) {
-                    ("acknowledged", Some("cancelled")) => (Status::Cancelled, "cancelled"),
-                    ("acknowledged", Some("hold")) => (Status::Hold, "held, no VM"),
-                    ("acknowledged", _) => (Status::Pending, "re-queued: it had not started"),
-                    _ => (Status::Failed, "failed: its VM ended with the agent"),
-                };
-                let finished = new.is_terminal().then_some(now.as_str());
-                let error = (new == Status::Failed).then_some("agent lost");
-                tx.execute(
+                let expired = tx
+                    .query(
+                        "SELECT uuid, status, desired_status, agent_id FROM requests
+                     WHERE status IN ('acknowledged','running','hold') AND agent_id IS NOT NULL
+                       AND lease_expires_at IS NOT NULL AND lease_expires_at < $1
+                     FOR UPDATE SKIP LOCKED",
+                        &[&now],
+                    )
+                    .await?;
+                let mut out = Vec::new();
+                for row in expired {
+                    let uuid: String = row.try_get(0)?;
+                    let status: String = row.try_get(1)?;
+                    let desired: Option<String> = row.try_get(2)?;
+                    let agent: String = row.try_get::<_, Option<String>>(3)?.unwrap_or_default();
+                    let (new, note) = match (status.as_str(), desired.as_deref()) {
+                        ("acknowledged", Some("cancelled")) => (Status::Cancelled, "cancelled"),
+                        ("acknowledged", Some("hold")) => (Status::Hold, "held, no VM"),
+                        ("acknowledged", _) => (Status::Pending, "re-queued: it had not started"),
+                        _ => (Status::Failed, "failed: its VM ended with the agent"),
+                    };
+                    let finished = new.is_terminal().then_some(now.as_str());
+                    let error = (new == Status::Failed).then_some("agent lost");
+                    tx.execute(
                     "UPDATE requests SET status = $1, error = COALESCE($2, error), updated_at = $3,
                             finished_at = COALESCE($4, finished_at), desired_status = NULL,
                             lease_expires_at = NULL,
                             agent_id = CASE WHEN $1 IN ('pending','hold') THEN NULL
-                                            ELSE agent_id END
+                                            ELSE agent_id END,
+                            host_id = CASE WHEN $1 IN ('pending','hold') THEN NULL
+                                           ELSE host_id END
                      WHERE uuid = $5",
                     &[&new.as_str(), &error, &now, &finished, &uuid],
                 )
                 .await?;
-                let line = format!("agent {agent} lost (lease expired); request {note}\n");
-                tx.execute(
-                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
+                    let line = format!("agent {agent} lost (lease expired); request {note}\n");
+                    tx.execute(
+                        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
                      VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log
                                   WHERE request_uuid = $1), $2, 'system', $3)",
-                    &[&uuid, &now, &line.into_bytes()],
-                )
-                .await?;
-                let id = uuid
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("uuid {uuid}: {e}")))?;
-                out.push((id, new));
+                        &[&uuid, &now, &line.into_bytes()],
+                    )
+                    .await?;
+                    let id = uuid
+                        .parse()
+                        .map_err(|e| StoreError::Corrupt(format!("uuid {uuid}: {e}")))?;
+                    out.push((id, new));
+                }
+                Ok(out)
             }
-            Ok(out)
-        }
-        .await)
+            .await,
+            quiet_if | v | v.is_empty()
+        )
     }
 
     pub(crate) async fn claimed_alive(&self, id: RequestId) -> Result<bool, StoreError> {
@@ -205,10 +212,12 @@ impl Pg {
         }
         let batch = format!("DELETE FROM requests WHERE uuid IN ({SELECTED} LIMIT 200)");
         loop {
-            let n = write_tx!(self, "prune", |tx| async {
-                Ok(tx.execute(&batch, &[&before]).await?)
-            }
-            .await)?;
+            let n = write_tx!(
+                self,
+                "prune",
+                |tx| async { Ok(tx.execute(&batch, &[&before]).await?) }.await,
+                quiet_if | n | *n == 0
+            )?;
             if n == 0 {
                 break;
             }

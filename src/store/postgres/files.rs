@@ -92,15 +92,20 @@ impl Pg {
     }
 
     pub(crate) async fn drop_stale_uploads(&self, before: String) -> Result<u64, StoreError> {
-        write_tx!(self, "drop_stale_uploads", |tx| async {
-            Ok(tx
-                .execute(
-                    "DELETE FROM uploads WHERE request_uuid IS NULL AND staged_at < $1",
-                    &[&before],
-                )
-                .await?)
-        }
-        .await)
+        write_tx!(
+            self,
+            "drop_stale_uploads",
+            |tx| async {
+                Ok(tx
+                    .execute(
+                        "DELETE FROM uploads WHERE request_uuid IS NULL AND staged_at < $1",
+                        &[&before],
+                    )
+                    .await?)
+            }
+            .await,
+            quiet_if | n | *n == 0
+        )
     }
 
     pub(crate) async fn uploads(&self, id: RequestId) -> Result<Vec<Upload>, StoreError> {

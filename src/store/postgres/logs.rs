@@ -61,7 +61,8 @@ impl Pg {
                     .and_then(|r| r.get::<_, Option<bool>>(0))
                     .unwrap_or(false)
                     .then_some(()))
-            }
+            },
+            payload "log"
         )
     }
 

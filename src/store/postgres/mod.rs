@@ -43,41 +43,70 @@ macro_rules! retry {
 /// loss. A failure before `COMMIT` was sent rolled everything back, so the body runs again; a
 /// lost `COMMIT` may or may not have committed, so `$recheck` (an expression of type
 /// `Result<Option<R>, StoreError>` using the client `$c2`) is asked first: `Some` is the
-/// committed outcome, `None` runs the body again.
+/// committed outcome, `None` runs the body again. `quiet_if |v| …` skips the `NOTIFY` when the
+/// body changed nothing (a claim that found no work must not wake every other agent, whose
+/// claims would wake it again); `payload "log"` marks a log append, which wakes log followers
+/// but gives agents nothing to claim.
 macro_rules! write_tx {
     ($pg:expr, $what:literal, |$tx:ident| $body:expr) => {
-        $crate::store::postgres::write_tx!($pg, $what, |$tx| $body, recheck | _c | Ok(None))
+        $crate::store::postgres::write_tx!(@full $pg, $what, $tx, $body, _c, Ok(None), _v, false, "work")
     };
-    ($pg:expr, $what:literal, |$tx:ident| $body:expr, recheck |$c2:ident| $recheck:expr) => {{
+    ($pg:expr, $what:literal, |$tx:ident| $body:expr, recheck |$c2:ident| $recheck:expr) => {
+        $crate::store::postgres::write_tx!(@full $pg, $what, $tx, $body, $c2, $recheck, _v, false, "work")
+    };
+    ($pg:expr, $what:literal, |$tx:ident| $body:expr, quiet_if |$qv:ident| $quiet:expr) => {
+        $crate::store::postgres::write_tx!(@full $pg, $what, $tx, $body, _c, Ok(None), $qv, $quiet, "work")
+    };
+    ($pg:expr, $what:literal, |$tx:ident| $body:expr, recheck |$c2:ident| $recheck:expr,
+     quiet_if |$qv:ident| $quiet:expr) => {
+        $crate::store::postgres::write_tx!(@full $pg, $what, $tx, $body, $c2, $recheck, $qv, $quiet, "work")
+    };
+    ($pg:expr, $what:literal, |$tx:ident| $body:expr, recheck |$c2:ident| $recheck:expr,
+     payload $payload:literal) => {
+        $crate::store::postgres::write_tx!(@full $pg, $what, $tx, $body, $c2, $recheck, _v, false, $payload)
+    };
+    (@full $pg:expr, $what:literal, $tx:ident, $body:expr, $c2:ident, $recheck:expr, $qv:ident,
+     $quiet:expr, $payload:literal) => {{
         let mut attempt = $crate::store::postgres::Attempt::new($what);
         let mut ambiguous = false;
         loop {
             let r: Result<_, $crate::store::StoreError> = async {
                 let mut client = $pg.client().await?;
+                #[allow(unused_variables)]
                 let c: &mut tokio_postgres::Client = &mut client;
                 if ambiguous {
+                    #[allow(unused_variables)]
                     let $c2: &tokio_postgres::Client = &*c;
                     let found: Result<Option<_>, $crate::store::StoreError> = $recheck;
                     let found = found?;
                     if let Some(v) = found {
-                        return Ok(v);
+                        return Ok((v, true));
                     }
                     ambiguous = false;
                 }
                 let $tx = c.transaction().await?;
                 let v: Result<_, $crate::store::StoreError> = $body;
                 let v = v?;
-                $tx.batch_execute(concat!("NOTIFY ", "sqlite_sim_changes"))
-                    .await?;
+                #[allow(unused_variables)]
+                let changed = {
+                    let $qv = &v;
+                    !$quiet
+                };
+                if changed {
+                    $tx.batch_execute(concat!("NOTIFY sqlite_sim_changes, '", $payload, "'"))
+                        .await?;
+                }
                 ambiguous = true;
                 $tx.commit().await?;
                 ambiguous = false;
-                Ok(v)
+                Ok((v, changed))
             }
             .await;
             match r {
-                Ok(v) => {
-                    $pg.bump();
+                Ok((v, changed)) => {
+                    if changed {
+                        $pg.bump();
+                    }
                     break Ok(v);
                 }
                 Err(e) => {
@@ -93,6 +122,7 @@ pub(super) use write_tx;
 
 mod control;
 mod files;
+mod hosts;
 mod logs;
 mod metrics;
 mod requests;
@@ -180,6 +210,7 @@ impl PgError {
 /// The engine: a pool and the change counter it shares with its `Store`.
 pub(super) struct Pg {
     pool: Pool,
+    checker: hosts::Checker,
     changes: watch::Sender<u64>,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -227,9 +258,11 @@ impl Pg {
             let mut c = pool.get().await?;
             schema::migrate(&mut c).await?;
         }
+        let checker = hosts::Checker::start(cfg.clone());
         let listener = tokio::spawn(listen(cfg, changes.clone()));
         Ok(Pg {
             pool,
+            checker,
             changes,
             listener,
         })

@@ -1,9 +1,10 @@
 //! Request rows on PostgreSQL: create, read, claim (`FOR UPDATE SKIP LOCKED`, one round trip)
 //! and the agent's state changes, each guarded by ownership as in `store/requests.rs`.
 
+use super::hosts::{fill_waiting, ELIGIBLE};
 use super::Pg;
 use crate::model::{AgentId, NewRequest, Request, RequestId};
-use crate::store::{Finish, RequestQuery, StoreError};
+use crate::store::{Capabilities, Finish, RequestQuery, StoreError};
 use crate::timefmt;
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
@@ -12,7 +13,8 @@ use tokio_postgres::{GenericClient, Row};
 pub(super) const COLUMNS: &str =
     "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
-     boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel";
+     boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
+     requires, host_id";
 
 pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
     let uuid: String = r.try_get(0)?;
@@ -61,6 +63,12 @@ pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
             .map(|s| s.parse())
             .transpose()
             .map_err(|e| bad(&e))?,
+        requires: match parse_opt(22)? {
+            Some(j) => serde_json::from_str(&j).map_err(|e| bad(&e))?,
+            None => Vec::new(),
+        },
+        host: r.try_get(23)?,
+        waiting_for: None,
     })
 }
 
@@ -88,15 +96,21 @@ impl Pg {
         let globs = (!new.artifacts.is_empty())
             .then(|| serde_json::to_string(&new.artifacts).expect("json"));
         let boot = new.boot.map(|b| b.as_str());
-        write_tx!(
+        let requires = {
+            let mut need = new.requires.clone();
+            need.sort();
+            need.dedup();
+            (!need.is_empty()).then(|| serde_json::to_string(&need).expect("json"))
+        };
+        let req = write_tx!(
             self,
             "create",
             |tx| async {
                 let now = timefmt::now();
                 tx.execute(
                     "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
-                                       updated_at, boot, artifact_globs)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7)",
+                                       updated_at, boot, artifact_globs, requires)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8)",
                     &[
                         &uuid,
                         &new.vm_name,
@@ -105,6 +119,7 @@ impl Pg {
                         &now,
                         &boot,
                         &globs,
+                        &requires,
                     ],
                 )
                 .await?;
@@ -128,17 +143,31 @@ impl Pg {
             }
             .await,
             recheck | c | get_in(c, id).await
-        )
+        )?;
+        self.with_waiting(vec![req]).await.map(|mut v| v.remove(0))
+    }
+
+    /// `waiting_for` filled in, as every read shows it.
+    async fn with_waiting(&self, mut reqs: Vec<Request>) -> Result<Vec<Request>, StoreError> {
+        retry!(self, "waiting_for", |c| {
+            fill_waiting(c, &mut reqs).await?;
+            Ok(())
+        })?;
+        Ok(reqs)
     }
 
     pub(crate) async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM requests WHERE uuid = $1 AND NOT deleting");
-        retry!(self, "get", |c| {
+        let got = retry!(self, "get", |c| {
             c.query_opt(&sql, &[&id.to_string()])
                 .await?
                 .map(|r| from_row(&r))
                 .transpose()
-        })
+        })?;
+        match got {
+            Some(r) => Ok(self.with_waiting(vec![r]).await?.pop()),
+            None => Ok(None),
+        }
     }
 
     pub(crate) async fn list(&self, q: RequestQuery) -> Result<(Vec<Request>, u64), StoreError> {
@@ -171,26 +200,34 @@ impl Pg {
         retry!(self, "list", |c| {
             let total: i64 = c.query_one(&count_sql, &params).await?.get(0);
             let rows = c.query(&sql, &params).await?;
-            let rows = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+            let mut rows = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
+            fill_waiting(c, &mut rows).await?;
             Ok((rows, total as u64))
         })
     }
 
     /// One statement: the subquery locks the oldest pending row, skipping rows other claimers
     /// hold, so concurrent claimers never wait on each other nor take the same row.
-    pub(crate) async fn claim(
+    /// One statement: the subquery locks the oldest pending row this host can run, skipping
+    /// rows other claimers hold, so concurrent claimers never wait on each other nor take the
+    /// same row. A claim that finds nothing sends no `NOTIFY`.
+    pub(crate) async fn claim_as(
         &self,
         agent: &AgentId,
+        caps: &Capabilities,
         lease: Duration,
     ) -> Result<Option<Request>, StoreError> {
         let agent = agent.0.clone();
+        let labels = serde_json::to_string(&caps.labels).expect("labels serialise");
+        let host = caps.host_id.clone();
         // One `now` across retries: a claim whose COMMIT was lost is found by it (an agent id
         // claims one request at a time).
         let now = timefmt::now();
         let sql = format!(
             "UPDATE requests
-             SET status = 'acknowledged', agent_id = $1, lease_expires_at = $2, updated_at = $3
-             WHERE uuid = (SELECT uuid FROM requests WHERE status = 'pending'
+             SET status = 'acknowledged', agent_id = $2, lease_expires_at = $3, updated_at = $4,
+                 host_id = $5
+             WHERE uuid = (SELECT uuid FROM requests WHERE status = 'pending' AND {ELIGIBLE}
                            ORDER BY created_at, row_id LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING {COLUMNS}"
         );
@@ -202,7 +239,7 @@ impl Pg {
             self,
             "claim",
             |tx| async {
-                tx.query_opt(&sql, &[&agent, &lease_until(lease), &now])
+                tx.query_opt(&sql, &[&labels, &agent, &lease_until(lease), &now, &host])
                     .await?
                     .map(|r| from_row(&r))
                     .transpose()
@@ -213,7 +250,8 @@ impl Pg {
                     Some(r) => Ok(Some(Some(from_row(&r)?))),
                     None => Ok(None),
                 }
-            }
+            },
+            quiet_if | v | v.is_none()
         )
     }
 

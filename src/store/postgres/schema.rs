@@ -11,7 +11,7 @@ use crate::store::StoreError;
 
 /// Ordered migrations; index + 1 is the schema version they produce.
 const MIGRATIONS: &[&str] = &[
-    // v1: everything the SQLite schema has at its v5.
+    // v1: everything the SQLite schema had at its v5.
     r#"
     CREATE TABLE requests (
         uuid              TEXT PRIMARY KEY,
@@ -110,6 +110,26 @@ const MIGRATIONS: &[&str] = &[
         data         BYTEA NOT NULL,
         PRIMARY KEY (artifact_id, seq)
     );
+    "#,
+    // v2: the host registry (`store/hosts.rs`): what each agents process reports; the labels
+    // a request requires (a JSON array, compared as jsonb) and the host that claimed it.
+    r#"
+    ALTER TABLE requests ADD COLUMN requires TEXT;
+    ALTER TABLE requests ADD COLUMN host_id TEXT;
+    CREATE TABLE agent_processes (
+        process       TEXT PRIMARY KEY,
+        host_id       TEXT NOT NULL,
+        labels        TEXT NOT NULL,
+        vms           TEXT NOT NULL,
+        agents        TEXT NOT NULL,
+        slots_in_use  BIGINT NOT NULL DEFAULT 0,
+        max_vms       BIGINT NOT NULL,
+        live_until    TEXT NOT NULL,
+        started_at    TEXT NOT NULL,
+        last_seen     TEXT NOT NULL,
+        stopped       BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE INDEX agent_processes_by_host ON agent_processes (host_id);
     "#,
 ];
 

@@ -21,6 +21,7 @@ fn new() -> NewRequest {
         boot: None,
         uploads: Vec::new(),
         artifacts: Vec::new(),
+        requires: Vec::new(),
     }
 }
 
