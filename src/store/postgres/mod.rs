@@ -159,7 +159,12 @@ pub enum PgError {
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        StoreError::Postgres(PgError::Pool(e.to_string()))
+        match e {
+            // Connecting failed: classified like any server error (refused: retry; a wrong
+            // password: no).
+            deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(PgError::Db(e)),
+            other => StoreError::Postgres(PgError::Pool(other.to_string())),
+        }
     }
 }
 
@@ -199,8 +204,14 @@ impl PgError {
                             ]
                             .contains(c)
                     }
-                    // No SQLSTATE: an I/O error on the socket.
-                    None => true,
+                    // No SQLSTATE: an I/O error on the socket is the connection; anything else
+                    // (a value that does not convert) is a bug that retrying cannot cure.
+                    None => {
+                        std::error::Error::source(e)
+                            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some())
+                            // A connect timeout has no source; only its words say so.
+                            || e.to_string().starts_with("timeout")
+                    }
                 }
             }
         }
