@@ -7,6 +7,7 @@
 mod boot;
 mod error;
 mod guest;
+mod keep;
 mod pool;
 mod recovery;
 mod run;

@@ -133,6 +133,7 @@ fn validate(
             boot: body.boot,
             uploads: Vec::new(),
             artifacts,
+        keep_on_failure: None,
         },
         pending,
     ))

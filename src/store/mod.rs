@@ -5,6 +5,7 @@
 //! timeout, so the API and any number of agent processes can share one file. Every write
 //! starts with `BEGIN IMMEDIATE`, which makes claims atomic across processes.
 
+mod console;
 mod control;
 mod files;
 mod logs;
@@ -14,6 +15,7 @@ mod schema;
 pub mod sink;
 mod templates;
 
+pub use console::{ConsoleSlice, Kept, Keystrokes, ReleaseOutcome};
 pub use control::{ControlOutcome, DeleteOutcome};
 pub use files::CHUNK;
 pub use logs::LogQuery;
@@ -272,6 +274,7 @@ pub(crate) mod test_support {
                 boot: None,
                 uploads: Vec::new(),
                 artifacts: Vec::new(),
+            keep_on_failure: None,
             })
             .await
             .unwrap()

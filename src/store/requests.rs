@@ -10,7 +10,8 @@ use std::time::Duration;
 
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
-     boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel";
+     boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
+     keep_on_failure, kept_until, kept_ms";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -58,6 +59,9 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
                 .map(|s| s.parse())
                 .transpose()
                 .map_err(|e| bad(&e))?,
+            keep_on_failure: r.get(22)?,
+            kept_until: r.get(23)?,
+            kept_ms: r.get(24)?,
         })
     };
     Ok(build())
@@ -93,6 +97,8 @@ pub struct Finish {
     pub restore_ms: Option<i64>,
     /// How the commands' output travelled, once they ran.
     pub channel: Option<Channel>,
+    /// How long a failed run's VM was kept, if it was.
+    pub kept_ms: Option<i64>,
 }
 
 fn lease_until(lease: Duration) -> String {
@@ -108,8 +114,8 @@ impl Store {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
-                                       boot, artifact_globs)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7)",
+                                       boot, artifact_globs, keep_on_failure)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8)",
                 params![
                     id.to_string(),
                     new.vm_name,
@@ -119,6 +125,7 @@ impl Store {
                     new.boot.map(|b| b.as_str()),
                     (!new.artifacts.is_empty())
                         .then(|| serde_json::to_string(&new.artifacts).expect("json")),
+                    new.keep_on_failure,
                 ],
             )?;
             for (seq, upload) in new.uploads.iter().enumerate() {
@@ -295,7 +302,7 @@ impl Store {
                 "UPDATE requests SET status = ?1, exit_code = ?2, error = ?3, shutdown_step = ?4,
                         finished_at = ?5, updated_at = ?5, lease_expires_at = NULL, desired_status = NULL,
                         boot_ms = ?8, run_ms = ?9, shutdown_ms = ?10, boot_mode = ?11, restore_ms = ?12,
-                        channel = ?13
+                        channel = ?13, kept_ms = ?14
                  WHERE uuid = ?6 AND agent_id = ?7
                    AND status NOT IN ('done','failed','cancelled')",
                 params![
@@ -312,6 +319,7 @@ impl Store {
                     fin.boot_mode.map(|m| m.as_str()),
                     fin.restore_ms,
                     fin.channel.map(|c| c.as_str()),
+                    fin.kept_ms,
                 ],
             )?;
             Ok(n == 1)
@@ -360,6 +368,7 @@ mod tests {
             boot: None,
             uploads: Vec::new(),
             artifacts: Vec::new(),
+        keep_on_failure: None,
         }
     }
 
