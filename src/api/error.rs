@@ -57,6 +57,10 @@ pub enum ApiError {
         target: Status,
         allowed: Vec<Status>,
     },
+    #[error("cannot release a {0} request: only a run kept after a failure (running with kept_until set) can be released")]
+    NotKept(Status),
+    #[error("this is a WebSocket endpoint: connect with Upgrade: websocket")]
+    UpgradeRequired,
     #[error("missing or wrong bearer token (Authorization: Bearer <SQLITE_SIM_API_TOKEN>)")]
     Unauthorized,
     #[error("database busy, retry shortly: {0}")]
@@ -77,6 +81,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     InvalidTransition,
     NotWarm,
+    UpgradeRequired,
     PayloadTooLarge,
     UnsupportedMediaType,
     Validation,
@@ -85,7 +90,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::MalformedJson,
         ErrorCode::InvalidUuid,
         ErrorCode::InvalidName,
@@ -95,6 +100,7 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::InvalidTransition,
         ErrorCode::NotWarm,
+        ErrorCode::UpgradeRequired,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::Validation,
@@ -112,6 +118,7 @@ impl ErrorCode {
             ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::InvalidTransition | ErrorCode::NotWarm => StatusCode::CONFLICT,
+            ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Validation => StatusCode::UNPROCESSABLE_ENTITY,
@@ -131,6 +138,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::InvalidTransition => "invalid_transition",
             ErrorCode::NotWarm => "not_warm",
+            ErrorCode::UpgradeRequired => "upgrade_required",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Validation => "validation_error",
@@ -154,6 +162,9 @@ impl ErrorCode {
             }
             ErrorCode::NotWarm => {
                 "the VM's config does not set `WARM=\"on\"`, so no request would use a template"
+            }
+            ErrorCode::UpgradeRequired => {
+                "a WebSocket endpoint was called without `Upgrade: websocket`"
             }
             ErrorCode::PayloadTooLarge => "the body is larger than 128 KiB",
             ErrorCode::UnsupportedMediaType => "the body is not sent as `application/json`",
@@ -225,6 +236,14 @@ impl utoipa::IntoResponses for InvalidTransitionResponse {
 }
 
 /// `not_warm`: for operations that only make sense for a VM with `WARM="on"`.
+pub struct UpgradeRequiredResponse;
+
+impl utoipa::IntoResponses for UpgradeRequiredResponse {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        declared(&[ErrorCode::UpgradeRequired])
+    }
+}
+
 pub struct NotWarmResponse;
 
 impl utoipa::IntoResponses for NotWarmResponse {
@@ -280,7 +299,8 @@ impl ApiError {
             ApiError::NotWarm(_) => ErrorCode::NotWarm,
             ApiError::NoRoute => ErrorCode::NoRoute,
             ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
-            ApiError::Conflict { .. } => ErrorCode::InvalidTransition,
+            ApiError::Conflict { .. } | ApiError::NotKept(_) => ErrorCode::InvalidTransition,
+            ApiError::UpgradeRequired => ErrorCode::UpgradeRequired,
             ApiError::Unauthorized => ErrorCode::Unauthorized,
             ApiError::Busy(_) => ErrorCode::DatabaseBusy,
             ApiError::Internal(_) => ErrorCode::Internal,
@@ -307,6 +327,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::UPGRADE_REQUIRED {
+            resp.headers_mut().insert(
+                axum::http::header::UPGRADE,
+                axum::http::HeaderValue::from_static("websocket"),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

@@ -33,6 +33,7 @@ use utoipa::OpenApi;
         logs::logs,
         logs::raw,
         logs::stream_logs,
+        super::console::console,
         metrics::metrics,
         metrics::stats,
         vms::list_vms,
@@ -59,6 +60,8 @@ pub struct Facts {
     /// Those of them whose config sets `WARM="on"`: only they may be asked to boot warm.
     pub warm_vm_names: Vec<String>,
     pub max_timeout: u32,
+    /// `SQLITE_SIM_MAX_KEEP`: the `keep_on_failure` maximum.
+    pub max_keep: u32,
     /// `SQLITE_SIM_API_TOKEN` is set.
     pub token: bool,
 }
@@ -80,6 +83,7 @@ impl Facts {
             vm_names,
             warm_vm_names,
             max_timeout: state.settings.max_timeout,
+            max_keep: state.settings.max_keep,
             token: state.settings.api_token.is_some(),
         }
     }
@@ -106,6 +110,7 @@ pub fn document(facts: &Facts) -> Value {
     }
     let body = at(&mut doc, "/components/schemas/CreateBody");
     at(body, "/properties/timeout")["maximum"] = json!(facts.max_timeout);
+    at(body, "/properties/keep_on_failure")["maximum"] = json!(facts.max_keep);
     // An empty list is the truth when there is no VM: no submission can succeed.
     at(body, "/properties/vm_name")["enum"] = json!(facts.vm_names);
     // `boot: "warm"` only for a warm VM, which JSON Schema can say without `not`: either the
@@ -269,6 +274,7 @@ mod tests {
             vm_names: vec!["alpha".into(), "tiny".into()],
             warm_vm_names: vec!["alpha".into()],
             max_timeout: 1234,
+            max_keep: 600,
             token,
         }
     }

@@ -269,7 +269,10 @@ mod tests {
             .unwrap();
         }
         let all = s.console_since(r.uuid, 0, 1 << 20).await.unwrap();
-        assert_eq!((all.start, &all.bytes[..], all.end), (0, &b"hello console world"[..], 19));
+        assert_eq!(
+            (all.start, &all.bytes[..], all.end),
+            (0, &b"hello console world"[..], 19)
+        );
         let mid = s.console_since(r.uuid, 8, 1 << 20).await.unwrap();
         assert_eq!((mid.start, &mid.bytes[..]), (8, &b"nsole world"[..]));
         let past = s.console_since(r.uuid, 99, 1 << 20).await.unwrap();
@@ -283,24 +286,44 @@ mod tests {
     async fn input_is_queued_only_while_running_and_taken_once_in_order() {
         let (s, _d) = temp_store().await;
         let r = pending_request(&s).await;
-        assert!(!s.push_input(r.uuid, "a".into(), b"x".to_vec()).await.unwrap());
+        assert!(!s
+            .push_input(r.uuid, "a".into(), b"x".to_vec())
+            .await
+            .unwrap());
         let agent = AgentId("a".into());
         s.claim(&agent, Duration::from_secs(30)).await.unwrap();
         s.mark_running(r.uuid, &agent).await.unwrap();
-        assert!(s.push_input(r.uuid, "a".into(), b"ls".to_vec()).await.unwrap());
-        assert!(s.push_input(r.uuid, "b".into(), b"\r".to_vec()).await.unwrap());
+        assert!(s
+            .push_input(r.uuid, "a".into(), b"ls".to_vec())
+            .await
+            .unwrap());
+        assert!(s
+            .push_input(r.uuid, "b".into(), b"\r".to_vec())
+            .await
+            .unwrap());
         let got = s.take_input(r.uuid).await.unwrap();
         assert_eq!(
             got,
             vec![
-                Keystrokes { who: "a".into(), bytes: b"ls".to_vec() },
-                Keystrokes { who: "b".into(), bytes: b"\r".to_vec() },
+                Keystrokes {
+                    who: "a".into(),
+                    bytes: b"ls".to_vec()
+                },
+                Keystrokes {
+                    who: "b".into(),
+                    bytes: b"\r".to_vec()
+                },
             ]
         );
         assert!(s.take_input(r.uuid).await.unwrap().is_empty());
         s.control(r.uuid, Status::Hold).await.unwrap();
         s.apply_desired(r.uuid, &agent, Status::Hold).await.unwrap();
-        assert!(!s.push_input(r.uuid, "a".into(), b"x".to_vec()).await.unwrap(), "held");
+        assert!(
+            !s.push_input(r.uuid, "a".into(), b"x".to_vec())
+                .await
+                .unwrap(),
+            "held"
+        );
     }
 
     #[tokio::test]
@@ -318,18 +341,30 @@ mod tests {
             s.release_kept(r.uuid).await.unwrap(),
             ReleaseOutcome::NotKept(Status::Running)
         ));
-        assert!(s.mark_kept(r.uuid, &agent, "2030-01-01T00:00:00.000000Z".into()).await.unwrap());
+        assert!(s
+            .mark_kept(r.uuid, &agent, "2030-01-01T00:00:00.000000Z".into())
+            .await
+            .unwrap());
         assert_eq!(
             s.kept(r.uuid).await.unwrap(),
-            Some(Kept { until: Some("2030-01-01T00:00:00.000000Z".into()), released: false })
+            Some(Kept {
+                until: Some("2030-01-01T00:00:00.000000Z".into()),
+                released: false
+            })
         );
         match s.release_kept(r.uuid).await.unwrap() {
             ReleaseOutcome::Released(req) => {
-                assert_eq!(req.kept_until.as_deref(), Some("2030-01-01T00:00:00.000000Z"))
+                assert_eq!(
+                    req.kept_until.as_deref(),
+                    Some("2030-01-01T00:00:00.000000Z")
+                )
             }
             other => panic!("{other:?}"),
         }
         assert!(s.kept(r.uuid).await.unwrap().unwrap().released);
-        assert!(matches!(s.release_kept(r.uuid).await.unwrap(), ReleaseOutcome::Released(_)));
+        assert!(matches!(
+            s.release_kept(r.uuid).await.unwrap(),
+            ReleaseOutcome::Released(_)
+        ));
     }
 }

@@ -311,7 +311,7 @@ mod tests {
                 boot: None,
                 uploads: vec![b, a],
                 artifacts: vec!["/root/out/*.xml".into()],
-            keep_on_failure: None,
+                keep_on_failure: None,
             })
             .await
             .unwrap();
@@ -334,7 +334,7 @@ mod tests {
                 boot: None,
                 uploads: vec![a],
                 artifacts: vec![],
-            keep_on_failure: None,
+                keep_on_failure: None,
             })
             .await;
         assert!(again.is_err(), "{again:?}");

@@ -200,7 +200,7 @@ mod tests {
                 boot: None,
                 uploads: Vec::new(),
                 artifacts: Vec::new(),
-            keep_on_failure: None,
+                keep_on_failure: None,
             })
             .await
             .unwrap();

@@ -274,7 +274,7 @@ pub(crate) mod test_support {
                 boot: None,
                 uploads: Vec::new(),
                 artifacts: Vec::new(),
-            keep_on_failure: None,
+                keep_on_failure: None,
             })
             .await
             .unwrap()

@@ -194,13 +194,7 @@ async fn writer(store: Store, id: RequestId, mut rx: mpsc::Receiver<Chunk>) -> S
 
 /// Commits the batch, retrying with back-off. Unless `last`, an incomplete UTF-8 sequence at the
 /// very end stays for the next flush, so no row splits a character.
-async fn flush(
-    store: &Store,
-    id: RequestId,
-    batch: &mut Batch,
-    last: bool,
-    stats: &mut SinkStats,
-) {
+async fn flush(store: &Store, id: RequestId, batch: &mut Batch, last: bool, stats: &mut SinkStats) {
     if batch.is_empty() {
         return;
     }
