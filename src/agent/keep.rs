@@ -102,7 +102,7 @@ pub(super) async fn keep_if_asked(
     let secs = req.keep_on_failure?;
     let why = reason(result, booted)?;
     let since = Instant::now();
-    match begin(ctx, req, vm, secs, &why).await {
+    match begin(ctx, req, vm, secs, &why, result.is_err()).await {
         Ok(()) => {}
         Err(e) => {
             vm.sink
@@ -129,6 +129,7 @@ async fn begin(
     vm: &mut Vm,
     secs: u32,
     why: &str,
+    interrupt: bool,
 ) -> Result<(), KeepError> {
     let until =
         crate::timefmt::format(time::OffsetDateTime::now_utc() + Duration::from_secs(secs.into()));
@@ -140,10 +141,15 @@ async fn begin(
     if !ctx.store.mark_kept(req.uuid, &agent, until.clone()).await? {
         return Err(KeepError::NotOwned);
     }
-    // Whatever still runs gets a Ctrl-C, so the shell is back; then a terminal a person can use:
-    // echo and output processing on again (the session turned them off), and a visible prompt.
+    // Commands still running (a timeout, a fault) get a Ctrl-C, so the shell is back; the pause
+    // lets the shell handle it first (a Ctrl-C flushes what the tty holds). Then a terminal a
+    // person can use: echo and output processing on again (the session turned them off), and
+    // a visible prompt.
     vm.console.interrupt();
-    vm.console.send("\u{3}").await?;
+    if interrupt {
+        vm.console.send("\u{3}").await?;
+        tokio::time::sleep(INTERRUPT_SETTLE).await;
+    }
     vm.console.send(KEPT_SHELL_SETUP).await?;
     vm.sink
         .system(format!(
@@ -155,6 +161,9 @@ async fn begin(
         .await;
     Ok(())
 }
+
+/// How long a shell gets to handle a Ctrl-C before the kept shell's set-up is typed.
+const INTERRUPT_SETTLE: Duration = Duration::from_millis(500);
 
 /// Typed into a kept VM's shell: a usable terminal for a person (the session set-up turned
 /// echo and output processing off and emptied the prompt).

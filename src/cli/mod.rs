@@ -2,6 +2,7 @@
 //! (`cli …`, `submit`) talk to the REST API through [`client`], so they work against a remote
 //! server exactly as against a local one.
 
+mod attach;
 mod client;
 mod follow;
 mod ops;
@@ -158,6 +159,19 @@ pub enum CliCommand {
         id: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Shut down a VM kept after a failure (keep_on_failure); the request keeps its outcome.
+    Release {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The request's serial console in this terminal (raw mode); Ctrl-] detaches.
+    Attach {
+        id: String,
+        /// Watch only; never type.
+        #[arg(long)]
+        read_only: bool,
     },
     /// Every VM: valid or not, warm start, accelerator, template state and restore time.
     Vms {
