@@ -113,6 +113,7 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             boot: None,
             uploads: Vec::new(),
             artifacts: Vec::new(),
+            keep_on_failure: None,
         })
         .await
         .unwrap();

@@ -100,10 +100,10 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::InvalidTransition,
         ErrorCode::NotWarm,
-        ErrorCode::UpgradeRequired,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::Validation,
+        ErrorCode::UpgradeRequired,
         ErrorCode::Internal,
         ErrorCode::DatabaseBusy,
     ];
@@ -450,6 +450,7 @@ mod tests {
                 (413, "payload_too_large"),
                 (415, "unsupported_media_type"),
                 (422, "validation_error"),
+                (426, "upgrade_required"),
                 (500, "internal"),
                 (503, "database_busy"),
             ]

@@ -313,6 +313,7 @@ mod tests {
                 }
                 ("post", "/vms/{name}/template") => vec![400, 404, 409, 422, 500, 503],
                 ("put", "/requests/{uuid}/status") => vec![400, 404, 409, 413, 415, 422, 500, 503],
+                ("get", "/requests/{uuid}/console") => vec![400, 404, 422, 426, 500, 503],
                 ("get", p) if p.starts_with("/requests/{uuid}/logs") => {
                     vec![400, 404, 422, 500, 503]
                 }
@@ -321,7 +322,7 @@ mod tests {
             }
         };
         let ops = operations(&doc);
-        assert_eq!(ops.len(), 16);
+        assert_eq!(ops.len(), 17);
         for (method, path, op) in &ops {
             assert_eq!(error_statuses(op), want(method, path), "{method} {path}");
             assert!(op.get("security").is_none(), "{method} {path}");
