@@ -23,7 +23,7 @@
 # to QEMU (QMP GUEST_PANICKED) when the VM has -device pvpanic; and
 # virtio_console (with virtio-pci), with /dev/virtio-ports/NAME links made
 # for every named virtserialport before the prompt appears.
-# /sbin/sqsim-reseed (scripts/guest/sqsim-reseed.c): `sqsim-reseed < SEED`
+# /sbin/sqsim-reseed (scripts/guest/sqsim-reseed.c): `sqsim-reseed [@SECS] < SEED`
 # adds the host's seed to the kernel's entropy and reseeds its CRNG at once,
 # for VMs restored from one snapshot (warm start), which would otherwise
 # share their CRNG state.

@@ -4,8 +4,10 @@
 //! Only what the supervisor needs: regular files, directories, symbolic and hard links (so they
 //! can be refused or left out), GNU long names (`L`) as busybox writes them, and pax headers
 //! (`x`, `g`), whose `path` is honoured and the rest skipped. Names are checked with
-//! [`safe_relative`] by callers that put entries anywhere.
+//! [`safe_relative`] by callers that put entries anywhere; [`Extraction`] checks a whole archive
+//! that is to be extracted into a directory, as it streams.
 
+use std::collections::HashSet;
 use thiserror::Error;
 
 const BLOCK: usize = 512;
@@ -20,6 +22,12 @@ pub enum TarError {
     Header { offset: u64, message: String },
     #[error("the tar archive ends in the middle of an entry")]
     Truncated,
+    #[error("the tar archive is empty")]
+    Empty,
+    /// A member that extracting would put (or point) outside its directory, or that is not a
+    /// file, directory or link.
+    #[error("tar member {path:?} {why}")]
+    Unsafe { path: String, why: String },
 }
 
 /// What an entry is.
@@ -381,29 +389,171 @@ pub fn link_stays_inside(at: &str, target: &str) -> bool {
     true
 }
 
+/// Checks an archive that is to be extracted into a directory, member by member as its bytes
+/// arrive, so that nothing it holds lands or points outside that directory: no absolute names,
+/// no `..`, no member under a symbolic link of the archive, symbolic links whose targets stay
+/// inside (leading `..` only, never deeper than the link), hard links only to regular files met
+/// earlier, and no devices, FIFOs or other special files.
+#[derive(Debug, Default)]
+pub struct Extraction {
+    reader: Reader,
+    /// Regular files and symbolic links so far, by normalised name.
+    files: HashSet<String>,
+    symlinks: HashSet<String>,
+    fed: u64,
+}
+
+impl Extraction {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds the archive's next bytes; the first refused member (or format error) ends it.
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), TarError> {
+        self.fed += data.len() as u64;
+        for ev in self.reader.feed(data)? {
+            if let Event::Entry(e) = ev {
+                self.check(&e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The archive ended: an error if it was empty or stopped inside an entry.
+    pub fn finish(&self) -> Result<(), TarError> {
+        if self.fed == 0 {
+            return Err(TarError::Empty);
+        }
+        self.reader.finish()
+    }
+
+    /// Checks one member, in archive order.
+    pub fn check(&mut self, e: &Entry) -> Result<(), TarError> {
+        let refuse = |why: String| TarError::Unsafe {
+            path: e.path.clone(),
+            why,
+        };
+        if e.path.starts_with('/') {
+            return Err(refuse("has an absolute name".into()));
+        }
+        let Some(rel) = safe_relative(&e.path) else {
+            // `.` or `./` is the directory itself, which GNU tar puts first.
+            if e.kind == EntryKind::Directory && e.path.split('/').all(|c| c.is_empty() || c == ".")
+            {
+                return Ok(());
+            }
+            let why = if e.path.split('/').any(|c| c == "..") {
+                "has a .. component"
+            } else if e.path.contains('\0') {
+                "holds a NUL byte"
+            } else {
+                "has an empty name"
+            };
+            return Err(refuse(why.into()));
+        };
+        // A member under a link the archive made could be written anywhere the link points.
+        let mut prefix = String::new();
+        for c in rel.split('/') {
+            if !prefix.is_empty() && self.symlinks.contains(&prefix) {
+                return Err(refuse(format!("lies under the symbolic link {prefix:?}")));
+            }
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(c);
+        }
+        match e.kind {
+            EntryKind::File => {
+                self.files.insert(rel);
+            }
+            EntryKind::Directory => {}
+            EntryKind::Symlink => {
+                if !symlink_stays_inside(&rel, &e.link) {
+                    return Err(refuse(format!(
+                        "is a symbolic link to {:?}, which leaves its directory",
+                        e.link
+                    )));
+                }
+                self.symlinks.insert(rel);
+            }
+            EntryKind::HardLink => {
+                let target = (!e.link.starts_with('/'))
+                    .then(|| safe_relative(&e.link))
+                    .flatten();
+                if !target.is_some_and(|t| self.files.contains(&t)) {
+                    return Err(refuse(format!(
+                        "is a hard link to {:?}, which is not a regular file earlier in the archive",
+                        e.link
+                    )));
+                }
+                self.files.insert(rel);
+            }
+            EntryKind::Other(t) => {
+                return Err(refuse(format!(
+                    "is a device, FIFO or other special file (tar type {:?})",
+                    t as char
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`link_stays_inside`], and no `..` after a named component: `a/..` would be resolved through
+/// `a`, which may itself be a link.
+fn symlink_stays_inside(at: &str, target: &str) -> bool {
+    let mut named = false;
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." if named => return false,
+            ".." => {}
+            c if c.contains('\0') => return false,
+            _ => named = true,
+        }
+    }
+    link_stays_inside(at, target)
+}
+
+/// Header of a symbolic link at `path` to `target` (a GNU `K` entry carries a long target, an
+/// `L` entry a long name).
+pub fn symlink_header(path: &str, target: &str, mtime: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    if target.len() > 99 {
+        out.extend(long_entry(b'K', target));
+    }
+    out.extend(named(path, b'2', 0o777, 0, mtime, target));
+    out
+}
+
 /// Header (and for long names a GNU `L` entry before it) of a regular file or directory.
 pub fn header(path: &str, kind: EntryKind, mode: u32, size: u64, mtime: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    let name = path.as_bytes();
-    if name.len() > 99 {
-        let mut long = name.to_vec();
-        long.push(0);
-        out.extend(raw_header(
-            "././@LongLink",
-            b'L',
-            0o644,
-            long.len() as u64,
-            0,
-        ));
-        out.extend_from_slice(&long);
-        out.extend(std::iter::repeat_n(0u8, padding(long.len() as u64)));
-    }
     let typeflag = match kind {
         EntryKind::Directory => b'5',
         _ => b'0',
     };
+    named(path, typeflag, mode, size, mtime, "")
+}
+
+/// A header under `path`, preceded by a GNU `L` entry when the name is too long for it.
+fn named(path: &str, typeflag: u8, mode: u32, size: u64, mtime: u64, link: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let name = path.as_bytes();
+    if name.len() > 99 {
+        out.extend(long_entry(b'L', path));
+    }
     let short = String::from_utf8_lossy(&name[..name.len().min(99)]).into_owned();
-    out.extend(raw_header(&short, typeflag, mode, size, mtime));
+    out.extend(raw_header(&short, typeflag, mode, size, mtime, link));
+    out
+}
+
+/// A GNU long-name (`L`) or long-link (`K`) entry carrying `text`.
+fn long_entry(kind: u8, text: &str) -> Vec<u8> {
+    let mut long = text.as_bytes().to_vec();
+    long.push(0);
+    let mut out = raw_header("././@LongLink", kind, 0o644, long.len() as u64, 0, "");
+    out.extend_from_slice(&long);
+    out.extend(std::iter::repeat_n(0u8, padding(long.len() as u64)));
     out
 }
 
@@ -417,7 +567,7 @@ pub fn trailer() -> Vec<u8> {
     vec![0u8; 2 * BLOCK]
 }
 
-fn raw_header(name: &str, typeflag: u8, mode: u32, size: u64, mtime: u64) -> Vec<u8> {
+fn raw_header(name: &str, typeflag: u8, mode: u32, size: u64, mtime: u64, link: &str) -> Vec<u8> {
     let mut h = vec![0u8; BLOCK];
     let put = |h: &mut Vec<u8>, at: usize, s: &[u8]| h[at..at + s.len()].copy_from_slice(s);
     put(&mut h, 0, &name.as_bytes()[..name.len().min(100)]);
@@ -427,6 +577,7 @@ fn raw_header(name: &str, typeflag: u8, mode: u32, size: u64, mtime: u64) -> Vec
     put(&mut h, 124, format!("{size:011o}\0").as_bytes());
     put(&mut h, 136, format!("{:011o}\0", mtime).as_bytes());
     h[156] = typeflag;
+    put(&mut h, 157, &link.as_bytes()[..link.len().min(99)]);
     put(&mut h, 257, b"ustar\x0000");
     put(&mut h, 148, b"        ");
     let sum: u64 = h.iter().map(|&x| x as u64).sum();
@@ -538,5 +689,125 @@ mod tests {
         assert!(!link_stays_inside("a/b", "../../c"));
         assert!(!link_stays_inside("a", "/etc/passwd"));
         assert!(!link_stays_inside("a", "../x"));
+    }
+
+    fn member(path: &str, kind: EntryKind, link: &str) -> Entry {
+        Entry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            size: 0,
+            link: link.into(),
+        }
+    }
+
+    #[test]
+    fn extraction_refuses_what_would_leave_its_directory() {
+        let ok = |entries: &[Entry]| {
+            let mut x = Extraction::new();
+            entries.iter().try_for_each(|e| x.check(e))
+        };
+        use EntryKind::*;
+        assert!(ok(&[
+            member("./", Directory, ""),
+            member("a", Directory, ""),
+            member("a/f", File, ""),
+            member("a/l", Symlink, "f"),
+            member("a/up", Symlink, "../b"),
+            member("h", HardLink, "a/f"),
+            member("./b/", Directory, ""),
+        ])
+        .is_ok());
+        for (bad, why) in [
+            (vec![member("/etc/passwd", File, "")], "absolute"),
+            (vec![member("a/../../x", File, "")], ".."),
+            (vec![member("..", Directory, "")], ".."),
+            (vec![member("", File, "")], "empty"),
+            (vec![member("l", Symlink, "/etc")], "leaves"),
+            (vec![member("l", Symlink, "..")], "leaves"),
+            (vec![member("a/l", Symlink, "../..")], "leaves"),
+            (vec![member("l", Symlink, "x/..")], "leaves"),
+            (
+                vec![member("l", Symlink, "."), member("l/x", File, "")],
+                "under",
+            ),
+            (
+                vec![member("s", Symlink, "."), member("t", Symlink, "s/..")],
+                "leaves",
+            ),
+            (vec![member("h", HardLink, "/etc/shadow")], "hard link"),
+            (vec![member("h", HardLink, "missing")], "hard link"),
+            (
+                vec![member("s", Symlink, "x"), member("h", HardLink, "s")],
+                "hard link",
+            ),
+            (vec![member("dev", Other(b'3'), "")], "special"),
+            (vec![member("fifo", Other(b'6'), "")], "special"),
+        ] {
+            let e = ok(&bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn extraction_reads_the_stream_and_wants_a_whole_archive() {
+        let tar = archive(&[("a", EntryKind::File, b"12345")]);
+        let mut x = Extraction::new();
+        for piece in tar.chunks(100) {
+            x.feed(piece).unwrap();
+        }
+        x.finish().unwrap();
+        assert_eq!(Extraction::new().finish(), Err(TarError::Empty));
+        let mut x = Extraction::new();
+        x.feed(&tar[..600]).unwrap();
+        assert_eq!(x.finish(), Err(TarError::Truncated));
+        let mut evil = header("../x", EntryKind::File, 0o644, 0, 0);
+        evil.extend(trailer());
+        assert!(matches!(
+            Extraction::new().feed(&evil),
+            Err(TarError::Unsafe { .. })
+        ));
+    }
+
+    #[test]
+    fn symlink_headers_read_back_with_long_names_and_targets() {
+        let long = "t/".repeat(80);
+        for (path, target) in [("l", "a/b"), (&*"n".repeat(120), &*long)] {
+            let mut tar = symlink_header(path, target, 0);
+            tar.extend(trailer());
+            let got = read(&tar, 99).unwrap();
+            assert_eq!(got.len(), 1);
+            assert_eq!(
+                (
+                    got[0].0.path.as_str(),
+                    got[0].0.kind,
+                    got[0].0.link.as_str()
+                ),
+                (path, EntryKind::Symlink, target)
+            );
+        }
+    }
+
+    #[test]
+    fn system_tar_archives_of_a_directory_pass_and_escaping_links_do_not() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/f"), b"x").unwrap();
+        std::os::unix::fs::symlink("sub/f", d.path().join("inside")).unwrap();
+        let tar_of = |dir: &std::path::Path| {
+            let out = std::process::Command::new("tar")
+                .args(["-c", "-f", "-", "-C"])
+                .arg(dir)
+                .arg(".")
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let mut x = Extraction::new();
+            x.feed(&out.stdout).and_then(|()| x.finish())
+        };
+        tar_of(d.path()).unwrap();
+        std::os::unix::fs::symlink("../../etc", d.path().join("sub/out")).unwrap();
+        let e = tar_of(d.path()).unwrap_err().to_string();
+        assert!(e.contains("./sub/out") && e.contains("leaves"), "{e}");
     }
 }

@@ -1,7 +1,8 @@
 /*
  * sqsim-reseed: give the guest kernel's CRNG a host-provided seed, now.
  *
- * Usage (as root):  sqsim-reseed < SEED      (32 to 512 bytes, binary)
+ * Usage (as root):  sqsim-reseed [@SECONDS[.FRACTION]] < SEED
+ *                   (SEED: 32 to 512 bytes, binary)
  *
  * Why: warm-started VMs are clones of one saved snapshot, so they all resume
  * with the same kernel CRNG state and could hand out the same "random" bytes
@@ -25,6 +26,11 @@
  * Only the kernel is reseeded: a process that already drew randomness before
  * the snapshot (a userspace PRNG, a cached key) still holds it.
  *
+ * With @SECONDS[.FRACTION] (since the epoch, UTC) it also sets the wall clock
+ * (CLOCK_REALTIME), which a clone resumes stale by its template's age: one
+ * program for both, because under TCG every program a fresh clone starts
+ * costs a tenth of a second of translation.
+ *
  * Exit 0 and print nothing on success; otherwise exit 1 with one line on
  * stderr ("sqsim-reseed: WHAT: WHY").
  *
@@ -44,6 +50,7 @@
 #include <linux/errno.h>
 #include <linux/fcntl.h>
 #include <linux/random.h> /* RNDADDENTROPY, RNDRESEEDCRNG, rand_pool_info */
+#include <linux/time.h>   /* struct timespec, CLOCK_REALTIME */
 #include <stddef.h>       /* NULL (from the compiler, not a libc) */
 
 #define SEED_MIN 32  /* bytes: 256 bits, the kernel's POOL_READY_BITS */
@@ -57,13 +64,14 @@
 /*
  * Process entry: argc is at the stack pointer. Align the stack to 16 bytes
  * for the call to C (the kernel already does; this does not depend on it),
- * call sqsim_reseed(argc) and exit with what it returns.
+ * call sqsim_reseed(argc, argv) and exit with what it returns.
  */
 __asm__(".text\n"
         ".global _start\n"
         "_start:\n"
         "    xor %ebp, %ebp\n"
         "    mov (%rsp), %edi\n"
+        "    lea 8(%rsp), %rsi\n"
         "    and $-16, %rsp\n"
         "    call sqsim_reseed\n"
         "    mov %eax, %edi\n"
@@ -197,16 +205,51 @@ static int reseed(unsigned char *seed, long *len)
     return 0;
 }
 
-int sqsim_reseed(int argc)
+/* "@SECONDS[.FRACTION]" as a timespec; 0 if it is not one. */
+static int parse_time(const char *s, struct timespec *ts)
+{
+    long sec = 0, nsec = 0, scale = 100000000;
+    int digits = 0;
+
+    if (*s++ != '@')
+        return 0;
+    for (; *s >= '0' && *s <= '9'; s++, digits++) {
+        if (sec > (1L << 40))
+            return 0;
+        sec = sec * 10 + (*s - '0');
+    }
+    if (digits == 0)
+        return 0;
+    if (*s == '.') {
+        for (s++; *s >= '0' && *s <= '9'; s++) {
+            nsec += (*s - '0') * scale;
+            scale /= 10;
+        }
+    }
+    if (*s != '\0')
+        return 0;
+    ts->tv_sec = sec;
+    ts->tv_nsec = nsec;
+    return 1;
+}
+
+int sqsim_reseed(int argc, char **argv)
 {
     volatile unsigned char *v = req.raw;
-    long len = 0;
+    struct timespec ts;
+    long len = 0, r;
     int rc;
     unsigned i;
 
-    if (argc > 1)
-        return fail("usage: sqsim-reseed < SEED (32 to 512 bytes, binary)", NULL);
+    if (argc > 2 || (argc == 2 && !parse_time(argv[1], &ts)))
+        return fail("usage: sqsim-reseed [@SECONDS[.FRACTION]] < SEED (32 to 512 bytes, binary)",
+                    NULL);
     rc = reseed((unsigned char *)req.info.buf, &len);
+    if (rc == 0 && argc == 2) {
+        r = sys3(__NR_clock_settime, CLOCK_REALTIME, (long)&ts, 0);
+        if (r < 0)
+            rc = fail("setting the clock", why(-r));
+    }
     /* The seed is key material: do not leave it in this process's memory.
      * (volatile: the compiler may not drop stores it thinks are dead.) */
     for (i = 0; i < sizeof(req.raw); i++)

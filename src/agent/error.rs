@@ -39,8 +39,6 @@ pub enum RunError {
     Restore(String),
     #[error("guest asks for a login but the VM config has no LOGIN_USER")]
     NoLogin,
-    #[error("guest could not decode the script (is base64 installed in the guest?)")]
-    NoDecode,
     #[error("QEMU exited unexpectedly ({status}); stderr: {stderr}")]
     QemuExited { status: String, stderr: String },
     #[error("guest panicked: {0}")]

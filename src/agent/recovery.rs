@@ -20,7 +20,18 @@ pub async fn reap(ctx: &AgentContext) {
         }
         Err(e) => tracing::warn!(error = %e, "lease recovery failed"),
     }
+    // A submission whose API process died mid-upload leaves staged files no request owns.
+    let before = crate::timefmt::format(time::OffsetDateTime::now_utc() - STALE_UPLOAD);
+    match ctx.store.drop_stale_uploads(before).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(files = n, "dropped uploads no submission finished"),
+        Err(e) => tracing::warn!(error = %e, "dropping stale uploads failed"),
+    }
 }
+
+/// Age after which a staged upload no request took is abandoned (an upload in progress takes
+/// far less: even SQLITE_SIM_MAX_UPLOAD at a slow link's pace).
+const STALE_UPLOAD: Duration = Duration::from_secs(3600);
 
 /// Runs [`reap`] and [`clean_leftovers`] every half lease until the process stops (a lost
 /// agent's leftovers become removable only once its lease has expired).

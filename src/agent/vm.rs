@@ -4,7 +4,7 @@
 
 use super::error::RunError;
 use crate::model::{AgentId, LogType, RequestId, Status};
-use crate::qemu::console::protocol::{ConsoleEvent, ACK_NODECODE};
+use crate::qemu::console::protocol::ConsoleEvent;
 use crate::qemu::console::Console;
 use crate::qemu::launch::describe_status;
 use crate::qemu::machine::{Machine, ShutdownReport};
@@ -173,7 +173,6 @@ impl Vm {
             let m = &mut self.machine;
             tokio::select! {
                 ev = self.console.next_event() => match ev {
-                    Some(ConsoleEvent::Ack(w)) if w == ACK_NODECODE => return Err(RunError::NoDecode),
                     Some(ConsoleEvent::KernelPanic(line)) => return Err(RunError::GuestPanicked(line)),
                     Some(ConsoleEvent::PromptDuringCommand) => {
                         if shell.probe_sent.is_some_and(|t| t.elapsed() < PROBE_WINDOW) {

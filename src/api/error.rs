@@ -5,6 +5,7 @@
 
 use crate::model::Status;
 use crate::store::StoreError;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -22,12 +23,24 @@ pub enum ApiError {
     /// The body is not JSON at all.
     #[error("malformed JSON: {0}")]
     MalformedJson(String),
+    /// A `multipart/form-data` body that does not parse.
+    #[error("malformed multipart body: {0}")]
+    MalformedMultipart(String),
     #[error("request body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
+    #[error("request body must be JSON (Content-Type: application/json) or multipart/form-data")]
+    UnsupportedSubmission,
     #[error("request body too large")]
     PayloadTooLarge,
-    #[error("the files carry {size} bytes; SQLITE_SIM_MAX_UPLOAD allows {limit}")]
+    #[error("the files carry at least {size} bytes; SQLITE_SIM_MAX_UPLOAD allows {limit}")]
     UploadTooLarge { size: u64, limit: u64 },
+    #[error(
+        "the multipart body passes {limit} bytes: SQLITE_SIM_MAX_UPLOAD plus room for the \
+         request part and the part headers"
+    )]
+    MultipartTooLarge { limit: u64 },
+    #[error("the request part passes {limit} bytes")]
+    RequestPartTooLarge { limit: usize },
     #[error("{0:?} is not a UUID")]
     InvalidUuid(String),
     #[error("no request {0}")]
@@ -73,6 +86,7 @@ pub enum ApiError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ErrorCode {
     MalformedJson,
+    MalformedMultipart,
     InvalidUuid,
     InvalidName,
     Unauthorized,
@@ -90,8 +104,9 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::MalformedJson,
+        ErrorCode::MalformedMultipart,
         ErrorCode::InvalidUuid,
         ErrorCode::InvalidName,
         ErrorCode::Unauthorized,
@@ -111,9 +126,10 @@ impl ErrorCode {
     /// The HTTP status every error with this code is answered with.
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::MalformedJson | ErrorCode::InvalidUuid | ErrorCode::InvalidName => {
-                StatusCode::BAD_REQUEST
-            }
+            ErrorCode::MalformedJson
+            | ErrorCode::MalformedMultipart
+            | ErrorCode::InvalidUuid
+            | ErrorCode::InvalidName => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -130,6 +146,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::MalformedJson => "malformed_json",
+            ErrorCode::MalformedMultipart => "malformed_multipart",
             ErrorCode::InvalidUuid => "invalid_uuid",
             ErrorCode::InvalidName => "invalid_name",
             ErrorCode::Unauthorized => "unauthorized",
@@ -150,11 +167,18 @@ impl ErrorCode {
     /// When it is answered, for the OpenAPI document.
     pub fn meaning(self) -> &'static str {
         match self {
-            ErrorCode::MalformedJson => "the body is not well-formed JSON",
+            ErrorCode::MalformedJson => {
+                "the body (or the `request` part of a multipart body) is not well-formed JSON"
+            }
+            ErrorCode::MalformedMultipart => {
+                "the body is not well-formed `multipart/form-data` (no boundary, a part cut short)"
+            }
             ErrorCode::InvalidUuid => "the `uuid` in the path is not a UUID",
             ErrorCode::InvalidName => "the `name` in the path is not a VM name",
             ErrorCode::Unauthorized => "missing or wrong `Authorization: Bearer` token",
-            ErrorCode::NotFound => "the request, VM or template that the path names does not exist",
+            ErrorCode::NotFound => {
+                "the request, VM, template or artifact that the path names does not exist"
+            }
             ErrorCode::NoRoute => "no route has this path",
             ErrorCode::MethodNotAllowed => "the route does not take this method",
             ErrorCode::InvalidTransition => {
@@ -166,8 +190,14 @@ impl ErrorCode {
             ErrorCode::UpgradeRequired => {
                 "a WebSocket endpoint was called without `Upgrade: websocket`"
             }
-            ErrorCode::PayloadTooLarge => "the body is larger than 128 KiB",
-            ErrorCode::UnsupportedMediaType => "the body is not sent as `application/json`",
+            ErrorCode::PayloadTooLarge => {
+                "a JSON body is larger than 128 KiB (a multipart body's `request` part, 1 MiB), \
+                 or the files a submission carries pass `SQLITE_SIM_MAX_UPLOAD`"
+            }
+            ErrorCode::UnsupportedMediaType => {
+                "the body is not sent as `application/json` (or as `multipart/form-data`, where \
+                 the operation takes it)"
+            }
             ErrorCode::Validation => {
                 "a parameter or the body breaks a rule of its schema, or the VM it names has a \
                  config that does not load; the message says which"
@@ -194,6 +224,16 @@ pub const JSON_BODY: &[ErrorCode] = &[
     ErrorCode::PayloadTooLarge,
     ErrorCode::Validation,
 ];
+/// Errors a `multipart/form-data` body brings, beyond a JSON body's: it may not parse, its
+/// `request` part is JSON, and its files are checked and counted.
+pub const MULTIPART_BODY: &[ErrorCode] = &[
+    ErrorCode::MalformedMultipart,
+    ErrorCode::MalformedJson,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::Validation,
+];
+/// Errors an artifact's `{path}` brings: it names one of the request's stored artifacts.
+pub const ARTIFACT_PATH: &[ErrorCode] = &[ErrorCode::NotFound];
 /// Errors of an operation behind the bearer token, when one is configured.
 pub const AUTHENTICATED: &[ErrorCode] = &[ErrorCode::Unauthorized];
 
@@ -287,10 +327,14 @@ impl ApiError {
         match self {
             ApiError::Validation(_) => ErrorCode::Validation,
             ApiError::MalformedJson(_) => ErrorCode::MalformedJson,
-            ApiError::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
-            ApiError::PayloadTooLarge | ApiError::UploadTooLarge { .. } => {
-                ErrorCode::PayloadTooLarge
+            ApiError::MalformedMultipart(_) => ErrorCode::MalformedMultipart,
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedSubmission => {
+                ErrorCode::UnsupportedMediaType
             }
+            ApiError::PayloadTooLarge
+            | ApiError::UploadTooLarge { .. }
+            | ApiError::MultipartTooLarge { .. }
+            | ApiError::RequestPartTooLarge { .. } => ErrorCode::PayloadTooLarge,
             ApiError::InvalidUuid(_) => ErrorCode::InvalidUuid,
             ApiError::NotFound(_) | ApiError::UnknownVm { .. } | ApiError::NoTemplate(_) => {
                 ErrorCode::NotFound
@@ -317,6 +361,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        // The body was left unread: the connection cannot carry another request.
+        let unread = matches!(
+            self,
+            ApiError::MultipartTooLarge { .. } | ApiError::MalformedMultipart(_)
+        );
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
@@ -331,6 +380,12 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(
                 axum::http::header::UPGRADE,
                 axum::http::HeaderValue::from_static("websocket"),
+            );
+        }
+        if unread {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
             );
         }
         if status == StatusCode::UNAUTHORIZED {
@@ -373,6 +428,24 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+impl From<MultipartRejection> for ApiError {
+    fn from(r: MultipartRejection) -> Self {
+        ApiError::MalformedMultipart(r.body_text())
+    }
+}
+
+impl ApiError {
+    /// A multipart body that failed to read: past its route's limit (`limit` bytes), or
+    /// malformed.
+    pub fn from_multipart(e: MultipartError, limit: u64) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::MultipartTooLarge { limit }
+        } else {
+            ApiError::MalformedMultipart(e.body_text())
+        }
+    }
+}
+
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
         ApiError::Validation(r.body_text())
@@ -388,8 +461,13 @@ mod tests {
         for e in [
             ApiError::Validation("x".into()),
             ApiError::MalformedJson("x".into()),
+            ApiError::MalformedMultipart("x".into()),
             ApiError::UnsupportedMediaType,
+            ApiError::UnsupportedSubmission,
             ApiError::PayloadTooLarge,
+            ApiError::UploadTooLarge { size: 2, limit: 1 },
+            ApiError::MultipartTooLarge { limit: 1 },
+            ApiError::RequestPartTooLarge { limit: 1 },
             ApiError::InvalidUuid("x".into()),
             ApiError::NotFound("x".into()),
             ApiError::InvalidName("x".into()),
@@ -439,6 +517,7 @@ mod tests {
             table,
             [
                 (400, "malformed_json"),
+                (400, "malformed_multipart"),
                 (400, "invalid_uuid"),
                 (400, "invalid_name"),
                 (401, "unauthorized"),

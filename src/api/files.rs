@@ -16,14 +16,66 @@ pub const MAX_GLOBS: usize = 64;
 /// Longest guest path or glob.
 pub const MAX_PATH: usize = 4096;
 
+/// [`guest_path`]'s rules as a regular expression, for the document: slashes and components
+/// of no control characters (Unicode `Cc`), none of them `.` or `..`, at least one.
+pub fn guest_path_pattern() -> String {
+    // A character of a component, and one that is not a dot either.
+    let (c, d) = (r"[^/\x00-\x1f\x7f-\x9f]", r"[^/.\x00-\x1f\x7f-\x9f]");
+    let component = format!(r"(?:{d}{c}*|\.{d}{c}*|\.\.{c}+)");
+    format!("^/+(?:{component}/+)*{component}/*$")
+}
+
+/// Padded standard base64 whose last symbol carries no stray bits, which is what the decoder
+/// takes.
+pub const BASE64_PATTERN: &str =
+    "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
+
+/// An absolute guest path (or glob) as [`guest_path`] takes it.
+pub struct GuestPath;
+
+impl utoipa::PartialSchema for GuestPath {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(MAX_PATH))
+            .pattern(Some(guest_path_pattern()))
+            .description(Some(
+                "An absolute guest path: components without control characters, none of them \
+                 `.` or `..`; at most 4096 bytes of UTF-8 (`maxLength` counts characters).",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for GuestPath {}
+
+/// The bytes of an inline file.
+pub struct Base64;
+
+impl utoipa::PartialSchema for Base64 {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(BASE64_PATTERN))
+            .description(Some("base64, standard alphabet, padded"))
+            .into()
+    }
+}
+
+impl ToSchema for Base64 {}
+
 /// A small file carried inline in a JSON submission.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InlineFile {
     /// Absolute guest path of the file (its directories are created).
-    #[schema(min_length = 2, max_length = 4096, pattern = "^/")]
+    #[schema(value_type = GuestPath)]
     pub path: String,
     /// The file's bytes, base64 (standard alphabet, padded).
+    #[schema(value_type = Base64)]
     pub content_base64: String,
     /// Mode bits: a number (`493`) or octal digits (`"0755"`); default 0644.
     #[serde(default)]
@@ -58,6 +110,11 @@ impl utoipa::PartialSchema for Mode {
 impl ToSchema for Mode {}
 
 impl Mode {
+    /// Octal digits, as a multipart part's `X-Mode` header carries them.
+    pub fn octal(digits: &str) -> Mode {
+        Mode(serde_json::Value::String(digits.to_string()))
+    }
+
     pub fn bits(&self) -> Result<u32, ApiError> {
         let bits = match &self.0 {
             serde_json::Value::Number(n) => n.as_u64().or_else(|| {
@@ -173,12 +230,15 @@ pub fn distinct<'a>(paths: impl Iterator<Item = &'a str>) -> Result<(), ApiError
     let mut seen = std::collections::HashSet::new();
     for p in paths {
         if !seen.insert(p) {
-            return Err(ApiError::Validation(format!(
-                "{p} is the destination of more than one file"
-            )));
+            return Err(duplicate(p));
         }
     }
     Ok(())
+}
+
+/// The refusal of a destination given twice.
+pub fn duplicate(path: &str) -> ApiError {
+    ApiError::Validation(format!("{path} is the destination of more than one file"))
 }
 
 /// Stages `files` in the store, in order; on any error nothing stays staged.
@@ -246,11 +306,56 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_patterns_are_the_rules_applied() {
+        let re = regex::Regex::new(&guest_path_pattern()).unwrap();
+        for p in [
+            "/a",
+            "/root//src/",
+            "/a b/it's",
+            "/.x",
+            "/..x",
+            "/...",
+            "/a/.b/c..",
+            "/é/\u{3000}",
+            "",
+            "a",
+            "/",
+            "//",
+            "/.",
+            "/..",
+            "/a/./b",
+            "/a/../b",
+            "/a/..",
+            "/a\nb",
+            "/a\u{0}",
+            "/x\u{85}",
+            "/x\u{7f}",
+            "/x\u{a0}",
+            "./a",
+        ] {
+            assert_eq!(re.is_match(p), guest_path(p, "p").is_ok(), "{p:?}");
+        }
+        let re = regex::Regex::new(BASE64_PATTERN).unwrap();
+        let decodes = |t: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(t.as_bytes())
+                .is_ok()
+        };
+        for t in [
+            "", "eA==", "eHk=", "eHl6", "eB==", "eHz=", "eA=", "eA", "e===", "eHl6\n", "e A==",
+            "_-8=", "AAAA", "QUJD", "QQ==", "QUI=",
+        ] {
+            assert_eq!(re.is_match(t), decodes(t), "{t:?}");
+        }
+    }
+
+    #[test]
     fn modes_and_duplicates() {
         let m = |v: serde_json::Value| Mode(v);
         assert_eq!(m(493.into()).bits().unwrap(), 0o755);
         assert_eq!(m(serde_json::json!(493.0)).bits().unwrap(), 0o755);
         assert_eq!(m("0755".into()).bits().unwrap(), 0o755);
+        assert_eq!(Mode::octal("755").bits().unwrap(), 0o755);
         for bad in [
             m(0o10000.into()),
             m("9".into()),

@@ -1,8 +1,10 @@
-//! The REST API (axum). Handlers live per resource (`requests`, `logs`, `metrics`, `vms`);
+//! The REST API (axum). Handlers live per resource (`requests` with its multipart `upload`s,
+//! `artifacts`, `logs`, `metrics`, `vms`);
 //! errors map to HTTP in exactly one place ([`error`]); the OpenAPI document ([`openapi`]) is
 //! generated from the handlers' annotations, completed for this server's settings, and served
 //! with Swagger UI, offline.
 
+mod artifacts;
 mod console;
 pub mod error;
 mod files;
@@ -11,6 +13,7 @@ mod logs;
 mod metrics;
 pub mod openapi;
 mod requests;
+pub mod upload;
 pub mod vms;
 
 use crate::config::vm::VmCatalog;
@@ -29,7 +32,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
-/// Largest accepted request body.
+/// Largest accepted JSON body (and `request` part of a multipart submission).
 pub const BODY_LIMIT: usize = 128 * 1024;
 /// Paths served without the bearer token.
 pub const PUBLIC_PATHS: &[&str] = &[HEALTH];
@@ -72,13 +75,22 @@ pub fn router(state: AppState) -> Router {
         .settings
         .enable_cors
         .then(|| cors_layer(&state.settings));
+    // Multipart submissions carry files up to SQLITE_SIM_MAX_UPLOAD; the handler still holds
+    // JSON bodies to BODY_LIMIT.
+    let submissions = DefaultBodyLimit::max(upload::body_limit(state.settings.max_upload));
     let mut app = Router::new()
-        .route("/requests", get(requests::list).post(requests::create))
+        .route(
+            "/requests",
+            get(requests::list).post(requests::create).layer(submissions),
+        )
         .route(
             "/requests/{uuid}",
             get(requests::show).delete(requests::delete),
         )
         .route("/requests/{uuid}/status", axum::routing::put(requests::set_status))
+        .route("/requests/{uuid}/artifacts", get(artifacts::list))
+        .route("/requests/{uuid}/artifacts.tar", get(artifacts::tar))
+        .route("/requests/{uuid}/artifacts/{*path}", get(artifacts::one))
         .route("/requests/{uuid}/logs", get(logs::logs))
         .route("/requests/{uuid}/logs/raw", get(logs::raw))
         .route("/requests/{uuid}/logs/stream", get(logs::stream_logs))

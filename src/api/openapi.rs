@@ -6,7 +6,7 @@
 //! server runs.
 
 use super::error::{self, ErrorCode};
-use super::{logs, metrics, requests, vms, AppState};
+use super::{artifacts, logs, metrics, requests, vms, AppState};
 use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
@@ -30,6 +30,9 @@ use utoipa::OpenApi;
         requests::set_status,
         requests::delete,
         requests::prune,
+        artifacts::list,
+        artifacts::one,
+        artifacts::tar,
         logs::logs,
         logs::raw,
         logs::stream_logs,
@@ -108,6 +111,8 @@ pub fn document(facts: &Facts) -> Value {
             complete_operation(method, path, op, facts);
         }
     }
+    at(&mut doc, "/paths/~1requests/post/requestBody/content")["multipart/form-data"] =
+        multipart_submission();
     let body = at(&mut doc, "/components/schemas/CreateBody");
     at(body, "/properties/timeout")["maximum"] = json!(facts.max_timeout);
     at(body, "/properties/keep_on_failure")["maximum"] = json!(facts.max_keep);
@@ -127,6 +132,50 @@ pub fn document(facts: &Facts) -> Value {
         }]);
     }
     doc
+}
+
+/// `POST /requests` as `multipart/form-data`. One `file` property stands for the `file` parts:
+/// repeat it for more files. The `Content-Disposition` example gives a generated part a
+/// destination, as every part needs.
+fn multipart_submission() -> Value {
+    json!({
+        "schema": {
+            "type": "object",
+            "required": ["request"],
+            "additionalProperties": false,
+            "properties": {
+                "request": { "$ref": "#/components/schemas/CreateBody" },
+                "file": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": "A file part (repeat the part for more): its `filename` is \
+                        its absolute guest destination, ending in `/` for a tar archive \
+                        extracted into that directory. Tar members with absolute names or `..`, \
+                        links that leave the directory, and special files are refused. At most \
+                        64 parts; no destination twice (inline files included); with the inline \
+                        files, at most `SQLITE_SIM_MAX_UPLOAD` bytes.",
+                },
+            },
+        },
+        "encoding": {
+            "request": { "contentType": "application/json" },
+            "file": {
+                "contentType": "application/octet-stream",
+                "headers": {
+                    "Content-Disposition": {
+                        "description": "`form-data; name=\"file\"; filename=\"DESTINATION\"`",
+                        "schema": { "type": "string" },
+                        "example": "form-data; name=\"file\"; filename=\"/root/upload.bin\"",
+                    },
+                    "X-Mode": {
+                        "description": "A single file's mode bits in octal (default 0644); \
+                            not for a tar, whose members keep their own.",
+                        "schema": { "type": "string", "pattern": "^0?[0-7]{1,4}$" },
+                    },
+                },
+            },
+        },
+    })
 }
 
 /// The value at `pointer`, which the annotations must have produced.
@@ -151,6 +200,9 @@ fn complete_operation(method: &str, path: &str, op: &mut Value, facts: &Facts) {
                 Some("name") if p["schema"]["pattern"] == vms::VM_NAME_PATTERN => {
                     codes.extend(error::NAME_PATH)
                 }
+                Some("path") if path.ends_with("/artifacts/{path}") => {
+                    codes.extend(error::ARTIFACT_PATH)
+                }
                 _ => panic!(
                     "{method} {path}: a path parameter other than a request uuid or a VM name: {p}"
                 ),
@@ -166,12 +218,15 @@ fn complete_operation(method: &str, path: &str, op: &mut Value, facts: &Facts) {
             .flatten()
             .map(|(k, _)| k)
             .collect();
-        assert_eq!(
-            types,
-            ["application/json"],
-            "{method} {path}: only JSON bodies are read"
-        );
-        codes.extend(error::JSON_BODY);
+        for t in types {
+            match t.as_str() {
+                "application/json" => codes.extend(error::JSON_BODY),
+                "multipart/form-data" if (method, path) == ("post", "/requests") => {
+                    codes.extend(error::MULTIPART_BODY)
+                }
+                other => panic!("{method} {path}: a {other} body is not read"),
+            }
+        }
     }
     if facts.token && !super::PUBLIC_PATHS.contains(&path) {
         codes.extend(error::AUTHENTICATED);
@@ -306,6 +361,9 @@ mod tests {
         let want = |method: &str, path: &str| -> Vec<u16> {
             match (method, path) {
                 ("post", "/requests") | ("post", "/prune") => vec![400, 413, 415, 422, 500, 503],
+                ("get", p) if p.starts_with("/requests/{uuid}/artifacts") => {
+                    vec![400, 404, 500, 503]
+                }
                 ("get", "/requests") => vec![422, 500, 503],
                 ("get" | "delete", "/requests/{uuid}") => vec![400, 404, 500, 503],
                 ("get", "/vms/{name}") | ("delete", "/vms/{name}/template") => {
@@ -322,7 +380,7 @@ mod tests {
             }
         };
         let ops = operations(&doc);
-        assert_eq!(ops.len(), 17);
+        assert_eq!(ops.len(), 20);
         for (method, path, op) in &ops {
             assert_eq!(error_statuses(op), want(method, path), "{method} {path}");
             assert!(op.get("security").is_none(), "{method} {path}");
@@ -456,7 +514,7 @@ mod tests {
     }
 
     #[test]
-    fn path_parameters_are_uuids_or_vm_names_and_never_null() {
+    fn path_parameters_are_uuids_vm_names_or_artifact_paths_and_never_null() {
         let doc = document(&facts(false));
         for (method, path, op) in operations(&doc) {
             for p in op["parameters"].as_array().into_iter().flatten() {
@@ -468,7 +526,8 @@ mod tests {
                     let (name, schema) = (&p["name"], &p["schema"]);
                     assert!(
                         (name == "uuid" && schema["format"] == "uuid")
-                            || (name == "name" && schema["pattern"] == vms::VM_NAME_PATTERN),
+                            || (name == "name" && schema["pattern"] == vms::VM_NAME_PATTERN)
+                            || (name == "path" && path.ends_with("/artifacts/{path}")),
                         "{method} {path}: {p}"
                     );
                 }

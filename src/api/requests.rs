@@ -3,12 +3,14 @@
 use super::error::{ApiError, InvalidTransitionResponse};
 use super::files;
 use super::input::{self, Object};
-use super::AppState;
+use super::upload;
+use super::{AppState, BODY_LIMIT};
 use crate::config::vm::{is_valid_vm_name, VmConfigError};
 use crate::model::{BootChoice, NewRequest, Request, RequestId, Status, CONTROL_TARGETS};
 use crate::store::{ControlOutcome, DeleteOutcome, ReleaseOutcome, RequestQuery};
+use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequest, Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -60,7 +62,7 @@ pub struct CreateBody {
     /// Absolute guest paths or globs (`*`, `?`, `[…]`) collected after the commands, also when
     /// they failed or timed out; a directory brings everything under it.
     #[serde(default)]
-    #[schema(max_items = 64, value_type = Option<Vec<String>>)]
+    #[schema(max_items = 64, value_type = Option<Vec<files::GuestPath>>)]
     pub artifacts: Option<Vec<String>>,
     /// Seconds, from 1 to `SQLITE_SIM_MAX_KEEP`: when the commands exit non-zero, time out or
     /// the run fails after the guest booted, keep the VM up this long (the request stays
@@ -80,7 +82,7 @@ pub struct Created {
 
 /// Checks a submission against the settings and the VMs that exist; nothing is stored on error.
 /// Its inline files are returned to be staged.
-fn validate(
+pub(super) fn validate(
     state: &AppState,
     body: CreateBody,
 ) -> Result<(NewRequest, Vec<files::Pending>), ApiError> {
@@ -139,7 +141,7 @@ fn validate(
                 .filter(|k| (1..=max_keep).contains(k))
                 .ok_or_else(|| {
                     ApiError::Validation(format!(
-                        "keep_on_failure must be from 1 to {max_keep} seconds                          (SQLITE_SIM_MAX_KEEP), got {k}"
+                        "keep_on_failure must be from 1 to {max_keep} seconds (SQLITE_SIM_MAX_KEEP), got {k}"
                     ))
                 })
         })
@@ -160,17 +162,38 @@ fn validate(
     ))
 }
 
-/// Submit a request.
-#[utoipa::path(post, path = "/requests", request_body = CreateBody, tag = "requests",
+/// Submit a request: a JSON body, or `multipart/form-data` with the JSON as its `request` part
+/// and `file` parts, each streamed into the store as it arrives.
+#[utoipa::path(post, path = "/requests", tag = "requests",
+    request_body(description = "The submission as JSON (at most 128 KiB, small files inline), \
+        or as `multipart/form-data`: the same JSON in a `request` part (at most 1 MiB), and `file` parts whose \
+        `filename` is their absolute guest destination (ending in `/`: a tar archive extracted \
+        into that directory), with an optional `X-Mode` part header (octal, default 0644) for a \
+        single file. Inline files come first, then the parts in the order sent; at most 64 of each, \
+        no destination twice, their bytes at most `SQLITE_SIM_MAX_UPLOAD` in all.",
+        content((CreateBody = "application/json"), ("multipart/form-data"))),
     responses((status = 201, body = Created, description = "stored as `pending`",
         headers(("Location" = String, description = "`/requests/{uuid}` of the new request")))))]
 pub async fn create(
     State(state): State<AppState>,
-    body: Result<Json<Object<CreateBody>>, JsonRejection>,
+    req: axum::extract::Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = input::body(body)?;
-    let (mut new, pending) = validate(&state, body)?;
-    new.uploads = files::stage(&state.store, pending, state.settings.max_upload).await?;
+    let new = if upload::is_multipart(req.headers()) {
+        upload::submission(&state, req).await?
+    } else {
+        // The route admits multipart bodies up to the upload limit; JSON keeps its own.
+        let req = req.map(|b| Body::new(http_body_util::Limited::new(b, BODY_LIMIT)));
+        let body = Json::<Object<CreateBody>>::from_request(req, &state).await;
+        let body = match body {
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                return Err(ApiError::UnsupportedSubmission)
+            }
+            other => input::body(other)?,
+        };
+        let (mut new, pending) = validate(&state, body)?;
+        new.uploads = files::stage(&state.store, pending, state.settings.max_upload).await?;
+        new
+    };
     let staged = new.uploads.clone();
     let req = match state.store.create(new).await {
         Ok(r) => r,

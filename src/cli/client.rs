@@ -98,6 +98,26 @@ impl ApiClient {
         }
     }
 
+    /// `method` on the API path made of `segments`, each percent-encoded as one segment (an
+    /// artifact's guest path is several).
+    pub fn request_segments(
+        &self,
+        method: reqwest::Method,
+        segments: &[String],
+    ) -> Result<reqwest::RequestBuilder, CliError> {
+        let bad = || CliError::Input(format!("{:?} is not an http:// URL", self.base));
+        let mut url = reqwest::Url::parse(&self.base).map_err(|_| bad())?;
+        url.path_segments_mut()
+            .map_err(|_| bad())?
+            .pop_if_empty()
+            .extend(segments);
+        let r = self.http.request(method, url);
+        Ok(match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        })
+    }
+
     pub fn transport_error(&self, e: reqwest::Error) -> CliError {
         if e.is_connect() || e.is_timeout() || e.is_request() {
             CliError::Unreachable {

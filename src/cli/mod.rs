@@ -2,6 +2,7 @@
 //! (`cli …`, `submit`) talk to the REST API through [`client`], so they work against a remote
 //! server exactly as against a local one.
 
+pub mod artifacts;
 mod attach;
 mod client;
 mod follow;
@@ -9,6 +10,7 @@ mod ops;
 mod render;
 mod service;
 mod submit;
+mod upload;
 
 use crate::config::Settings;
 use crate::model::{LogType, Status};
@@ -172,6 +174,16 @@ pub enum CliCommand {
         /// Watch only; never type.
         #[arg(long)]
         read_only: bool,
+    },
+    /// A request's artifacts: a table, or with --out DIR downloaded to DIR/<guest path>.
+    Artifacts {
+        id: String,
+        /// Download every stored artifact here (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+        /// The listing as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Every VM: valid or not, warm start, accelerator, template state and restore time.
     Vms {

@@ -40,6 +40,9 @@ pub async fn run(conn: Conn, command: CliCommand) -> Result<u8, CliError> {
             dry_run,
             json,
         } => prune(&client, older_than, dry_run, json).await,
+        CliCommand::Artifacts { id, out, json } => {
+            super::artifacts::run(&client, &id, out.as_deref(), json).await
+        }
         CliCommand::Vms { json } => vms(&client, json).await,
         CliCommand::Template { action } => template(&client, action).await,
     }

@@ -2,7 +2,8 @@
 
 use super::client::{ApiClient, CliError};
 use super::render::{self, LogPrinter};
-use super::{exit, Conn};
+use super::upload;
+use super::{artifacts, exit, Conn};
 use crate::model::{Request, RequestId, Status};
 use clap::Args;
 use serde_json::Value;
@@ -30,6 +31,18 @@ pub struct SubmitArgs {
     /// On a failure after boot, keep the VM up this many seconds to attach to it.
     #[arg(long, value_name = "SECONDS")]
     pub keep_on_failure: Option<u32>,
+    /// Put LOCAL in the guest before the commands run: a file at GUEST_PATH (default
+    /// /root/NAME; a GUEST_PATH ending in / is the directory it goes into), a directory
+    /// extracted into GUEST_PATH (default /root/NAME/), modes kept. Repeatable.
+    #[arg(long = "upload", value_name = "LOCAL[:GUEST_PATH]", value_parser = upload::parse_spec)]
+    pub uploads: Vec<upload::Spec>,
+    /// Collect the guest files matching GLOB (an absolute path, `*`, `?`, `[…]`) after the
+    /// commands, also when they fail or time out. Repeatable.
+    #[arg(long = "artifact", value_name = "GLOB")]
+    pub artifacts: Vec<String>,
+    /// When the request ends, download its artifacts to DIR/<guest path> (implies --wait).
+    #[arg(long, value_name = "DIR")]
+    pub artifacts_dir: Option<PathBuf>,
     /// Return when the request ends, with the commands' exit code (see the exit codes).
     #[arg(long)]
     pub wait: bool,
@@ -95,18 +108,37 @@ pub async fn run(conn: Conn, a: SubmitArgs) -> Result<u8, CliError> {
     if let Some(k) = a.keep_on_failure {
         body["keep_on_failure"] = k.into();
     }
-    let created: Value = client
-        .json(
-            client
-                .request(reqwest::Method::POST, "/requests")
-                .json(&body),
-        )
-        .await?;
+    if !a.artifacts.is_empty() {
+        body["artifacts"] = a.artifacts.clone().into();
+    }
+    let post = client.request(reqwest::Method::POST, "/requests");
+    // Files make it a multipart submission, each streamed from disk as it is sent.
+    let post = if a.uploads.is_empty() {
+        post.json(&body)
+    } else {
+        let prepared = a
+            .uploads
+            .iter()
+            .map(upload::prepare)
+            .collect::<Result<Vec<_>, _>>()?;
+        let request = reqwest::multipart::Part::text(body.to_string())
+            .mime_str("application/json")
+            .map_err(|e| CliError::Protocol(e.to_string()))?;
+        // Destinations go into the filename as they are: the server reads no %-escapes.
+        let mut form = reqwest::multipart::Form::new()
+            .percent_encode_noop()
+            .part("request", request);
+        for part in prepared {
+            form = form.part("file", part);
+        }
+        post.multipart(form)
+    };
+    let created: Value = client.json(post).await?;
     let id: RequestId = created["uuid"]
         .as_str()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| CliError::Protocol(format!("no uuid in {created}")))?;
-    let wait = a.wait || a.follow;
+    let wait = a.wait || a.follow || a.artifacts_dir.is_some();
     if a.json {
         println!("{created}");
     } else if a.follow {
@@ -162,6 +194,19 @@ pub async fn run(conn: Conn, a: SubmitArgs) -> Result<u8, CliError> {
             "sqlite-sim: request {id} {how} ({})",
             render::human_secs(started.elapsed().as_secs_f64())
         );
+    }
+    if let Some(dir) = &a.artifacts_dir {
+        let listed = artifacts::list(&client, id).await?;
+        let done = artifacts::download(&client, id, &listed, dir).await?;
+        if !a.json {
+            eprintln!(
+                "sqlite-sim: {} artifact(s) written under {}",
+                done.written.len(),
+                dir.display()
+            );
+        }
+        // A job that asked for its artifacts and did not get them all fails (exit 1).
+        done.report()?;
     }
     Ok(code)
 }

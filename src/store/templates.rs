@@ -281,14 +281,15 @@ mod tests {
             o,
             TemplateOrders {
                 build: 1,
-                delete: 1
-            }
+                delete: 2
+            },
+            "one sequence: the delete came last"
         );
         let o = s
             .order_template("tiny".into(), TemplateOrder::Build)
             .await
             .unwrap();
-        assert_eq!(o.build, 2);
+        assert_eq!((o.build, o.delete), (3, 2));
     }
 
     #[tokio::test]

@@ -245,3 +245,66 @@ impl Client {
             .collect()
     }
 }
+
+/// One part of a hand-built `multipart/form-data` body (hand-built so that a test controls
+/// every byte of its names, including hostile ones).
+pub struct FormPart<'a> {
+    pub name: &'a str,
+    pub filename: Option<&'a str>,
+    /// Extra part headers, e.g. `("X-Mode", "0755")`.
+    pub headers: Vec<(&'a str, &'a str)>,
+    pub body: Vec<u8>,
+}
+
+impl<'a> FormPart<'a> {
+    /// The `request` part: the submission's JSON.
+    pub fn request(json: &Value) -> FormPart<'a> {
+        FormPart {
+            name: "request",
+            filename: None,
+            headers: vec![("Content-Type", "application/json")],
+            body: json.to_string().into_bytes(),
+        }
+    }
+
+    /// A `file` part bound for `destination`.
+    pub fn file(destination: &'a str, body: Vec<u8>) -> FormPart<'a> {
+        FormPart {
+            name: "file",
+            filename: Some(destination),
+            headers: Vec::new(),
+            body,
+        }
+    }
+}
+
+/// A `multipart/form-data` body and its `Content-Type`.
+pub fn multipart(parts: &[FormPart]) -> (Vec<u8>, String) {
+    let boundary = "sqsim-test-boundary-7d1f0c";
+    let mut body = Vec::new();
+    for p in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        let mut disposition = format!("Content-Disposition: form-data; name=\"{}\"", p.name);
+        if let Some(f) = p.filename {
+            disposition.push_str(&format!("; filename=\"{f}\""));
+        }
+        body.extend_from_slice(disposition.as_bytes());
+        body.extend_from_slice(b"\r\n");
+        for (k, v) in &p.headers {
+            body.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+        }
+        body.extend_from_slice(b"\r\n");
+        body.extend_from_slice(&p.body);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (body, format!("multipart/form-data; boundary={boundary}"))
+}
+
+impl Client {
+    /// `POST /requests` as a multipart submission.
+    pub async fn submit_multipart(&self, parts: &[FormPart<'_>]) -> Reply {
+        let (body, ct) = multipart(parts);
+        self.post_bytes("/requests", body, Some(&ct)).await
+    }
+}

@@ -40,7 +40,6 @@ pub enum ConsoleEvent {
 /// Ack words the agent uses.
 pub const ACK_READY: &str = "READY";
 pub const ACK_GO: &str = "GO";
-pub const ACK_NODECODE: &str = "NODECODE";
 /// Answers a probe: the shell is listening again.
 pub const ACK_ALIVE: &str = "ALIVE";
 /// Acknowledges the start of artifacts sent over the console (base64 until `ARTE`).
@@ -242,14 +241,14 @@ impl Session {
     /// seed into the guest's RNG (forcing a reseed where the guest has `sqsim-reseed`, so two
     /// clones never share random bytes), the host's clock (the template's is stale by its age),
     /// then READY. `now` is seconds since the epoch. Every process costs a fresh clone dearly
-    /// (TCG translates all its code anew), so the seed is written by the shell's own `printf`
-    /// in octal, and `date` is the only other program run.
+    /// (TCG translates all its code anew), so the seed is written by the shell's own `printf`,
+    /// and `sqsim-reseed` sets the clock too: one program in all where the guest has it.
     pub fn resume_line(&self, seed: &[u8], now: f64) -> String {
         let octal: String = seed.iter().map(|b| format!("\\{b:03o}")).collect();
         format!(
-            "if printf '{octal}' | sqsim-reseed 2>/dev/null; then __sqsim_rng=reseeded; \
-             else printf '{octal}' >/dev/urandom; __sqsim_rng=mixed; fi; \
-             date -u -s @{whole} >/dev/null 2>&1; \
+            "if printf '{octal}' | sqsim-reseed @{now:.3} 2>/dev/null; then __sqsim_rng=reseeded; \
+             else printf '{octal}' >/dev/urandom; __sqsim_rng=mixed; \
+             date -u -s @{whole} >/dev/null 2>&1; fi; \
              printf 'SQSIM_%s_{REPORT_RNG}=%s\\n' {tok} \"$__sqsim_rng\"; {ready}\n",
             whole = now.round() as u64,
             tok = self.token,
@@ -257,9 +256,33 @@ impl Session {
         )
     }
 
-    /// The script as base64 lines, each followed by its own ack word (`A1`, `A2`, …).
+    /// The script as lines that write it with the shell's own `printf` (its bytes escaped
+    /// only where the format needs it, so no decoding program runs in the guest), each
+    /// followed by its own ack word (`A1`, `A2`, …).
     pub fn upload_lines(&self, script: &[u8]) -> Vec<(String, String)> {
-        self.base64_lines(script, &self.file("b64"), "A", true)
+        let file = self.file("sh");
+        let mut lines = Vec::new();
+        let mut payload = String::new();
+        let flush = |payload: &mut String, lines: &mut Vec<(String, String)>| {
+            let word = format!("A{}", lines.len() + 1);
+            let redirect = if lines.is_empty() { ">" } else { ">>" };
+            lines.push((
+                format!("printf '{payload}' {redirect}{file}; {}\n", self.ack(&word)),
+                word,
+            ));
+            payload.clear();
+        };
+        for &b in script {
+            let piece = printf_escape(b);
+            if payload.len() + piece.len() > UPLOAD_LINE {
+                flush(&mut payload, &mut lines);
+            }
+            payload.push_str(&piece);
+        }
+        if !payload.is_empty() || lines.is_empty() {
+            flush(&mut payload, &mut lines);
+        }
+        lines
     }
 
     /// `data` written into the guest's `file` as base64 lines, each acknowledged with
@@ -392,9 +415,10 @@ impl Session {
         format!("printf 'SQSIM_%s_{key}=%s\\n' {} \"$?\"", self.token)
     }
 
-    /// Decodes and runs the script with stdin from /dev/null, then prints the exit marker.
+    /// Runs the script with stdin from /dev/null, then prints the exit marker; its file is
+    /// removed after the marker, off the run's critical path.
     pub fn run_line(&self) -> String {
-        let (b64, sh) = (self.file("b64"), self.file("sh"));
+        let sh = self.file("sh");
         let run = match &self.runner {
             Runner::Executable => format!("chmod 700 {sh}; {sh}"),
             Runner::Shell(cmd) => format!("{cmd} {sh}"),
@@ -404,12 +428,10 @@ impl Session {
             // leave holding stdout would make a second open fail (a port has one opener).
             let eof = |fd| format!("printf 'SQSIM_%s_EOF\\n' {} >&{fd}", self.token);
             return format!(
-                "if base64 -d {b64} >{sh}; then {go}; {{ {run} </dev/null >&3 2>&4 3>&- 4>&-; \
+                "{go}; {{ {run} </dev/null >&3 2>&4 3>&- 4>&-; \
                  __sqsim_rc=$?; {e3}; {e4}; }} 3>{out} 4>{err}; \
-                 else __sqsim_rc=255; {nodecode}; fi; rm -f {b64} {sh}; \
-                 printf 'SQSIM_%s:%d;' {tok} $__sqsim_rc\n",
+                 printf 'SQSIM_%s:%d;' {tok} $__sqsim_rc; rm -f {sh}\n",
                 go = self.ack(ACK_GO),
-                nodecode = self.ack(ACK_NODECODE),
                 tok = self.token,
                 e3 = eof(3),
                 e4 = eof(4),
@@ -425,13 +447,24 @@ impl Session {
             None => ("2>&1".to_string(), String::new()),
         };
         format!(
-            "if base64 -d {b64} >{sh}; then {go}; {run} </dev/null {err}; __sqsim_rc=$?;{eof} \
-             else __sqsim_rc=255; {nodecode}; fi; rm -f {b64} {sh}; \
-             printf 'SQSIM_%s:%d;' {tok} $__sqsim_rc\n",
+            "{go}; {run} </dev/null {err}; __sqsim_rc=$?;{eof} \
+             printf 'SQSIM_%s:%d;' {tok} $__sqsim_rc; rm -f {sh}\n",
             go = self.ack(ACK_GO),
-            nodecode = self.ack(ACK_NODECODE),
             tok = self.token,
         )
+    }
+}
+
+/// One byte as it is written in a `printf` format (POSIX: `\\`, `%%`, `\n` and three-digit
+/// octal escapes mean the same to dash, bash, busybox and zsh), inside single quotes.
+pub fn printf_escape(b: u8) -> String {
+    match b {
+        b'\\' => "\\\\".into(),
+        b'%' => "%%".into(),
+        b'\n' => "\\n".into(),
+        b'\'' => "\\047".into(),
+        0x20..=0x7e => (b as char).to_string(),
+        _ => format!("\\{b:03o}"),
     }
 }
 
