@@ -153,7 +153,9 @@ async fn a_kept_failure_can_be_attached_typed_into_and_released_with_its_outcome
     require_image();
     let _slot = vm_slot();
     let s = Server::start(Options::default()).await;
-    let (id, r) = kept(&s, "false", 60, 60).await;
+    // A 15 s timeout: the keep outlasts it, because the clock stops when the run is kept.
+    let (id, r) = kept(&s, "false", 15, 60).await;
+    let kept_at = Instant::now();
     assert!(r["kept_until"].is_string(), "{r}");
     let system = s.output(&id, "system").await;
     assert!(
@@ -165,9 +167,13 @@ async fn a_kept_failure_can_be_attached_typed_into_and_released_with_its_outcome
     c.take().await;
     c.type_text("echo typed-$((6*7))\r").await;
     c.until_output("typed-42", Duration::from_secs(30)).await;
-    // The timeout clock stopped: nothing ends it while kept; a status change of the timeout
-    // kind would show here.
-    assert_eq!(s.get(&id).await["status"], "running");
+    tokio::time::sleep(Duration::from_secs(16).saturating_sub(kept_at.elapsed())).await;
+    assert_eq!(
+        s.get(&id).await["status"],
+        "running",
+        "the timeout clock stopped"
+    );
+    assert!(!s.output(&id, "system").await.contains("timed out"));
     let (code, r) = s.put_status(&id, "release").await;
     assert!(code == 200 || code == 202, "{code} {r}");
     let r = s.wait_terminal(&id, LIMIT).await;
@@ -206,8 +212,43 @@ async fn a_short_keep_expires_and_a_deleted_kept_run_is_shut_down() {
     require_image();
     let _slot = vm_slot();
     let s = Server::start(Options::default()).await;
-    let (id, _) = kept(&s, "exit 3", 60, 3).await;
-    let r = s.wait_terminal(&id, LIMIT).await;
+    // `submit --wait` says how to attach when the run is kept, and exits with the outcome.
+    let mut submit = s
+        .cli(&[
+            "submit",
+            "--vm",
+            "tiny",
+            "-c",
+            "exit 3",
+            "--wait",
+            "--keep-on-failure",
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    submit
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let id = out.trim().to_string();
+    let mut err = String::new();
+    submit
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(wait_exit(&mut submit, LIMIT).code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!("sqlite-sim cli attach {id}")),
+        "{err}"
+    );
+    let r = s.get(&id).await;
     assert_eq!(
         (r["status"].as_str(), r["exit_code"].as_i64()),
         (Some("done"), Some(3)),
