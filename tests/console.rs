@@ -208,7 +208,7 @@ async fn a_kept_failure_can_be_attached_typed_into_and_released_with_its_outcome
 }
 
 #[tokio::test]
-async fn a_short_keep_expires_and_a_deleted_kept_run_is_shut_down() {
+async fn a_short_keep_expires_a_cancelled_one_keeps_its_outcome_and_a_deleted_one_is_shut_down() {
     require_image();
     let _slot = vm_slot();
     let s = Server::start(Options::default()).await;
@@ -259,6 +259,24 @@ async fn a_short_keep_expires_and_a_deleted_kept_run_is_shut_down() {
         .output(&id, "system")
         .await
         .contains("keep_on_failure expired"));
+    no_qemu_left(&s).await;
+
+    // A cancel ends the debugging session, not the run, which had already failed: the
+    // outcome stays the failure's.
+    let (id, _) = kept(&s, "false", 60, 60).await;
+    let (code, r) = s.put_status(&id, "cancelled").await;
+    assert!(code == 200 || code == 202, "{code} {r}");
+    let r = s.wait_terminal(&id, LIMIT).await;
+    assert_eq!(
+        (r["status"].as_str(), r["exit_code"].as_i64()),
+        (Some("done"), Some(1)),
+        "{r}"
+    );
+    assert!(s.output(&id, "system").await.contains("keep ended after"));
+    assert!(s
+        .output(&id, "system")
+        .await
+        .contains("cancelled by an operator"));
     no_qemu_left(&s).await;
 
     // A timeout is a failure worth keeping too; DELETE ends it and removes it.

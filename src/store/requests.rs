@@ -322,6 +322,11 @@ impl Store {
                     fin.kept_ms,
                 ],
             )?;
+            // Keystrokes nobody will type any more.
+            c.execute(
+                "DELETE FROM console_input WHERE request_uuid = ?1",
+                [id.to_string()],
+            )?;
             Ok(n == 1)
         })
         .await
