@@ -72,6 +72,43 @@ pub struct ConsoleParams {
     pub read_only: Option<String>,
 }
 
+/// The WebSocket handshake (RFC 6455), as the document states it so that a generated request can
+/// open the console; anything else is `426`. Values are read case-insensitively where the RFC
+/// says so.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct Handshake {
+    /// A list of tokens with `upgrade` among them.
+    #[param(
+        rename = "Connection",
+        pattern = "^(.*,[ \\t]*)?[Uu][Pp][Gg][Rr][Aa][Dd][Ee]([ \\t]*,.*)?$"
+    )]
+    connection: String,
+    #[param(rename = "Upgrade", pattern = "^[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]$")]
+    upgrade: String,
+    #[param(rename = "Sec-WebSocket-Version", pattern = "^13$")]
+    version: String,
+    /// 16 random bytes in base64.
+    #[param(rename = "Sec-WebSocket-Key", pattern = "^[A-Za-z0-9+/]{22}==$")]
+    key: String,
+}
+
+/// The handshake's key as RFC 6455 requires it (axum only checks it is there).
+fn valid_key(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|k| {
+            let (body, pad) = k.split_at(k.len().min(22));
+            body.len() == 22
+                && pad == "=="
+                && body
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        })
+}
+
 /// Server → client control messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -222,7 +259,7 @@ impl Cursor {
 /// binary keystrokes, typed only for the typist of a `running` request. The token may be sent
 /// as a `Sec-WebSocket-Protocol` entry `bearer.<token>` beside `sqlite-sim.console`.
 #[utoipa::path(get, path = "/requests/{uuid}/console", tag = "logs",
-    params(("uuid" = inline(RequestId), Path, description = "request id"), ConsoleParams),
+    params(("uuid" = inline(RequestId), Path, description = "request id"), ConsoleParams, Handshake),
     responses(
         (status = 101, description = "switching to the WebSocket console protocol"),
         super::error::UpgradeRequiredResponse,
@@ -232,6 +269,7 @@ pub async fn console(
     Path(uuid): Path<String>,
     params: Result<Query<ConsoleParams>, QueryRejection>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let Query(p) = params?;
@@ -245,8 +283,17 @@ pub async fn console(
             )));
         }
     };
+    if p.from.is_some_and(|f| f > i64::MAX as u64) {
+        return Err(ApiError::Validation(format!(
+            "from must be from 0 to {}",
+            i64::MAX
+        )));
+    }
     let req = load(&state, &uuid).await?;
-    let ws = ws.map_err(|_| ApiError::UpgradeRequired)?;
+    let ws = ws
+        .ok()
+        .filter(|_| valid_key(&headers))
+        .ok_or(ApiError::UpgradeRequired)?;
     let who = identity(
         state.settings.api_token.as_deref(),
         peer.map(|Extension(ConnectInfo(a))| a),

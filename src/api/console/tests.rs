@@ -396,7 +396,12 @@ async fn plain_http_gets_upgrade_required_and_bad_queries_are_refused() {
     assert_eq!(r.headers()["upgrade"], "websocket");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upgrade_required");
-    for q in ["?from=-1", "?read_only=yes", "?bogus=1"] {
+    for q in [
+        "?from=-1",
+        "?from=9223372036854775808",
+        "?read_only=yes",
+        "?bogus=1",
+    ] {
         let r = client.get(format!("{base}{q}")).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 422, "{q}");
     }
