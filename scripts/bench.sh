@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Measures the performance figures of issues 6 and 11 (warm start) side by side, in one run,
+# Measures the performance figures of issues 6, 11 (warm start) and 12 (guest channel) side by
+# side with their baselines, in one run,
 # and keeps them: prints a table and writes BENCHMARKS.md (machine, date, QEMU version,
 # commit, results, notes).
 #
@@ -8,6 +9,9 @@
 #   scripts/bench.sh --quick --no-debian
 #                                  the same without figure 10 (the Debian 12 guest), e.g. where
 #                                  its image cannot be built; a full run always includes it
+#   scripts/bench.sh --only 4,13   only these figures (bench_vm.py keys; 4a and 5 are
+#                                  cargo bench's); BENCHMARKS.md keeps the other figures of the
+#                                  previous file under their own run's date and commit
 #
 # Environment:
 #   BENCH_FLOOD_MB   MB the real guest prints for figure 4b (default 20; 2 with --quick).
@@ -22,15 +26,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 quick=0
 no_debian=0
+only=""
 [ "${BENCH_NO_DEBIAN:-0}" = 1 ] && no_debian=1
 for arg in "$@"; do
     case "$arg" in
         --quick) quick=1 ;;
         --no-debian) no_debian=1 ;;
+        --only=*) only="${arg#--only=}" ;;
+        --only)
+            echo "bench: write --only=KEYS (e.g. --only=4,13)" >&2
+            exit 2
+            ;;
         -h | --help)
             usage
             exit 0
@@ -48,6 +58,11 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # Other heavy processes (compilers, QEMU guests) distort every figure: record them.
 busy_processes() { pgrep -c -x 'cargo|rustc|qemu-system-x86' 2>/dev/null || true; }
 load_at_start="$(cut -d' ' -f1-3 /proc/loadavg)"
+# What is measured is what was checked out when the run began (the binary is built from it).
+commit_at_start="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if [ -n "$(git status --porcelain -- . ':!BENCHMARKS.md' 2>/dev/null)" ]; then
+    commit_at_start="$commit_at_start + uncommitted changes"
+fi
 busy_at_start="$(busy_processes)"
 
 work="$(mktemp -d /tmp/bench-sh.XXXXXX)"
@@ -76,13 +91,19 @@ if [ "$no_debian" = 1 ]; then
     vm_args+=(--no-debian)
     command_line="$command_line --no-debian"
 fi
+# Is figure KEY among those asked for (all, without --only)?
+wanted() { [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]; }
+if [ -n "$only" ]; then
+    vm_args+=(--only "$only")
+    command_line="$command_line --only=$only"
+fi
 if [ -n "${BENCH_FLOOD_MB:-}" ]; then
     command_line="BENCH_FLOOD_MB=$BENCH_FLOOD_MB $command_line"
 fi
 
 echo "bench: setting up QEMU and the tiny image" >&2
 scripts/setup.sh >&2
-if [ "$no_debian" != 1 ]; then
+if [ "$no_debian" != 1 ] && wanted 10; then
     # Figure 10's guest: copied from the image cache when it holds this recipe, else built
     # (debootstrap: many minutes). A failure leaves figure 10 to report the missing image.
     echo "bench: setting up the Debian 12 image (figure 10)" >&2
@@ -104,7 +125,9 @@ cargo build --release --locked >&2
 
 # Figures 4a and 5, in-process (another engineer's harness; optional until it exists).
 echo "bench: cargo bench --bench hot_paths" >&2
-if cargo bench --locked --bench hot_paths --no-run >"$work/hot_build.log" 2>&1; then
+if ! wanted 4a && ! wanted 5; then
+    echo "bench: figures 4a and 5 not asked for (--only=$only)" >&2
+elif cargo bench --locked --bench hot_paths --no-run >"$work/hot_build.log" 2>&1; then
     hot_rc=0
     BENCH_QUICK="$quick" cargo bench --locked --bench hot_paths >"$work/hot.out" || hot_rc=$?
     # Only lines that are JSON objects with a "figure" key count as results.
@@ -123,6 +146,7 @@ fi
 for fig in '4a:synthetic console ingest (socket -> SQLite):>= 100 MB/s, byte-exact' \
     '5:follow latency (producer byte -> SSE):p50 <= 50 ms'; do
     IFS=: read -r id name target <<<"$fig"
+    wanted "$id" || continue
     if ! grep -qE "\"figure\"[[:space:]]*:[[:space:]]*\"$id\"" "$results"; then
         printf '{"figure":"%s","name":"%s","unit":"","median":null,"min":null,"max":null,"runs":0,"target":"%s","ok":null,"note":"%s"}\n' \
             "$id" "$name" "$target" "$hot_missing" >>"$results"
@@ -197,16 +221,20 @@ fi
     echo "  (\`WARM=\"on\"\`), \`tiny-pool\` (the same plus \`WARM_POOL=\"1\"\`) and"
     echo "  vm_images/debian12.conf.example plus \`WARM=\"on\"\`, each timed only once its"
     echo "  template's meta.json exists."
+    echo "- Figure 4b runs \`tiny\` with \`CHANNEL=\"console\"\` (the serial console, the baseline);"
+    echo "  figure 13 runs it with 768 MiB (its root is in RAM and holds the 100 MB) on the guest"
+    echo "  channel (\`CHANNEL=\"virtio\"\`), and its console baselines 13b0/13c0 move 1 MB."
 } >>"$notes"
 
-dirty=""
-if [ -n "$(git status --porcelain -- . ':!BENCHMARKS.md' 2>/dev/null)" ]; then
-    dirty=" + uncommitted changes"
+if [ -n "$only" ]; then
+    mode_prefix="figures $only only; "
+else
+    mode_prefix=""
 fi
 if [ "$quick" = 1 ]; then
     mode="quick (\`--quick\`: 1-2 repetitions per figure; not for conclusions)"
 else
-    mode="full: 5 alternating pairs (1), 10 runs per mode (2), 5 holds and 5 cancels (3), 1 flood (4b), 3 wrk runs of 10 s (6), 3 runs (7), 3 runs per concurrency level (8), 20 warm + 20 pool + 5 raw cold runs and 3 hand-restored clones (9), 3 cold + 6 warm Debian runs (10), 3 warm batches of 4c and 1 cold batch of 2c per level (11), 2 runs of 8 clones and 8 cold VMs (12)"
+    mode="full: 5 alternating pairs (1), 10 runs per mode (2), 5 holds and 5 cancels (3), 1 flood (4b), 3 wrk runs of 10 s (6), 3 runs (7), 3 runs per concurrency level (8), 20 warm + 20 pool + 5 raw cold runs and 3 hand-restored clones (9), 3 cold + 6 warm Debian runs (10), 3 warm batches of 4c and 1 cold batch of 2c per level (11), 2 runs of 8 clones and 8 cold VMs (12), 1 run of each part of 13"
 fi
 load_note="load average $load_at_start at start ($busy_at_start cargo/rustc/qemu-system processes);"
 load_note="$load_note when the VM measurements began: CPU ${cpu_before}% busy over 5 s, load $load_before"
@@ -220,6 +248,7 @@ else
     load_note="$load_note (quiet)"
 fi
 
+mode="$mode_prefix$mode"
 cat >"$work/meta" <<EOF
 date=$(date -u '+%Y-%m-%d %H:%M UTC')
 cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
@@ -229,15 +258,21 @@ kernel=$(uname -r)
 os=$(awk -F= '$1 == "PRETTY_NAME" { gsub(/"/, "", $2); print $2 }' /etc/os-release)
 qemu=$(qemu-system-x86_64 --version | head -n1)
 accel=TCG (\`SQLITE_SIM_ACCEL=tcg\`; KVM opens but hangs guests on this nested host)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$dirty
+commit=$commit_at_start
 mode=$mode
 load=$load_note
 command=$command_line
 notes_file=$notes
 EOF
 
-python3 scripts/bench_vm.py --render "$results" --meta "$work/meta" \
-    --table-out "$work/table.md" >BENCHMARKS.md
+render_args=(--render "$results" --meta "$work/meta" --table-out "$work/table.md")
+if [ -n "$only" ] && [ -f BENCHMARKS.md ]; then
+    # A partial run keeps the previous file's other figures, each under the run that made it.
+    cp BENCHMARKS.md "$work/previous.md"
+    render_args+=(--previous "$work/previous.md")
+fi
+python3 scripts/bench_vm.py "${render_args[@]}" >"$work/BENCHMARKS.md"
+mv "$work/BENCHMARKS.md" BENCHMARKS.md
 # Add the run's notes under their own heading (the renderer appends notes_file).
 cat "$work/table.md"
 echo

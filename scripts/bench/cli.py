@@ -16,7 +16,7 @@ from .server import Server
 DESCRIPTION = """\
 End-to-end benchmarks of sqlite-sim with the real release binary and real QEMU (issue 6).
 
-Measures figures 1, 2, 3, 4b, 6, 7 and 8 (issue 6) and 9-12 (warm start, issue 11) of
+Measures figures 1, 2, 3, 4b, 6, 7 and 8 (issue 6), 9-12 (warm start, issue 11) and 13 (the guest channel, issue 12) of
 BENCHMARKS.md (4a and 5 come from
 `cargo bench --bench hot_paths`). Every server runs in its own temporary directory with its
 own database and run directory, on a kernel-chosen port, and is stopped with SIGTERM.
@@ -48,6 +48,9 @@ def parse_args(argv):
     ap.add_argument("--render", metavar="RESULTS", help="render BENCHMARKS.md from JSON lines")
     ap.add_argument("--meta", metavar="FILE", help="KEY=VALUE lines for --render")
     ap.add_argument("--table-out", metavar="FILE", help="with --render: also write the table")
+    ap.add_argument("--previous", metavar="MD",
+                    help="with --render: keep this earlier BENCHMARKS.md's figures that the "
+                         "results do not hold (a partial run), each with the run it came from")
     a = ap.parse_args(argv)
     if a.no_debian and not a.quick:
         ap.error("--no-debian is for --quick runs: a full run includes the Debian 12 figure")
@@ -70,7 +73,7 @@ def run_figure(fig, ctx, failures):
 def main(argv=None):
     a = parse_args(argv)
     if a.render:
-        md, table = render(a.render, a.meta)
+        md, table = render(a.render, a.meta, a.previous)
         sys.stdout.write(md)
         if a.table_out:
             with open(a.table_out, "w") as f:

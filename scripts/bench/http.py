@@ -1,5 +1,6 @@
 """A keep-alive HTTP/1.1 client for one sqlite-sim server, with the API's shortcuts."""
 
+import hashlib
 import http.client
 import json
 import socket
@@ -62,6 +63,23 @@ class Api:
                 if attempt == 1 or method != "GET":
                     raise
         raise RuntimeError("unreachable")
+
+    def sha256_of(self, path, timeout=600):
+        """SHA-256 (hex) and length of a GET's body, streamed on a connection of its own."""
+        conn = NoDelayConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            h, n = hashlib.sha256(), 0
+            while True:
+                chunk = resp.read(1 << 20)
+                if not chunk:
+                    break
+                h.update(chunk)
+                n += len(chunk)
+            return h.hexdigest(), n
+        finally:
+            conn.close()
 
     def close(self):
         if self.conn is not None:

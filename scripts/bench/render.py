@@ -6,6 +6,8 @@ import json
 import os
 import re
 
+from .carry import carried, render_carried
+
 
 def fmt_num(v):
     if v is None:
@@ -27,7 +29,8 @@ def fig_key(row):
     return (int(m.group(1)), m.group(2)) if m else (99, str(row.get("figure")))
 
 
-def render(results_path, meta_path):
+def render(results_path, meta_path, previous=None):
+    """`previous`: an earlier BENCHMARKS.md whose figures this run did not measure are kept."""
     rows = []
     with open(results_path) as f:
         for line in f:
@@ -107,6 +110,8 @@ def render(results_path, meta_path):
                     (fmt_num(x) if isinstance(x, (int, float)) else ("–" if x is None else str(x)))
                     for x in dr) + " |")
             out.append("")
+    if previous:
+        out.extend(render_carried(carried(previous, {str(r.get("figure")) for r in rows})))
     extra = meta.get("notes_file")
     if extra and os.path.exists(extra) and open(extra).read().strip():
         out.append("")

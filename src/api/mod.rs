@@ -110,6 +110,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         // Liveness stays open to load balancers.
         .route(HEALTH, get(health))
+        // The dashboard's files are public: the page loads first, then asks for the token.
+        .merge(crate::ui::router(state.settings.ui_dir.clone()))
         .fallback(|| async { ApiError::NoRoute })
         // axum keeps the `Allow` header on this answer.
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -95,6 +95,8 @@ pub struct Settings {
     /// How long a claim stays valid without a heartbeat (heartbeats come every third of it).
     /// An agent that dies loses its requests after this long.
     pub agent_lease: Duration,
+    /// The dashboard's built bundle, served at `/ui/` (see [`crate::ui`]).
+    pub ui_dir: PathBuf,
 }
 
 /// Longest run-dir path that still leaves room for `/<uuid>/console.sock` within the
@@ -194,6 +196,10 @@ impl Settings {
             cancel_grace: v.seconds("SQLITE_SIM_CANCEL_GRACE", 3.0)?,
             api_token: v.raw("SQLITE_SIM_API_TOKEN"),
             agent_lease: v.seconds("SQLITE_SIM_AGENT_LEASE", 30.0)?,
+            ui_dir: match (get)("SQLITE_SIM_UI_DIR").filter(|s| !s.is_empty()) {
+                Some(d) => PathBuf::from(d),
+                None => crate::ui::default_dir(),
+            },
         })
     }
 
@@ -248,6 +254,7 @@ impl Settings {
                 "SQLITE_SIM_AGENT_LEASE",
                 format!("{}", self.agent_lease.as_secs_f64()),
             ),
+            ("SQLITE_SIM_UI_DIR", p(&self.ui_dir)),
             (
                 "SQLITE_SIM_API_TOKEN",
                 match &self.api_token {

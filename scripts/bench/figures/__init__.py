@@ -22,6 +22,7 @@ MODULES = [
     "f10_debian_warm",
     "f11_warm_throughput",
     "f12_clone_memory",
+    "f13_channel",
 ]
 
 

@@ -321,15 +321,20 @@ impl Session {
     /// Places upload `n` (a file of `size` bytes, or a tar extracted into `path`) from the
     /// channel's input port, where the host writes its bytes; the guest reports `UP<n>=<status>`.
     pub fn place_line(&self, n: usize, path: &str, tar: bool, mode: u32, size: u64) -> String {
-        let input = port(PORT_IN);
+        // Exactly `size` bytes in 1 MiB reads: busybox `head -c` reads a byte at a time
+        // (0.8 MB/s under TCG); `dd` with these flags is in busybox and GNU coreutils alike.
+        let read = format!(
+            "dd if={} bs=1048576 count={size} iflag=count_bytes,fullblock status=none",
+            port(PORT_IN)
+        );
         let place = if tar {
             format!(
-                "mkdir -p -- {p} && head -c {size} <{input} | tar -x -f - -C {p}",
+                "mkdir -p -- {p} && {read} | tar -x -f - -C {p}",
                 p = shell_quote(path)
             )
         } else {
             format!(
-                "mkdir -p -- {d} && head -c {size} <{input} >{p} && chmod {mode:o} {p}",
+                "mkdir -p -- {d} && {read} >{p} && chmod {mode:o} {p}",
                 d = shell_quote(parent(path)),
                 p = shell_quote(path)
             )

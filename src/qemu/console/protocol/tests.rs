@@ -445,7 +445,7 @@ fn channel_lines_use_the_ports_and_report() {
     );
     let file = s.place_line(2, "/root/my dir/run.sh", false, 0o755, 10);
     assert!(
-        file.starts_with("mkdir -p -- '/root/my dir' && head -c 10 </dev/virtio-ports/org.sqlite-sim.in >'/root/my dir/run.sh' && chmod 755 '/root/my dir/run.sh';"),
+        file.starts_with("mkdir -p -- '/root/my dir' && dd if=/dev/virtio-ports/org.sqlite-sim.in bs=1048576 count=10 iflag=count_bytes,fullblock status=none >'/root/my dir/run.sh' && chmod 755 '/root/my dir/run.sh';"),
         "{file}"
     );
     assert!(file.contains("SQSIM_%s_UP2=%s"), "{file}");
