@@ -318,6 +318,7 @@ mod tests {
             uploads: Vec::new(),
             artifacts: Vec::new(),
             requires: labels.iter().map(|s| l(s)).collect(),
+            keep_on_failure: None,
         }
     }
 

@@ -5,6 +5,7 @@
 //! timeout, so the API and any number of agent processes can share one file. Every write
 //! starts with `BEGIN IMMEDIATE`, which makes claims atomic across processes.
 
+mod console;
 mod control;
 mod files;
 mod hosts;
@@ -15,6 +16,7 @@ mod schema;
 pub mod sink;
 mod templates;
 
+pub use console::{ConsoleSlice, Kept, Keystrokes, ReleaseOutcome};
 pub use control::{ControlOutcome, DeleteOutcome};
 pub use files::CHUNK;
 pub use hosts::{place, Capabilities, Host, HostReport, Placement};
@@ -308,6 +310,7 @@ pub(crate) mod test_support {
                 uploads: Vec::new(),
                 artifacts: Vec::new(),
                 requires: Vec::new(),
+                keep_on_failure: None,
             })
             .await
             .unwrap()
