@@ -381,7 +381,7 @@ mod tests {
             }
         };
         let ops = operations(&doc);
-        assert_eq!(ops.len(), 20);
+        assert_eq!(ops.len(), 21);
         for (method, path, op) in &ops {
             assert_eq!(error_statuses(op), want(method, path), "{method} {path}");
             assert!(op.get("security").is_none(), "{method} {path}");
