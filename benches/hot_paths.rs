@@ -114,6 +114,7 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             uploads: Vec::new(),
             artifacts: Vec::new(),
             requires: Vec::new(),
+            keep_on_failure: None,
         })
         .await
         .unwrap();

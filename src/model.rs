@@ -203,16 +203,21 @@ pub enum LogType {
     Shutdown,
     /// Supervisor steps and QMP events.
     System,
+    /// Keystrokes typed into the console over `/requests/{uuid}/console`, one entry per
+    /// batch: `who: bytes` with the bytes escaped (`\r`, `\x1b`, …), so who typed what stays
+    /// on record.
+    Input,
 }
 
 impl LogType {
-    pub const ALL: [LogType; 6] = [
+    pub const ALL: [LogType; 7] = [
         LogType::Boot,
         LogType::Command,
         LogType::Stdout,
         LogType::Stderr,
         LogType::Shutdown,
         LogType::System,
+        LogType::Input,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -223,6 +228,7 @@ impl LogType {
             LogType::Stderr => "stderr",
             LogType::Shutdown => "shutdown",
             LogType::System => "system",
+            LogType::Input => "input",
         }
     }
 }
@@ -358,6 +364,17 @@ pub struct Request {
     /// (e.g. `no live host has labels kvm (h2 last seen …)`); null otherwise.
     #[serde(default)]
     pub waiting_for: Option<String>,
+    /// Seconds a failed run's VM is kept for debugging (`keep_on_failure` of the submission).
+    #[serde(default)]
+    #[schema(format = Int64)]
+    pub keep_on_failure: Option<u32>,
+    /// While a failed run's VM is kept (the request stays `running`): when it is shut down
+    /// at the latest. Stays set afterwards, as the record of when the keep was due to end.
+    #[serde(default)]
+    pub kept_until: Option<String>,
+    /// Milliseconds the VM was kept after the failure, once the keep ended.
+    #[serde(default)]
+    pub kept_ms: Option<i64>,
 }
 
 /// How a run's commands talk to the host.
@@ -457,6 +474,8 @@ pub struct NewRequest {
     pub artifacts: Vec<String>,
     /// Labels the claiming host must have (sorted, no duplicates).
     pub requires: Vec<Label>,
+    /// Seconds to keep the VM after a failure, for debugging.
+    pub keep_on_failure: Option<u32>,
 }
 
 /// How a submission asks its guest to start.

@@ -575,6 +575,7 @@ async fn openapi_lists_exactly_the_routes_served_and_docs_are_served() {
             "GET /requests/{uuid}/artifacts",
             "GET /requests/{uuid}/artifacts.tar",
             "GET /requests/{uuid}/artifacts/{path}",
+            "GET /requests/{uuid}/console",
             "GET /requests/{uuid}/logs",
             "GET /requests/{uuid}/logs/raw",
             "GET /requests/{uuid}/logs/stream",

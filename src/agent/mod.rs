@@ -11,6 +11,7 @@ mod boot;
 mod error;
 mod guest;
 mod host;
+mod keep;
 mod pool;
 mod recovery;
 mod run;

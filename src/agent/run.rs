@@ -6,6 +6,7 @@
 use super::boot::{self, Launch, Launched};
 use super::error::RunError;
 use super::guest::{wait_ack, Exited, Known, Limits, Ready};
+use super::keep;
 use super::template;
 use super::transfer;
 use super::vm::Limit;
@@ -44,6 +45,7 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
             boot_mode: outcome.boot_mode,
             restore_ms: outcome.restore_ms,
             channel: outcome.channel,
+            kept_ms: outcome.kept_ms,
             ..Default::default()
         };
         match &outcome.result {
@@ -152,6 +154,8 @@ struct Outcome {
     restore_failed: bool,
     /// How the commands' output travelled.
     channel: Option<Channel>,
+    /// How long the VM was kept after the failure (`keep_on_failure`).
+    kept_ms: Option<i64>,
 }
 
 impl Outcome {
@@ -167,6 +171,7 @@ impl Outcome {
             restore_ms: None,
             restore_failed: false,
             channel: None,
+            kept_ms: None,
         }
     }
 }
@@ -417,7 +422,19 @@ async fn attempt(
             result,
             Err(RunError::Cancelled | RunError::AgentStopping | RunError::LeaseLost)
         );
-    let grace = grace(ctx, cfg, &result, vm.is_held());
+    // A failure the request asked to keep its VM for: up until released, cancelled, expired.
+    let kept = if out.restore_failed {
+        None
+    } else {
+        keep::keep_if_asked(ctx, req, &mut vm, &result, reached_ready).await
+    };
+    let grace = match &kept {
+        _ if vm.is_held() => Duration::ZERO,
+        Some(k) if k.end.hurried() => ctx.settings.cancel_grace,
+        Some(_) => cfg.shutdown_timeout,
+        None => grace(ctx, cfg, &result, vm.is_held()),
+    };
+    out.kept_ms = kept.map(|k| k.kept.as_millis() as i64);
     out.console_bytes = vm.console.received();
     let report = vm.shut_down(grace).await;
     (out.step, out.shutdown_ms) = (Some(report.step), Some(report.elapsed.as_millis() as i64));

@@ -3,7 +3,7 @@
 //! control (hold, resume, cancel, applied through QMP), the agent's own stop and its lease.
 
 use super::error::RunError;
-use crate::model::{AgentId, RequestId, Status};
+use crate::model::{AgentId, LogType, RequestId, Status};
 use crate::qemu::console::protocol::ConsoleEvent;
 use crate::qemu::console::Console;
 use crate::qemu::launch::describe_status;
@@ -27,6 +27,9 @@ pub(super) const KVM_SILENCE: Duration = Duration::from_secs(15);
 const PROMPT_QUIET: Duration = Duration::from_secs(2);
 /// How soon a second prompt must follow the probe to confirm the shell has gone.
 const PROBE_WINDOW: Duration = Duration::from_secs(3);
+/// How often keystrokes queued by an API in another process are looked for (in-process ones
+/// wake the VM at once through the store's change notification).
+pub(super) const INPUT_POLL: Duration = Duration::from_millis(100);
 
 /// Which limit a wait is bounded by, to name it when it expires.
 #[derive(Debug, Clone, Copy)]
@@ -76,10 +79,10 @@ pub(super) struct Vm {
     pub machine: Machine,
     pub console: Console,
     pub sink: LogSink,
-    control: Option<Control>,
+    pub(super) control: Option<Control>,
     poll: Duration,
-    stopping: watch::Receiver<bool>,
-    lost: Option<watch::Receiver<bool>>,
+    pub(super) stopping: watch::Receiver<bool>,
+    pub(super) lost: Option<watch::Receiver<bool>>,
     /// When the console must have printed something under KVM (`ACCEL=auto` chose KVM).
     kvm_silence: Option<Instant>,
     held: Hold,
@@ -157,6 +160,8 @@ impl Vm {
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seen = self.console.received();
         let mut probe_tick = tokio::time::interval(Duration::from_millis(500));
+        let mut input_tick = tokio::time::interval(INPUT_POLL);
+        input_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut shell = ShellWatch::default();
         loop {
             let held = self.held.since.is_some();
@@ -233,12 +238,37 @@ impl Vm {
                     seen = now;
                 }
                 // Operator control: at once when this process wrote it, else by polling.
-                _ = changed(&mut self.control) => self.check_control().await?,
+                _ = changed(&mut self.control) => {
+                    self.check_control().await?;
+                    self.type_input().await?;
+                }
                 _ = poll.tick(), if self.control.is_some() => self.check_control().await?,
+                _ = input_tick.tick(), if self.control.is_some() => self.type_input().await?,
                 _ = self.stopping.changed() => return Err(RunError::AgentStopping),
                 _ = lost(&mut self.lost) => return Err(RunError::LeaseLost),
             }
         }
+    }
+
+    /// Types what viewers of `/requests/{uuid}/console` sent (queued in the store by the API,
+    /// whichever process it runs in), each batch logged as `input` with who typed it.
+    pub async fn type_input(&mut self) -> Result<(), RunError> {
+        let Some(ctl) = &self.control else {
+            return Ok(());
+        };
+        let batches = match ctl.store.take_input(ctl.id).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading console input failed");
+                return Ok(());
+            }
+        };
+        for k in batches {
+            let line = format!("{}: {}\n", k.who, k.bytes.escape_ascii());
+            self.sink.write(LogType::Input, line.into_bytes()).await;
+            self.console.send_bytes(&k.bytes).await?;
+        }
+        Ok(())
     }
 
     /// Applies the request's desired state, if any, through QMP.
@@ -349,7 +379,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-async fn changed(control: &mut Option<Control>) {
+pub(super) async fn changed(control: &mut Option<Control>) {
     match control {
         Some(c) => {
             if c.changes.changed().await.is_err() {
@@ -360,7 +390,7 @@ async fn changed(control: &mut Option<Control>) {
     }
 }
 
-async fn lost(lost: &mut Option<watch::Receiver<bool>>) {
+pub(super) async fn lost(lost: &mut Option<watch::Receiver<bool>>) {
     match lost {
         Some(l) => {
             if l.wait_for(|lost| *lost).await.is_err() {
@@ -372,7 +402,7 @@ async fn lost(lost: &mut Option<watch::Receiver<bool>>) {
 }
 
 /// QMP events that end a run at once.
-fn fatal_event(ev: &QmpEvent) -> Option<RunError> {
+pub(super) fn fatal_event(ev: &QmpEvent) -> Option<RunError> {
     match ev.name.as_str() {
         "GUEST_PANICKED" => Some(RunError::GuestPanicked(ev.data.to_string())),
         "SHUTDOWN" => {

@@ -70,6 +70,10 @@ pub enum ApiError {
         target: Status,
         allowed: Vec<Status>,
     },
+    #[error("cannot release a {0} request: only a run kept after a failure (running with kept_until set) can be released")]
+    NotKept(Status),
+    #[error("this is a WebSocket endpoint: connect with Upgrade: websocket")]
+    UpgradeRequired,
     #[error("missing or wrong bearer token (Authorization: Bearer <SQLITE_SIM_API_TOKEN>)")]
     Unauthorized,
     /// The labels a submission requires are had by no registered host; the words name what
@@ -95,6 +99,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     InvalidTransition,
     NotWarm,
+    UpgradeRequired,
     PayloadTooLarge,
     UnsupportedMediaType,
     Validation,
@@ -104,7 +109,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::MalformedJson,
         ErrorCode::MalformedMultipart,
         ErrorCode::InvalidUuid,
@@ -119,6 +124,7 @@ impl ErrorCode {
         ErrorCode::UnsupportedMediaType,
         ErrorCode::Validation,
         ErrorCode::NoCapableHost,
+        ErrorCode::UpgradeRequired,
         ErrorCode::Internal,
         ErrorCode::DatabaseBusy,
     ];
@@ -134,6 +140,7 @@ impl ErrorCode {
             ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::InvalidTransition | ErrorCode::NotWarm => StatusCode::CONFLICT,
+            ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Validation | ErrorCode::NoCapableHost => StatusCode::UNPROCESSABLE_ENTITY,
@@ -154,6 +161,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::InvalidTransition => "invalid_transition",
             ErrorCode::NotWarm => "not_warm",
+            ErrorCode::UpgradeRequired => "upgrade_required",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::Validation => "validation_error",
@@ -185,6 +193,9 @@ impl ErrorCode {
             }
             ErrorCode::NotWarm => {
                 "the VM's config does not set `WARM=\"on\"`, so no request would use a template"
+            }
+            ErrorCode::UpgradeRequired => {
+                "a WebSocket endpoint was called without `Upgrade: websocket`"
             }
             ErrorCode::PayloadTooLarge => {
                 "a JSON body is larger than 128 KiB (a multipart body's `request` part, 1 MiB), \
@@ -276,6 +287,14 @@ impl utoipa::IntoResponses for InvalidTransitionResponse {
 }
 
 /// `not_warm`: for operations that only make sense for a VM with `WARM="on"`.
+pub struct UpgradeRequiredResponse;
+
+impl utoipa::IntoResponses for UpgradeRequiredResponse {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        declared(&[ErrorCode::UpgradeRequired])
+    }
+}
+
 pub struct NotWarmResponse;
 
 impl utoipa::IntoResponses for NotWarmResponse {
@@ -344,7 +363,8 @@ impl ApiError {
             ApiError::NotWarm(_) => ErrorCode::NotWarm,
             ApiError::NoRoute => ErrorCode::NoRoute,
             ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
-            ApiError::Conflict { .. } => ErrorCode::InvalidTransition,
+            ApiError::Conflict { .. } | ApiError::NotKept(_) => ErrorCode::InvalidTransition,
+            ApiError::UpgradeRequired => ErrorCode::UpgradeRequired,
             ApiError::Unauthorized => ErrorCode::Unauthorized,
             ApiError::NoCapableHost(_) => ErrorCode::NoCapableHost,
             ApiError::Busy(_) => ErrorCode::DatabaseBusy,
@@ -377,6 +397,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::UPGRADE_REQUIRED {
+            resp.headers_mut().insert(
+                axum::http::header::UPGRADE,
+                axum::http::HeaderValue::from_static("websocket"),
+            );
+        }
         if unread {
             resp.headers_mut().insert(
                 axum::http::header::CONNECTION,
@@ -522,6 +548,7 @@ mod tests {
                 (415, "unsupported_media_type"),
                 (422, "validation_error"),
                 (422, "no_capable_host"),
+                (426, "upgrade_required"),
                 (500, "internal"),
                 (503, "database_busy"),
             ]

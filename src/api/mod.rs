@@ -5,6 +5,7 @@
 //! with Swagger UI, offline.
 
 mod artifacts;
+mod console;
 pub mod error;
 mod files;
 mod hosts;
@@ -49,6 +50,8 @@ pub struct AppState {
     /// What `ACCEL=auto` means on this host, for `GET /vms` (probed at most once per process,
     /// and shared with the agents through the run directory).
     pub accel: Arc<AccelResolver>,
+    /// Viewers of live consoles in this process, and their typists.
+    pub consoles: Arc<console::Hub>,
 }
 
 impl AppState {
@@ -60,6 +63,7 @@ impl AppState {
                 &settings.run_dir,
                 &settings.kvm_device,
             )),
+            consoles: Arc::default(),
             settings,
             store,
             wake,
@@ -92,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .route("/requests/{uuid}/logs/raw", get(logs::raw))
         .route("/requests/{uuid}/logs/stream", get(logs::stream_logs))
         .route("/hosts", get(hosts::list_hosts))
+        .route("/requests/{uuid}/console", get(console::console))
         .route("/metrics", get(metrics::metrics))
         .route("/stats", get(metrics::stats))
         .route("/prune", axum::routing::post(requests::prune))
@@ -132,17 +137,36 @@ async fn auth(
     next: Next,
 ) -> Result<Response, ApiError> {
     if let Some(token) = &state.settings.api_token {
-        let given = req
-            .headers()
+        let headers = req.headers();
+        let given = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| protocol_token(headers))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
             return Err(ApiError::Unauthorized);
         }
     }
     Ok(next.run(req).await)
+}
+
+/// A token offered as a WebSocket subprotocol entry `bearer.<token>`, the only way a browser
+/// can send one when it opens a WebSocket. Only on upgrade requests; it is never echoed back.
+fn protocol_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let upgrade = headers
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        return None;
+    }
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(console::BEARER_PROTOCOL_PREFIX))
 }
 
 /// Compares without an early exit, so timing does not reveal how much of a guess was right.
@@ -195,7 +219,9 @@ pub async fn serve(
     let addr = std::net::SocketAddr::new(state.settings.api_host, state.settings.api_port);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "API listening");
-    axum::serve(listener, router(state))
+    // Peer addresses name console typists in the `input` log.
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -37,6 +37,7 @@ use utoipa::OpenApi;
         logs::raw,
         logs::stream_logs,
         hosts::list_hosts,
+        super::console::console,
         metrics::metrics,
         metrics::stats,
         vms::list_vms,
@@ -63,6 +64,8 @@ pub struct Facts {
     /// Those of them whose config sets `WARM="on"`: only they may be asked to boot warm.
     pub warm_vm_names: Vec<String>,
     pub max_timeout: u32,
+    /// `SQLITE_SIM_MAX_KEEP`: the `keep_on_failure` maximum.
+    pub max_keep: u32,
     /// `SQLITE_SIM_API_TOKEN` is set.
     pub token: bool,
 }
@@ -84,6 +87,7 @@ impl Facts {
             vm_names,
             warm_vm_names,
             max_timeout: state.settings.max_timeout,
+            max_keep: state.settings.max_keep,
             token: state.settings.api_token.is_some(),
         }
     }
@@ -112,6 +116,7 @@ pub fn document(facts: &Facts) -> Value {
         multipart_submission();
     let body = at(&mut doc, "/components/schemas/CreateBody");
     at(body, "/properties/timeout")["maximum"] = json!(facts.max_timeout);
+    at(body, "/properties/keep_on_failure")["maximum"] = json!(facts.max_keep);
     // An empty list is the truth when there is no VM: no submission can succeed.
     at(body, "/properties/vm_name")["enum"] = json!(facts.vm_names);
     // `boot: "warm"` only for a warm VM, which JSON Schema can say without `not`: either the
@@ -325,6 +330,7 @@ mod tests {
             vm_names: vec!["alpha".into(), "tiny".into()],
             warm_vm_names: vec!["alpha".into()],
             max_timeout: 1234,
+            max_keep: 600,
             token,
         }
     }
@@ -366,6 +372,7 @@ mod tests {
                 }
                 ("post", "/vms/{name}/template") => vec![400, 404, 409, 422, 500, 503],
                 ("put", "/requests/{uuid}/status") => vec![400, 404, 409, 413, 415, 422, 500, 503],
+                ("get", "/requests/{uuid}/console") => vec![400, 404, 422, 426, 500, 503],
                 ("get", p) if p.starts_with("/requests/{uuid}/logs") => {
                     vec![400, 404, 422, 500, 503]
                 }
@@ -374,7 +381,7 @@ mod tests {
             }
         };
         let ops = operations(&doc);
-        assert_eq!(ops.len(), 20);
+        assert_eq!(ops.len(), 21);
         for (method, path, op) in &ops {
             assert_eq!(error_statuses(op), want(method, path), "{method} {path}");
             assert!(op.get("security").is_none(), "{method} {path}");

@@ -7,7 +7,7 @@ use super::upload;
 use super::{AppState, BODY_LIMIT};
 use crate::config::vm::{is_valid_vm_name, VmConfigError};
 use crate::model::{BootChoice, Label, NewRequest, Request, RequestId, Status, CONTROL_TARGETS};
-use crate::store::{ControlOutcome, DeleteOutcome, Placement, RequestQuery};
+use crate::store::{ControlOutcome, DeleteOutcome, Placement, ReleaseOutcome, RequestQuery};
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, RawQuery, State};
@@ -72,6 +72,13 @@ pub struct CreateBody {
     #[serde(default)]
     #[schema(max_items = 32)]
     pub requires: Option<Vec<Label>>,
+    /// Seconds, from 1 to `SQLITE_SIM_MAX_KEEP`: when the commands exit non-zero, time out or
+    /// the run fails after the guest booted, keep the VM up this long (the request stays
+    /// `running` with `kept_until` set) to attach to its console; `release`, `cancelled`,
+    /// `DELETE` or expiry end it, with the failure's own outcome.
+    #[serde(default, deserialize_with = "input::optional_whole_number")]
+    #[schema(value_type = Option<i64>, minimum = 1)]
+    pub keep_on_failure: Option<i128>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -133,6 +140,20 @@ pub(super) fn validate(
                 ApiError::Validation(format!("timeout must be from 1 to {max} seconds, got {t}"))
             })?,
     };
+    let max_keep = state.settings.max_keep;
+    let keep_on_failure = body
+        .keep_on_failure
+        .map(|k| {
+            u32::try_from(k)
+                .ok()
+                .filter(|k| (1..=max_keep).contains(k))
+                .ok_or_else(|| {
+                    ApiError::Validation(format!(
+                        "keep_on_failure must be from 1 to {max_keep} seconds (SQLITE_SIM_MAX_KEEP), got {k}"
+                    ))
+                })
+        })
+        .transpose()?;
     let pending = files::inline(body.files.unwrap_or_default())?;
     let artifacts = files::globs(body.artifacts.unwrap_or_default())?;
     let asked = body.requires.unwrap_or_default();
@@ -154,6 +175,7 @@ pub(super) fn validate(
             uploads: Vec::new(),
             artifacts,
             requires,
+            keep_on_failure,
         },
         pending,
     ))
@@ -385,23 +407,34 @@ pub struct StatusBody {
     pub status: ControlTarget,
 }
 
-/// A status an operator may ask for: one of [`CONTROL_TARGETS`]. The others are the agents' to
-/// set, so they are refused as invalid input (`422`), whatever the request's state.
-#[derive(Debug, Clone, Copy, Deserialize)]
+/// What an operator may ask for: one of [`CONTROL_TARGETS`], or `release` (end a kept run).
+/// The other statuses are the agents' to set, so they are refused as invalid input (`422`),
+/// whatever the request's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
-pub struct ControlTarget(pub Status);
+pub enum ControlTarget {
+    Status(Status),
+    /// Shut a VM kept after a failure down now; the request keeps the failure's outcome.
+    Release,
+}
+
+/// The action that ends a kept run, beside the statuses.
+pub const RELEASE: &str = "release";
 
 impl TryFrom<String> for ControlTarget {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
+        if s == RELEASE {
+            return Ok(ControlTarget::Release);
+        }
         let names = CONTROL_TARGETS.map(Status::as_str).join(", ");
         s.parse::<Status>()
             .ok()
             .filter(|st| CONTROL_TARGETS.contains(st))
-            .map(ControlTarget)
+            .map(ControlTarget::Status)
             .ok_or_else(|| {
                 let shown: String = s.chars().take(40).collect();
-                format!("status must be one of {names}; got {shown:?}")
+                format!("status must be one of {names}, {RELEASE}; got {shown:?}")
             })
     }
 }
@@ -410,10 +443,18 @@ impl utoipa::PartialSchema for ControlTarget {
     fn schema() -> RefOr<Schema> {
         ObjectBuilder::new()
             .schema_type(Type::String)
-            .enum_values(Some(CONTROL_TARGETS.map(Status::as_str)))
+            .enum_values(Some(
+                CONTROL_TARGETS
+                    .map(Status::as_str)
+                    .into_iter()
+                    .chain([RELEASE]),
+            ))
             .description(Some(
                 "`hold`; `pending` (resume a held request that has no VM yet); `running` \
-                 (resume a paused VM, or withdraw a hold not yet applied); `cancelled`.",
+                 (resume a paused VM, or withdraw a hold not yet applied); `cancelled`; \
+                 `release` (shut down a VM kept after a failure, `kept_until` set: the request \
+                 ends with the failure's own status and `exit_code`; `409` for any other \
+                 request).",
             ))
             .into()
     }
@@ -445,7 +486,29 @@ pub async fn set_status(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&uuid)?;
     let body: StatusBody = input::body(body)?;
-    control(&state, id, body.status.0).await
+    match body.status {
+        ControlTarget::Status(target) => control(&state, id, target).await,
+        ControlTarget::Release => release(&state, id).await,
+    }
+}
+
+/// Ends a kept run: its agent shuts the VM down and records the original outcome.
+async fn release(state: &AppState, id: RequestId) -> Result<Response, ApiError> {
+    let req = match state.store.release_kept(id).await? {
+        ReleaseOutcome::NotFound => return Err(ApiError::NotFound(id.to_string())),
+        ReleaseOutcome::NotKept(current) => return Err(ApiError::NotKept(current)),
+        ReleaseOutcome::Released(req) => *req,
+    };
+    tracing::info!(request = %id, "release of a kept run requested");
+    let (code, request) = match wait_applied(state, id, Status::Cancelled).await? {
+        Some(r) => (StatusCode::OK, r),
+        None => (
+            StatusCode::ACCEPTED,
+            state.store.get(id).await?.unwrap_or(req),
+        ),
+    };
+    let applied = code == StatusCode::OK;
+    Ok((code, Json(ControlResponse { request, applied })).into_response())
 }
 
 /// Runs a control change and answers with its effect.
@@ -751,14 +814,17 @@ mod tests {
         for target in CONTROL_TARGETS {
             let body: StatusBody =
                 serde_json::from_value(serde_json::json!({ "status": target })).unwrap();
-            assert_eq!(body.status.0, target);
+            assert_eq!(body.status, ControlTarget::Status(target));
         }
+        let body: StatusBody =
+            serde_json::from_value(serde_json::json!({ "status": "release" })).unwrap();
+        assert_eq!(body.status, ControlTarget::Release);
         for other in ["done", "failed", "acknowledged", "paused", ""] {
             let e = serde_json::from_value::<StatusBody>(serde_json::json!({ "status": other }))
                 .unwrap_err()
                 .to_string();
             assert!(
-                e.contains("must be one of hold, pending, running, cancelled"),
+                e.contains("must be one of hold, pending, running, cancelled, release"),
                 "{e}"
             );
         }

@@ -70,6 +70,22 @@ impl ApiClient {
         }
     }
 
+    /// The WebSocket URL of `path` (`ws://` for `http://`).
+    pub fn ws_url(&self, path: &str) -> Result<String, CliError> {
+        match self.base.strip_prefix("http://") {
+            Some(rest) => Ok(format!("ws://{rest}{path}")),
+            None => Err(CliError::Input(format!(
+                "attach needs an http:// API URL (no TLS client is built in), not {}",
+                self.base
+            ))),
+        }
+    }
+
+    /// The bearer token, if one is configured.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -3,6 +3,7 @@
 //! server exactly as against a local one.
 
 pub mod artifacts;
+mod attach;
 mod client;
 mod follow;
 mod ops;
@@ -160,6 +161,19 @@ pub enum CliCommand {
         id: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Shut down a VM kept after a failure (keep_on_failure); the request keeps its outcome.
+    Release {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The request's serial console in this terminal (raw mode); Ctrl-] detaches.
+    Attach {
+        id: String,
+        /// Watch only; never type.
+        #[arg(long)]
+        read_only: bool,
     },
     /// A request's artifacts: a table, or with --out DIR downloaded to DIR/<guest path>.
     Artifacts {

@@ -31,6 +31,10 @@ pub async fn run(conn: Conn, command: CliCommand) -> Result<u8, CliError> {
         CliCommand::Cancel { id, json } => control(&client, &id, Action::Cancel, json).await,
         CliCommand::Hold { id, json } => control(&client, &id, Action::Hold, json).await,
         CliCommand::Resume { id, json } => control(&client, &id, Action::Resume, json).await,
+        CliCommand::Release { id, json } => control(&client, &id, Action::Release, json).await,
+        CliCommand::Attach { id, read_only } => {
+            super::attach::attach(&client, &id, read_only).await
+        }
         CliCommand::Prune {
             older_than,
             dry_run,
@@ -417,16 +421,18 @@ enum Action {
     Cancel,
     Hold,
     Resume,
+    Release,
 }
 
 async fn control(client: &ApiClient, id: &str, action: Action, json: bool) -> Result<u8, CliError> {
     let r = client.resolve(id).await?;
     let (target, verb) = match action {
-        Action::Cancel => (Status::Cancelled, "cancel"),
-        Action::Hold => (Status::Hold, "hold"),
+        Action::Cancel => (Status::Cancelled.as_str(), "cancel"),
+        Action::Hold => (Status::Hold.as_str(), "hold"),
         // Resuming a request that has no VM yet re-queues it; a paused VM continues.
-        Action::Resume if r.agent_id.is_none() => (Status::Pending, "resume"),
-        Action::Resume => (Status::Running, "resume"),
+        Action::Resume if r.agent_id.is_none() => (Status::Pending.as_str(), "resume"),
+        Action::Resume => (Status::Running.as_str(), "resume"),
+        Action::Release => ("release", "release"),
     };
     let req = client
         .request(

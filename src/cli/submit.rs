@@ -28,6 +28,9 @@ pub struct SubmitArgs {
     /// Seconds (default: the server's SQLITE_SIM_DEFAULT_TIMEOUT).
     #[arg(long)]
     pub timeout: Option<u32>,
+    /// On a failure after boot, keep the VM up this many seconds to attach to it.
+    #[arg(long, value_name = "SECONDS")]
+    pub keep_on_failure: Option<u32>,
     /// Put LOCAL in the guest before the commands run: a file at GUEST_PATH (default
     /// /root/NAME; a GUEST_PATH ending in / is the directory it goes into), a directory
     /// extracted into GUEST_PATH (default /root/NAME/), modes kept. Repeatable.
@@ -101,6 +104,9 @@ pub async fn run(conn: Conn, a: SubmitArgs) -> Result<u8, CliError> {
     let mut body = serde_json::json!({ "vm_name": a.vm, "commands": commands });
     if let Some(t) = a.timeout {
         body["timeout"] = t.into();
+    }
+    if let Some(k) = a.keep_on_failure {
+        body["keep_on_failure"] = k.into();
     }
     if !a.artifacts.is_empty() {
         body["artifacts"] = a.artifacts.clone().into();
@@ -215,11 +221,21 @@ async fn poll_until_finished(
     let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
     let start = Instant::now();
     let mut unreachable_since: Option<Instant> = None;
+    let mut told_kept = false;
     for i in 0.. {
         match client.get::<Request>(&format!("/requests/{id}")).await {
             Ok(r) if r.status.is_terminal() => return Ok(r),
             Ok(r) => {
                 unreachable_since = None;
+                if let (Some(until), false) = (&r.kept_until, told_kept) {
+                    told_kept = true;
+                    clear_spinner();
+                    eprintln!(
+                        "sqlite-sim: request {id} failed and its VM is kept until {until}; \
+                         attach with:\n  sqlite-sim cli attach {id}\n\
+                         and end it with: sqlite-sim cli release {id}"
+                    );
+                }
                 if spinner {
                     eprint!(
                         "\r\x1b[2K{} {} {} ({})",

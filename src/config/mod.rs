@@ -71,6 +71,8 @@ pub struct Settings {
     pub max_concurrent_vms: usize,
     pub default_timeout: u32,
     pub max_timeout: u32,
+    /// Largest `keep_on_failure` a submission may ask for, in seconds.
+    pub max_keep: u32,
     pub enable_cors: bool,
     pub allowed_origins: Vec<String>,
     pub log_level: String,
@@ -173,6 +175,7 @@ impl Settings {
             max_concurrent_vms: v.num("SQLITE_SIM_MAX_CONCURRENT_VMS", 10usize, 1, 1024)?,
             default_timeout,
             max_timeout,
+            max_keep: v.num("SQLITE_SIM_MAX_KEEP", 3600u32, 1, u32::MAX)?,
             enable_cors: v.boolean("SQLITE_SIM_ENABLE_CORS", false)?,
             allowed_origins: v
                 .string("SQLITE_SIM_ALLOWED_ORIGINS", "*")
@@ -261,6 +264,7 @@ impl Settings {
                 self.default_timeout.to_string(),
             ),
             ("SQLITE_SIM_MAX_TIMEOUT", self.max_timeout.to_string()),
+            ("SQLITE_SIM_MAX_KEEP", self.max_keep.to_string()),
             ("SQLITE_SIM_ENABLE_CORS", self.enable_cors.to_string()),
             ("SQLITE_SIM_ALLOWED_ORIGINS", self.allowed_origins.join(",")),
             ("SQLITE_SIM_LOG_LEVEL", self.log_level.clone()),

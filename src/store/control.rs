@@ -304,6 +304,7 @@ mod tests {
             uploads: Vec::new(),
             artifacts: Vec::new(),
             requires: Vec::new(),
+            keep_on_failure: None,
         }
     }
 

@@ -325,6 +325,7 @@ mod tests {
                 uploads: vec![b, a],
                 artifacts: vec!["/root/out/*.xml".into()],
                 requires: Vec::new(),
+                keep_on_failure: None,
             })
             .await
             .unwrap();
@@ -348,6 +349,7 @@ mod tests {
                 uploads: vec![a],
                 artifacts: vec![],
                 requires: Vec::new(),
+                keep_on_failure: None,
             })
             .await;
         assert!(again.is_err(), "{again:?}");

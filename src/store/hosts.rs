@@ -325,6 +325,7 @@ mod tests {
             uploads: Vec::new(),
             artifacts: Vec::new(),
             requires: labels.iter().map(|s| l(s)).collect(),
+            keep_on_failure: None,
         }
     }
 

@@ -20,8 +20,19 @@ impl Store {
         id: RequestId,
         chunks: Vec<(String, LogType, Vec<u8>)>,
     ) -> Result<(), StoreError> {
-        on_pg!(self.append_logs(id, chunks));
-        if chunks.is_empty() {
+        self.append_logs_with_console(id, chunks, Vec::new()).await
+    }
+
+    /// [`Store::append_logs`], and raw console bytes appended to the console stream in the
+    /// same transaction.
+    pub async fn append_logs_with_console(
+        &self,
+        id: RequestId,
+        chunks: Vec<(String, LogType, Vec<u8>)>,
+        console: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        on_pg!(self.append_logs_with_console(id, chunks, console));
+        if chunks.is_empty() && console.is_empty() {
             return Ok(());
         }
         self.call_write(move |c| {
@@ -42,6 +53,7 @@ impl Store {
                     next += 1;
                 }
             }
+            super::console::append_in(&tx, &uuid, &console)?;
             tx.commit()?;
             Ok(())
         })

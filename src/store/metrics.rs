@@ -203,6 +203,7 @@ mod tests {
                 uploads: Vec::new(),
                 artifacts: Vec::new(),
                 requires: Vec::new(),
+                keep_on_failure: None,
             })
             .await
             .unwrap();

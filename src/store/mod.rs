@@ -24,6 +24,7 @@ macro_rules! on_pg {
     };
 }
 
+mod console;
 mod control;
 mod files;
 mod hosts;
@@ -35,6 +36,7 @@ mod schema;
 pub mod sink;
 mod templates;
 
+pub use console::{ConsoleSlice, Kept, Keystrokes, ReleaseOutcome};
 pub use control::{ControlOutcome, DeleteOutcome};
 pub use files::CHUNK;
 pub use hosts::{place, Capabilities, Host, HostReport, Placement};
@@ -457,6 +459,7 @@ pub(crate) mod test_support {
                 uploads: Vec::new(),
                 artifacts: Vec::new(),
                 requires: Vec::new(),
+                keep_on_failure: None,
             })
             .await
             .unwrap()

@@ -12,7 +12,7 @@ use std::time::Duration;
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id";
+     requires, host_id, keep_on_failure, kept_until, kept_ms";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -67,6 +67,9 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
             },
             host: r.get(23)?,
             waiting_for: None,
+            keep_on_failure: r.get(24)?,
+            kept_until: r.get(25)?,
+            kept_ms: r.get(26)?,
         })
     };
     Ok(build())
@@ -102,6 +105,8 @@ pub struct Finish {
     pub restore_ms: Option<i64>,
     /// How the commands' output travelled, once they ran.
     pub channel: Option<Channel>,
+    /// How long a failed run's VM was kept, if it was.
+    pub kept_ms: Option<i64>,
 }
 
 /// Says why pending requests wait when no live host can claim them now (one read of the
@@ -135,8 +140,8 @@ impl Store {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
-                                       boot, artifact_globs, requires)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8)",
+                                       boot, artifact_globs, requires, keep_on_failure)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     id.to_string(),
                     new.vm_name,
@@ -152,6 +157,7 @@ impl Store {
                         need.dedup();
                         (!need.is_empty()).then(|| serde_json::to_string(&need).expect("json"))
                     },
+                    new.keep_on_failure,
                 ],
             )?;
             for (seq, upload) in new.uploads.iter().enumerate() {
@@ -366,7 +372,7 @@ impl Store {
                 "UPDATE requests SET status = ?1, exit_code = ?2, error = ?3, shutdown_step = ?4,
                         finished_at = ?5, updated_at = ?5, lease_expires_at = NULL, desired_status = NULL,
                         boot_ms = ?8, run_ms = ?9, shutdown_ms = ?10, boot_mode = ?11, restore_ms = ?12,
-                        channel = ?13
+                        channel = ?13, kept_ms = ?14
                  WHERE uuid = ?6 AND agent_id = ?7
                    AND status NOT IN ('done','failed','cancelled')",
                 params![
@@ -383,7 +389,13 @@ impl Store {
                     fin.boot_mode.map(|m| m.as_str()),
                     fin.restore_ms,
                     fin.channel.map(|c| c.as_str()),
+                    fin.kept_ms,
                 ],
+            )?;
+            // Keystrokes nobody will type any more.
+            c.execute(
+                "DELETE FROM console_input WHERE request_uuid = ?1",
+                [id.to_string()],
             )?;
             Ok(n == 1)
         })
@@ -432,6 +444,7 @@ mod tests {
             uploads: Vec::new(),
             artifacts: Vec::new(),
             requires: Vec::new(),
+            keep_on_failure: None,
         }
     }
 

@@ -119,9 +119,43 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (artifact_id, seq)
     );
     "#,
-    // hosts: agents processes report themselves (labels, slots, heartbeat); requests record
-    // the labels they need and the host that claimed them. Self-contained so it can be
-    // renumbered freely.
+    // v6: hands on the VM. The raw serial-console stream (offset-addressable, for
+    // `/requests/{uuid}/console`), keystrokes waiting for the owning agent, the `input` log
+    // type (work_log is rebuilt: SQLite cannot alter a CHECK), and keep-on-failure.
+    r#"
+    CREATE TABLE work_log_v6 (
+        request_uuid  TEXT NOT NULL REFERENCES requests (uuid) ON DELETE CASCADE,
+        seq           INTEGER NOT NULL,
+        timestamp     TEXT NOT NULL,
+        log_type      TEXT NOT NULL CHECK (log_type IN
+                        ('boot','command','stdout','stderr','shutdown','system','input')),
+        output        BLOB NOT NULL,
+        PRIMARY KEY (request_uuid, seq)
+    );
+    INSERT INTO work_log_v6 SELECT request_uuid, seq, timestamp, log_type, output FROM work_log;
+    DROP TABLE work_log;
+    ALTER TABLE work_log_v6 RENAME TO work_log;
+    CREATE TABLE console_log (
+        request_uuid  TEXT NOT NULL REFERENCES requests (uuid) ON DELETE CASCADE,
+        offset        INTEGER NOT NULL,
+        bytes         BLOB NOT NULL,
+        PRIMARY KEY (request_uuid, offset)
+    );
+    CREATE TABLE console_input (
+        id            INTEGER PRIMARY KEY,
+        request_uuid  TEXT NOT NULL REFERENCES requests (uuid) ON DELETE CASCADE,
+        who           TEXT NOT NULL,
+        bytes         BLOB NOT NULL,
+        created_at    TEXT NOT NULL
+    );
+    CREATE INDEX console_input_by_request ON console_input (request_uuid, id);
+    ALTER TABLE requests ADD COLUMN keep_on_failure INTEGER;
+    ALTER TABLE requests ADD COLUMN kept_until TEXT;
+    ALTER TABLE requests ADD COLUMN kept_ms INTEGER;
+    ALTER TABLE requests ADD COLUMN kept_released TEXT;
+    "#,
+    // v7: hosts. Agents processes report themselves (labels, slots, heartbeat); requests record
+    // the labels they need and the host that claimed them.
     r#"
     ALTER TABLE requests ADD COLUMN requires TEXT;
     ALTER TABLE requests ADD COLUMN host_id TEXT;

@@ -20,10 +20,16 @@ const CHANNEL_DEPTH: usize = 256;
 /// Tries per batch (about 12 s of back-off in all) before its bytes count as lost.
 const RETRIES: u32 = 12;
 
+/// What travels to the writer: a log chunk, or raw console bytes (the console stream).
+enum Chunk {
+    Log(String, LogType, Vec<u8>),
+    Console(Vec<u8>),
+}
+
 /// Sends log chunks of one request; cheap to clone.
 #[derive(Clone)]
 pub struct LogSink {
-    tx: mpsc::Sender<(String, LogType, Vec<u8>)>,
+    tx: mpsc::Sender<Chunk>,
 }
 
 /// The writer task; [`SinkTask::close`] waits until everything sent is committed.
@@ -55,11 +61,15 @@ impl LogSink {
     pub fn to_file(path: &std::path::Path) -> std::io::Result<(LogSink, SinkTask)> {
         use std::io::Write;
         let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
-        let (tx, mut rx) = mpsc::channel::<(String, LogType, Vec<u8>)>(CHANNEL_DEPTH);
+        let (tx, mut rx) = mpsc::channel::<Chunk>(CHANNEL_DEPTH);
         let join = tokio::task::spawn_blocking(move || {
             let mut stats = SinkStats::default();
             let mut last = None;
-            while let Some((_, ty, bytes)) = rx.blocking_recv() {
+            while let Some(chunk) = rx.blocking_recv() {
+                // No request, so no console stream: the labelled log types say it all.
+                let Chunk::Log(_, ty, bytes) = chunk else {
+                    continue;
+                };
                 let labelled = if last != Some(ty) {
                     last = Some(ty);
                     write!(file, "\n[{ty}] ")
@@ -85,8 +95,23 @@ impl LogSink {
         if bytes.is_empty() {
             return;
         }
-        if self.tx.send((timefmt::now(), ty, bytes)).await.is_err() {
+        if self
+            .tx
+            .send(Chunk::Log(timefmt::now(), ty, bytes))
+            .await
+            .is_err()
+        {
             tracing::error!("log writer is gone; chunk dropped");
+        }
+    }
+
+    /// Queues raw console bytes for the request's console stream (see `store::console`).
+    pub async fn console(&self, bytes: Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.tx.send(Chunk::Console(bytes)).await.is_err() {
+            tracing::error!("log writer is gone; console bytes dropped");
         }
     }
 
@@ -106,13 +131,26 @@ impl SinkTask {
     }
 }
 
-async fn writer(
-    store: Store,
-    id: RequestId,
-    mut rx: mpsc::Receiver<(String, LogType, Vec<u8>)>,
-) -> SinkStats {
+/// A batch: log rows, and the console bytes that arrived with them.
+#[derive(Default)]
+struct Batch {
+    rows: Vec<(String, LogType, Vec<u8>)>,
+    console: Vec<u8>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.console.is_empty()
+    }
+
+    fn size(&self) -> usize {
+        self.rows.iter().map(|c| c.2.len()).sum::<usize>() + self.console.len()
+    }
+}
+
+async fn writer(store: Store, id: RequestId, mut rx: mpsc::Receiver<Chunk>) -> SinkStats {
     let mut stats = SinkStats::default();
-    let mut batch: Vec<(String, LogType, Vec<u8>)> = Vec::new();
+    let mut batch = Batch::default();
     let mut size = 0usize;
     let mut due: Option<Instant> = None;
     loop {
@@ -122,25 +160,33 @@ async fn writer(
                 m = rx.recv() => m,
                 _ = tokio::time::sleep_until(at) => {
                     flush(&store, id, &mut batch, false, &mut stats).await;
-                    size = batch.iter().map(|c| c.2.len()).sum();
+                    size = batch.size();
                     due = (!batch.is_empty()).then(|| Instant::now() + FLUSH_INTERVAL);
                     continue;
                 }
             },
         };
-        let Some((ts, ty, bytes)) = msg else {
-            flush(&store, id, &mut batch, true, &mut stats).await;
-            return stats;
-        };
-        size += bytes.len();
-        match batch.last_mut() {
-            Some((_, t, b)) if *t == ty => b.extend_from_slice(&bytes),
-            _ => batch.push((ts, ty, bytes)),
+        match msg {
+            None => {
+                flush(&store, id, &mut batch, true, &mut stats).await;
+                return stats;
+            }
+            Some(Chunk::Console(bytes)) => {
+                size += bytes.len();
+                batch.console.extend_from_slice(&bytes);
+            }
+            Some(Chunk::Log(ts, ty, bytes)) => {
+                size += bytes.len();
+                match batch.rows.last_mut() {
+                    Some((_, t, b)) if *t == ty => b.extend_from_slice(&bytes),
+                    _ => batch.rows.push((ts, ty, bytes)),
+                }
+            }
         }
         due.get_or_insert_with(|| Instant::now() + FLUSH_INTERVAL);
         if size >= FLUSH_BYTES {
             flush(&store, id, &mut batch, false, &mut stats).await;
-            size = batch.iter().map(|c| c.2.len()).sum();
+            size = batch.size();
             due = (!batch.is_empty()).then(|| Instant::now() + FLUSH_INTERVAL);
         }
     }
@@ -148,26 +194,20 @@ async fn writer(
 
 /// Commits the batch, retrying with back-off. Unless `last`, an incomplete UTF-8 sequence at the
 /// very end stays for the next flush, so no row splits a character.
-async fn flush(
-    store: &Store,
-    id: RequestId,
-    batch: &mut Vec<(String, LogType, Vec<u8>)>,
-    last: bool,
-    stats: &mut SinkStats,
-) {
+async fn flush(store: &Store, id: RequestId, batch: &mut Batch, last: bool, stats: &mut SinkStats) {
     if batch.is_empty() {
         return;
     }
     let mut carry = None;
     if !last {
-        if let Some((ts, ty, bytes)) = batch.last_mut() {
+        if let Some((ts, ty, bytes)) = batch.rows.last_mut() {
             let keep = incomplete_utf8_suffix(bytes);
             if keep > 0 && keep < bytes.len() {
                 carry = Some((ts.clone(), *ty, bytes.split_off(bytes.len() - keep)));
             }
         }
     }
-    let rows = std::mem::take(batch);
+    let Batch { rows, console } = std::mem::take(batch);
     let n_bytes: u64 = rows.iter().map(|r| r.2.len() as u64).sum();
     let n_rows = rows.len() as u64;
     // Retry with back-off (a locked database frees up, a full disk may get space). Once a
@@ -181,7 +221,10 @@ async fn flush(
     let mut delay = Duration::from_millis(20);
     let mut attempt = 1;
     loop {
-        match store.append_logs(id, rows.clone()).await {
+        match store
+            .append_logs_with_console(id, rows.clone(), console.clone())
+            .await
+        {
             Ok(()) => {
                 stats.bytes += n_bytes;
                 stats.rows += n_rows;
@@ -203,7 +246,7 @@ async fn flush(
             }
         }
     }
-    batch.extend(carry);
+    batch.rows.extend(carry);
 }
 
 fn log_lost(id: RequestId, n: u64, e: &StoreError) {

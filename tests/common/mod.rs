@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod ws;
 
 pub use http::{Client, Method};
 use serde_json::Value;

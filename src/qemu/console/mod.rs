@@ -110,6 +110,7 @@ impl Console {
                 sink.clone(),
                 tx.clone(),
                 Some(captured.clone()),
+                true,
             ));
         }
         let mut keep = Vec::new();
@@ -137,6 +138,7 @@ impl Console {
                 sink.clone(),
                 tx.clone(),
                 None,
+                false,
             ));
         }
         let files = files.map(|f| {
@@ -196,6 +198,15 @@ impl Console {
         self.writer.flush().await.map_err(ConsoleError::Write)
     }
 
+    /// Types raw bytes (keystrokes from a console viewer).
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), ConsoleError> {
+        self.writer
+            .write_all(bytes)
+            .await
+            .map_err(ConsoleError::Write)?;
+        self.writer.flush().await.map_err(ConsoleError::Write)
+    }
+
     /// The next event; `None` once every pump has ended (QEMU closed the console).
     pub async fn next_event(&mut self) -> Option<ConsoleEvent> {
         self.events.recv().await
@@ -237,6 +248,7 @@ fn spawn_pump(
     sink: LogSink,
     tx: mpsc::UnboundedSender<ConsoleEvent>,
     captured: Option<files::Tap>,
+    raw_console: bool,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
@@ -250,6 +262,10 @@ fn spawn_pump(
                     break;
                 }
             };
+            if raw_console {
+                // The exact stream a live viewer sees (`store::console`), before the parse.
+                sink.console(buf[..n].to_vec()).await;
+            }
             deliver(feed(&buf[..n]), &sink, &tx, captured.as_ref()).await;
         }
         deliver(finish(), &sink, &tx, captured.as_ref()).await;

@@ -5,20 +5,22 @@ use crate::model::{LogEntry, LogType, RequestId};
 use crate::store::{LogQuery, StoreError};
 
 impl Pg {
-    /// One transaction per batch; the request's row is locked first so that concurrent
-    /// appenders (the sink, lease recovery's system line) take turns on `seq`. A batch whose
-    /// COMMIT was lost is found by its last row (same time, type and bytes as the request's
-    /// last entry) and not written twice.
-    pub(crate) async fn append_logs(
+    /// One transaction per batch, with the raw console bytes of the same stretch; the
+    /// request's row is locked first so that concurrent appenders (the sink, lease recovery's
+    /// system line) take turns on `seq` and offsets. A batch whose COMMIT was lost is found by
+    /// its last row (same time, type and bytes as the request's last entry; or, for console
+    /// bytes alone, the same bytes as the last console row) and not written twice.
+    pub(crate) async fn append_logs_with_console(
         &self,
         id: RequestId,
         chunks: Vec<(String, LogType, Vec<u8>)>,
+        console: Vec<u8>,
     ) -> Result<(), StoreError> {
-        if chunks.is_empty() {
+        if chunks.is_empty() && console.is_empty() {
             return Ok(());
         }
         let uuid = id.to_string();
-        let (last_ts, last_ty, last_bytes) = chunks.last().expect("not empty").clone();
+        let last = chunks.last().cloned();
         write_tx!(
             self,
             "append_logs",
@@ -46,18 +48,28 @@ impl Pg {
                         .await?;
                     next += 1;
                 }
+                super::console::append_in(&tx, &uuid, &console).await?;
                 Ok(())
             }
             .await,
             recheck | c | {
-                let row = c
-                    .query_opt(
-                        "SELECT timestamp = $2 AND log_type = $3 AND output = $4 FROM work_log
-                     WHERE request_uuid = $1 ORDER BY seq DESC LIMIT 1",
-                        &[&uuid, &last_ts, &last_ty.as_str(), &last_bytes],
-                    )
-                    .await?;
-                Ok(row
+                let same = match &last {
+                    Some((ts, ty, bytes)) => c
+                        .query_opt(
+                            "SELECT timestamp = $2 AND log_type = $3 AND output = $4
+                             FROM work_log WHERE request_uuid = $1 ORDER BY seq DESC LIMIT 1",
+                            &[&uuid, ts, &ty.as_str(), bytes],
+                        )
+                        .await?,
+                    None => c
+                        .query_opt(
+                            "SELECT bytes = $2 FROM console_log WHERE request_uuid = $1
+                             ORDER BY \"offset\" DESC LIMIT 1",
+                            &[&uuid, &console],
+                        )
+                        .await?,
+                };
+                Ok(same
                     .and_then(|r| r.get::<_, Option<bool>>(0))
                     .unwrap_or(false)
                     .then_some(()))

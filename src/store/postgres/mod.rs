@@ -120,6 +120,7 @@ macro_rules! write_tx {
 }
 pub(super) use write_tx;
 
+mod console;
 mod control;
 mod files;
 mod hosts;

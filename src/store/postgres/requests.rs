@@ -14,7 +14,7 @@ pub(super) const COLUMNS: &str =
     "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id";
+     requires, host_id, keep_on_failure, kept_until, kept_ms";
 
 pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
     let uuid: String = r.try_get(0)?;
@@ -69,6 +69,13 @@ pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
         },
         host: r.try_get(23)?,
         waiting_for: None,
+        keep_on_failure: r
+            .try_get::<_, Option<i64>>(24)?
+            .map(u32::try_from)
+            .transpose()
+            .map_err(|e| bad(&e))?,
+        kept_until: r.try_get(25)?,
+        kept_ms: r.try_get(26)?,
     })
 }
 
@@ -109,8 +116,9 @@ impl Pg {
                 let now = timefmt::now();
                 tx.execute(
                     "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
-                                       updated_at, boot, artifact_globs, requires)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8)",
+                                       updated_at, boot, artifact_globs, requires,
+                                       keep_on_failure)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9)",
                     &[
                         &uuid,
                         &new.vm_name,
@@ -120,6 +128,7 @@ impl Pg {
                         &boot,
                         &globs,
                         &requires,
+                        &new.keep_on_failure.map(i64::from),
                     ],
                 )
                 .await?;
@@ -340,7 +349,7 @@ impl Pg {
                             shutdown_step = $4, finished_at = $5, updated_at = $5,
                             lease_expires_at = NULL, desired_status = NULL, boot_ms = $8,
                             run_ms = $9, shutdown_ms = $10, boot_mode = $11, restore_ms = $12,
-                            channel = $13
+                            channel = $13, kept_ms = $14
                      WHERE uuid = $6 AND agent_id = $7
                        AND status NOT IN ('done','failed','cancelled')",
                         &[
@@ -357,9 +366,16 @@ impl Pg {
                             &mode,
                             &fin.restore_ms,
                             &channel,
+                            &fin.kept_ms,
                         ],
                     )
                     .await?;
+                // Keystrokes nobody will type any more.
+                tx.execute(
+                    "DELETE FROM console_input WHERE request_uuid = $1",
+                    &[&uuid],
+                )
+                .await?;
                 Ok(n == 1)
             }
             .await,

@@ -22,6 +22,7 @@ fn new() -> NewRequest {
         uploads: Vec::new(),
         artifacts: Vec::new(),
         requires: Vec::new(),
+        keep_on_failure: None,
     }
 }
 
