@@ -3,7 +3,7 @@
 # unit, fixture, property, real-QEMU and browser tests. VM tests run under TCG, at most
 # SQLITE_SIM_TEST_VMS at once (default 2). Then the PostgreSQL engine: a private cluster
 # (scripts/postgres.sh, stopped at exit), the unit tests again on it (every store test, each in
-# a database of its own), the HTTP API tests, one real-QEMU run and the hosts tests on
+# a database of its own), the HTTP API tests, one real-QEMU run, the hosts and console tests on
 # PostgreSQL-backed servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +52,8 @@ cargo test --locked --test api -- --test-threads="${TEST_THREADS:-4}"
 cargo test --locked --test e2e hello_world_reaches_done_with_every_log_type
 # An API and two agents processes around one PostgreSQL: routing, waiting, fencing, wake-ups.
 cargo test --locked --test hosts -- --test-threads=1
+# The live console across processes (the stream, keystrokes, kept runs) on PostgreSQL.
+cargo test --locked --test console -- --test-threads=2
 unset SQLITE_SIM_TEST_DATABASE_URL
 # The API against its own OpenAPI document: Schemathesis, every check and phase (its own venv).
 scripts/schemathesis.sh

@@ -257,3 +257,39 @@ async fn a_server_restart_is_survived_and_loses_no_log_bytes() {
         .is_some());
     woken(&mut rx, Duration::from_secs(3)).await;
 }
+
+#[tokio::test]
+async fn only_connection_errors_are_retried() {
+    // No server needed: a refused connection is retried, a bad URL is not.
+    let bad = super::parse_url("postgres://u@h:notaport/db").unwrap_err();
+    assert!(!bad.is_unavailable(), "{bad}");
+    let refused = Store::open_postgres(
+        super::parse_url("postgres://u@/db?host=/nonexistent-sqlite-sim-dir&port=1").unwrap(),
+    )
+    .await
+    .err()
+    .expect("nothing listens there");
+    assert!(refused.is_unavailable(), "{refused}");
+    let mut attempt = super::Attempt::new("t");
+    let start = Instant::now();
+    assert!(attempt.again(bad).await.is_err());
+    assert!(
+        start.elapsed() < Duration::from_millis(20),
+        "not waited for"
+    );
+    if !on_pg() {
+        return;
+    }
+    // A value that does not convert is a bug, reported at once.
+    let (s, _d) = temp_store().await;
+    let pg = s.pg.as_ref().unwrap();
+    let c = pg.client().await.unwrap();
+    let e: crate::store::StoreError = c
+        .query_one("SELECT 'x'::text", &[])
+        .await
+        .unwrap()
+        .try_get::<_, i64>(0)
+        .unwrap_err()
+        .into();
+    assert!(!e.is_unavailable(), "{e}");
+}
