@@ -225,6 +225,7 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0);
+        die_with_parent(&mut cmd);
         Proc(cmd.spawn().unwrap())
     }
 
@@ -535,4 +536,18 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
 pub fn signal_and_wait(child: &mut Child, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
     let _ = child.wait();
+}
+
+/// A test process that is killed (a timeout, Ctrl-C) must not leave its servers, and their
+/// VMs, running: they get SIGTERM when it dies and shut down as on a stop.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only makes an
+    // async-signal-safe syscall (prctl); it allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+        });
+    }
 }
