@@ -3,7 +3,8 @@
 //! JSON is byte-identical), selected by `SQLITE_SIM_DATABASE_URL`.
 //!
 //! One file per concern mirrors the SQLite ones (`requests`, `control`, `logs`, `files`,
-//! `templates`, `metrics`); this module holds what they share:
+//! `templates`, `metrics`, `hosts`, `console`); `tests` holds what only this engine promises;
+//! this module holds what they share:
 //! - a `deadpool-postgres` pool of `tokio-postgres` clients (no TLS),
 //! - versioned migrations (`schema_version` table, [`schema`]),
 //! - the retry helpers: every operation is retried on connection loss (a PostgreSQL restart, a
