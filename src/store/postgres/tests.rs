@@ -293,3 +293,18 @@ async fn only_connection_errors_are_retried() {
         .into();
     assert!(!e.is_unavailable(), "{e}");
 }
+
+#[test]
+fn urls_in_libpq_forms_parse() {
+    use tokio_postgres::config::Host;
+    let c = super::parse_url("postgres://sim@db.example:5433/sim").unwrap();
+    assert_eq!(c.get_hosts(), [Host::Tcp("db.example".into())]);
+    assert_eq!((c.get_ports(), c.get_dbname()), (&[5433][..], Some("sim")));
+    let c = super::parse_url("postgresql://sim@/sim?host=/run/postgresql&port=55432").unwrap();
+    assert_eq!(c.get_hosts(), [Host::Unix("/run/postgresql".into())]);
+    assert_eq!(c.get_ports(), [55432]);
+    assert!(
+        c.get_connect_timeout().is_some(),
+        "a bound on every connect"
+    );
+}
