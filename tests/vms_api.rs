@@ -301,11 +301,11 @@ async fn template_orders_count_and_refusals_change_nothing() {
         "h1",
         "warm",
         "none",
-        &[("build_order", json!(2)), ("delete_order", json!(1))],
+        &[("build_order", json!(2)), ("delete_order", json!(3))],
     );
     let (code, body) = s.delete("/vms/warm/template").await;
     assert_error(code, &body, 404, "not_found");
-    assert_eq!(orders_in_db(&s, "warm"), Some((2, 1)));
+    assert_eq!(orders_in_db(&s, "warm"), Some((2, 3)), "a refusal orders nothing");
     // A VM that is no longer warm may still have its leftover template deleted.
     put_row(&s, "h1", "tiny", "ready", &[]);
     assert_eq!(s.delete("/vms/tiny/template").await.0, 202);
