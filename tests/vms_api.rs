@@ -305,7 +305,11 @@ async fn template_orders_count_and_refusals_change_nothing() {
     );
     let (code, body) = s.delete("/vms/warm/template").await;
     assert_error(code, &body, 404, "not_found");
-    assert_eq!(orders_in_db(&s, "warm"), Some((2, 3)), "a refusal orders nothing");
+    assert_eq!(
+        orders_in_db(&s, "warm"),
+        Some((2, 3)),
+        "a refusal orders nothing"
+    );
     // A VM that is no longer warm may still have its leftover template deleted.
     put_row(&s, "h1", "tiny", "ready", &[]);
     assert_eq!(s.delete("/vms/tiny/template").await.0, 202);
