@@ -257,7 +257,7 @@ mem=$(free -h | awk '/^Mem:/ { print $2 " total, " $7 " available" }')
 kernel=$(uname -r)
 os=$(awk -F= '$1 == "PRETTY_NAME" { gsub(/"/, "", $2); print $2 }' /etc/os-release)
 qemu=$(qemu-system-x86_64 --version | head -n1)
-accel=TCG (\`SQLITE_SIM_ACCEL=tcg\`; KVM opens but hangs guests on this nested host)
+accel=TCG (\`SQLITE_SIM_ACCEL=tcg\`: KVM is unusable on these nested hosts, hanging guests on Intel and aborting QEMU on AMD)
 commit=$commit_at_start
 mode=$mode
 load=$load_note
