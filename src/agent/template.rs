@@ -57,6 +57,12 @@ pub enum TemplateError {
     Run(#[from] RunError),
     #[error("saving the template: {0}")]
     Snapshot(#[from] snapshot::SnapshotError),
+    #[error("reserving {bytes} bytes of guest RAM in {path}: {source}")]
+    Ram {
+        path: PathBuf,
+        bytes: u64,
+        source: std::io::Error,
+    },
     #[error("template files in {path}: {source}")]
     Io {
         path: PathBuf,
@@ -546,6 +552,7 @@ async fn build_in(
     }
     let ram = run.dir.join("ram");
     let state = run.dir.join("state");
+    reserve_ram(&ram, cfg.memory_bytes()).await?;
     let (sink, sink_task) = LogSink::to_file(&run.dir.join("build.log")).map_err(io(&run.dir))?;
     let spec = LaunchSpec {
         vm: cfg,
@@ -594,6 +601,25 @@ async fn build_in(
     let known = saved?;
     tracing::debug!(step = report.step.as_str(), "template QEMU ended");
     place(ctx, cfg, ident, run, &ram, &state, known, start)
+}
+
+/// Gives the shared RAM file all its blocks before QEMU maps it: on a file system that fills
+/// up, a sparse file would kill QEMU with SIGBUS at the first page it could not place, where
+/// this fails the build with the reason.
+async fn reserve_ram(path: &Path, bytes: u64) -> Result<(), TemplateError> {
+    let owned = path.to_path_buf();
+    let reserved = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::create(&owned)?;
+        let len = i64::try_from(bytes).map_err(|_| nix::Error::EFBIG)?;
+        nix::fcntl::posix_fallocate(&file, 0, len).map_err(std::io::Error::from)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    reserved.map_err(|source| TemplateError::Ram {
+        path: path.to_path_buf(),
+        bytes,
+        source,
+    })
 }
 
 /// Waits (bounded) until the console has been silent for [`QUIET`].
@@ -701,6 +727,27 @@ pub fn clean_leftovers(run_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_ram_file_gets_its_blocks_before_qemu_maps_it() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ram = dir.path().join("ram");
+        reserve_ram(&ram, 8 << 20).await.unwrap();
+        let meta = std::fs::metadata(&ram).unwrap();
+        assert_eq!(meta.len(), 8 << 20);
+        // Not a sparse file: every block is placed, so no page fault can meet a full disk.
+        assert!(meta.blocks() * 512 >= 8 << 20, "{} blocks", meta.blocks());
+        let missing = dir.path().join("gone/ram");
+        let err = reserve_ram(&missing, 1 << 20)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("1048576 bytes of guest RAM") && err.contains("gone/ram"),
+            "{err}"
+        );
+    }
 
     fn cfg(dir: &Path, text: &str) -> VmConfig {
         VmConfig::parse("t", text, &dir.join("t.conf"), dir, dir).unwrap()

@@ -157,6 +157,11 @@ pub fn is_valid_vm_name(name: &str) -> bool {
 }
 
 impl VmConfig {
+    /// Guest RAM in bytes, read as QEMU reads `-m`: a bare number is MiB.
+    pub fn memory_bytes(&self) -> u64 {
+        memory_size_bytes(&self.memory).unwrap_or(0)
+    }
+
     /// Parses a config's text. `images_dir` resolves the default and relative `IMAGE` paths;
     /// `config_dir` resolves relative `KERNEL`/`INITRD` paths.
     pub fn parse(
@@ -376,11 +381,25 @@ impl VmConfig {
 }
 
 fn is_memory_size(s: &str) -> bool {
+    memory_size_bytes(s).is_some_and(|n| n > 0)
+}
+
+/// `512M`, `2G`, `1024K`, or a bare number of MiB (QEMU's `-m`); `None` if it is not a size.
+fn memory_size_bytes(s: &str) -> Option<u64> {
     let digits = s.trim_end_matches(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't']);
-    !digits.is_empty()
-        && digits.len() + 1 >= s.len()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && digits.parse::<u64>().is_ok_and(|n| n > 0)
+    if digits.is_empty()
+        || digits.len() + 1 < s.len()
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let shift = match s[digits.len()..].to_ascii_uppercase().as_str() {
+        "K" => 10,
+        "" | "M" => 20,
+        "G" => 30,
+        _ => 40,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 /// Finds VMs by name in the images and configs directories.
@@ -522,6 +541,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(vm.memory, "2G");
+        assert_eq!(vm.memory_bytes(), 2 << 30);
         assert_eq!(vm.cpus, 2);
         assert_eq!(
             vm.additional_args,
@@ -655,5 +675,16 @@ mod tests {
             cat.load("conf-only").is_err(),
             "a broken edit is reported, not masked by the cache"
         );
+    }
+
+    #[test]
+    fn memory_sizes_read_as_qemu_reads_them() {
+        assert_eq!(memory_size_bytes("512"), Some(512 << 20));
+        assert_eq!(memory_size_bytes("1024k"), Some(1 << 20));
+        assert_eq!(memory_size_bytes("128M"), Some(128 << 20));
+        assert_eq!(memory_size_bytes("1T"), Some(1 << 40));
+        for bad in ["", "M", "12MB", "-1G", "1.5G", "99999999999999T"] {
+            assert_eq!(memory_size_bytes(bad), None, "{bad}");
+        }
     }
 }

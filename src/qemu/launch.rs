@@ -164,7 +164,7 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, wiring: Wiring) -> Vec<OsString> {
     push(base_args(&spec.name, wiring));
     push(accel_args(spec.accel));
     push(machine_size_args(spec.vm));
-    push(memory_args(&spec.vm.memory, spec.memory));
+    push(memory_args(spec.vm.memory_bytes(), spec.memory));
     push(disk_args(spec.disk));
     push(kernel_args(spec.vm));
     push(qmp_args(&spec.paths.qmp));
@@ -183,7 +183,7 @@ pub fn qemu_args(spec: &LaunchSpec<'_>, wiring: Wiring) -> Vec<OsString> {
 /// Templates and clones keep guest RAM in a file (saved with `x-ignore-shared`, so the state
 /// file holds only devices) and have a VM generation id device, which tells a guest kernel that
 /// has the driver that it was cloned (it then reseeds its RNG).
-pub fn memory_args(size: &str, memory: Memory<'_>) -> Vec<OsString> {
+pub fn memory_args(size: u64, memory: Memory<'_>) -> Vec<OsString> {
     let (path, share) = match memory {
         Memory::Anonymous => return Vec::new(),
         Memory::Template(p) => (p, "on"),
@@ -637,23 +637,23 @@ mod tests {
 
     #[test]
     fn templates_share_their_ram_file_and_clones_map_it_privately() {
-        assert!(memory_args("128M", Memory::Anonymous).is_empty());
+        assert!(memory_args(128 << 20, Memory::Anonymous).is_empty());
         let t = strs(&memory_args(
-            "128M",
+            128 << 20,
             Memory::Template(Path::new("/t/a,b/ram")),
         ));
         assert_eq!(
             t,
             [
                 "-object",
-                "memory-backend-file,id=sqsim-ram,size=128M,share=on,mem-path=/t/a,,b/ram",
+                "memory-backend-file,id=sqsim-ram,size=134217728,share=on,mem-path=/t/a,,b/ram",
                 "-machine",
                 "memory-backend=sqsim-ram",
                 "-device",
                 "vmgenid,guid=auto"
             ]
         );
-        let c = strs(&memory_args("128M", Memory::Clone(Path::new("/t/ram"))));
+        let c = strs(&memory_args(128 << 20, Memory::Clone(Path::new("/t/ram"))));
         assert!(c[1].contains("share=off"), "{c:?}");
         // Everything but the RAM file's sharing is the same, so the device state fits.
         assert_eq!(t.len(), c.len());
