@@ -413,7 +413,12 @@ mod tests {
                 ("get", p) if p.starts_with("/requests/{uuid}/logs") => {
                     vec![400, 404, 422, 500, 503]
                 }
-                ("get", "/metrics" | "/stats" | "/health" | "/vms" | "/hosts") => vec![500, 503],
+                ("get", "/metrics" | "/stats" | "/health" | "/vms" | "/hosts" | "/tokens") => {
+                    vec![500, 503]
+                }
+                ("get", "/audit") => vec![422, 500, 503],
+                ("post", "/tokens") => vec![400, 409, 413, 415, 422, 500, 503],
+                ("delete", "/tokens/{name}") => vec![404, 422, 500, 503],
                 other => panic!("an operation this test does not know: {other:?}"),
             }
         };
@@ -424,6 +429,33 @@ mod tests {
             assert!(op.get("security").is_none(), "{method} {path}");
         }
         assert!(doc["components"].get("securitySchemes").is_none());
+    }
+
+    #[test]
+    fn with_auth_on_operations_not_every_role_may_list_403_and_their_roles() {
+        let doc = document(&facts(true));
+        for (method, path, op) in operations(&doc) {
+            if path == "/health" {
+                assert!(op.get("x-roles").is_none());
+                continue;
+            }
+            let listed = access::RULES
+                .iter()
+                .any(|(m, p, _)| m.eq_ignore_ascii_case(&method) && *p == path);
+            // Every operation that changes something has its rule written down.
+            assert!(
+                method == "get" || listed,
+                "{method} {path} has no access rule"
+            );
+            let forbidden = error_statuses(&op).contains(&403);
+            assert_eq!(
+                forbidden,
+                access::rule(&method, &path).permission != Permission::Read,
+                "{method} {path}"
+            );
+            assert!(op["description"].as_str().unwrap().contains("**Roles**"));
+            assert!(op["x-roles"].as_array().unwrap().contains(&json!("admin")));
+        }
     }
 
     #[test]

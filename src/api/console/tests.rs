@@ -374,7 +374,7 @@ async fn the_token_is_accepted_as_a_subprotocol_and_required() {
         .unwrap()
         .to_string();
     assert!(
-        who.starts_with("token:") && !who.contains("s3cret"),
+        who.starts_with("admin@") && !who.contains("s3cret"),
         "{who}"
     );
     let mut bad = url.into_client_request().unwrap();
