@@ -41,6 +41,9 @@ fn cli_token(s: &Server, name: &str, role: &str, extra: &[&str]) -> String {
     token
 }
 
+/// One operation of the matrix: method, path, body, the roles that may, the status then.
+type Case = (Method, String, Option<Value>, &'static [&'static str], u16);
+
 fn bearer(s: &Server, token: &str) -> Client {
     s.with_authorization(&format!("Bearer {token}"))
 }
@@ -69,92 +72,93 @@ async fn every_role_against_every_operation() {
     let mut clients: Vec<(&str, Client)> =
         tokens.iter().map(|(r, t)| (*r, bearer(&s, t))).collect();
     clients.push(("admin", admin.clone()));
-    let anyone = ["viewer", "submitter", "operator", "admin"];
-    let submitters = ["submitter", "operator", "admin"];
-    let operators = ["operator", "admin"];
-    let admins = ["admin"];
+    const ANYONE: &[&str] = &["viewer", "submitter", "operator", "admin"];
+    const SUBMITTERS: &[&str] = &["submitter", "operator", "admin"];
+    const OPERATORS: &[&str] = &["operator", "admin"];
+    const ADMINS: &[&str] = &["admin"];
+    let (anyone, submitters, operators, admins) = (ANYONE, SUBMITTERS, OPERATORS, ADMINS);
     // A request of someone else's (admin's), for the reads.
     let theirs = submit(&admin).await;
     for (role, c) in &clients {
         // (method, path, body, who may, the status when allowed)
         let other = submit(&admin).await; // fresh each time: control changes it
         let other2 = submit(&admin).await;
-        let cases: Vec<(Method, String, Option<Value>, &[&str], u16)> = vec![
-            (Method::GET, "/requests".into(), None, &anyone, 200),
+        let cases: Vec<Case> = vec![
+            (Method::GET, "/requests".into(), None, anyone, 200),
             (
                 Method::GET,
                 format!("/requests/{theirs}"),
                 None,
-                &anyone,
+                anyone,
                 200,
             ),
             (
                 Method::GET,
                 format!("/requests/{theirs}/logs"),
                 None,
-                &anyone,
+                anyone,
                 200,
             ),
             (
                 Method::GET,
                 format!("/requests/{theirs}/logs/raw"),
                 None,
-                &anyone,
+                anyone,
                 200,
             ),
             (
                 Method::GET,
                 format!("/requests/{theirs}/artifacts"),
                 None,
-                &anyone,
+                anyone,
                 200,
             ),
             (
                 Method::GET,
                 format!("/requests/{theirs}/artifacts.tar"),
                 None,
-                &anyone,
+                anyone,
                 200,
             ),
             (
                 Method::GET,
                 format!("/requests/{theirs}/console"),
                 None,
-                &anyone,
+                anyone,
                 426,
             ),
-            (Method::GET, "/hosts".into(), None, &anyone, 200),
-            (Method::GET, "/vms".into(), None, &anyone, 200),
-            (Method::GET, "/vms/tiny".into(), None, &anyone, 200),
-            (Method::GET, "/metrics".into(), None, &anyone, 200),
-            (Method::GET, "/stats".into(), None, &anyone, 200),
-            (Method::GET, "/openapi.json".into(), None, &anyone, 200),
+            (Method::GET, "/hosts".into(), None, anyone, 200),
+            (Method::GET, "/vms".into(), None, anyone, 200),
+            (Method::GET, "/vms/tiny".into(), None, anyone, 200),
+            (Method::GET, "/metrics".into(), None, anyone, 200),
+            (Method::GET, "/stats".into(), None, anyone, 200),
+            (Method::GET, "/openapi.json".into(), None, anyone, 200),
             (
                 Method::POST,
                 "/requests".into(),
                 Some(json!({"vm_name": "tiny", "commands": "echo", "timeout": 5})),
-                &submitters,
+                submitters,
                 201,
             ),
             (
                 Method::PUT,
                 format!("/requests/{other}/status"),
                 Some(json!({"status": "hold"})),
-                &operators,
+                operators,
                 200,
             ),
             (
                 Method::DELETE,
                 format!("/requests/{other2}"),
                 None,
-                &operators,
+                operators,
                 204,
             ),
             (
                 Method::POST,
                 "/prune".into(),
                 Some(json!({"older_than_seconds": 86400, "dry_run": true})),
-                &operators,
+                operators,
                 200,
             ),
             // The shipped configs are cold in tests: allowed means 409 not_warm / 404.
@@ -162,26 +166,26 @@ async fn every_role_against_every_operation() {
                 Method::POST,
                 "/vms/tiny/template".into(),
                 None,
-                &operators,
+                operators,
                 409,
             ),
             (
                 Method::DELETE,
                 "/vms/tiny/template".into(),
                 None,
-                &operators,
+                operators,
                 404,
             ),
-            (Method::GET, "/audit".into(), None, &operators, 200),
-            (Method::GET, "/tokens".into(), None, &admins, 200),
+            (Method::GET, "/audit".into(), None, operators, 200),
+            (Method::GET, "/tokens".into(), None, admins, 200),
             (
                 Method::POST,
                 "/tokens".into(),
                 Some(json!({"name": format!("made-by-{role}"), "role": "viewer"})),
-                &admins,
+                admins,
                 201,
             ),
-            (Method::DELETE, "/tokens/nobody".into(), None, &admins, 404),
+            (Method::DELETE, "/tokens/nobody".into(), None, admins, 404),
         ];
         for (method, path, body, may, ok) in cases {
             let r = c.call(method.clone(), &path, body.as_ref()).await;
