@@ -425,6 +425,16 @@ async fn cli_tokens_work_with_no_api_running_and_auth_off_is_as_before() {
     let id = submit(&s).await;
     assert!(s.get(&id).await["submitted_by"].is_null());
     assert_eq!(s.fetch("/tokens").await.status, 200);
+    // The API cannot turn authentication on: the first token is the store owner's to make.
+    let (st, body) = s
+        .post_json("/tokens", &json!({"name": "sneaky", "role": "admin"}))
+        .await;
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    assert_eq!(s.fetch("/requests").await.status, 200, "auth is still off");
     let status = s.run_command(&["status"]);
     assert!(
         String::from_utf8_lossy(&status.stdout).contains("auth: off"),

@@ -273,6 +273,16 @@ pub const AUTHENTICATED: &[ErrorCode] = &[ErrorCode::Unauthorized];
 /// Errors of an operation that not every role may do, when authentication is on.
 pub const AUTHORIZED: &[ErrorCode] = &[ErrorCode::Forbidden];
 
+/// `forbidden` whether or not authentication is on: creating a token over the API while it
+/// is off (the first token is made with the CLI, on the store).
+pub struct ForbiddenResponse;
+
+impl utoipa::IntoResponses for ForbiddenResponse {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        declared(&[ErrorCode::Forbidden])
+    }
+}
+
 /// `name_taken`: creating a token whose name has an active one.
 pub struct NameTakenResponse;
 

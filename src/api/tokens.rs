@@ -1,7 +1,7 @@
 //! `/tokens`: create (the token shown once), list (never the secrets) and revoke API tokens;
 //! admins only (see [`super::access`]). The same as `sqlite-sim token …` on the store.
 
-use super::error::{ApiError, NameTakenResponse};
+use super::error::{ApiError, ForbiddenResponse, NameTakenResponse};
 use super::input::{self, Object};
 use super::AppState;
 use crate::auth::{Principal, Role, Secret, TokenName};
@@ -84,15 +84,25 @@ pub fn expiry(seconds: u64) -> String {
 }
 
 /// Create a token for a named principal with one role. The answer carries the token, once.
+/// While authentication is off this is refused (`403`): a first token would turn it on, which
+/// is the store owner's decision (`sqlite-sim token create`), not any anonymous caller's.
 #[utoipa::path(post, path = "/tokens", tag = "tokens", request_body = CreateTokenBody,
     responses((status = 201, body = CreatedToken, description = "created; `token` is shown this once",
         headers(("Location" = String, description = "`/tokens/{name}`"))),
-        NameTakenResponse))]
+        NameTakenResponse, ForbiddenResponse))]
 pub async fn create_token(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     body: Result<Json<Object<CreateTokenBody>>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if !who.authenticated {
+        return Err(ApiError::Forbidden(
+            "authentication is off: make the first token on the store with `sqlite-sim token \
+             create` (creating one turns authentication on, which the API leaves to whoever \
+             runs the service)"
+                .into(),
+        ));
+    }
     let body: CreateTokenBody = input::body(body)?;
     let name = TokenName::new(&body.name).map_err(|e| ApiError::Validation(e.to_string()))?;
     let expires_at = body
