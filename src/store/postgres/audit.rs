@@ -17,7 +17,7 @@ fn from_row(r: &Row) -> Result<AuditEntry, StoreError> {
         role: r.try_get(3)?,
         address: r.try_get(4)?,
         action: r.try_get(5)?,
-        request_uuid: r.try_get(6)?,
+        request: r.try_get(6)?,
         target: r.try_get(7)?,
         outcome: Outcome::parse(&outcome)?,
         status: u16::try_from(status).unwrap_or(0),
@@ -32,28 +32,34 @@ impl Pg {
         let role = a.role.map(|r| r.as_str());
         let request = a.request.map(|r| r.to_string());
         let status = i64::from(a.status);
-        write_tx!(self, "insert_audit", |tx| async {
-            tx.execute(
-                "INSERT INTO audit_log (at, principal, role, address, action, request_uuid,
+        write_tx!(
+            self,
+            "insert_audit",
+            |tx| async {
+                tx.execute(
+                    "INSERT INTO audit_log (at, principal, role, address, action, request_uuid,
                                         target, outcome, status, detail)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                &[
-                    &timefmt::now(),
-                    &a.principal,
-                    &role,
-                    &a.address,
-                    &a.action,
-                    &request,
-                    &a.target,
-                    &a.outcome.as_str(),
-                    &status,
-                    &a.detail,
-                ],
-            )
-            .await?;
-            Ok(())
-        }
-        .await)
+                    &[
+                        &timefmt::now(),
+                        &a.principal,
+                        &role,
+                        &a.address,
+                        &a.action,
+                        &request,
+                        &a.target,
+                        &a.outcome.as_str(),
+                        &status,
+                        &a.detail,
+                    ],
+                )
+                .await?;
+                Ok(())
+            }
+            .await,
+            // Nothing to wake: no agent or follower waits for audit rows.
+            quiet_if | _v | true
+        )
     }
 
     pub(crate) async fn audit(&self, q: AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
