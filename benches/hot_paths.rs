@@ -115,6 +115,7 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             artifacts: Vec::new(),
             requires: Vec::new(),
             keep_on_failure: None,
+            submitted_by: None,
         })
         .await
         .unwrap();

@@ -375,6 +375,9 @@ pub struct Request {
     /// Milliseconds the VM was kept after the failure, once the keep ended.
     #[serde(default)]
     pub kept_ms: Option<i64>,
+    /// The principal (token name) that submitted it; null when authentication was off.
+    #[serde(default)]
+    pub submitted_by: Option<String>,
 }
 
 /// How a run's commands talk to the host.
@@ -476,6 +479,8 @@ pub struct NewRequest {
     pub requires: Vec<Label>,
     /// Seconds to keep the VM after a failure, for debugging.
     pub keep_on_failure: Option<u32>,
+    /// The principal submitting it (`None` with authentication off).
+    pub submitted_by: Option<String>,
 }
 
 /// How a submission asks its guest to start.

@@ -566,7 +566,9 @@ async fn openapi_lists_exactly_the_routes_served_and_docs_are_served() {
         listed,
         [
             "DELETE /requests/{uuid}",
+            "DELETE /tokens/{name}",
             "DELETE /vms/{name}/template",
+            "GET /audit",
             "GET /health",
             "GET /hosts",
             "GET /metrics",
@@ -580,10 +582,12 @@ async fn openapi_lists_exactly_the_routes_served_and_docs_are_served() {
             "GET /requests/{uuid}/logs/raw",
             "GET /requests/{uuid}/logs/stream",
             "GET /stats",
+            "GET /tokens",
             "GET /vms",
             "GET /vms/{name}",
             "POST /prune",
             "POST /requests",
+            "POST /tokens",
             "POST /vms/{name}/template",
             "PUT /requests/{uuid}/status",
         ]

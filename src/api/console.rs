@@ -269,6 +269,7 @@ pub async fn console(
     Path(uuid): Path<String>,
     params: Result<Query<ConsoleParams>, QueryRejection>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Extension(principal): Extension<crate::auth::Principal>,
     headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -294,10 +295,14 @@ pub async fn console(
         .ok()
         .filter(|_| valid_key(&headers))
         .ok_or(ApiError::UpgradeRequired)?;
-    let who = identity(
-        state.settings.api_token.as_deref(),
-        peer.map(|Extension(ConnectInfo(a))| a),
-    );
+    // Watching is a read; typing is control of this request, which a viewer (or a
+    // submitter, on another's request) may not do: their connection is read-only.
+    let read_only = read_only
+        || !principal.may(
+            crate::auth::Permission::ControlRequest,
+            req.submitted_by.as_deref(),
+        );
+    let who = identity(&principal, peer.map(|Extension(ConnectInfo(a))| a));
     let from = p.from.unwrap_or(0);
     Ok(ws
         .protocols([SUBPROTOCOL])
@@ -309,18 +314,10 @@ pub async fn console(
         }))
 }
 
-/// Who a viewer is, for the typist message and the `input` log: the token's fingerprint (never
-/// the token) or `anonymous`, and the peer address.
-fn identity(token: Option<&str>, peer: Option<SocketAddr>) -> String {
-    use sha2::Digest;
-    let base = match token {
-        Some(t) => {
-            let digest = sha2::Sha256::digest(t.as_bytes());
-            let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
-            format!("token:{hex}")
-        }
-        None => "anonymous".to_string(),
-    };
+/// Who a viewer is, for the typist message and the `input` log: the principal's name (never
+/// the token; `anonymous` with authentication off), and the peer address.
+fn identity(principal: &crate::auth::Principal, peer: Option<SocketAddr>) -> String {
+    let base = principal.name.clone();
     match peer {
         Some(p) => format!("{base}@{p}"),
         None => base,
@@ -449,7 +446,7 @@ async fn handle(
     match m {
         Message::Text(t) => match serde_json::from_str::<ClientMsg>(t.as_str()) {
             Ok(ClientMsg::Take) if read_only => {
-                error("this connection is read-only (?read_only=1): it cannot take the console")
+                error("this connection is read-only (?read_only=1, or a role that may not control this request): it cannot take the console")
             }
             Ok(ClientMsg::Take) => {
                 room.take(viewer, who);
@@ -463,7 +460,7 @@ async fn handle(
         },
         Message::Binary(bytes) => {
             if read_only {
-                return error("this connection is read-only (?read_only=1): input refused");
+                return error("this connection is read-only (?read_only=1, or a role that may not control this request): input refused");
             }
             if !room.is_typist(viewer) {
                 return error(

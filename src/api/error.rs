@@ -74,8 +74,15 @@ pub enum ApiError {
     NotKept(Status),
     #[error("this is a WebSocket endpoint: connect with Upgrade: websocket")]
     UpgradeRequired,
-    #[error("missing or wrong bearer token (Authorization: Bearer <SQLITE_SIM_API_TOKEN>)")]
+    #[error("missing, unknown, expired or revoked bearer token (Authorization: Bearer <token>)")]
     Unauthorized,
+    /// A valid token whose role may not do this; the message says what may.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("token name {0:?} already has an active token: revoke it first")]
+    NameTaken(String),
+    #[error("no active token named {0:?}")]
+    NoSuchToken(String),
     /// The labels a submission requires are had by no registered host; the words name what
     /// each one lacks.
     #[error("{0}")]
@@ -94,11 +101,13 @@ pub enum ErrorCode {
     InvalidUuid,
     InvalidName,
     Unauthorized,
+    Forbidden,
     NotFound,
     NoRoute,
     MethodNotAllowed,
     InvalidTransition,
     NotWarm,
+    NameTaken,
     UpgradeRequired,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -109,17 +118,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::MalformedJson,
         ErrorCode::MalformedMultipart,
         ErrorCode::InvalidUuid,
         ErrorCode::InvalidName,
         ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
         ErrorCode::NotFound,
         ErrorCode::NoRoute,
         ErrorCode::MethodNotAllowed,
         ErrorCode::InvalidTransition,
         ErrorCode::NotWarm,
+        ErrorCode::NameTaken,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::Validation,
@@ -137,9 +148,12 @@ impl ErrorCode {
             | ErrorCode::InvalidUuid
             | ErrorCode::InvalidName => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound | ErrorCode::NoRoute => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::InvalidTransition | ErrorCode::NotWarm => StatusCode::CONFLICT,
+            ErrorCode::InvalidTransition | ErrorCode::NotWarm | ErrorCode::NameTaken => {
+                StatusCode::CONFLICT
+            }
             ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -156,6 +170,8 @@ impl ErrorCode {
             ErrorCode::InvalidUuid => "invalid_uuid",
             ErrorCode::InvalidName => "invalid_name",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NameTaken => "name_taken",
             ErrorCode::NotFound => "not_found",
             ErrorCode::NoRoute => "no_route",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -182,7 +198,14 @@ impl ErrorCode {
             }
             ErrorCode::InvalidUuid => "the `uuid` in the path is not a UUID",
             ErrorCode::InvalidName => "the `name` in the path is not a VM name",
-            ErrorCode::Unauthorized => "missing or wrong `Authorization: Bearer` token",
+            ErrorCode::Unauthorized => {
+                "missing, unknown, expired or revoked `Authorization: Bearer` token"
+            }
+            ErrorCode::Forbidden => {
+                "the token is valid but its role may not do this (the operation's description \
+                 names the roles that may)"
+            }
+            ErrorCode::NameTaken => "the token name already has an active token; revoke it first",
             ErrorCode::NotFound => {
                 "the request, VM, template or artifact that the path names does not exist"
             }
@@ -245,8 +268,29 @@ pub const MULTIPART_BODY: &[ErrorCode] = &[
 ];
 /// Errors an artifact's `{path}` brings: it names one of the request's stored artifacts.
 pub const ARTIFACT_PATH: &[ErrorCode] = &[ErrorCode::NotFound];
-/// Errors of an operation behind the bearer token, when one is configured.
+/// Errors of an operation behind the bearer token, when authentication is on.
 pub const AUTHENTICATED: &[ErrorCode] = &[ErrorCode::Unauthorized];
+/// Errors of an operation that not every role may do, when authentication is on.
+pub const AUTHORIZED: &[ErrorCode] = &[ErrorCode::Forbidden];
+
+/// `forbidden` whether or not authentication is on: creating a token over the API while it
+/// is off (the first token is made with the CLI, on the store).
+pub struct ForbiddenResponse;
+
+impl utoipa::IntoResponses for ForbiddenResponse {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        declared(&[ErrorCode::Forbidden])
+    }
+}
+
+/// `name_taken`: creating a token whose name has an active one.
+pub struct NameTakenResponse;
+
+impl utoipa::IntoResponses for NameTakenResponse {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        declared(&[ErrorCode::NameTaken])
+    }
+}
 
 /// The OpenAPI extension through which an operation declares error codes its inputs do not
 /// imply; the document builder turns them into responses and removes it.
@@ -356,9 +400,12 @@ impl ApiError {
             | ApiError::MultipartTooLarge { .. }
             | ApiError::RequestPartTooLarge { .. } => ErrorCode::PayloadTooLarge,
             ApiError::InvalidUuid(_) => ErrorCode::InvalidUuid,
-            ApiError::NotFound(_) | ApiError::UnknownVm { .. } | ApiError::NoTemplate(_) => {
-                ErrorCode::NotFound
-            }
+            ApiError::NotFound(_)
+            | ApiError::UnknownVm { .. }
+            | ApiError::NoTemplate(_)
+            | ApiError::NoSuchToken(_) => ErrorCode::NotFound,
+            ApiError::Forbidden(_) => ErrorCode::Forbidden,
+            ApiError::NameTaken(_) => ErrorCode::NameTaken,
             ApiError::InvalidName(_) => ErrorCode::InvalidName,
             ApiError::NotWarm(_) => ErrorCode::NotWarm,
             ApiError::NoRoute => ErrorCode::NoRoute,
@@ -498,6 +545,9 @@ mod tests {
             ApiError::NoRoute,
             ApiError::MethodNotAllowed,
             ApiError::Unauthorized,
+            ApiError::Forbidden("x".into()),
+            ApiError::NameTaken("x".into()),
+            ApiError::NoSuchToken("x".into()),
             ApiError::Conflict {
                 current: Status::Done,
                 target: Status::Hold,
@@ -539,11 +589,13 @@ mod tests {
                 (400, "invalid_uuid"),
                 (400, "invalid_name"),
                 (401, "unauthorized"),
+                (403, "forbidden"),
                 (404, "not_found"),
                 (404, "no_route"),
                 (405, "method_not_allowed"),
                 (409, "invalid_transition"),
                 (409, "not_warm"),
+                (409, "name_taken"),
                 (413, "payload_too_large"),
                 (415, "unsupported_media_type"),
                 (422, "validation_error"),

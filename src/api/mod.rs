@@ -1,10 +1,13 @@
 //! The REST API (axum). Handlers live per resource (`requests` with its multipart `upload`s,
-//! `artifacts`, `logs`, `metrics`, `vms`);
+//! `artifacts`, `logs`, `metrics`, `vms`, `tokens`, `audit`); who may call what, and the
+//! audit record of control actions, is the [`access`] layer's;
 //! errors map to HTTP in exactly one place ([`error`]); the OpenAPI document ([`openapi`]) is
 //! generated from the handlers' annotations, completed for this server's settings, and served
 //! with Swagger UI, offline.
 
+pub mod access;
 mod artifacts;
+mod audit;
 mod console;
 pub mod error;
 mod files;
@@ -14,6 +17,8 @@ mod logs;
 mod metrics;
 pub mod openapi;
 mod requests;
+mod tokens;
+pub use tokens::expiry as tokens_expiry;
 pub mod upload;
 pub mod vms;
 
@@ -21,9 +26,7 @@ use crate::config::vm::VmCatalog;
 use crate::config::Settings;
 use crate::qemu::accel::AccelResolver;
 use crate::store::Store;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use error::ApiError;
@@ -52,6 +55,8 @@ pub struct AppState {
     pub accel: Arc<AccelResolver>,
     /// Viewers of live consoles in this process, and their typists.
     pub consoles: Arc<console::Hub>,
+    /// Whether authentication is on, once known to be (see [`access`]).
+    pub gate: Arc<access::Gate>,
 }
 
 impl AppState {
@@ -64,6 +69,7 @@ impl AppState {
                 &settings.kvm_device,
             )),
             consoles: Arc::default(),
+            gate: Arc::default(),
             settings,
             store,
             wake,
@@ -109,7 +115,10 @@ pub fn router(state: AppState) -> Router {
         // Built per request from the settings and the VMs present, so it describes this server.
         .route("/openapi.json", get(openapi::serve))
         .merge(SwaggerUi::new("/docs").config(Config::new(["/openapi.json"])))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .route("/tokens", get(tokens::list_tokens).post(tokens::create_token))
+        .route("/tokens/{name}", axum::routing::delete(tokens::revoke_token))
+        .route("/audit", get(audit::list_audit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access::layer))
         // Liveness stays open to load balancers.
         .route(HEALTH, get(health))
         // The dashboard's files are public: the page loads first, then asks for the token.
@@ -128,54 +137,6 @@ pub fn router(state: AppState) -> Router {
         app = app.layer(cors);
     }
     app
-}
-
-/// With `SQLITE_SIM_API_TOKEN` set, requires `Authorization: Bearer <token>`.
-async fn auth(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if let Some(token) = &state.settings.api_token {
-        let headers = req.headers();
-        let given = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| protocol_token(headers))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            return Err(ApiError::Unauthorized);
-        }
-    }
-    Ok(next.run(req).await)
-}
-
-/// A token offered as a WebSocket subprotocol entry `bearer.<token>`, the only way a browser
-/// can send one when it opens a WebSocket. Only on upgrade requests; it is never echoed back.
-fn protocol_token(headers: &axum::http::HeaderMap) -> Option<&str> {
-    let upgrade = headers
-        .get(axum::http::header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    if !upgrade {
-        return None;
-    }
-    headers
-        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix(console::BEARER_PROTOCOL_PREFIX))
-}
-
-/// Compares without an early exit, so timing does not reveal how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
-    for (i, x) in a.iter().enumerate() {
-        diff |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
-    }
-    diff == 0
 }
 
 fn cors_layer(settings: &Settings) -> CorsLayer {
@@ -224,18 +185,4 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn constant_time_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secre", b"secret"));
-        assert!(!constant_time_eq(b"", b"secret"));
-        assert!(!constant_time_eq(b"secretsecret", b"secret"));
-    }
 }

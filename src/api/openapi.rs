@@ -6,7 +6,8 @@
 //! server runs.
 
 use super::error::{self, ErrorCode};
-use super::{artifacts, hosts, logs, metrics, requests, vms, AppState};
+use super::{access, artifacts, audit, hosts, logs, metrics, requests, tokens, vms, AppState};
+use crate::auth::Permission;
 use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
@@ -19,8 +20,10 @@ use utoipa::OpenApi;
         title = "sqlite-sim",
         description = "QMP-native QEMU VM supervisor. This document \
         describes the server that serves it: the `vm_name` enum lists its VMs, `timeout` is \
-        bounded by its `SQLITE_SIM_MAX_TIMEOUT`, and bearer authentication appears only when \
-        `SQLITE_SIM_API_TOKEN` is set. Every error answer has the `Error` shape; each \
+        bounded by its `SQLITE_SIM_MAX_TIMEOUT`, and bearer authentication (with `401`, and \
+        `403` where not every role may) appears only when authentication is on \
+        (`SQLITE_SIM_API_TOKEN` set, or tokens stored). Each operation names the roles that \
+        may call it. Every error answer has the `Error` shape; each \
         operation lists the codes it can return."
     ),
     paths(
@@ -44,6 +47,10 @@ use utoipa::OpenApi;
         vms::show_vm,
         vms::build_template,
         vms::delete_template,
+        tokens::create_token,
+        tokens::list_tokens,
+        tokens::revoke_token,
+        audit::list_audit,
         super::health,
     ),
     components(schemas(
@@ -66,7 +73,7 @@ pub struct Facts {
     pub max_timeout: u32,
     /// `SQLITE_SIM_MAX_KEEP`: the `keep_on_failure` maximum.
     pub max_keep: u32,
-    /// `SQLITE_SIM_API_TOKEN` is set.
+    /// Authentication is on: `SQLITE_SIM_API_TOKEN` is set or tokens are stored.
     pub token: bool,
 }
 
@@ -91,11 +98,19 @@ impl Facts {
             token: state.settings.api_token.is_some(),
         }
     }
+
+    /// [`Facts::of`], with whether the store holds tokens (then authentication is on).
+    pub async fn of_served(state: &AppState) -> Facts {
+        let mut facts = Facts::of(state);
+        // Unknown (store unreachable): documented as on, the safe side.
+        facts.token = access::enabled(state).await.unwrap_or(true);
+        facts
+    }
 }
 
 /// `GET /openapi.json`.
 pub async fn serve(State(state): State<AppState>) -> Json<Value> {
-    Json(document(&Facts::of(&state)))
+    Json(document(&Facts::of_served(&state).await))
 }
 
 /// The complete document for a server with these facts.
@@ -198,6 +213,9 @@ fn complete_operation(method: &str, path: &str, op: &mut Value, facts: &Facts) {
         match p["in"].as_str() {
             Some("path") => match p["name"].as_str() {
                 Some("uuid") if p["schema"]["format"] == "uuid" => codes.extend(error::UUID_PATH),
+                Some("name") if path.starts_with("/tokens/") => {
+                    codes.extend([ErrorCode::Validation, ErrorCode::NotFound])
+                }
                 Some("name") if p["schema"]["pattern"] == vms::VM_NAME_PATTERN => {
                     codes.extend(error::NAME_PATH)
                 }
@@ -229,9 +247,28 @@ fn complete_operation(method: &str, path: &str, op: &mut Value, facts: &Facts) {
             }
         }
     }
-    if facts.token && !super::PUBLIC_PATHS.contains(&path) {
-        codes.extend(error::AUTHENTICATED);
-        op["security"] = json!([{ "bearer": [] }]);
+    if !super::PUBLIC_PATHS.contains(&path) {
+        let rule = access::rule(method, path);
+        let roles = rule.permission.describe();
+        let text = op["description"].as_str().unwrap_or("").to_string();
+        let sep = if text.is_empty() { "" } else { "\n\n" };
+        op["description"] = json!(format!(
+            "{text}{sep}**Roles** (when authentication is on): {roles}."
+        ));
+        op["x-roles"] = json!(crate::auth::Role::ALL
+            .into_iter()
+            .filter(|r| *r >= rule.permission.least_role()
+                || (rule.permission == Permission::ControlRequest
+                    && *r == crate::auth::Role::Submitter))
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>());
+        if facts.token {
+            codes.extend(error::AUTHENTICATED);
+            if rule.permission != Permission::Read {
+                codes.extend(error::AUTHORIZED);
+            }
+            op["security"] = json!([{ "bearer": [] }]);
+        }
     }
     let responses = op["responses"].as_object_mut().expect("responses");
     let hand_written: Vec<String> = responses
@@ -376,17 +413,54 @@ mod tests {
                 ("get", p) if p.starts_with("/requests/{uuid}/logs") => {
                     vec![400, 404, 422, 500, 503]
                 }
-                ("get", "/metrics" | "/stats" | "/health" | "/vms" | "/hosts") => vec![500, 503],
+                ("get", "/metrics" | "/stats" | "/health" | "/vms" | "/hosts" | "/tokens") => {
+                    vec![500, 503]
+                }
+                ("get", "/audit") => vec![422, 500, 503],
+                ("post", "/tokens") => vec![400, 403, 409, 413, 415, 422, 500, 503],
+                ("delete", "/tokens/{name}") => vec![404, 422, 500, 503],
                 other => panic!("an operation this test does not know: {other:?}"),
             }
         };
         let ops = operations(&doc);
-        assert_eq!(ops.len(), 21);
+        assert_eq!(ops.len(), 25);
         for (method, path, op) in &ops {
             assert_eq!(error_statuses(op), want(method, path), "{method} {path}");
             assert!(op.get("security").is_none(), "{method} {path}");
         }
         assert!(doc["components"].get("securitySchemes").is_none());
+    }
+
+    #[test]
+    fn with_auth_on_operations_not_every_role_may_list_403_and_their_roles() {
+        let doc = document(&facts(true));
+        for (method, path, op) in operations(&doc) {
+            if path == "/health" {
+                assert!(op.get("x-roles").is_none());
+                continue;
+            }
+            let listed = access::RULES
+                .iter()
+                .any(|(m, p, _)| m.eq_ignore_ascii_case(&method) && *p == path);
+            // Every operation that changes something has its rule written down.
+            assert!(
+                method == "get" || listed,
+                "{method} {path} has no access rule"
+            );
+            let forbidden = error_statuses(&op).contains(&403);
+            assert_eq!(
+                forbidden,
+                access::rule(&method, &path).permission != Permission::Read,
+                "{method} {path}"
+            );
+            // Refused with auth off too: documented either way.
+            if (method.as_str(), path.as_str()) == ("post", "/tokens") {
+                let off = document(&facts(false));
+                assert!(off["paths"]["/tokens"]["post"]["responses"]["403"].is_object());
+            }
+            assert!(op["description"].as_str().unwrap().contains("**Roles**"));
+            assert!(op["x-roles"].as_array().unwrap().contains(&json!("admin")));
+        }
     }
 
     #[test]

@@ -176,6 +176,7 @@ pub(super) fn validate(
             artifacts,
             requires,
             keep_on_failure,
+            submitted_by: None,
         },
         pending,
     ))
@@ -196,9 +197,10 @@ pub(super) fn validate(
         NoCapableHostResponse))]
 pub async fn create(
     State(state): State<AppState>,
+    axum::Extension(who): axum::Extension<crate::auth::Principal>,
     req: axum::extract::Request,
 ) -> Result<impl IntoResponse, ApiError> {
-    let new = if upload::is_multipart(req.headers()) {
+    let mut new = if upload::is_multipart(req.headers()) {
         upload::submission(&state, req).await?
     } else {
         // The route admits multipart bodies up to the upload limit; JSON keeps its own.
@@ -214,6 +216,7 @@ pub async fn create(
         new.uploads = files::stage(&state.store, pending, state.settings.max_upload).await?;
         new
     };
+    new.submitted_by = who.submitter_name();
     let staged = new.uploads.clone();
     // Refused only when hosts have reported and none has the labels: with no host yet (an
     // API started before its agents) there is nothing to judge by, and a host that is down
@@ -319,6 +322,7 @@ pub(super) fn parse_list_query(raw: Option<&str>) -> Result<RequestQuery, ApiErr
                 }
             }
             "vm_name" => q.vm_name = Some(v),
+            "submitted_by" => q.submitted_by = Some(v),
             "uuid_prefix" => {
                 if v.is_empty()
                     || v.len() > 36
@@ -339,7 +343,7 @@ pub(super) fn parse_list_query(raw: Option<&str>) -> Result<RequestQuery, ApiErr
             "offset" => q.offset = number("offset", &v, u32::MAX)?,
             other => {
                 return Err(ApiError::Validation(format!(
-                    "unknown query parameter {other:?}; use status, vm_name, uuid_prefix, limit, offset"
+                    "unknown query parameter {other:?}; use status, vm_name, submitted_by, uuid_prefix, limit, offset"
                 )))
             }
         }
@@ -376,6 +380,8 @@ impl ToSchema for StatusFilter {}
         ("status" = inline(Option<Vec<StatusFilter>>), Query, style = Form, explode,
             description = "Only these statuses: repeatable, and each value may list several, comma-separated."),
         ("vm_name" = Option<String>, Query, description = "Only requests for this VM."),
+        ("submitted_by" = Option<String>, Query,
+            description = "Only requests this principal (token name) submitted."),
         ("uuid_prefix" = Option<String>, Query, pattern = "^[0-9A-Fa-f-]{1,36}$",
             min_length = 1, max_length = 36, description = "Only requests whose id starts with this."),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,

@@ -10,6 +10,7 @@ mod ops;
 mod render;
 mod service;
 mod submit;
+pub mod token;
 mod upload;
 
 use crate::config::Settings;
@@ -74,6 +75,11 @@ pub enum Command {
         conn: Conn,
         #[command(flatten)]
         args: submit::SubmitArgs,
+    },
+    /// Manage API tokens on the store directly (no API needed).
+    Token {
+        #[command(subcommand)]
+        command: token::TokenCommand,
     },
     /// Print a shell completion script.
     Completions {
@@ -334,6 +340,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
         Command::Status => service::status(&settings).await,
         Command::Config => service::print_config(&settings).await,
         Command::Console { name, timeout } => service::console(&settings, &name, timeout).await,
+        Command::Token { command } => token::run(&settings, command).await,
         _ => unreachable!("client commands are dispatched in run()"),
     }
 }

@@ -93,6 +93,13 @@ pub(super) async fn print_config(settings: &Settings) -> anyhow::Result<ExitCode
         &settings.kvm_device,
     );
     println!("\n{}", accel_line(settings, &resolver).await);
+    // The store is only read, and only when it exists (`config` creates nothing).
+    let store = if settings.database_url.is_some() || settings.db_path.exists() {
+        Store::open_settings(settings).await.ok()
+    } else {
+        None
+    };
+    println!("{}", super::token::summary(settings, store.as_ref()).await);
     let catalog = VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir);
     let names = catalog.available();
     println!();
@@ -177,6 +184,7 @@ pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    println!("{}", super::token::summary(settings, store.as_ref()).await);
     // The templates are read as `GET /vms` shows them, from the same views.
     let state = store
         .map(|store| AppState::new(Arc::new(settings.clone()), store, Arc::new(Notify::new())));

@@ -305,6 +305,7 @@ mod tests {
             artifacts: Vec::new(),
             requires: Vec::new(),
             keep_on_failure: None,
+            submitted_by: None,
         }
     }
 

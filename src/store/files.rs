@@ -326,6 +326,7 @@ mod tests {
                 artifacts: vec!["/root/out/*.xml".into()],
                 requires: Vec::new(),
                 keep_on_failure: None,
+                submitted_by: None,
             })
             .await
             .unwrap();
@@ -350,6 +351,7 @@ mod tests {
                 artifacts: vec![],
                 requires: Vec::new(),
                 keep_on_failure: None,
+                submitted_by: None,
             })
             .await;
         assert!(again.is_err(), "{again:?}");

@@ -326,6 +326,7 @@ mod tests {
             artifacts: Vec::new(),
             requires: labels.iter().map(|s| l(s)).collect(),
             keep_on_failure: None,
+            submitted_by: None,
         }
     }
 

@@ -24,6 +24,7 @@ macro_rules! on_pg {
     };
 }
 
+pub(crate) mod audit;
 mod console;
 mod control;
 mod files;
@@ -35,7 +36,9 @@ mod requests;
 mod schema;
 pub mod sink;
 mod templates;
+pub(crate) mod tokens;
 
+pub use audit::{AuditEntry, AuditQuery, NewAudit, Outcome};
 pub use console::{ConsoleSlice, Kept, Keystrokes, ReleaseOutcome};
 pub use control::{ControlOutcome, DeleteOutcome};
 pub use files::CHUNK;
@@ -44,6 +47,7 @@ pub use logs::LogQuery;
 pub use metrics::{Histogram, MetricsSnapshot, Stats, Summary, BUCKETS};
 pub use requests::{Finish, RequestQuery};
 pub use templates::{RestoreStats, TemplateOrder, TemplateOrders, TemplateRecord};
+pub use tokens::{NewToken, TokenCreated, TokenInfo};
 
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
@@ -460,6 +464,7 @@ pub(crate) mod test_support {
                 artifacts: Vec::new(),
                 requires: Vec::new(),
                 keep_on_failure: None,
+                submitted_by: None,
             })
             .await
             .unwrap()

@@ -12,7 +12,7 @@ use std::time::Duration;
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id, keep_on_failure, kept_until, kept_ms";
+     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -70,6 +70,7 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
             keep_on_failure: r.get(24)?,
             kept_until: r.get(25)?,
             kept_ms: r.get(26)?,
+            submitted_by: r.get(27)?,
         })
     };
     Ok(build())
@@ -82,6 +83,8 @@ pub struct RequestQuery {
     pub vm_name: Option<String>,
     /// Lower-case hex digits and hyphens only (checked by the caller), so it is a plain prefix.
     pub uuid_prefix: Option<String>,
+    /// Only requests this principal submitted.
+    pub submitted_by: Option<String>,
     pub limit: u32,
     pub offset: u32,
 }
@@ -140,8 +143,9 @@ impl Store {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
-                                       boot, artifact_globs, requires, keep_on_failure)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9)",
+                                       boot, artifact_globs, requires, keep_on_failure,
+                                       submitted_by)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     id.to_string(),
                     new.vm_name,
@@ -158,6 +162,7 @@ impl Store {
                         (!need.is_empty()).then(|| serde_json::to_string(&need).expect("json"))
                     },
                     new.keep_on_failure,
+                    new.submitted_by,
                 ],
             )?;
             for (seq, upload) in new.uploads.iter().enumerate() {
@@ -216,6 +221,10 @@ impl Store {
             if let Some(vm) = &q.vm_name {
                 wh.push("vm_name = ?".into());
                 args.push(vm.clone());
+            }
+            if let Some(by) = &q.submitted_by {
+                wh.push("submitted_by = ?".into());
+                args.push(by.clone());
             }
             if let Some(p) = &q.uuid_prefix {
                 debug_assert!(p.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
@@ -445,6 +454,7 @@ mod tests {
             artifacts: Vec::new(),
             requires: Vec::new(),
             keep_on_failure: None,
+            submitted_by: None,
         }
     }
 

@@ -174,6 +174,40 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX agent_processes_by_host ON agent_processes (host_id);
     "#,
+    // v8: users and audit. Who submitted each request; tokens (only their SHA-256 digests;
+    // at most one active token per name); the audit log of control actions.
+    r#"
+    ALTER TABLE requests ADD COLUMN submitted_by TEXT;
+    CREATE INDEX requests_by_submitter ON requests (submitted_by, created_at);
+    CREATE TABLE tokens (
+        id            INTEGER PRIMARY KEY,
+        name          TEXT NOT NULL,
+        role          TEXT NOT NULL CHECK (role IN ('viewer','submitter','operator','admin')),
+        digest        TEXT NOT NULL UNIQUE,
+        created_at    TEXT NOT NULL,
+        created_by    TEXT,
+        expires_at    TEXT,
+        revoked_at    TEXT,
+        revoked_by    TEXT
+    );
+    CREATE UNIQUE INDEX tokens_active_name ON tokens (name) WHERE revoked_at IS NULL;
+    CREATE TABLE audit_log (
+        id            INTEGER PRIMARY KEY,
+        at            TEXT NOT NULL,
+        principal     TEXT,
+        role          TEXT,
+        address       TEXT,
+        action        TEXT NOT NULL,
+        request_uuid  TEXT,
+        target        TEXT,
+        outcome       TEXT NOT NULL CHECK (outcome IN ('allowed','refused')),
+        status        INTEGER NOT NULL,
+        detail        TEXT
+    );
+    CREATE INDEX audit_log_by_principal ON audit_log (principal, id);
+    CREATE INDEX audit_log_by_request ON audit_log (request_uuid, id);
+    CREATE INDEX audit_log_by_action ON audit_log (action, id);
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

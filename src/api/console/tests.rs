@@ -374,7 +374,7 @@ async fn the_token_is_accepted_as_a_subprotocol_and_required() {
         .unwrap()
         .to_string();
     assert!(
-        who.starts_with("token:") && !who.contains("s3cret"),
+        who.starts_with("admin@") && !who.contains("s3cret"),
         "{who}"
     );
     let mut bad = url.into_client_request().unwrap();
@@ -412,4 +412,60 @@ async fn plain_http_gets_upgrade_required_and_bad_queries_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
+}
+
+/// Opens the console of `id` with `token` as the subprotocol entry.
+async fn connect_as(api: &Api, id: RequestId, token: &str) -> Ws {
+    let url = format!("ws://{}/requests/{id}/console", api.addr);
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("sqlite-sim.console, bearer.{token}")
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+    ws
+}
+
+async fn stored_token(store: &Store, name: &str, role: crate::auth::Role) -> String {
+    let secret = crate::auth::Secret::generate().unwrap();
+    store
+        .create_token(crate::store::NewToken {
+            name: crate::auth::TokenName::new(name).unwrap(),
+            role,
+            digest: crate::auth::digest(secret.expose()),
+            expires_at: None,
+            created_by: None,
+        })
+        .await
+        .unwrap();
+    secret.expose().to_string()
+}
+
+#[tokio::test]
+async fn viewers_watch_and_only_those_who_may_control_the_request_type() {
+    use crate::auth::Role;
+    let api = api(None).await;
+    let viewer = stored_token(&api.store, "watcher", Role::Viewer).await;
+    let other = stored_token(&api.store, "other-ci", Role::Submitter).await;
+    let op = stored_token(&api.store, "oncall", Role::Operator).await;
+    let id = api.running().await;
+    for token in [&viewer, &other] {
+        let mut ws = connect_as(&api, id, token).await;
+        ws.send(WsMsg::Text(r#"{"type":"take"}"#.into()))
+            .await
+            .unwrap();
+        let e = next_json(&mut ws).await;
+        assert_eq!(e["type"], "error", "{e}");
+        assert!(e["message"].as_str().unwrap().contains("read-only"), "{e}");
+    }
+    let mut ws = connect_as(&api, id, &op).await;
+    ws.send(WsMsg::Text(r#"{"type":"take"}"#.into()))
+        .await
+        .unwrap();
+    let m = next_json(&mut ws).await;
+    assert_eq!(m["type"], "typist", "{m}");
+    assert!(m["who"].as_str().unwrap().starts_with("oncall@"), "{m}");
 }

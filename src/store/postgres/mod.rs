@@ -121,6 +121,7 @@ macro_rules! write_tx {
 }
 pub(super) use write_tx;
 
+mod audit;
 mod console;
 mod control;
 mod files;
@@ -130,6 +131,7 @@ mod metrics;
 mod requests;
 mod schema;
 mod templates;
+mod tokens;
 
 use super::StoreError;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};

@@ -14,7 +14,7 @@ pub(super) const COLUMNS: &str =
     "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id, keep_on_failure, kept_until, kept_ms";
+     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by";
 
 pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
     let uuid: String = r.try_get(0)?;
@@ -76,6 +76,7 @@ pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
             .map_err(|e| bad(&e))?,
         kept_until: r.try_get(25)?,
         kept_ms: r.try_get(26)?,
+        submitted_by: r.try_get(27)?,
     })
 }
 
@@ -117,8 +118,8 @@ impl Pg {
                 tx.execute(
                     "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
                                        updated_at, boot, artifact_globs, requires,
-                                       keep_on_failure)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9)",
+                                       keep_on_failure, submitted_by)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10)",
                     &[
                         &uuid,
                         &new.vm_name,
@@ -129,6 +130,7 @@ impl Pg {
                         &globs,
                         &requires,
                         &new.keep_on_failure.map(i64::from),
+                        &new.submitted_by,
                     ],
                 )
                 .await?;
@@ -190,6 +192,10 @@ impl Pg {
         if let Some(vm) = &q.vm_name {
             args.push(vm.clone());
             wh.push(format!("vm_name = ${}", args.len()));
+        }
+        if let Some(by) = &q.submitted_by {
+            args.push(by.clone());
+            wh.push(format!("submitted_by = ${}", args.len()));
         }
         if let Some(p) = &q.uuid_prefix {
             debug_assert!(p.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));

@@ -23,6 +23,7 @@ fn new() -> NewRequest {
         artifacts: Vec::new(),
         requires: Vec::new(),
         keep_on_failure: None,
+        submitted_by: None,
     }
 }
 
