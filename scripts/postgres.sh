@@ -3,7 +3,9 @@
 # missing), initdb + pg_ctl on a private directory, port and socket directory, trust auth for
 # local connections only. initdb and pg_ctl refuse to run as root, so they run as `postgres`.
 # Usage: scripts/postgres.sh start|stop|restart|url|status
-# Env: SQLITE_SIM_TEST_PG_DIR (default /tmp/sqlite-sim-pg-$PORT), SQLITE_SIM_TEST_PG_PORT (default 55432)
+# Env: SQLITE_SIM_TEST_PG_DIR (default /tmp/sqlite-sim-pg-$PORT), SQLITE_SIM_TEST_PG_PORT (default 55432),
+# SQLITE_SIM_TEST_PG_LISTEN (default none: socket only) an address to listen on over TCP as well,
+# trusting clients on its subnets (tests/netns.rs runs one inside a network namespace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,7 @@ port="${SQLITE_SIM_TEST_PG_PORT:-55432}"
 dir="${SQLITE_SIM_TEST_PG_DIR:-/tmp/sqlite-sim-pg-$port}"
 data="$dir/data"
 sock="$dir/sock"
+listen="${SQLITE_SIM_TEST_PG_LISTEN:-}"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -36,7 +39,13 @@ as_owner() {
 }
 
 # The socket directory as the host: the form libpq and tokio-postgres both read.
-url() { echo "postgres://postgres@/postgres?host=$sock&port=$port"; }
+url() {
+    if [ -n "$listen" ]; then
+        echo "postgres://postgres@$listen:$port/postgres"
+    else
+        echo "postgres://postgres@/postgres?host=$sock&port=$port"
+    fi
+}
 
 start() {
     install_pg
@@ -48,15 +57,20 @@ start() {
         as_owner mkdir -p "$sock"
         as_owner "$bin/initdb" -D "$data" -U postgres --auth=trust --no-instructions \
             -E UTF8 --locale=C >/dev/null
+        if [ -n "$listen" ]; then
+            # Only hosts on the listening address's own subnets (a test's namespaces).
+            echo "host all all samenet trust" | as_owner tee -a "$data/pg_hba.conf" >/dev/null
+        fi
     fi
     if as_owner "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
         url
         return
     fi
-    # No TCP listener: only the private socket directory, so nothing outside the machine
-    # reaches the trust-authenticated cluster. fsync off: a test cluster, thrown away.
+    # No TCP listener unless one is asked for: only the private socket directory, so nothing
+    # outside the machine reaches the trust-authenticated cluster. fsync off: a test cluster,
+    # thrown away.
     as_owner "$bin/pg_ctl" -D "$data" -l "$dir/log" -w -t 60 \
-        -o "-p $port -k $sock -c listen_addresses='' -c fsync=off -c max_connections=300" \
+        -o "-p $port -k $sock -c listen_addresses='$listen' -c fsync=off -c max_connections=300" \
         start >/dev/null
     url
 }
