@@ -4,7 +4,8 @@
 //! its own address. The test reaches the API over a veth of its own. Cases: twenty requests
 //! spread over both hosts and run once each; a host crashing (every process SIGKILLed) and one
 //! cut off (`ip link set … down`) past its lease, then back; PostgreSQL restarted mid-run;
-//! routing by labels; and a proxy that loses the answer to a `COMMIT` that did commit.
+//! routing by labels; a proxy that loses the answer to a `COMMIT` that did commit, and one
+//! that cuts a host off in the middle of a transaction.
 //! Needs root and iproute2: without them the tests skip, loudly, and fail under `CI=true`.
 
 mod common;
@@ -468,5 +469,56 @@ async fn a_lost_commit_answer_neither_runs_a_request_twice_nor_loses_its_result(
         );
     }
     assert!(c.qemu_of("h-a").is_empty());
+    c.close();
+}
+
+/// A host cut off in the middle of a transaction: the proxy in front of it freezes at the
+/// `COMMIT` of a log batch, so PostgreSQL holds that session open, idle in its transaction,
+/// with the request's row locked (as when a host loses power or its link between two
+/// statements: no FIN ever arrives). The other host's recovery must not wait for TCP to give
+/// up on it: the engine's sessions end a transaction left idle, so the lock goes and the
+/// request is recovered after its lease. Thawed, the cut host overwrites nothing.
+#[tokio::test]
+async fn a_host_cut_off_inside_a_transaction_does_not_block_its_recovery() {
+    require_netns!();
+    require_image();
+    let _slot = vm_slot();
+    let mut c = Cluster::start("3").await;
+    let proxy = Proxy::start(&c.root_addr, c.pg_addr()).await;
+    c.start_api().await;
+    c.add_host("h-a", "ha");
+    c.host_via("h-a", proxy.url.clone());
+    c.add_host("h-b", "");
+    c.start_agents("h-a");
+    c.start_agents("h-b");
+    c.wait_live(&["h-a", "h-b"]).await;
+    let id = submit(&c, "echo started; sleep 4; echo more; sleep 60", &["ha"]).await;
+    c.api.wait_output(&id, "stdout", "started").await;
+    // "more" is the next log batch.
+    proxy.freeze_at(Lost::Logs);
+    let frozen = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(30), || proxy.held() == Some(Lost::Logs)).await,
+        "no log batch reached its COMMIT"
+    );
+    let r = c.wait_terminal(&id, Duration::from_secs(60)).await;
+    eprintln!("recovered {:?} after the freeze", frozen.elapsed());
+    assert_eq!(
+        (&r["status"], &r["error"], &r["host"]),
+        (&json!("failed"), &json!("agent lost"), &json!("h-a")),
+        "{r}"
+    );
+    proxy.thaw();
+    assert!(
+        eventually(Duration::from_secs(90), || c.qemu_of("h-a").is_empty()).await,
+        "h-a's QEMU still runs\n{}",
+        c.log_of("agents-h-a")
+    );
+    let after = c.api.get(&id).await;
+    assert_eq!(
+        (&after["status"], &after["error"], &after["finished_at"]),
+        (&json!("failed"), &json!("agent lost"), &r["finished_at"]),
+        "{after}"
+    );
     c.close();
 }

@@ -6,7 +6,8 @@
 //! namespaces (QEMU included) and deletes them, on a panic too.
 //!
 //! Also a PostgreSQL wire-protocol [`Proxy`] that commits a transaction and then cuts the
-//! connection before the client hears the answer (a lost `COMMIT`).
+//! connection before the client hears the answer (a lost `COMMIT`), or freezes every
+//! connection at a `COMMIT`, leaving the server a session idle inside its transaction.
 
 use crate::common::{self, Client, Proc};
 use serde_json::Value;
@@ -576,6 +577,11 @@ impl Lost {
 struct ProxyState {
     armed: Vec<Lost>,
     lost: Vec<Lost>,
+    /// Kinds whose `COMMIT` freezes every connection instead (see [`Proxy::freeze_at`]).
+    freeze_at: Vec<Lost>,
+    frozen: bool,
+    /// A `COMMIT` held while frozen.
+    held: Option<Lost>,
 }
 
 /// A TCP proxy in front of PostgreSQL that follows the wire protocol from client to server.
@@ -622,9 +628,33 @@ impl Proxy {
         self.state.lock().unwrap().armed.extend_from_slice(kinds);
     }
 
+    /// At the next `COMMIT` of `kind`, the proxy holds it and stops passing bytes on every
+    /// connection, in both directions, without closing any: the host behind it is cut off
+    /// with that transaction open (its row locks held by the server) until [`Proxy::thaw`].
+    pub fn freeze_at(&self, kind: Lost) {
+        self.state.lock().unwrap().freeze_at.push(kind);
+    }
+
+    /// The kind whose `COMMIT` froze the proxy, once it has.
+    pub fn held(&self) -> Option<Lost> {
+        self.state.lock().unwrap().held
+    }
+
+    /// Passes bytes again, the held `COMMIT` first (as TCP would after a cut heals).
+    pub fn thaw(&self) {
+        self.state.lock().unwrap().frozen = false;
+    }
+
     /// The kinds whose `COMMIT` was committed and its answer lost, in order.
     pub fn lost(&self) -> Vec<Lost> {
         self.state.lock().unwrap().lost.clone()
+    }
+}
+
+/// Waits while the proxy is frozen.
+async fn while_frozen(state: &Mutex<ProxyState>) {
+    while state.lock().unwrap().frozen {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -676,6 +706,15 @@ async fn relay(
                             if q == "BEGIN" || q == "ROLLBACK" {
                                 tx.clear();
                             } else if q == "COMMIT" {
+                                {
+                                    let mut s = state.lock().unwrap();
+                                    if let Some(i) = s.freeze_at.iter().position(|k| k.matches(&tx))
+                                    {
+                                        let k = s.freeze_at.remove(i);
+                                        s.frozen = true;
+                                        s.held = Some(k);
+                                    }
+                                }
                                 let hit = {
                                     let mut s = state.lock().unwrap();
                                     let i = s.armed.iter().position(|k| k.matches(&tx));
@@ -703,6 +742,7 @@ async fn relay(
                         _ => {}
                     }
                 }
+                while_frozen(&state).await;
                 if sw.write_all(&msg).await.is_err() {
                     return;
                 }
@@ -721,6 +761,7 @@ async fn relay(
             if swallow.load(Ordering::SeqCst) {
                 return true;
             }
+            while_frozen(&state).await;
             if cw.write_all(&chunk[..n]).await.is_err() {
                 return false;
             }
