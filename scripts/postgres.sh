@@ -2,7 +2,7 @@
 # A private PostgreSQL cluster for the tests: Debian's postgresql package (installed if
 # missing), initdb + pg_ctl on a private directory, port and socket directory, trust auth for
 # local connections only. initdb and pg_ctl refuse to run as root, so they run as `postgres`.
-# Usage: scripts/postgres.sh start|stop|restart|url|status
+# Usage: scripts/postgres.sh start|stop|restart|url|status|init (init: the data directory only)
 # Env: SQLITE_SIM_TEST_PG_DIR (default /tmp/sqlite-sim-pg-$PORT), SQLITE_SIM_TEST_PG_PORT (default 55432),
 # SQLITE_SIM_TEST_PG_LISTEN (default none: socket only) an address to listen on over TCP as well,
 # trusting clients on its subnets (tests/netns.rs runs one inside a network namespace).
@@ -47,14 +47,14 @@ url() {
     fi
 }
 
-start() {
+init() {
     install_pg
     local bin
     bin="$(bindir)"
     mkdir -p "$dir"
     if [ "$(id -u)" = 0 ]; then chown postgres: "$dir"; fi
+    as_owner mkdir -p "$sock"
     if [ ! -f "$data/PG_VERSION" ]; then
-        as_owner mkdir -p "$sock"
         as_owner "$bin/initdb" -D "$data" -U postgres --auth=trust --no-instructions \
             -E UTF8 --locale=C >/dev/null
         if [ -n "$listen" ]; then
@@ -62,6 +62,12 @@ start() {
             echo "host all all samenet trust" | as_owner tee -a "$data/pg_hba.conf" >/dev/null
         fi
     fi
+}
+
+start() {
+    init
+    local bin
+    bin="$(bindir)"
     if as_owner "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
         url
         return
@@ -77,6 +83,7 @@ start() {
 
 case "${1:-}" in
     start) start ;;
+    init) init ;;
     stop)
         if bin="$(bindir)" && [ -f "$data/PG_VERSION" ]; then
             as_owner "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null 2>&1 || true
@@ -91,5 +98,5 @@ case "${1:-}" in
         as_owner "$bin/pg_ctl" -D "$data" status
         ;;
     url) url ;;
-    *) sed -n '2,6p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,8p' "$0" >&2; exit 2 ;;
 esac

@@ -4,7 +4,7 @@
 # SQLITE_SIM_TEST_VMS at once (default 2). Then the PostgreSQL engine: a private cluster
 # (scripts/postgres.sh, stopped at exit), the unit tests again on it (every store test, each in
 # a database of its own), the HTTP API tests, one real-QEMU run, the hosts and console tests on
-# PostgreSQL-backed servers.
+# PostgreSQL-backed servers, and the cross-host tests (network namespaces, PostgreSQL of their own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

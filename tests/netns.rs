@@ -42,7 +42,11 @@ macro_rules! require_netns {
 
 /// An API and agents hosts `ids` (with labels), every process on PostgreSQL over TCP.
 async fn cluster(lease: &str, hosts: &[(&str, &str)]) -> Cluster {
-    let mut c = Cluster::start(lease).await;
+    cluster_with(lease, false, hosts).await
+}
+
+async fn cluster_with(lease: &str, warm: bool, hosts: &[(&str, &str)]) -> Cluster {
+    let mut c = Cluster::start_with(lease, warm).await;
     c.start_api().await;
     for (id, labels) in hosts {
         c.add_host(id, labels);
@@ -104,13 +108,14 @@ async fn assert_no_duplicate_logs(c: &Cluster, id: &str) {
     assert!(twice.is_empty(), "log entries stored twice: {twice:?}");
 }
 
-/// Case 1: twenty requests, both hosts run some, each exactly once.
+/// Case 1: twenty requests, both hosts run some, each exactly once. Warm (each host builds
+/// its own template, then restores clones), so twenty guests take seconds, not minutes.
 #[tokio::test]
 async fn twenty_requests_spread_over_two_hosts_each_run_once() {
     require_netns!();
     require_image();
     let _slot = vm_slot();
-    let c = cluster("10", &[("h-a", ""), ("h-b", "")]).await;
+    let c = cluster_with("10", true, &[("h-a", ""), ("h-b", "")]).await;
     let mut ids = Vec::new();
     for _ in 0..20 {
         ids.push(submit(&c, "echo hi", &[]).await);

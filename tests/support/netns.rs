@@ -16,7 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -133,6 +133,44 @@ pub struct Cluster {
 }
 
 static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+static PG_TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+
+/// A data directory `initdb` made once for this test process (`postgres.sh init`, trusting
+/// clients on the listening subnets), which each cluster copies; removed when the process
+/// exits.
+fn pg_template() -> &'static Path {
+    PG_TEMPLATE.get_or_init(|| {
+        let dir = PathBuf::from(format!("/tmp/sqn-pgtpl-{}", std::process::id()));
+        let out = Command::new(common::repo().join("scripts/postgres.sh"))
+            .arg("init")
+            .env("SQLITE_SIM_TEST_PG_DIR", &dir)
+            .env("SQLITE_SIM_TEST_PG_LISTEN", "template")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "postgres.sh init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        remove_template_at_exit();
+        dir
+    })
+}
+
+#[allow(unsafe_code)]
+fn remove_template_at_exit() {
+    extern "C" fn remove() {
+        if let Some(d) = PG_TEMPLATE.get() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    // SAFETY: registers a plain function, once; it runs at exit, after the tests, and only
+    // removes a directory.
+    unsafe {
+        libc::atexit(remove);
+    }
+}
 
 /// A /24 in 10.77.0.0/16 that no address of the root namespace is in.
 fn free_net() -> String {
@@ -152,6 +190,12 @@ impl Cluster {
     /// added with [`Cluster::add_host`]. `lease` is `SQLITE_SIM_AGENT_LEASE` for every
     /// process.
     pub async fn start(lease: &str) -> Cluster {
+        Cluster::start_with(lease, false).await
+    }
+
+    /// [`Cluster::start`], keeping the shipped configs' `WARM` keys when `warm` (the agents
+    /// build a template at start and restore clones from it).
+    pub async fn start_with(lease: &str, warm: bool) -> Cluster {
         let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
         let tag = format!("sqn{}x{n}", std::process::id());
         assert!(tag.len() < 15, "interface name {tag}r too long");
@@ -196,14 +240,14 @@ impl Cluster {
         c.add_ns(&pg_ns, "pg", 1);
         c.add_ns(&api_ns, "api", 2);
 
-        // VM configs as tests/common's servers have them: the shipped ones, booted cold.
+        // VM configs as tests/common's servers have them: the shipped ones, cold unless asked.
         std::fs::create_dir_all(&c.config_dir).unwrap();
         for e in std::fs::read_dir(common::repo().join("vm_configs")).unwrap() {
             let e = e.unwrap();
             let text: String = std::fs::read_to_string(e.path())
                 .unwrap()
                 .lines()
-                .filter(|l| !l.trim_start().starts_with("WARM"))
+                .filter(|l| warm || !l.trim_start().starts_with("WARM"))
                 .map(|l| format!("{l}\n"))
                 .collect();
             std::fs::write(c.config_dir.join(e.file_name()), text).unwrap();
@@ -251,6 +295,15 @@ impl Cluster {
     }
 
     fn start_pg(&self) {
+        // A copy of this process's initdb'd template: initdb is most of a cluster's start.
+        std::fs::create_dir_all(&self.pg_dir).unwrap();
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(pg_template().join("data"))
+            .arg(self.pg_dir.join("data"))
+            .status()
+            .unwrap();
+        assert!(copied.success(), "copying the PostgreSQL template");
         let out = self.pg_script("start");
         assert!(
             out.status.success(),
