@@ -541,7 +541,7 @@ pub fn signal_and_wait(child: &mut Child, sig: nix::sys::signal::Signal) {
 /// A test process that is killed (a timeout, Ctrl-C) must not leave its servers, and their
 /// VMs, running: they get SIGTERM when it dies and shut down as on a stop.
 #[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only makes an
     // async-signal-safe syscall (prctl); it allocates nothing.
     unsafe {

@@ -149,6 +149,12 @@ const POOL_SIZE: usize = 16;
 const RETRY_FOR: Duration = Duration::from_secs(30);
 /// Bound on each connection attempt, so a vanished server fails an attempt instead of hanging.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the server keeps one of our sessions that sits idle inside a transaction before
+/// ending it. Every transaction here sends its statements back to back, so a session idle
+/// that long belongs to a client that is gone without a FIN (a host that lost power or its
+/// link mid-transaction): without this the server holds its row locks until TCP gives up
+/// (hours), and lease recovery, which skips locked rows, could never recover its request.
+const IDLE_IN_TRANSACTION: &str = "10s";
 
 /// Errors of the PostgreSQL engine.
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +251,13 @@ pub(super) fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError>
         cfg.connect_timeout(CONNECT_TIMEOUT);
     }
     cfg.application_name("sqlite-sim");
+    // Ours first, so that the URL's own `options` (later wins) may override it.
+    let ours = format!("-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION}");
+    let options = match cfg.get_options() {
+        Some(o) if !o.is_empty() => format!("{ours} {o}"),
+        _ => ours,
+    };
+    cfg.options(&options);
     Ok(cfg)
 }
 

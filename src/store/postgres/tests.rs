@@ -308,4 +308,13 @@ fn urls_in_libpq_forms_parse() {
         c.get_connect_timeout().is_some(),
         "a bound on every connect"
     );
+    // A session left idle inside a transaction is ended by the server; the URL's own options
+    // come after ours, so they can override it.
+    let ours = "-c idle_in_transaction_session_timeout=10s";
+    assert_eq!(c.get_options(), Some(ours));
+    let c = super::parse_url("postgres://sim@h/sim?options=-c%20statement_timeout%3D5s").unwrap();
+    assert_eq!(
+        c.get_options(),
+        Some(format!("{ours} -c statement_timeout=5s").as_str())
+    );
 }
