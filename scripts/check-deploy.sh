@@ -204,7 +204,7 @@ check_env_file "$DEPLOY/systemd/sqlite-sim.env.example" \
     SQLITE_SIM_DB_PATH=/var/lib/sqlite-sim/data/simulation.db SQLITE_SIM_RUN_DIR=/run/sqlite-sim
 # The URL is shown with its password redacted.
 check_env_file "$DEPLOY/systemd/sqlite-sim-agents-host.env.example" \
-    "SQLITE_SIM_DATABASE_URL=$(sed -n 's/^SQLITE_SIM_DATABASE_URL=\(postgres:\/\/[^:]*:\)[^@]*\(@.*\)$/\1***\2/p' \
+    "SQLITE_SIM_DATABASE_URL=$(sed -n 's/^SQLITE_SIM_DATABASE_URL=\(postgres:\/\/[^:]*:\)[^@]*\(@.*\)$/\1<redacted>\2/p' \
         "$DEPLOY/systemd/sqlite-sim-agents-host.env.example")" SQLITE_SIM_RUN_DIR=/run/sqlite-sim
 
 # --- nginx -------------------------------------------------------------------------------------
