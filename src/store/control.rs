@@ -55,17 +55,21 @@ impl ControlWrite {
 }
 
 /// The control state machine ([`transition`]) applied to `req`: what to write, or the refusal.
-pub(super) fn plan_control(req: &Request, target: Status) -> Result<ControlWrite, ControlOutcome> {
+/// The refusal is boxed: it carries no request, but the outcome type can.
+pub(super) fn plan_control(
+    req: &Request,
+    target: Status,
+) -> Result<ControlWrite, Box<ControlOutcome>> {
     match transition(
         req.status,
         req.agent_id.is_some(),
         req.desired_status,
         target,
     ) {
-        Transition::Refused(allowed) => Err(ControlOutcome::Refused {
+        Transition::Refused(allowed) => Err(Box::new(ControlOutcome::Refused {
             current: req.status,
             allowed,
-        }),
+        })),
         Transition::Immediate(status) => Ok(ControlWrite {
             status: Some(status),
             desired: None,
@@ -159,7 +163,7 @@ impl Store {
             };
             let write = match plan_control(&req, target) {
                 Ok(write) => write,
-                Err(refused) => return Ok(refused),
+                Err(refused) => return Ok(*refused),
             };
             let now = timefmt::now();
             tx.execute(

@@ -68,9 +68,12 @@ pub(super) fn p95_rank(count: i64) -> Option<i64> {
     (count > 0).then(|| ((count as f64) * 0.95).ceil() as i64 - 1)
 }
 
+/// One `(name, count)` row of a `GROUP BY`, as read.
+pub(super) type CountRow = Result<(String, i64), StoreError>;
+
 /// Every status with its count, from `(status, count)` rows (statuses without rows: 0).
 pub(super) fn status_counts(
-    rows: impl IntoIterator<Item = Result<(String, i64), StoreError>>,
+    rows: impl IntoIterator<Item = CountRow>,
 ) -> Result<Vec<(Status, u64)>, StoreError> {
     let mut by_status: Vec<(Status, u64)> = Status::ALL.iter().map(|s| (*s, 0)).collect();
     for row in rows {
@@ -87,7 +90,7 @@ pub(super) fn status_counts(
 
 /// Shutdown steps with their counts, from `(step, count)` rows.
 pub(super) fn step_counts(
-    rows: impl IntoIterator<Item = Result<(String, i64), StoreError>>,
+    rows: impl IntoIterator<Item = CountRow>,
 ) -> Result<Vec<(ShutdownStep, u64)>, StoreError> {
     rows.into_iter()
         .map(|row| {
@@ -204,7 +207,7 @@ impl Store {
     pub async fn metrics(&self) -> Result<MetricsSnapshot, StoreError> {
         on_pg!(self.metrics());
         self.call(|c| {
-            let pairs = |sql: &str| -> Result<Vec<Result<(String, i64), StoreError>>, StoreError> {
+            let pairs = |sql: &str| -> Result<Vec<CountRow>, StoreError> {
                 let mut stmt = c.prepare(sql)?;
                 let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 let rows: Vec<_> = rows.map(|r| r.map_err(StoreError::from)).collect();

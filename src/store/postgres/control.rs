@@ -38,7 +38,7 @@ impl Pg {
                 };
                 let write = match plan_control(&req, target) {
                     Ok(write) => write,
-                    Err(refused) => return Ok(refused),
+                    Err(refused) => return Ok(*refused),
                 };
                 tx.execute(
                     "UPDATE requests SET status = COALESCE($1, status), desired_status = $2,

@@ -3,7 +3,7 @@
 
 use super::Pg;
 use crate::store::metrics::{
-    histogram_from, histogram_sql, p95_rank, stats_of, status_counts, step_counts,
+    histogram_from, histogram_sql, p95_rank, stats_of, status_counts, step_counts, CountRow,
 };
 use crate::store::{Histogram, MetricsSnapshot, Stats, StoreError, Summary};
 
@@ -73,7 +73,7 @@ impl Pg {
             let pairs = |rows: Vec<tokio_postgres::Row>| {
                 rows.into_iter()
                     .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                    .collect::<Vec<Result<(String, i64), StoreError>>>()
+                    .collect::<Vec<CountRow>>()
             };
             let by_status = status_counts(pairs(
                 c.query("SELECT status, COUNT(*) FROM requests GROUP BY status", &[])
