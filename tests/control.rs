@@ -3,28 +3,11 @@
 
 mod common;
 
-use common::{eventually, require_image, vm_slot, Mode, Options, Server};
-use serde_json::Value;
+use common::{eventually, guest_slot, signal_and_wait, Mode, Options, Server};
+use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// Waits until `pred` holds for the request (polling its JSON).
-async fn wait_for(s: &Server, id: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let r = s.get(id).await;
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "condition not reached: {r}\n{}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn stdout_entries(s: &Server, id: &str) -> usize {
     s.logs_of(id)
@@ -45,7 +28,9 @@ async fn hold_and_resume(s: &Server) {
     s.wait_output(&id, "stdout", "tick 2").await;
     let (code, r) = s.put_status(&id, "hold").await;
     assert!(code == 200 || code == 202, "{code} {r}");
-    let r = wait_for(s, &id, Duration::from_secs(10), |r| r["status"] == "hold").await;
+    let r = s
+        .wait_for(&id, Duration::from_secs(10), |r| r["status"] == "hold")
+        .await;
     assert!(r["desired_status"].is_null(), "{r}");
     let before = stdout_entries(s, &id).await;
     tokio::time::sleep(Duration::from_secs(27)).await;
@@ -79,21 +64,15 @@ async fn hold_and_resume(s: &Server) {
 
 #[tokio::test]
 async fn hold_pauses_the_vm_and_resume_continues_it() {
-    require_image();
-    let _slot = vm_slot();
+    let _slot = guest_slot();
     let s = Server::start(Options::default()).await;
     hold_and_resume(&s).await;
 }
 
 #[tokio::test]
 async fn hold_before_an_agent_claims_keeps_the_request_waiting() {
-    require_image();
-    let _slot = vm_slot();
-    let s = Server::start(Options {
-        mode: Mode::Api,
-        ..Default::default()
-    })
-    .await;
+    let _slot = guest_slot();
+    let s = Server::start(Options::with_mode(Mode::Api)).await;
     let id = s.submit("tiny", "echo released", 60).await;
     let (code, r) = s.put_status(&id, "hold").await;
     assert_eq!((code, r["status"].as_str()), (200, Some("hold")));
@@ -107,20 +86,15 @@ async fn hold_before_an_agent_claims_keeps_the_request_waiting() {
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(r["exit_code"], 0, "{r}");
     assert_eq!(s.output(&id, "stdout").await, "released\n");
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agents.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = agents.wait();
+    signal_and_wait(&mut agents, Signal::SIGTERM);
 }
 
 #[tokio::test]
 async fn cancel_during_boot_ends_qemu_promptly() {
-    require_image();
-    let _slot = vm_slot();
+    let _slot = guest_slot();
     let s = Server::start(Options::default()).await;
     let id = s.submit("tiny", "echo never", 60).await;
-    wait_for(&s, &id, LIMIT, |r| r["status"] == "running").await;
+    s.wait_for(&id, LIMIT, |r| r["status"] == "running").await;
     assert!(
         !s.output(&id, "system").await.contains("shell prompt"),
         "still booting"
@@ -147,8 +121,7 @@ async fn cancel_during_boot_ends_qemu_promptly() {
 
 #[tokio::test]
 async fn cancel_during_a_command() {
-    require_image();
-    let _slot = vm_slot();
+    let _slot = guest_slot();
     let s = Server::start(Options::default()).await;
     let id = s.submit("tiny", "echo started; sleep 600", 300).await;
     s.wait_output(&id, "stdout", "started").await;
@@ -182,8 +155,7 @@ async fn cancel_during_a_command() {
 
 #[tokio::test]
 async fn delete_of_a_running_request_stops_its_vm_and_removes_it() {
-    require_image();
-    let _slot = vm_slot();
+    let _slot = guest_slot();
     let s = Server::start(Options::default()).await;
     let id = s.submit("tiny", "echo started; sleep 600", 300).await;
     s.wait_output(&id, "stdout", "started").await;
@@ -201,14 +173,8 @@ async fn delete_of_a_running_request_stops_its_vm_and_removes_it() {
 
 #[tokio::test]
 async fn control_crosses_from_the_api_process_to_an_agents_process() {
-    require_image();
-    let _slot = vm_slot();
-    let s = Server::start(Options {
-        mode: Mode::Api,
-        ..Default::default()
-    })
-    .await;
-    let mut agents = s.spawn_process(Mode::Agents);
+    let _slot = guest_slot();
+    let (s, mut agents) = Server::start_split().await;
     hold_and_resume(&s).await;
     // And a cancel across processes.
     let id = s.submit("tiny", "echo started; sleep 600", 300).await;
@@ -218,9 +184,5 @@ async fn control_crosses_from_the_api_process_to_an_agents_process() {
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(r["status"], "cancelled");
     assert!(eventually(Duration::from_secs(5), || s.qemu_processes().is_empty()).await);
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agents.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = agents.wait();
+    signal_and_wait(&mut agents, Signal::SIGTERM);
 }

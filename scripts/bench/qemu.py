@@ -85,17 +85,106 @@ class Qmp:
                 return m
 
 
-def _read_console_until(con, buf, done, deadline, what):
-    """Reads the console into `buf` until `done(buf)`; returns `buf`."""
-    while not done(buf):
-        r, _, _ = select.select([con], [], [], max(0, deadline - time.monotonic()))
-        if not r:
-            raise TimeoutError(f"raw baseline: no {what}")
-        chunk = con.recv(65536)
-        if not chunk:
-            raise EOFError("raw baseline: console closed")
-        buf += chunk
-    return buf
+def _drain(socks, timeout):
+    """Reads whatever is ready on `socks` within `timeout`; {sock: bytes}."""
+    out = {}
+    r, _, _ = select.select(socks, [], [], max(0.0, timeout))
+    for s in r:
+        try:
+            out[s] = s.recv(65536)
+        except OSError:
+            out[s] = b""
+    return out
+
+
+class _Console:
+    """The console socket, and the stderr port if the VM has one, which must be drained too (a
+    chardev nobody reads stalls the guest). `who` names the run in errors."""
+
+    def __init__(self, con, err=None, who="raw"):
+        self.con, self.err, self.who = con, err, who
+        self.buf = b""
+        self.first_byte_at = None
+
+    def socks(self):
+        return [self.con] + ([self.err] if self.err is not None else [])
+
+    def until(self, done, deadline, what):
+        """Reads the console into `buf` until `done(buf)`; returns `buf`."""
+        while not done(self.buf):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.who}: no {what}")
+            got = _drain(self.socks(), left)
+            if self.con in got:
+                if not got[self.con]:
+                    raise EOFError(f"{self.who}: console closed")
+                if self.first_byte_at is None:
+                    self.first_byte_at = time.time()
+                self.buf += got[self.con]
+        return self.buf
+
+    def until_prompt(self, prompt_re, deadline):
+        return self.until(lambda b: prompt_re.search(ANSI.sub(b"", b[-512:])), deadline,
+                          "prompt")
+
+    def step(self, line, deadline, n):
+        """Types `line` followed by a marker command and waits for the marker's output; the
+        seconds it took. The typed text holds `$((n))`, so only the output matches."""
+        self.buf = b""
+        marker = f"QM{n}QM".encode()
+        t0 = time.time()
+        cmd = (line + "; " if line else "") + f"echo QM$(({n}))QM\n"
+        self.con.sendall(cmd.encode())
+        # A clone's shell has the session set-up's `stty -echo -opost`: "\n", not "\r\n".
+        self.until(lambda b: re.search(re.escape(marker) + rb"\r?\n", b), deadline,
+                   f"marker {n}")
+        return time.time() - t0
+
+    def close(self):
+        for s in self.socks():
+            s.close()
+
+
+def _spawn(qemu, args, d):
+    """QEMU with `args` in run directory `d`, stderr to `d`/qemu.stderr (`_end` stops it)."""
+    with open(os.path.join(d, "qemu.stderr"), "wb") as errf:
+        p = subprocess.Popen([qemu] + args, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=errf, start_new_session=True)
+    common.CHILDREN.append(p)
+    return p
+
+
+def _qmp(d, deadline):
+    """The QMP connection of the QEMU in `d`, its handshake done."""
+    qmp = Qmp(connect_unix(os.path.join(d, "qmp.sock"), deadline))
+    qmp.read_msg(deadline)  # greeting
+    qmp.execute("qmp_capabilities", deadline)
+    return qmp
+
+
+def _powerdown(p, qmp, con, deadline):
+    """`system_powerdown`, draining the console and QMP until QEMU exits; then closes them."""
+    qmp.execute("system_powerdown", deadline)
+    while p.poll() is None:
+        _drain(con.socks() + [qmp.sock], 0.002)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{con.who}: QEMU did not exit")
+    con.close()
+    qmp.sock.close()
+    if p.returncode != 0:
+        raise RuntimeError(f"raw QEMU exited {p.returncode}")
+
+
+def _end(p, d):
+    """Kills QEMU if it still runs and removes its run directory."""
+    if p is not None:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if p in common.CHILDREN:
+            common.CHILDREN.remove(p)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def raw_run(qemu, args_template, src_dir, base_image, prompt_re):
@@ -110,38 +199,21 @@ def raw_run(qemu, args_template, src_dir, base_image, prompt_re):
         deadline = time.monotonic() + 300
         make_overlay(base_image, os.path.join(d, "disk.qcow2"))
         t_overlay = time.time()
-        with open(os.path.join(d, "qemu.stderr"), "wb") as errf:
-            p = subprocess.Popen([qemu] + args, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=errf, start_new_session=True)
-        common.CHILDREN.append(p)
-        qmp = Qmp(connect_unix(os.path.join(d, "qmp.sock"), deadline))
-        qmp.read_msg(deadline)  # greeting
-        qmp.execute("qmp_capabilities", deadline)
-        con = connect_unix(os.path.join(d, "console.sock"), deadline)
+        p = _spawn(qemu, args, d)
+        qmp = _qmp(d, deadline)
+        con = _Console(connect_unix(os.path.join(d, "console.sock"), deadline),
+                       who="raw baseline")
         qmp.execute("cont", deadline)
         t_cont = time.time()
-        _read_console_until(con, b"", lambda b: prompt_re.search(ANSI.sub(b"", b[-512:])),
-                            deadline, "prompt")
+        con.until_prompt(prompt_re, deadline)
         t_prompt = time.time()
-        con.sendall(b"echo hi\n")
-        _read_console_until(con, b"", lambda b: b"\nhi\r\n" in b, deadline, "output")
+        con.buf = b""
+        con.con.sendall(b"echo hi\n")
+        con.until(lambda b: b"\nhi\r\n" in b, deadline, "output")
         t_hi = time.time()
-        qmp.execute("system_powerdown", deadline)
         # Keep draining console and QMP while the guest powers off.
-        while p.poll() is None:
-            r, _, _ = select.select([con, qmp.sock], [], [], 0.002)
-            for s in r:
-                try:
-                    s.recv(65536)
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("raw baseline: QEMU did not exit")
+        _powerdown(p, qmp, con, deadline)
         t_end = time.time()
-        con.close()
-        qmp.sock.close()
-        if p.returncode != 0:
-            raise RuntimeError(f"raw QEMU exited {p.returncode}")
         return {
             "total": t_end - t0,
             "overlay": t_overlay - t0,
@@ -151,66 +223,11 @@ def raw_run(qemu, args_template, src_dir, base_image, prompt_re):
             "shutdown": t_end - t_hi,
         }
     finally:
-        if p is not None:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            if p in common.CHILDREN:
-                common.CHILDREN.remove(p)
-        shutil.rmtree(d, ignore_errors=True)
+        _end(p, d)
 
 
 # ----------------------------------------------------------------------------------------
 # A clone restored by hand: where a warm start's time goes (figure 9's profile)
-
-
-def _drain(socks, timeout):
-    """Reads whatever is ready on `socks` within `timeout`; {sock: bytes}."""
-    out = {}
-    r, _, _ = select.select(socks, [], [], max(0.0, timeout))
-    for s in r:
-        try:
-            out[s] = s.recv(65536)
-        except OSError:
-            out[s] = b""
-    return out
-
-
-class _Console:
-    """The console socket plus the stderr port, which must be drained too (a chardev nobody
-    reads stalls the guest)."""
-
-    def __init__(self, con, err):
-        self.con, self.err = con, err
-        self.buf = b""
-        self.first_byte_at = None
-
-    def until(self, done, deadline, what):
-        while not done(self.buf):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"raw clone: no {what}")
-            got = _drain([self.con, self.err], left)
-            if self.con in got:
-                if not got[self.con]:
-                    raise EOFError("raw clone: console closed")
-                if self.first_byte_at is None:
-                    self.first_byte_at = time.time()
-                self.buf += got[self.con]
-        return self.buf
-
-    def step(self, line, deadline, n):
-        """Types `line` followed by a marker command and waits for the marker's output; the
-        seconds it took. The typed text holds `$((n))`, so only the output matches."""
-        self.buf = b""
-        marker = f"QM{n}QM".encode()
-        t0 = time.time()
-        cmd = (line + "; " if line else "") + f"echo QM$(({n}))QM\n"
-        self.con.sendall(cmd.encode())
-        # A clone's shell has the session set-up's `stty -echo -opost`: "\n", not "\r\n".
-        self.until(lambda b: re.search(re.escape(marker) + rb"\r?\n", b), deadline,
-                   f"marker {n}")
-        return time.time() - t0
 
 
 def guest_steps(now=None):
@@ -264,13 +281,8 @@ def raw_probe(qemu, argv, src_dir, base_image, prompt_re, state=None):
         deadline = time.monotonic() + 300
         make_overlay(base_image, os.path.join(d, "disk.qcow2"))
         mark("overlay (`qemu-img create`)")
-        with open(os.path.join(d, "qemu.stderr"), "wb") as errf:
-            p = subprocess.Popen([qemu] + args, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=errf, start_new_session=True)
-        common.CHILDREN.append(p)
-        qmp = Qmp(connect_unix(os.path.join(d, "qmp.sock"), deadline))
-        qmp.read_msg(deadline)  # greeting
-        qmp.execute("qmp_capabilities", deadline)
+        p = _spawn(qemu, args, d)
+        qmp = _qmp(d, deadline)
         # The faults and CPU of QEMU's own start count from zero.
         last.update(cpu=0.0, flt=0)
         mark("QEMU start -> QMP handshake done")
@@ -295,12 +307,12 @@ def raw_probe(qemu, argv, src_dir, base_image, prompt_re, state=None):
                     break
             mark("migrate-incoming (device state) -> MIGRATION completed")
         con = _Console(connect_unix(os.path.join(d, "console.sock"), deadline),
-                       connect_unix(os.path.join(d, "stderr.sock"), deadline))
+                       connect_unix(os.path.join(d, "stderr.sock"), deadline), who="raw clone")
         qmp.execute("cont", deadline)
         t_cont = time.time()
         mark("console connect + `cont`")
         if state is None:
-            con.until(lambda b: prompt_re.search(ANSI.sub(b"", b[-512:])), deadline, "prompt")
+            con.until_prompt(prompt_re, deadline)
             mark("`cont` -> shell prompt (the boot)")
             # The same terminal as a clone's (the agent's session set-up), not timed.
             con.step("stty -echo -opost 2>/dev/null; PS1=''", deadline, 999)
@@ -317,22 +329,8 @@ def raw_probe(qemu, argv, src_dir, base_image, prompt_re, state=None):
                 n += 1
                 con.step(line, deadline, n)
                 mark(f"{label}, {'1st' if rnd == 1 else '2nd'} run")
-        qmp.execute("system_powerdown", deadline)
-        while p.poll() is None:
-            _drain([con.con, con.err, qmp.sock], 0.002)
-            if time.monotonic() > deadline:
-                raise TimeoutError("raw clone: QEMU did not exit")
+        _powerdown(p, qmp, con, deadline)
         out.append(("`system_powerdown` -> QEMU gone", time.time() - last["t"], None, None))
-        for s in (con.con, con.err, qmp.sock):
-            s.close()
-        if p.returncode != 0:
-            raise RuntimeError(f"raw QEMU exited {p.returncode}")
         return out
     finally:
-        if p is not None:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            if p in common.CHILDREN:
-                common.CHILDREN.remove(p)
-        shutil.rmtree(d, ignore_errors=True)
+        _end(p, d)

@@ -6,6 +6,7 @@
 //! `stdout` and `shutdown` are the protocol layer's reading of the console (and `stdout` may come
 //! from a channel port instead), so only a stream of its own has exact, stable offsets.
 
+use super::control::{visible_in, written};
 use super::requests::get_in;
 use super::{Store, StoreError};
 use crate::model::{AgentId, Request, RequestId, Status};
@@ -47,6 +48,55 @@ pub enum ReleaseOutcome {
     NotFound,
 }
 
+// --- Engine-neutral decisions ------------------------------------------------------------------
+
+/// A requested console offset as stored (offsets past `i64::MAX` are past any end).
+pub(super) fn stored_offset(from: u64) -> i64 {
+    i64::try_from(from).unwrap_or(i64::MAX)
+}
+
+/// The slice from `from` of a stream `end` bytes long, out of its rows `(offset, bytes)` in
+/// offset order from the one holding `from`: the first row is cut at `from`, whole rows follow
+/// until about `max` bytes. An offset past the end gives no bytes, starting at the end.
+pub(super) fn slice_rows<E>(
+    from: i64,
+    end: i64,
+    max: usize,
+    rows: impl IntoIterator<Item = Result<(i64, Vec<u8>), E>>,
+) -> Result<ConsoleSlice, E> {
+    let start = from.min(end);
+    let mut bytes = Vec::new();
+    for row in rows {
+        let (offset, chunk) = row?;
+        let skip = (start - offset).clamp(0, chunk.len() as i64) as usize;
+        bytes.extend_from_slice(&chunk[skip..]);
+        if bytes.len() >= max {
+            break;
+        }
+    }
+    Ok(ConsoleSlice {
+        start: start as u64,
+        bytes,
+        end: end as u64,
+    })
+}
+
+/// Queued keystroke batches `(id, who, bytes)` in the order they were typed.
+pub(super) fn in_typed_order(mut taken: Vec<(i64, String, Vec<u8>)>) -> Vec<Keystrokes> {
+    taken.sort_by_key(|t| t.0);
+    taken
+        .into_iter()
+        .map(|(_, who, bytes)| Keystrokes { who, bytes })
+        .collect()
+}
+
+/// Why `release` does not apply to `req`, if it does not: only a kept, unfinished run can be
+/// released.
+pub(super) fn refuse_release(req: &Request) -> Option<ReleaseOutcome> {
+    (req.status.is_terminal() || req.kept_until.is_none())
+        .then_some(ReleaseOutcome::NotKept(req.status))
+}
+
 /// Appends raw console bytes inside a log batch's transaction, so the console stream and the
 /// log entries are committed together (and both before the request turns terminal).
 pub(super) fn append_in(
@@ -79,7 +129,7 @@ impl Store {
         on_pg!(self.console_since(id, from, max));
         self.call(move |c| {
             let uuid = id.to_string();
-            let from = i64::try_from(from).unwrap_or(i64::MAX);
+            let from = stored_offset(from);
             let end: i64 = c.query_row(
                 "SELECT COALESCE(MAX(offset + length(bytes)), 0) FROM console_log
                  WHERE request_uuid = ?1",
@@ -100,22 +150,8 @@ impl Store {
                 "SELECT offset, bytes FROM console_log WHERE request_uuid = ?1 AND offset >= ?2
                  ORDER BY offset",
             )?;
-            let mut rows = stmt.query(params![uuid, first])?;
-            let start = from.min(end);
-            let mut bytes = Vec::new();
-            while let Some(row) = rows.next()? {
-                let (offset, chunk): (i64, Vec<u8>) = (row.get(0)?, row.get(1)?);
-                let skip = (start - offset).clamp(0, chunk.len() as i64) as usize;
-                bytes.extend_from_slice(&chunk[skip..]);
-                if bytes.len() >= max {
-                    break;
-                }
-            }
-            Ok(ConsoleSlice {
-                start: start as u64,
-                bytes,
-                end: end as u64,
-            })
+            let rows = stmt.query_map(params![uuid, first], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(slice_rows(from, end, max, rows)?)
         })
         .await
     }
@@ -174,10 +210,7 @@ impl Store {
                 )?;
             }
             tx.commit()?;
-            Ok(taken
-                .into_iter()
-                .map(|(_, who, bytes)| Keystrokes { who, bytes })
-                .collect())
+            Ok(in_typed_order(taken))
         })
         .await
     }
@@ -227,21 +260,18 @@ impl Store {
         on_pg!(self.release_kept(id));
         self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let Some(req) = get_in(&tx, id)? else {
+            let Some(req) = visible_in(&tx, id)? else {
                 return Ok(ReleaseOutcome::NotFound);
             };
-            if super::requests::is_deleting(&tx, id)? {
-                return Ok(ReleaseOutcome::NotFound);
-            }
-            if req.status.is_terminal() || req.kept_until.is_none() {
-                return Ok(ReleaseOutcome::NotKept(req.status));
+            if let Some(refused) = refuse_release(&req) {
+                return Ok(refused);
             }
             tx.execute(
                 "UPDATE requests SET kept_released = COALESCE(kept_released, ?1), updated_at = ?1
                  WHERE uuid = ?2",
                 params![timefmt::now(), id.to_string()],
             )?;
-            let req = get_in(&tx, id)?.ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
+            let req = written(get_in(&tx, id)?)?;
             tx.commit()?;
             Ok(ReleaseOutcome::Released(Box::new(req)))
         })

@@ -31,6 +31,122 @@ pub enum DeleteOutcome {
     NotFound,
 }
 
+// --- Engine-neutral decisions ------------------------------------------------------------------
+// What control, lease recovery and deletion do to a request, decided from the row as read. Both
+// engines call these and differ only in their SQL (and in how they lock the row).
+
+/// What `control` writes, decided from the row as read.
+pub(super) struct ControlWrite {
+    /// The new status; `None` leaves it as it is.
+    pub status: Option<Status>,
+    /// The new desired status, always written (an immediate change clears it).
+    pub desired: Option<Status>,
+    /// The change ends the request: `finished_at` is set.
+    pub finishes: bool,
+    /// The answer, given the row as written.
+    pub outcome: fn(Request) -> ControlOutcome,
+}
+
+impl ControlWrite {
+    /// `finished_at` to write (`now`), or `None` to keep it.
+    pub fn finished_at<'a>(&self, now: &'a str) -> Option<&'a str> {
+        self.finishes.then_some(now)
+    }
+}
+
+/// The control state machine ([`transition`]) applied to `req`: what to write, or the refusal.
+/// The refusal is boxed: it carries no request, but the outcome type can.
+pub(super) fn plan_control(
+    req: &Request,
+    target: Status,
+) -> Result<ControlWrite, Box<ControlOutcome>> {
+    match transition(
+        req.status,
+        req.agent_id.is_some(),
+        req.desired_status,
+        target,
+    ) {
+        Transition::Refused(allowed) => Err(Box::new(ControlOutcome::Refused {
+            current: req.status,
+            allowed,
+        })),
+        Transition::Immediate(status) => Ok(ControlWrite {
+            status: Some(status),
+            desired: None,
+            finishes: status.is_terminal(),
+            outcome: ControlOutcome::Applied,
+        }),
+        Transition::Desired(status) => Ok(ControlWrite {
+            status: None,
+            desired: Some(status),
+            finishes: false,
+            outcome: ControlOutcome::Requested,
+        }),
+    }
+}
+
+/// How lease recovery ends a request whose agent stopped heart-beating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Recovery {
+    pub status: Status,
+    /// `error` to write (`None` keeps it).
+    pub error: Option<&'static str>,
+    /// The `system` log line that says what happened.
+    pub line: String,
+}
+
+impl Recovery {
+    /// `finished_at` to write (`now`), or `None` to keep it.
+    pub fn finished_at<'a>(&self, now: &'a str) -> Option<&'a str> {
+        self.status.is_terminal().then_some(now)
+    }
+}
+
+/// A request that never started running goes back to `pending` (or to its pending hold or
+/// cancel); one whose VM ran ends `failed` with `agent lost` (its VM died with the agent).
+/// `status` and `desired` are the stored words.
+pub(super) fn recover(status: &str, desired: Option<&str>, agent: &str) -> Recovery {
+    let (new, note) = match (status, desired) {
+        ("acknowledged", Some("cancelled")) => (Status::Cancelled, "cancelled"),
+        ("acknowledged", Some("hold")) => (Status::Hold, "held, no VM"),
+        ("acknowledged", _) => (Status::Pending, "re-queued: it had not started"),
+        _ => (Status::Failed, "failed: its VM ended with the agent"),
+    };
+    Recovery {
+        status: new,
+        error: (new == Status::Failed).then_some("agent lost"),
+        line: format!("agent {agent} lost (lease expired); request {note}\n"),
+    }
+}
+
+/// `DELETE` removes at once a finished request or one without a VM (no agent owns it);
+/// otherwise the VM is cancelled first and the row hidden meanwhile.
+pub(super) fn deletes_at_once(req: &Request) -> bool {
+    req.status.is_terminal() || req.agent_id.is_none()
+}
+
+/// A stored uuid as a request id.
+pub(super) fn parse_id(uuid: &str) -> Result<RequestId, StoreError> {
+    uuid.parse()
+        .map_err(|e| StoreError::Corrupt(format!("uuid {uuid}: {e}")))
+}
+
+/// The row just written, re-read in the same transaction.
+pub(super) fn written(req: Option<Request>) -> Result<Request, StoreError> {
+    req.ok_or_else(|| StoreError::Corrupt("row vanished".into()))
+}
+
+/// The request as control and deletion see it: `None` when it is gone or being deleted.
+pub(super) fn visible_in(
+    c: &rusqlite::Connection,
+    id: RequestId,
+) -> Result<Option<Request>, StoreError> {
+    match get_in(c, id)? {
+        Some(req) if !is_deleting(c, id)? => Ok(Some(req)),
+        _ => Ok(None),
+    }
+}
+
 impl Store {
     /// Applies the control state machine atomically: concurrent calls are serialised by
     /// `BEGIN IMMEDIATE`, so no update is lost.
@@ -42,47 +158,29 @@ impl Store {
         on_pg!(self.control(id, target));
         self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let Some(req) = get_in(&tx, id)? else {
+            let Some(req) = visible_in(&tx, id)? else {
                 return Ok(ControlOutcome::NotFound);
             };
-            if is_deleting(&tx, id)? {
-                return Ok(ControlOutcome::NotFound);
-            }
+            let write = match plan_control(&req, target) {
+                Ok(write) => write,
+                Err(refused) => return Ok(*refused),
+            };
             let now = timefmt::now();
-            let uuid = id.to_string();
-            let outcome = match transition(
-                req.status,
-                req.agent_id.is_some(),
-                req.desired_status,
-                target,
-            ) {
-                Transition::Refused(allowed) => {
-                    return Ok(ControlOutcome::Refused {
-                        current: req.status,
-                        allowed,
-                    })
-                }
-                Transition::Immediate(status) => {
-                    let finished = status.is_terminal().then_some(now.as_str());
-                    tx.execute(
-                        "UPDATE requests SET status = ?1, desired_status = NULL, updated_at = ?2,
-                                finished_at = COALESCE(?3, finished_at)
-                         WHERE uuid = ?4",
-                        params![status.as_str(), now, finished, uuid],
-                    )?;
-                    ControlOutcome::Applied
-                }
-                Transition::Desired(status) => {
-                    tx.execute(
-                        "UPDATE requests SET desired_status = ?1, updated_at = ?2 WHERE uuid = ?3",
-                        params![status.as_str(), now, uuid],
-                    )?;
-                    ControlOutcome::Requested
-                }
-            };
-            let req = get_in(&tx, id)?.ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
+            tx.execute(
+                "UPDATE requests SET status = COALESCE(?1, status), desired_status = ?2,
+                        updated_at = ?3, finished_at = COALESCE(?4, finished_at)
+                 WHERE uuid = ?5",
+                params![
+                    write.status.map(Status::as_str),
+                    write.desired.map(Status::as_str),
+                    now,
+                    write.finished_at(&now),
+                    id.to_string()
+                ],
+            )?;
+            let req = written(get_in(&tx, id)?)?;
             tx.commit()?;
-            Ok(outcome(req))
+            Ok((write.outcome)(req))
         })
         .await
         .inspect(|_| self.bump())
@@ -138,15 +236,7 @@ impl Store {
                 };
                 let mut out = Vec::new();
                 for (uuid, status, desired, agent) in expired {
-                    let agent = agent.unwrap_or_default();
-                    let (new, note) = match (status.as_str(), desired.as_deref()) {
-                        ("acknowledged", Some("cancelled")) => (Status::Cancelled, "cancelled"),
-                        ("acknowledged", Some("hold")) => (Status::Hold, "held, no VM"),
-                        ("acknowledged", _) => (Status::Pending, "re-queued: it had not started"),
-                        _ => (Status::Failed, "failed: its VM ended with the agent"),
-                    };
-                    let finished = new.is_terminal().then_some(now.as_str());
-                    let error = (new == Status::Failed).then_some("agent lost");
+                    let r = recover(&status, desired.as_deref(), &agent.unwrap_or_default());
                     tx.execute(
                         "UPDATE requests SET status = ?1, error = COALESCE(?2, error), updated_at = ?3,
                                 finished_at = COALESCE(?4, finished_at), desired_status = NULL,
@@ -154,19 +244,15 @@ impl Store {
                                 agent_id = CASE WHEN ?1 IN ('pending','hold') THEN NULL ELSE agent_id END,
                                 host_id = CASE WHEN ?1 IN ('pending','hold') THEN NULL ELSE host_id END
                          WHERE uuid = ?5",
-                        params![new.as_str(), error, now, finished, uuid],
+                        params![r.status.as_str(), r.error, now, r.finished_at(&now), uuid],
                     )?;
-                    let line = format!("agent {agent} lost (lease expired); request {note}\n");
                     tx.execute(
                         "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
                          VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = ?1),
                                  ?2, 'system', ?3)",
-                        params![uuid, now, line.into_bytes()],
+                        params![uuid, now, r.line.into_bytes()],
                     )?;
-                    let id = uuid
-                        .parse()
-                        .map_err(|e| StoreError::Corrupt(format!("uuid {uuid}: {e}")))?;
-                    out.push((id, new));
+                    out.push((parse_id(&uuid)?, r.status));
                 }
                 tx.commit()?;
                 Ok(out)
@@ -256,13 +342,10 @@ impl Store {
         on_pg!(self.delete(id));
         self.call_write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let Some(req) = get_in(&tx, id)? else {
+            let Some(req) = visible_in(&tx, id)? else {
                 return Ok(DeleteOutcome::NotFound);
             };
-            if is_deleting(&tx, id)? {
-                return Ok(DeleteOutcome::NotFound);
-            }
-            if req.status.is_terminal() || req.agent_id.is_none() {
+            if deletes_at_once(&req) {
                 tx.execute("DELETE FROM requests WHERE uuid = ?1", [id.to_string()])?;
                 tx.commit()?;
                 return Ok(DeleteOutcome::Deleted);
@@ -272,7 +355,7 @@ impl Store {
                  WHERE uuid = ?2",
                 params![timefmt::now(), id.to_string()],
             )?;
-            let req = get_in(&tx, id)?.ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
+            let req = written(get_in(&tx, id)?)?;
             tx.commit()?;
             Ok(DeleteOutcome::Deleting(Box::new(req)))
         })
@@ -290,29 +373,14 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::NewRequest;
-    use crate::store::test_support::temp_store;
+    use crate::store::test_support::{pending_request, temp_store};
     use crate::store::{LogQuery, RequestQuery};
     use std::time::Duration;
-
-    fn new() -> NewRequest {
-        NewRequest {
-            vm_name: "t".into(),
-            commands: "x".into(),
-            timeout: 9,
-            boot: None,
-            uploads: Vec::new(),
-            artifacts: Vec::new(),
-            requires: Vec::new(),
-            keep_on_failure: None,
-            submitted_by: None,
-        }
-    }
 
     #[tokio::test]
     async fn held_pending_requests_are_not_claimed_until_resumed() {
         let (s, _d) = temp_store().await;
-        let r = s.create(new()).await.unwrap();
+        let r = pending_request(&s).await;
         let agent = AgentId("a".into());
         assert!(
             matches!(s.control(r.uuid, Status::Hold).await.unwrap(), ControlOutcome::Applied(x) if x.status == Status::Hold)
@@ -335,7 +403,7 @@ mod tests {
     #[tokio::test]
     async fn running_requests_get_desired_state_for_the_agent() {
         let (s, _d) = temp_store().await;
-        let r = s.create(new()).await.unwrap();
+        let r = pending_request(&s).await;
         let agent = AgentId("a".into());
         s.claim(&agent, Duration::from_secs(5)).await.unwrap();
         s.mark_running(r.uuid, &agent).await.unwrap();
@@ -387,7 +455,7 @@ mod tests {
         let (s, _d) = temp_store().await;
         let log = |ty| vec![("t".into(), ty, b"x".to_vec())];
         // Pending: no VM, gone at once with its logs.
-        let r = s.create(new()).await.unwrap();
+        let r = pending_request(&s).await;
         s.append_logs(r.uuid, log(crate::model::LogType::Boot))
             .await
             .unwrap();
@@ -406,7 +474,7 @@ mod tests {
             DeleteOutcome::NotFound
         ));
         // Running: cancelled and hidden; the agent's finish removes it.
-        let r = s.create(new()).await.unwrap();
+        let r = pending_request(&s).await;
         let agent = AgentId("a".into());
         s.claim(&agent, Duration::from_secs(30)).await.unwrap();
         s.mark_running(r.uuid, &agent).await.unwrap();
@@ -447,7 +515,7 @@ mod tests {
             "removed once its VM is down"
         );
         // A deletion whose agent is lost is completed by lease recovery.
-        let r = s.create(new()).await.unwrap();
+        let r = pending_request(&s).await;
         s.claim(&agent, Duration::from_millis(1)).await.unwrap();
         s.delete(r.uuid).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -460,14 +528,14 @@ mod tests {
         let (s, _d) = temp_store().await;
         let agent = AgentId("dead".into());
         let short = Duration::from_millis(1);
-        let ack = s.create(new()).await.unwrap();
-        let run = s.create(new()).await.unwrap();
-        let held = s.create(new()).await.unwrap();
+        let ack = pending_request(&s).await;
+        let run = pending_request(&s).await;
+        let held = pending_request(&s).await;
         s.claim(&agent, short).await.unwrap();
         s.claim(&agent, short).await.unwrap();
         s.mark_running(run.uuid, &agent).await.unwrap();
         s.control(held.uuid, Status::Hold).await.unwrap(); // unclaimed hold: no lease
-        let live = s.create(new()).await.unwrap();
+        let live = pending_request(&s).await;
         s.claim(&AgentId("alive".into()), Duration::from_secs(60))
             .await
             .unwrap();
@@ -503,7 +571,7 @@ mod tests {
     #[tokio::test]
     async fn prune_deletes_only_old_finished_requests() {
         let (s, _d) = temp_store().await;
-        let old = s.create(new()).await.unwrap();
+        let old = pending_request(&s).await;
         s.append_logs(
             old.uuid,
             vec![("t".into(), crate::model::LogType::Stdout, vec![1; 100])],
@@ -511,7 +579,7 @@ mod tests {
         .await
         .unwrap();
         s.control(old.uuid, Status::Cancelled).await.unwrap();
-        let active = s.create(new()).await.unwrap();
+        let active = pending_request(&s).await;
         let cutoff = timefmt::format(time::OffsetDateTime::now_utc() + Duration::from_secs(60));
         assert_eq!(s.prune(cutoff.clone(), true).await.unwrap(), (1, 100));
         assert!(
@@ -537,10 +605,33 @@ mod tests {
         );
     }
 
+    #[test]
+    fn recovery_is_decided_by_how_far_the_request_got() {
+        let r = recover("acknowledged", None, "h:1:0");
+        assert_eq!((r.status, r.error), (Status::Pending, None));
+        assert_eq!(
+            r.line,
+            "agent h:1:0 lost (lease expired); request re-queued: it had not started\n"
+        );
+        assert_eq!(
+            recover("acknowledged", Some("hold"), "a").status,
+            Status::Hold
+        );
+        let c = recover("acknowledged", Some("cancelled"), "a");
+        assert_eq!(
+            (c.status, c.finished_at("now")),
+            (Status::Cancelled, Some("now"))
+        );
+        for status in ["running", "hold"] {
+            let f = recover(status, Some("cancelled"), "a");
+            assert_eq!((f.status, f.error), (Status::Failed, Some("agent lost")));
+        }
+    }
+
     #[tokio::test]
     async fn concurrent_controls_are_serialised() {
         let (s, _d) = temp_store().await;
-        let r = s.create(new()).await.unwrap();
+        let r = pending_request(&s).await;
         // Ten racing holds on a pending request: exactly one applies, the rest are refused.
         let mut tasks = Vec::new();
         for _ in 0..10 {

@@ -12,7 +12,7 @@ use crate::model::{AgentId, Label};
 use crate::timefmt;
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use utoipa::ToSchema;
 
@@ -126,31 +126,91 @@ fn join(labels: &[Label]) -> String {
         .join(", ")
 }
 
-fn labels_json(labels: &[Label]) -> String {
+impl Placement {
+    /// What a pending request's `waiting_for` says under this placement.
+    pub fn waiting_for(self) -> Option<String> {
+        match self {
+            Placement::Live => None,
+            Placement::NoHosts => Some("no agents host has reported yet".into()),
+            Placement::Down(why) | Placement::Impossible(why) => Some(why),
+        }
+    }
+}
+
+pub(super) fn labels_json(labels: &[Label]) -> String {
     serde_json::to_string(labels).expect("labels serialise")
+}
+
+/// A report's `labels`, `vms` and `agents` as the JSON arrays both engines store.
+pub(super) fn report_json(r: &HostReport) -> (String, String, String) {
+    let agents: Vec<&str> = r.agents.iter().map(|a| a.0.as_str()).collect();
+    (
+        labels_json(&r.labels),
+        serde_json::to_string(&r.vms).expect("json"),
+        serde_json::to_string(&agents).expect("json"),
+    )
+}
+
+/// One agents process's row of `agent_processes`, as both engines read it.
+pub(super) struct ProcessRow {
+    pub host_id: String,
+    pub labels: String,
+    pub vms: String,
+    pub agents: String,
+    pub max_vms: i64,
+    pub last_seen: String,
+    /// Not stopped, and reported within its lease.
+    pub live: bool,
+}
+
+/// The registry as hosts, from its process rows ordered by host, newest report first, and
+/// each host's unfinished claims (`in_use`, by host id; absent is none). Engine-neutral.
+pub(super) fn group_hosts(
+    rows: &[ProcessRow],
+    in_use: &HashMap<String, i64>,
+) -> Result<Vec<Host>, StoreError> {
+    let bad = |e: serde_json::Error| StoreError::Corrupt(format!("agent_processes: {e}"));
+    let mut hosts: Vec<Host> = Vec::new();
+    for group in rows.chunk_by(|a, b| a.host_id == b.host_id) {
+        let live_rows: Vec<&ProcessRow> = group.iter().filter(|r| r.live).collect();
+        // Live processes speak for the host; a host that is down is shown as it last was.
+        let shown: Vec<&ProcessRow> = if live_rows.is_empty() {
+            vec![&group[0]]
+        } else {
+            live_rows
+        };
+        let (mut labels, mut vms, mut agents) = (BTreeSet::new(), BTreeSet::new(), Vec::new());
+        for r in &shown {
+            labels.extend(serde_json::from_str::<Vec<Label>>(&r.labels).map_err(bad)?);
+            vms.extend(serde_json::from_str::<Vec<String>>(&r.vms).map_err(bad)?);
+            agents.extend(serde_json::from_str::<Vec<String>>(&r.agents).map_err(bad)?);
+        }
+        let id = &group[0].host_id;
+        hosts.push(Host {
+            live: group.iter().any(|r| r.live),
+            labels: labels.into_iter().collect(),
+            vms: vms.into_iter().collect(),
+            agents,
+            slots_in_use: in_use.get(id).copied().unwrap_or(0).max(0) as u64,
+            max_concurrent_vms: shown.iter().map(|r| r.max_vms).max().unwrap_or(0).max(0) as u64,
+            last_heartbeat: group[0].last_seen.clone(),
+            host_id: id.clone(),
+        });
+    }
+    Ok(hosts)
 }
 
 /// The registry as hosts, from the rows of their processes; `slots` counts each host's
 /// unfinished claims (placement needs only labels and liveness, so it skips that).
 pub(super) fn hosts_in(c: &Connection, slots: bool) -> Result<Vec<Host>, StoreError> {
-    struct Row {
-        host_id: String,
-        labels: String,
-        vms: String,
-        agents: String,
-        max_vms: i64,
-        last_seen: String,
-        live: bool,
-    }
-    let now = timefmt::now();
     let mut stmt = c.prepare_cached(
         "SELECT host_id, labels, vms, agents, max_vms, last_seen,
                 stopped = 0 AND live_until >= ?1
          FROM agent_processes ORDER BY host_id, last_seen DESC",
     )?;
     let rows = stmt
-        .query_map([&now], |r| {
-            Ok(Row {
+        .query_map([timefmt::now()], |r| {
+            Ok(ProcessRow {
                 host_id: r.get(0)?,
                 labels: r.get(1)?,
                 vms: r.get(2)?,
@@ -161,47 +221,18 @@ pub(super) fn hosts_in(c: &Connection, slots: bool) -> Result<Vec<Host>, StoreEr
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let bad = |e: serde_json::Error| StoreError::Corrupt(format!("agent_processes: {e}"));
-    let mut hosts: Vec<Host> = Vec::new();
-    let mut i = 0;
-    while i < rows.len() {
-        let id = rows[i].host_id.clone();
-        let group: Vec<&Row> = rows[i..].iter().take_while(|r| r.host_id == id).collect();
-        i += group.len();
-        let live_rows: Vec<&&Row> = group.iter().filter(|r| r.live).collect();
-        // Live processes speak for the host; a host that is down is shown as it last was.
-        let shown: Vec<&Row> = if live_rows.is_empty() {
-            vec![group[0]]
-        } else {
-            live_rows.into_iter().copied().collect()
-        };
-        let (mut labels, mut vms, mut agents) = (BTreeSet::new(), BTreeSet::new(), Vec::new());
-        for r in &shown {
-            labels.extend(serde_json::from_str::<Vec<Label>>(&r.labels).map_err(bad)?);
-            vms.extend(serde_json::from_str::<Vec<String>>(&r.vms).map_err(bad)?);
-            agents.extend(serde_json::from_str::<Vec<String>>(&r.agents).map_err(bad)?);
-        }
-        let in_use: i64 = if slots {
-            c.prepare_cached(
-                "SELECT COUNT(*) FROM requests
-                 WHERE host_id = ?1 AND status IN ('acknowledged','running','hold')",
-            )?
-            .query_row([&id], |r| r.get(0))?
-        } else {
-            0
-        };
-        hosts.push(Host {
-            live: group.iter().any(|r| r.live),
-            labels: labels.into_iter().collect(),
-            vms: vms.into_iter().collect(),
-            agents,
-            slots_in_use: in_use.max(0) as u64,
-            max_concurrent_vms: shown.iter().map(|r| r.max_vms).max().unwrap_or(0).max(0) as u64,
-            last_heartbeat: group[0].last_seen.clone(),
-            host_id: id,
-        });
-    }
-    Ok(hosts)
+    let in_use: HashMap<String, i64> = if slots {
+        c.prepare_cached(
+            "SELECT host_id, COUNT(*) FROM requests
+             WHERE host_id IS NOT NULL AND status IN ('acknowledged','running','hold')
+             GROUP BY host_id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?
+    } else {
+        HashMap::new()
+    };
+    group_hosts(&rows, &in_use)
 }
 
 impl Store {
@@ -213,7 +244,7 @@ impl Store {
             let now_t = time::OffsetDateTime::now_utc();
             let now = timefmt::format(now_t);
             let until = timefmt::format(now_t + r.lease);
-            let agents: Vec<&str> = r.agents.iter().map(|a| a.0.as_str()).collect();
+            let (labels, vms, agents) = report_json(&r);
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             tx.execute(
                 "DELETE FROM agent_processes WHERE host_id = ?1 AND process <> ?2
@@ -229,9 +260,9 @@ impl Store {
                 params![
                     r.process,
                     r.host_id,
-                    labels_json(&r.labels),
-                    serde_json::to_string(&r.vms).expect("json"),
-                    serde_json::to_string(&agents).expect("json"),
+                    labels,
+                    vms,
+                    agents,
                     r.max_vms as i64,
                     until,
                     now

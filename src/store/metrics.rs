@@ -29,27 +29,111 @@ pub struct MetricsSnapshot {
     pub log_bytes: u64,
 }
 
-fn histogram(c: &rusqlite::Connection, column: &str) -> Result<Histogram, StoreError> {
+// --- Engine-neutral aggregation ----------------------------------------------------------------
+// Both engines run one query per figure; what the figures are, and how rows become them, is
+// decided here once. Only the SQL expressions differ (SQLite sums booleans, PostgreSQL filters).
+
+/// `SELECT` of a histogram over `column` (milliseconds): one count per bucket of [`BUCKETS`]
+/// (`count_le(column, ms)`), then the sum (`sum(column)`) and the count of non-null values.
+pub(super) fn histogram_sql(
+    column: &str,
+    count_le: fn(&str, i64) -> String,
+    sum: fn(&str) -> String,
+) -> String {
     let mut cols: Vec<String> = BUCKETS
         .iter()
-        .map(|le| format!("COALESCE(SUM({column} <= {}), 0)", (le * 1000.0) as i64))
+        .map(|le| count_le(column, (le * 1000.0) as i64))
         .collect();
-    cols.push(format!("COALESCE(SUM({column}), 0)"));
+    cols.push(sum(column));
     cols.push(format!("COUNT({column})"));
-    let sql = format!("SELECT {} FROM requests", cols.join(", "));
-    c.query_row(&sql, [], |r| {
-        let n = BUCKETS.len();
-        let mut buckets = Vec::with_capacity(n);
-        for (i, le) in BUCKETS.iter().enumerate() {
-            buckets.push((*le, r.get::<_, i64>(i)? as u64));
-        }
-        Ok(Histogram {
-            buckets,
-            sum_seconds: r.get::<_, i64>(n)? as f64 / 1000.0,
-            count: r.get::<_, i64>(n + 1)? as u64,
-        })
+    format!("SELECT {} FROM requests", cols.join(", "))
+}
+
+/// The histogram from the row [`histogram_sql`] selects (`get(i)`: its column `i`).
+pub(super) fn histogram_from<E>(get: impl Fn(usize) -> Result<i64, E>) -> Result<Histogram, E> {
+    let n = BUCKETS.len();
+    let mut buckets = Vec::with_capacity(n);
+    for (i, le) in BUCKETS.iter().enumerate() {
+        buckets.push((*le, get(i)? as u64));
+    }
+    Ok(Histogram {
+        buckets,
+        sum_seconds: get(n)? as f64 / 1000.0,
+        count: get(n + 1)? as u64,
     })
-    .map_err(Into::into)
+}
+
+/// The offset of the nearest-rank 95th percentile among `count` sorted values (none of none).
+pub(super) fn p95_rank(count: i64) -> Option<i64> {
+    (count > 0).then(|| ((count as f64) * 0.95).ceil() as i64 - 1)
+}
+
+/// One `(name, count)` row of a `GROUP BY`, as read.
+pub(super) type CountRow = Result<(String, i64), StoreError>;
+
+/// Every status with its count, from `(status, count)` rows (statuses without rows: 0).
+pub(super) fn status_counts(
+    rows: impl IntoIterator<Item = CountRow>,
+) -> Result<Vec<(Status, u64)>, StoreError> {
+    let mut by_status: Vec<(Status, u64)> = Status::ALL.iter().map(|s| (*s, 0)).collect();
+    for row in rows {
+        let (st, n) = row?;
+        let st: Status = st
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
+        if let Some(slot) = by_status.iter_mut().find(|(s, _)| *s == st) {
+            slot.1 = n as u64;
+        }
+    }
+    Ok(by_status)
+}
+
+/// Shutdown steps with their counts, from `(step, count)` rows.
+pub(super) fn step_counts(
+    rows: impl IntoIterator<Item = CountRow>,
+) -> Result<Vec<(ShutdownStep, u64)>, StoreError> {
+    rows.into_iter()
+        .map(|row| {
+            let (st, n) = row?;
+            let step: ShutdownStep = st
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
+            Ok((step, n as u64))
+        })
+        .collect()
+}
+
+/// `cli stats` from the metrics snapshot, the finished requests (`ok` of them `done` with exit
+/// code 0) and the duration summaries.
+pub(super) fn stats_of(
+    m: &MetricsSnapshot,
+    finished: i64,
+    ok: i64,
+    boot: Summary,
+    run: Summary,
+) -> Stats {
+    Stats {
+        by_status: m
+            .by_status
+            .iter()
+            .map(|(s, n)| (s.as_str().to_string(), *n))
+            .collect(),
+        vms_running: m.vms_active,
+        finished: finished as u64,
+        success_rate: (finished > 0).then(|| ok as f64 / finished as f64),
+        boot,
+        run,
+        log_bytes: m.log_bytes,
+    }
+}
+
+fn histogram(c: &rusqlite::Connection, column: &str) -> Result<Histogram, StoreError> {
+    let sql = histogram_sql(
+        column,
+        |col, ms| format!("COALESCE(SUM({col} <= {ms}), 0)"),
+        |col| format!("COALESCE(SUM({col}), 0)"),
+    );
+    Ok(c.query_row(&sql, [], |r| histogram_from(|i| r.get::<_, i64>(i)))?)
 }
 
 /// Mean and 95th percentile of a duration column, in milliseconds.
@@ -79,19 +163,16 @@ fn summary(c: &rusqlite::Connection, column: &str) -> Result<Summary, StoreError
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let p95 = if count == 0 {
-        None
-    } else {
-        // Nearest-rank percentile.
-        let rank = ((count as f64) * 0.95).ceil() as i64 - 1;
-        Some(c.query_row(
+    let p95 = match p95_rank(count) {
+        None => None,
+        Some(rank) => Some(c.query_row(
             &format!(
                 "SELECT {column} FROM requests WHERE {column} IS NOT NULL
                  ORDER BY {column} LIMIT 1 OFFSET ?1"
             ),
             [rank],
             |r| r.get(0),
-        )?)
+        )?),
     };
     Ok(Summary {
         count: count as u64,
@@ -112,19 +193,13 @@ impl Store {
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            Ok(Stats {
-                by_status: m
-                    .by_status
-                    .iter()
-                    .map(|(s, n)| (s.as_str().to_string(), *n))
-                    .collect(),
-                vms_running: m.vms_active,
-                finished: finished as u64,
-                success_rate: (finished > 0).then(|| ok as f64 / finished as f64),
-                boot: summary(c, "boot_ms")?,
-                run: summary(c, "run_ms")?,
-                log_bytes: m.log_bytes,
-            })
+            Ok(stats_of(
+                &m,
+                finished,
+                ok,
+                summary(c, "boot_ms")?,
+                summary(c, "run_ms")?,
+            ))
         })
         .await
     }
@@ -132,37 +207,25 @@ impl Store {
     pub async fn metrics(&self) -> Result<MetricsSnapshot, StoreError> {
         on_pg!(self.metrics());
         self.call(|c| {
-            let mut by_status: Vec<(Status, u64)> = Status::ALL.iter().map(|s| (*s, 0)).collect();
-            let mut stmt = c.prepare("SELECT status, COUNT(*) FROM requests GROUP BY status")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            for row in rows {
-                let (st, n) = row?;
-                let st: Status = st
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
-                if let Some(slot) = by_status.iter_mut().find(|(s, _)| *s == st) {
-                    slot.1 = n as u64;
-                }
-            }
+            let pairs = |sql: &str| -> Result<Vec<CountRow>, StoreError> {
+                let mut stmt = c.prepare(sql)?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let rows: Vec<_> = rows.map(|r| r.map_err(StoreError::from)).collect();
+                Ok(rows)
+            };
+            let by_status = status_counts(pairs(
+                "SELECT status, COUNT(*) FROM requests GROUP BY status",
+            )?)?;
             let vms_active: i64 = c.query_row(
                 "SELECT COUNT(*) FROM requests WHERE agent_id IS NOT NULL
                    AND status IN ('acknowledged','running','hold')",
                 [],
                 |r| r.get(0),
             )?;
-            let mut steps = Vec::new();
-            let mut stmt = c.prepare(
+            let steps = step_counts(pairs(
                 "SELECT shutdown_step, COUNT(*) FROM requests WHERE shutdown_step IS NOT NULL
                  GROUP BY shutdown_step ORDER BY shutdown_step",
-            )?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            for row in rows {
-                let (st, n) = row?;
-                let step: ShutdownStep = st
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
-                steps.push((step, n as u64));
-            }
+            )?)?;
             let log_bytes: i64 = c.query_row(
                 "SELECT COALESCE(SUM(length(output)), 0) FROM work_log",
                 [],
@@ -185,8 +248,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AgentId, LogType, NewRequest};
-    use crate::store::test_support::temp_store;
+    use crate::model::{AgentId, LogType};
+    use crate::store::test_support::{pending_request, temp_store};
     use crate::store::Finish;
     use std::time::Duration;
 
@@ -195,19 +258,7 @@ mod tests {
         let (s, _d) = temp_store().await;
         let agent = AgentId("a".into());
         for _ in 0..3 {
-            s.create(NewRequest {
-                vm_name: "t".into(),
-                commands: "x".into(),
-                timeout: 9,
-                boot: None,
-                uploads: Vec::new(),
-                artifacts: Vec::new(),
-                requires: Vec::new(),
-                keep_on_failure: None,
-                submitted_by: None,
-            })
-            .await
-            .unwrap();
+            pending_request(&s).await;
         }
         let r = s
             .claim(&agent, Duration::from_secs(9))
@@ -258,6 +309,14 @@ mod tests {
         assert_eq!((st.finished, st.success_rate), (1, Some(1.0)));
         assert_eq!(st.boot.p95_ms, Some(2200));
         assert_eq!(st.by_status["pending"], 1);
+    }
+
+    #[test]
+    fn p95_rank_is_the_nearest_rank() {
+        assert_eq!(p95_rank(0), None);
+        assert_eq!(p95_rank(1), Some(0));
+        assert_eq!(p95_rank(20), Some(18));
+        assert_eq!(p95_rank(21), Some(19));
     }
 
     #[tokio::test]

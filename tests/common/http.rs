@@ -225,11 +225,27 @@ impl Client {
 
     /// Waits until `needle` appears in the request's `log_type` output.
     pub async fn wait_output(&self, id: &str, log_type: &str, needle: &str) {
+        self.wait_output_within(id, log_type, needle, Duration::from_secs(180))
+            .await
+    }
+
+    /// Like [`Client::wait_output`], giving up after `limit`.
+    pub async fn wait_output_within(
+        &self,
+        id: &str,
+        log_type: &str,
+        needle: &str,
+        limit: Duration,
+    ) {
         let start = Instant::now();
-        while !self.output(id, log_type).await.contains(needle) {
+        loop {
+            let out = self.output(id, log_type).await;
+            if out.contains(needle) {
+                return;
+            }
             assert!(
-                start.elapsed() < Duration::from_secs(180),
-                "{needle:?} never appeared in {log_type}"
+                start.elapsed() < limit,
+                "{needle:?} never appeared in {log_type} within {limit:?}:\n{out}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

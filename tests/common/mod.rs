@@ -62,6 +62,13 @@ pub fn vm_slot() -> VmSlot {
     }
 }
 
+/// The start of a test that boots guests: the image must exist, and one of the host's VM slots
+/// is held while the returned guard lives.
+pub fn guest_slot() -> VmSlot {
+    require_image();
+    vm_slot()
+}
+
 /// Which services the process runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -111,7 +118,25 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The defaults, with the main process running `mode`.
+    pub fn with_mode(mode: Mode) -> Options {
+        Options {
+            mode,
+            ..Default::default()
+        }
+    }
+}
+
 impl Server {
+    /// Split processes on one store: the server runs the API only, and an `agents` process
+    /// runs beside it (stopped when the returned [`Proc`] is dropped).
+    pub async fn start_split() -> (Server, Proc) {
+        let s = Server::start(Options::with_mode(Mode::Api)).await;
+        let agents = s.spawn_process(Mode::Agents);
+        (s, agents)
+    }
+
     pub async fn start(opts: Options) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("sqs")
@@ -290,22 +315,47 @@ impl Server {
         out
     }
 
+    /// Polls the request's JSON until `pred` holds; panics with its and the server's logs
+    /// after `limit`.
+    pub async fn wait_for(
+        &self,
+        uuid: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        self.wait_until(uuid, limit, "condition not reached", pred)
+            .await
+    }
+
     /// Polls until the request is terminal; panics with the logs after `limit`.
     pub async fn wait_terminal(&self, uuid: &str, limit: Duration) -> Value {
+        self.wait_until(uuid, limit, "not finished", |r| {
+            matches!(r["status"].as_str(), Some("done" | "failed" | "cancelled"))
+        })
+        .await
+    }
+
+    async fn wait_until(
+        &self,
+        uuid: &str,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let start = Instant::now();
         loop {
             let r = self.get(uuid).await;
-            if matches!(r["status"].as_str(), Some("done" | "failed" | "cancelled")) {
+            if pred(&r) {
                 return r;
             }
             if start.elapsed() > limit {
                 panic!(
-                    "request {uuid} not finished after {limit:?}: {r}\nlogs: {:?}\nserver: {}",
+                    "request {uuid} {what} after {limit:?}: {r}\nlogs: {:?}\nserver: {}",
                     self.logs_of(uuid).await,
                     self.logs()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -385,22 +435,10 @@ impl Server {
     pub fn query_i64(&self, sql: &str) -> i64 {
         match &self.pg_db {
             Some((admin, name)) => {
-                let (url, sql) = (with_dbname(admin, name), sql.to_string());
-                std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .unwrap();
-                    rt.block_on(async {
-                        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                            .await
-                            .unwrap();
-                        tokio::spawn(conn);
-                        client.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0)
-                    })
+                let sql = sql.to_string();
+                with_pg(&with_dbname(admin, name), move |c| async move {
+                    c.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0)
                 })
-                .join()
-                .unwrap()
             }
             None => rusqlite::Connection::open(&self.db)
                 .unwrap()
@@ -427,25 +465,38 @@ pub fn with_dbname(url: &str, name: &str) -> String {
     out
 }
 
-/// Runs one statement on the cluster at `url`, from any context (a thread of its own with its
-/// own runtime: Drop cannot await).
+/// Runs one statement on the cluster at `url`, from any context.
 pub fn pg_exec(url: &str, sql: &str) {
-    let (url, sql) = (url.to_string(), sql.to_string());
+    let sql = sql.to_string();
+    with_pg(url, move |c| async move {
+        c.batch_execute(&sql).await.expect(&sql)
+    })
+}
+
+/// `f` with a connection to the PostgreSQL server at `url`, from any context: a thread of its
+/// own with its own runtime (Drop cannot await, and a test's runtime may be current-thread).
+fn with_pg<T, F, Fut>(url: &str, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(tokio_postgres::Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    let url = url.to_string();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async {
+        rt.block_on(async move {
             let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                 .await
                 .expect("connecting to the test cluster");
             tokio::spawn(conn);
-            client.batch_execute(&sql).await.expect(&sql);
+            f(client).await
         })
     })
     .join()
-    .unwrap();
+    .unwrap()
 }
 
 /// A server process that is stopped (SIGTERM, then SIGKILL) when dropped, so a failing test

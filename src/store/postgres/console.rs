@@ -1,9 +1,12 @@
 //! The live console's storage on PostgreSQL (see `store/console.rs`): the raw console stream
 //! by offset, queued keystrokes, keep-on-failure state.
 
-use super::requests::{from_row, get_in, COLUMNS};
+use super::control::lock_visible;
+use super::requests::get_in;
 use super::Pg;
 use crate::model::{AgentId, RequestId};
+use crate::store::console::{in_typed_order, refuse_release, slice_rows, stored_offset};
+use crate::store::control::written;
 use crate::store::{ConsoleSlice, Kept, Keystrokes, ReleaseOutcome, StoreError};
 use crate::timefmt;
 
@@ -41,7 +44,7 @@ impl Pg {
         max: usize,
     ) -> Result<ConsoleSlice, StoreError> {
         let uuid = id.to_string();
-        let from = i64::try_from(from).unwrap_or(i64::MAX);
+        let from = stored_offset(from);
         retry!(self, "console_since", |c| {
             let end: i64 = c
                 .query_one(
@@ -68,21 +71,13 @@ impl Pg {
                     &[&uuid, &first],
                 )
                 .await?;
-            let start = from.min(end);
-            let mut bytes = Vec::new();
-            for row in rows {
-                let (offset, chunk): (i64, Vec<u8>) = (row.try_get(0)?, row.try_get(1)?);
-                let skip = (start - offset).clamp(0, chunk.len() as i64) as usize;
-                bytes.extend_from_slice(&chunk[skip..]);
-                if bytes.len() >= max {
-                    break;
-                }
-            }
-            Ok(ConsoleSlice {
-                start: start as u64,
-                bytes,
-                end: end as u64,
-            })
+            slice_rows(
+                from,
+                end,
+                max,
+                rows.iter()
+                    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?))),
+            )
         })
     }
 
@@ -142,15 +137,11 @@ impl Pg {
                         &[&uuid],
                     )
                     .await?;
-                let mut taken: Vec<(i64, String, Vec<u8>)> = rows
+                let taken = rows
                     .iter()
                     .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                    .collect::<Result<_, StoreError>>()?;
-                taken.sort_by_key(|t| t.0);
-                Ok(taken
-                    .into_iter()
-                    .map(|(_, who, bytes)| Keystrokes { who, bytes })
-                    .collect::<Vec<_>>())
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                Ok(in_typed_order(taken))
             }
             .await
             },
@@ -198,17 +189,12 @@ impl Pg {
     /// Idempotent (`COALESCE` keeps the first release), so a retry answers as the first did.
     pub(crate) async fn release_kept(&self, id: RequestId) -> Result<ReleaseOutcome, StoreError> {
         let uuid = id.to_string();
-        let locked = format!("SELECT {COLUMNS}, deleting FROM requests WHERE uuid = $1 FOR UPDATE");
         write_tx!(self, "release_kept", |tx| async {
-            let Some(row) = tx.query_opt(&locked, &[&uuid]).await? else {
+            let Some(req) = lock_visible(&tx, &uuid).await? else {
                 return Ok(ReleaseOutcome::NotFound);
             };
-            if row.try_get::<_, bool>("deleting")? {
-                return Ok(ReleaseOutcome::NotFound);
-            }
-            let req = from_row(&row)?;
-            if req.status.is_terminal() || req.kept_until.is_none() {
-                return Ok(ReleaseOutcome::NotKept(req.status));
+            if let Some(refused) = refuse_release(&req) {
+                return Ok(refused);
             }
             tx.execute(
                 "UPDATE requests SET kept_released = COALESCE(kept_released, $1), updated_at = $1
@@ -216,10 +202,9 @@ impl Pg {
                 &[&timefmt::now(), &uuid],
             )
             .await?;
-            let req = get_in(&tx, id)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
-            Ok(ReleaseOutcome::Released(Box::new(req)))
+            Ok(ReleaseOutcome::Released(Box::new(written(
+                get_in(&tx, id).await?,
+            )?)))
         }
         .await)
     }

@@ -2,11 +2,25 @@
 //! PostgreSQL. Where SQLite serialises with `BEGIN IMMEDIATE`, these lock the row they decide on
 //! (`FOR UPDATE`), so concurrent calls are serialised per request and no update is lost.
 
-use super::requests::{get_in, COLUMNS};
+use super::requests::{from_row, get_in, COLUMNS};
 use super::Pg;
-use crate::model::{transition, AgentId, RequestId, Status, Transition};
+use crate::model::{AgentId, Request, RequestId, Status};
+use crate::store::control::{deletes_at_once, parse_id, plan_control, recover, written};
 use crate::store::{ControlOutcome, DeleteOutcome, StoreError};
 use crate::timefmt;
+
+/// The request's row, locked (`FOR UPDATE`) until the transaction ends, as control, deletion
+/// and release see it: `None` when it is gone or being deleted.
+pub(super) async fn lock_visible(
+    tx: &tokio_postgres::Transaction<'_>,
+    uuid: &str,
+) -> Result<Option<Request>, StoreError> {
+    let locked = format!("SELECT {COLUMNS}, deleting FROM requests WHERE uuid = $1 FOR UPDATE");
+    match tx.query_opt(&locked, &[&uuid]).await? {
+        Some(row) if !row.try_get::<_, bool>("deleting")? => Ok(Some(from_row(&row)?)),
+        _ => Ok(None),
+    }
+}
 
 impl Pg {
     pub(crate) async fn control(
@@ -15,54 +29,31 @@ impl Pg {
         target: Status,
     ) -> Result<ControlOutcome, StoreError> {
         let (uuid, now) = (id.to_string(), timefmt::now());
-        let locked = format!("SELECT {COLUMNS}, deleting FROM requests WHERE uuid = $1 FOR UPDATE");
         write_tx!(
             self,
             "control",
             |tx| async {
-                let Some(row) = tx.query_opt(&locked, &[&uuid]).await? else {
+                let Some(req) = lock_visible(&tx, &uuid).await? else {
                     return Ok(ControlOutcome::NotFound);
                 };
-                if row.try_get::<_, bool>("deleting")? {
-                    return Ok(ControlOutcome::NotFound);
-                }
-                let req = super::requests::from_row(&row)?;
-                let outcome = match transition(
-                    req.status,
-                    req.agent_id.is_some(),
-                    req.desired_status,
-                    target,
-                ) {
-                    Transition::Refused(allowed) => {
-                        return Ok(ControlOutcome::Refused {
-                            current: req.status,
-                            allowed,
-                        })
-                    }
-                    Transition::Immediate(status) => {
-                        let finished = status.is_terminal().then_some(now.as_str());
-                        tx.execute(
-                        "UPDATE requests SET status = $1, desired_status = NULL, updated_at = $2,
-                                finished_at = COALESCE($3, finished_at)
-                         WHERE uuid = $4",
-                        &[&status.as_str(), &now, &finished, &uuid],
-                    )
-                    .await?;
-                        ControlOutcome::Applied
-                    }
-                    Transition::Desired(status) => {
-                        tx.execute(
-                        "UPDATE requests SET desired_status = $1, updated_at = $2 WHERE uuid = $3",
-                        &[&status.as_str(), &now, &uuid],
-                    )
-                    .await?;
-                        ControlOutcome::Requested
-                    }
+                let write = match plan_control(&req, target) {
+                    Ok(write) => write,
+                    Err(refused) => return Ok(*refused),
                 };
-                let req = get_in(&tx, id)
-                    .await?
-                    .ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
-                Ok(outcome(req))
+                tx.execute(
+                    "UPDATE requests SET status = COALESCE($1, status), desired_status = $2,
+                            updated_at = $3, finished_at = COALESCE($4, finished_at)
+                     WHERE uuid = $5",
+                    &[
+                        &write.status.map(Status::as_str),
+                        &write.desired.map(Status::as_str),
+                        &now,
+                        &write.finished_at(&now),
+                        &uuid,
+                    ],
+                )
+                .await?;
+                Ok((write.outcome)(written(get_in(&tx, id).await?)?))
             }
             .await,
             recheck | c | {
@@ -134,38 +125,33 @@ impl Pg {
                     let status: String = row.try_get(1)?;
                     let desired: Option<String> = row.try_get(2)?;
                     let agent: String = row.try_get::<_, Option<String>>(3)?.unwrap_or_default();
-                    let (new, note) = match (status.as_str(), desired.as_deref()) {
-                        ("acknowledged", Some("cancelled")) => (Status::Cancelled, "cancelled"),
-                        ("acknowledged", Some("hold")) => (Status::Hold, "held, no VM"),
-                        ("acknowledged", _) => (Status::Pending, "re-queued: it had not started"),
-                        _ => (Status::Failed, "failed: its VM ended with the agent"),
-                    };
-                    let finished = new.is_terminal().then_some(now.as_str());
-                    let error = (new == Status::Failed).then_some("agent lost");
+                    let r = recover(&status, desired.as_deref(), &agent);
                     tx.execute(
-                    "UPDATE requests SET status = $1, error = COALESCE($2, error), updated_at = $3,
-                            finished_at = COALESCE($4, finished_at), desired_status = NULL,
-                            lease_expires_at = NULL,
-                            agent_id = CASE WHEN $1 IN ('pending','hold') THEN NULL
-                                            ELSE agent_id END,
-                            host_id = CASE WHEN $1 IN ('pending','hold') THEN NULL
-                                           ELSE host_id END
-                     WHERE uuid = $5",
-                    &[&new.as_str(), &error, &now, &finished, &uuid],
-                )
-                .await?;
-                    let line = format!("agent {agent} lost (lease expired); request {note}\n");
-                    tx.execute(
-                        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
-                     VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log
-                                  WHERE request_uuid = $1), $2, 'system', $3)",
-                        &[&uuid, &now, &line.into_bytes()],
+                        "UPDATE requests SET status = $1, error = COALESCE($2, error),
+                                updated_at = $3, finished_at = COALESCE($4, finished_at),
+                                desired_status = NULL, lease_expires_at = NULL,
+                                agent_id = CASE WHEN $1 IN ('pending','hold') THEN NULL
+                                                ELSE agent_id END,
+                                host_id = CASE WHEN $1 IN ('pending','hold') THEN NULL
+                                               ELSE host_id END
+                         WHERE uuid = $5",
+                        &[
+                            &r.status.as_str(),
+                            &r.error,
+                            &now,
+                            &r.finished_at(&now),
+                            &uuid,
+                        ],
                     )
                     .await?;
-                    let id = uuid
-                        .parse()
-                        .map_err(|e| StoreError::Corrupt(format!("uuid {uuid}: {e}")))?;
-                    out.push((id, new));
+                    tx.execute(
+                        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
+                         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log
+                                      WHERE request_uuid = $1), $2, 'system', $3)",
+                        &[&uuid, &now, &r.line.into_bytes()],
+                    )
+                    .await?;
+                    out.push((parse_id(&uuid)?, r.status));
                 }
                 Ok(out)
             }
@@ -247,33 +233,28 @@ impl Pg {
 
     pub(crate) async fn delete(&self, id: RequestId) -> Result<DeleteOutcome, StoreError> {
         let (uuid, now) = (id.to_string(), timefmt::now());
-        let locked = format!("SELECT {COLUMNS}, deleting FROM requests WHERE uuid = $1 FOR UPDATE");
         write_tx!(
             self,
             "delete",
             |tx| async {
-                let Some(row) = tx.query_opt(&locked, &[&uuid]).await? else {
+                let Some(req) = lock_visible(&tx, &uuid).await? else {
                     return Ok(DeleteOutcome::NotFound);
                 };
-                if row.try_get::<_, bool>("deleting")? {
-                    return Ok(DeleteOutcome::NotFound);
-                }
-                let req = super::requests::from_row(&row)?;
-                if req.status.is_terminal() || req.agent_id.is_none() {
+                if deletes_at_once(&req) {
                     tx.execute("DELETE FROM requests WHERE uuid = $1", &[&uuid])
                         .await?;
                     return Ok(DeleteOutcome::Deleted);
                 }
                 tx.execute(
-                "UPDATE requests SET deleting = TRUE, desired_status = 'cancelled', updated_at = $1
-                 WHERE uuid = $2",
-                &[&now, &uuid],
-            )
-            .await?;
-                let req = get_in(&tx, id)
-                    .await?
-                    .ok_or_else(|| StoreError::Corrupt("row vanished".into()))?;
-                Ok(DeleteOutcome::Deleting(Box::new(req)))
+                    "UPDATE requests SET deleting = TRUE, desired_status = 'cancelled',
+                            updated_at = $1
+                     WHERE uuid = $2",
+                    &[&now, &uuid],
+                )
+                .await?;
+                Ok(DeleteOutcome::Deleting(Box::new(written(
+                    get_in(&tx, id).await?,
+                )?)))
             }
             .await,
             recheck | c | {
@@ -287,7 +268,7 @@ impl Pg {
                 Ok(match row {
                     None => Some(DeleteOutcome::Deleted),
                     Some(r) => {
-                        let req = super::requests::from_row(&r)?;
+                        let req = from_row(&r)?;
                         (r.try_get::<_, bool>("deleting")? && req.updated_at == now)
                             .then(|| DeleteOutcome::Deleting(Box::new(req)))
                     }

@@ -4,17 +4,13 @@
 
 use super::Pg;
 use crate::model::{Label, Request, Status};
+use crate::store::hosts::{group_hosts, labels_json, report_json, ProcessRow};
 use crate::store::{place, Host, HostReport, Placement, StoreError};
 use crate::timefmt;
-use std::collections::BTreeSet;
 
 /// The claim filter: every label the request requires is among the claimer's labels (a JSON
 /// array bound at `$1`), as `store/hosts.rs`'s `ELIGIBLE` on SQLite.
 pub(super) const ELIGIBLE: &str = "(requires IS NULL OR requires::jsonb <@ $1::text::jsonb)";
-
-fn labels_json(labels: &[Label]) -> String {
-    serde_json::to_string(labels).expect("labels serialise")
-}
 
 /// The registry as hosts, from the rows of their processes; `slots` counts each host's
 /// unfinished claims (placement needs only labels and liveness, so it skips that).
@@ -22,15 +18,6 @@ pub(super) async fn hosts_in(
     c: &tokio_postgres::Client,
     slots: bool,
 ) -> Result<Vec<Host>, StoreError> {
-    struct Row {
-        host_id: String,
-        labels: String,
-        vms: String,
-        agents: String,
-        max_vms: i64,
-        last_seen: String,
-        live: bool,
-    }
     let rows = c
         .query(
             "SELECT host_id, labels, vms, agents, max_vms, last_seen,
@@ -41,7 +28,7 @@ pub(super) async fn hosts_in(
         .await?
         .iter()
         .map(|r| {
-            Ok(Row {
+            Ok(ProcessRow {
                 host_id: r.try_get(0)?,
                 labels: r.try_get(1)?,
                 vms: r.try_get(2)?,
@@ -51,7 +38,7 @@ pub(super) async fn hosts_in(
                 live: r.try_get(6)?,
             })
         })
-        .collect::<Result<Vec<Row>, StoreError>>()?;
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let in_use: std::collections::HashMap<String, i64> = if slots {
         c.query(
             "SELECT host_id, COUNT(*) FROM requests
@@ -66,38 +53,7 @@ pub(super) async fn hosts_in(
     } else {
         Default::default()
     };
-    let bad = |e: serde_json::Error| StoreError::Corrupt(format!("agent_processes: {e}"));
-    let mut hosts: Vec<Host> = Vec::new();
-    let mut i = 0;
-    while i < rows.len() {
-        let id = rows[i].host_id.clone();
-        let group: Vec<&Row> = rows[i..].iter().take_while(|r| r.host_id == id).collect();
-        i += group.len();
-        let live_rows: Vec<&Row> = group.iter().copied().filter(|r| r.live).collect();
-        // Live processes speak for the host; a host that is down is shown as it last was.
-        let shown: Vec<&Row> = if live_rows.is_empty() {
-            vec![group[0]]
-        } else {
-            live_rows
-        };
-        let (mut labels, mut vms, mut agents) = (BTreeSet::new(), BTreeSet::new(), Vec::new());
-        for r in &shown {
-            labels.extend(serde_json::from_str::<Vec<Label>>(&r.labels).map_err(bad)?);
-            vms.extend(serde_json::from_str::<Vec<String>>(&r.vms).map_err(bad)?);
-            agents.extend(serde_json::from_str::<Vec<String>>(&r.agents).map_err(bad)?);
-        }
-        hosts.push(Host {
-            live: group.iter().any(|r| r.live),
-            labels: labels.into_iter().collect(),
-            vms: vms.into_iter().collect(),
-            agents,
-            slots_in_use: in_use.get(&id).copied().unwrap_or(0).max(0) as u64,
-            max_concurrent_vms: shown.iter().map(|r| r.max_vms).max().unwrap_or(0).max(0) as u64,
-            last_heartbeat: group[0].last_seen.clone(),
-            host_id: id,
-        });
-    }
-    Ok(hosts)
+    group_hosts(&rows, &in_use)
 }
 
 /// Says why pending requests wait when no live host can claim them now.
@@ -110,11 +66,7 @@ pub(super) async fn fill_waiting(
     }
     let hosts = hosts_in(c, false).await?;
     for r in reqs.iter_mut().filter(|r| r.status == Status::Pending) {
-        r.waiting_for = match place(&r.requires, &hosts) {
-            Placement::Live => None,
-            Placement::NoHosts => Some("no agents host has reported yet".into()),
-            Placement::Down(why) | Placement::Impossible(why) => Some(why),
-        };
+        r.waiting_for = place(&r.requires, &hosts).waiting_for();
     }
     Ok(())
 }
@@ -185,12 +137,7 @@ impl Pg {
 
     /// An upsert of this process's row: idempotent.
     pub(crate) async fn report_host(&self, r: HostReport) -> Result<(), StoreError> {
-        let agents: Vec<&str> = r.agents.iter().map(|a| a.0.as_str()).collect();
-        let (labels, vms, agents) = (
-            labels_json(&r.labels),
-            serde_json::to_string(&r.vms).expect("json"),
-            serde_json::to_string(&agents).expect("json"),
-        );
+        let (labels, vms, agents) = report_json(&r);
         write_tx!(self, "report_host", |tx| async {
             let now_t = time::OffsetDateTime::now_utc();
             let now = timefmt::format(now_t);

@@ -2,34 +2,19 @@
 //! `store/metrics.rs` (PostgreSQL's sums and averages are numeric, hence the casts).
 
 use super::Pg;
-use crate::model::{ShutdownStep, Status};
-use crate::store::{Histogram, MetricsSnapshot, Stats, StoreError, Summary, BUCKETS};
+use crate::store::metrics::{
+    histogram_from, histogram_sql, p95_rank, stats_of, status_counts, step_counts, CountRow,
+};
+use crate::store::{Histogram, MetricsSnapshot, Stats, StoreError, Summary};
 
 async fn histogram(c: &tokio_postgres::Client, column: &str) -> Result<Histogram, StoreError> {
-    let mut cols: Vec<String> = BUCKETS
-        .iter()
-        .map(|le| {
-            format!(
-                "COUNT(*) FILTER (WHERE {column} <= {})",
-                (le * 1000.0) as i64
-            )
-        })
-        .collect();
-    cols.push(format!("COALESCE(SUM({column}), 0)::bigint"));
-    cols.push(format!("COUNT({column})"));
-    let r = c
-        .query_one(&format!("SELECT {} FROM requests", cols.join(", ")), &[])
-        .await?;
-    let n = BUCKETS.len();
-    let mut buckets = Vec::with_capacity(n);
-    for (i, le) in BUCKETS.iter().enumerate() {
-        buckets.push((*le, r.try_get::<_, i64>(i)? as u64));
-    }
-    Ok(Histogram {
-        buckets,
-        sum_seconds: r.try_get::<_, i64>(n)? as f64 / 1000.0,
-        count: r.try_get::<_, i64>(n + 1)? as u64,
-    })
+    let sql = histogram_sql(
+        column,
+        |col, ms| format!("COUNT(*) FILTER (WHERE {col} <= {ms})"),
+        |col| format!("COALESCE(SUM({col}), 0)::bigint"),
+    );
+    let r = c.query_one(&sql, &[]).await?;
+    Ok(histogram_from(|i| r.try_get::<_, i64>(i))?)
 }
 
 async fn summary(c: &tokio_postgres::Client, column: &str) -> Result<Summary, StoreError> {
@@ -40,12 +25,9 @@ async fn summary(c: &tokio_postgres::Client, column: &str) -> Result<Summary, St
         )
         .await?;
     let (count, mean): (i64, Option<f64>) = (r.try_get(0)?, r.try_get(1)?);
-    let p95 = if count == 0 {
-        None
-    } else {
-        // Nearest-rank percentile.
-        let rank = ((count as f64) * 0.95).ceil() as i64 - 1;
-        Some(
+    let p95 = match p95_rank(count) {
+        None => None,
+        Some(rank) => Some(
             c.query_one(
                 &format!(
                     "SELECT {column} FROM requests WHERE {column} IS NOT NULL
@@ -55,7 +37,7 @@ async fn summary(c: &tokio_postgres::Client, column: &str) -> Result<Summary, St
             )
             .await?
             .try_get(0)?,
-        )
+        ),
     };
     Ok(Summary {
         count: count as u64,
@@ -76,37 +58,27 @@ impl Pg {
                 )
                 .await?;
             let (finished, ok): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
-            Ok(Stats {
-                by_status: m
-                    .by_status
-                    .iter()
-                    .map(|(s, n)| (s.as_str().to_string(), *n))
-                    .collect(),
-                vms_running: m.vms_active,
-                finished: finished as u64,
-                success_rate: (finished > 0).then(|| ok as f64 / finished as f64),
-                boot: summary(c, "boot_ms").await?,
-                run: summary(c, "run_ms").await?,
-                log_bytes: m.log_bytes,
-            })
+            Ok(stats_of(
+                &m,
+                finished,
+                ok,
+                summary(c, "boot_ms").await?,
+                summary(c, "run_ms").await?,
+            ))
         })
     }
 
     pub(crate) async fn metrics(&self) -> Result<MetricsSnapshot, StoreError> {
         retry!(self, "metrics", |c| {
-            let mut by_status: Vec<(Status, u64)> = Status::ALL.iter().map(|s| (*s, 0)).collect();
-            for r in c
-                .query("SELECT status, COUNT(*) FROM requests GROUP BY status", &[])
-                .await?
-            {
-                let st: Status = r
-                    .try_get::<_, String>(0)?
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
-                if let Some(slot) = by_status.iter_mut().find(|(s, _)| *s == st) {
-                    slot.1 = r.try_get::<_, i64>(1)? as u64;
-                }
-            }
+            let pairs = |rows: Vec<tokio_postgres::Row>| {
+                rows.into_iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<Vec<CountRow>>()
+            };
+            let by_status = status_counts(pairs(
+                c.query("SELECT status, COUNT(*) FROM requests GROUP BY status", &[])
+                    .await?,
+            ))?;
             let vms_active: i64 = c
                 .query_one(
                     "SELECT COUNT(*) FROM requests WHERE agent_id IS NOT NULL
@@ -115,21 +87,14 @@ impl Pg {
                 )
                 .await?
                 .try_get(0)?;
-            let mut steps = Vec::new();
-            for r in c
-                .query(
+            let steps = step_counts(pairs(
+                c.query(
                     "SELECT shutdown_step, COUNT(*) FROM requests WHERE shutdown_step IS NOT NULL
                      GROUP BY shutdown_step ORDER BY shutdown_step",
                     &[],
                 )
-                .await?
-            {
-                let step: ShutdownStep = r
-                    .try_get::<_, String>(0)?
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
-                steps.push((step, r.try_get::<_, i64>(1)? as u64));
-            }
+                .await?,
+            ))?;
             let log_bytes: i64 = c
                 .query_one(
                     "SELECT COALESCE(SUM(octet_length(output)), 0)::bigint FROM work_log",
