@@ -160,15 +160,14 @@ fn exec(c: &Connection, sql: &str) -> rusqlite::Result<()> {
 }
 
 /// One transaction: every operation in a savepoint of its own, one `COMMIT`, then the answers.
-fn commit(c: &Connection, ops: impl Iterator<Item = Box<dyn Op>>) {
-    let mut ops = ops.peekable();
+fn commit(c: &Connection, mut ops: impl Iterator<Item = Box<dyn Op>>) {
     if let Err(e) = exec(c, "BEGIN IMMEDIATE") {
         ops.for_each(|op| op.fail(&e));
         return;
     }
     let mut ran: Vec<Box<dyn Ran>> = Vec::new();
     let mut broken = None;
-    while let Some(op) = ops.next() {
+    for op in ops.by_ref() {
         if let Err(e) = exec(c, "SAVEPOINT op") {
             op.fail(&e);
             broken = Some(e);
