@@ -212,7 +212,13 @@ fi
     echo "  default is therefore 20 MB (2 with \`--quick\`). \`BENCH_FLOOD_MB=100 scripts/bench.sh\`"
     echo "  runs the full 100 MB."
     echo "- Figure 6 runs the load generator (\`wrk -t2 -c32\`) on the same 2 cores as the server,"
-    echo "  against \`sqlite-sim api\` (no agents, so nothing is claimed)."
+    echo "  against \`sqlite-sim api\` (no agents, so nothing is claimed), on SQLite with group"
+    echo "  commit, on PostgreSQL (the cluster of scripts/postgres.sh, on the same cores, a database"
+    echo "  of its own; it runs with fsync off, as a test cluster) and, for POST, on SQLite with"
+    echo "  \`SQLITE_SIM_GROUP_COMMIT=false\` (one transaction per insert: the baseline)."
+    echo "- Figures 2 and 3 also run split \`api\` + \`agents\` processes on each engine: SQLite"
+    echo "  (woken by the 15 ms \`PRAGMA data_version\` check) and PostgreSQL (LISTEN/NOTIFY), with"
+    echo "  the agents' 5 s poll behind both."
     echo "- Figure 7 runs \`sleep 30; echo x\` in each VM so that all of them are up at once,"
     echo "  with \`BOOT_TIMEOUT\` raised to 300 s in a copy of the configs: 8 TCG guests booting"
     echo "  on 2 cores take far longer than one."
@@ -234,7 +240,7 @@ fi
 if [ "$quick" = 1 ]; then
     mode="quick (\`--quick\`: 1-2 repetitions per figure; not for conclusions)"
 else
-    mode="full: 5 alternating pairs (1), 10 runs per mode (2), 5 holds and 5 cancels (3), 1 flood (4b), 3 wrk runs of 10 s (6), 3 runs (7), 3 runs per concurrency level (8), 20 warm + 20 pool + 5 raw cold runs and 3 hand-restored clones (9), 3 cold + 6 warm Debian runs (10), 3 warm batches of 4c and 1 cold batch of 2c per level (11), 2 runs of 8 clones and 8 cold VMs (12), 1 run of each part of 13"
+    mode="full: 5 alternating pairs (1), 10 runs per mode (2), 5 holds and 5 cancels per deployment (3), 1 flood (4b), 3 wrk runs of 10 s (6), 3 runs (7), 3 runs per concurrency level (8), 20 warm + 20 pool + 5 raw cold runs and 3 hand-restored clones (9), 3 cold + 6 warm Debian runs (10), 3 warm batches of 4c and 1 cold batch of 2c per level (11), 2 runs of 8 clones and 8 cold VMs (12), 1 run of each part of 13"
 fi
 load_note="load average $load_at_start at start ($busy_at_start cargo/rustc/qemu-system processes);"
 load_note="$load_note when the VM measurements began: CPU ${cpu_before}% busy over 5 s, load $load_before"

@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import time
 
-from . import common
+from . import common, pg
 from .common import BIN, CONFIGS, IMAGES, log, parse_ts
 from .http import Api
 from .procstat import proc_alive
@@ -100,9 +100,12 @@ class Server:
     """One sqlite-sim deployment: a temp dir with its database and run dir, and the processes
     (`all`, or `api` plus `agents`) started on it."""
 
-    def __init__(self, env=None, label="server", trace_runs=True, configs=None, trace=None):
+    def __init__(self, env=None, label="server", trace_runs=True, configs=None, trace=None,
+                 engine="sqlite"):
         """`configs`: {name: text} for its config directory (default: `cold_configs()`);
-        `trace`: extra RUST_LOG directives (e.g. the pool keeper's debug lines)."""
+        `trace`: extra RUST_LOG directives (e.g. the pool keeper's debug lines); `engine`:
+        `sqlite` (its file in the temp dir) or `postgres` (a database of its own in the
+        cluster of scripts/postgres.sh, dropped by stop())."""
         self.root = tempfile.mkdtemp(prefix="bsim-", dir="/tmp")
         self.run_dir = os.path.join(self.root, "run")
         self.db = os.path.join(self.root, "bench.db")
@@ -130,6 +133,10 @@ class Server:
         os.makedirs(self.config_dir)
         for name, text in (cold_configs() if configs is None else configs).items():
             self.write_config(name, text)
+        self.engine = engine
+        self.pg_db = None
+        if engine == "postgres":
+            self.pg_db, self.env["SQLITE_SIM_DATABASE_URL"] = pg.create_db()
         self.env.update(env or {})
         common.SERVERS.append(self)
 
@@ -299,6 +306,9 @@ class Server:
                     p.kill()
                     p.wait()
         self.procs = []
+        if self.pg_db is not None:
+            pg.drop_db(self.pg_db)
+            self.pg_db = None
         shutil.rmtree(self.root, ignore_errors=True)
         if self in common.SERVERS:
             common.SERVERS.remove(self)

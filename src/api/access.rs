@@ -19,14 +19,31 @@ use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Remembers, once seen, that the store holds tokens (they are never deleted, so it stays
-/// true and later calls skip the query).
-#[derive(Debug, Default)]
+/// true and later calls skip the query). Until then the store is asked at most every
+/// [`RECHECK`]: with auth off every call would otherwise pay a store read.
+#[derive(Debug)]
 pub struct Gate {
     tokens_seen: AtomicBool,
+    born: std::time::Instant,
+    /// When the store was last asked, in ms since `born` (0: never).
+    checked_ms: AtomicU64,
 }
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            tokens_seen: AtomicBool::new(false),
+            born: std::time::Instant::now(),
+            checked_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// How soon a token made with the CLI turns authentication on in a running server.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What an audited operation is, before its body is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,10 +122,18 @@ pub fn rule(method: &str, path: &str) -> Rule {
 
 /// Whether authentication is on.
 pub async fn enabled(state: &AppState) -> Result<bool, ApiError> {
-    if state.settings.api_token.is_some() || state.gate.tokens_seen.load(Ordering::Relaxed) {
+    let gate = &state.gate;
+    if state.settings.api_token.is_some() || gate.tokens_seen.load(Ordering::Relaxed) {
         return Ok(true);
     }
+    // Never 0, so the first call always asks.
+    let now = gate.born.elapsed().as_millis() as u64 + 1;
+    let last = gate.checked_ms.load(Ordering::Relaxed);
+    if last != 0 && now.saturating_sub(last) < RECHECK.as_millis() as u64 {
+        return Ok(false);
+    }
     let seen = state.store.tokens_configured().await?;
+    gate.checked_ms.store(now, Ordering::Relaxed);
     if seen {
         state.gate.tokens_seen.store(true, Ordering::Relaxed);
     }

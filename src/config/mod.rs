@@ -104,6 +104,9 @@ pub struct Settings {
     /// How often a process checks whether another one committed (`PRAGMA data_version`), to
     /// wake its agents and log streams at once.
     pub change_check_interval: Duration,
+    /// SQLite: commit concurrent small writes together, in one transaction of the store's
+    /// writer thread (`SQLITE_SIM_GROUP_COMMIT`, default on; off is figure 6's baseline).
+    pub group_commit: bool,
 }
 
 /// Longest run-dir path that still leaves room for `/<uuid>/console.sock` within the
@@ -222,6 +225,7 @@ impl Settings {
             },
             agent_labels: parse_labels(&v.string("SQLITE_SIM_AGENT_LABELS", ""))?,
             change_check_interval: v.seconds("SQLITE_SIM_CHANGE_CHECK_INTERVAL", 0.015)?,
+            group_commit: v.boolean("SQLITE_SIM_GROUP_COMMIT", true)?,
         })
     }
 
@@ -304,6 +308,7 @@ impl Settings {
                 "SQLITE_SIM_CHANGE_CHECK_INTERVAL",
                 format!("{}", self.change_check_interval.as_secs_f64()),
             ),
+            ("SQLITE_SIM_GROUP_COMMIT", self.group_commit.to_string()),
             (
                 "SQLITE_SIM_API_TOKEN",
                 match &self.api_token {

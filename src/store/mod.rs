@@ -9,10 +9,13 @@
 //!   (`if let Some(pg) = &self.pg { return pg.method(..).await; }`) and otherwise runs the
 //!   SQLite code, so both engines keep the same signatures, outcomes and errors.
 //!
-//! On SQLite, rusqlite is synchronous, so every operation runs on tokio's blocking pool with a connection
-//! taken from a small pool of open connections. The database runs in WAL mode with a busy
-//! timeout, so the API and any number of agent processes can share one file. Every write
-//! starts with `BEGIN IMMEDIATE`, which makes claims atomic across processes.
+//! On SQLite, rusqlite is synchronous. Point reads (a primary-key lookup) run on the calling
+//! thread; other operations run on tokio's blocking pool with a connection taken from a small
+//! pool of open connections; small hot writes (a new request, an agent's state changes) go to
+//! the group-commit writer ([`writer`]), one thread that commits whatever is queued in one
+//! transaction. The database runs in WAL mode with a busy timeout, so the API and any number
+//! of agent processes can share one file. Every write starts with `BEGIN IMMEDIATE`, which
+//! makes claims atomic across processes.
 
 /// First line of every public [`Store`] method: hands the call to the PostgreSQL engine when
 /// the store is PostgreSQL (one line, so edits to the SQLite bodies below merge cleanly).
@@ -37,6 +40,7 @@ mod schema;
 pub mod sink;
 mod templates;
 pub(crate) mod tokens;
+mod writer;
 
 pub use audit::{AuditEntry, AuditQuery, NewAudit, Outcome};
 pub use console::{ConsoleSlice, Kept, Keystrokes, ReleaseOutcome};
@@ -48,6 +52,7 @@ pub use metrics::{Histogram, MetricsSnapshot, Stats, Summary, BUCKETS};
 pub use requests::{Finish, RequestQuery};
 pub use templates::{RestoreStats, TemplateOrder, TemplateOrders, TemplateRecord};
 pub use tokens::{NewToken, TokenCreated, TokenInfo};
+pub use writer::WriterError;
 
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
@@ -77,6 +82,8 @@ pub enum StoreError {
     Task(String),
     #[error(transparent)]
     Postgres(#[from] postgres::PgError),
+    #[error(transparent)]
+    Writer(#[from] WriterError),
 }
 
 impl StoreError {
@@ -142,26 +149,46 @@ struct Inner {
     /// Bumped after every write this process makes, so followers and agents in this process
     /// react at once; other processes' writes bump it too once [`Store::watch_commits`] runs.
     changes: tokio::sync::watch::Sender<u64>,
-    /// Serialises this process's write transactions.
-    write_turn: Mutex<()>,
+    /// Serialises this process's write transactions (the group-commit writer's batches too).
+    write_turn: Arc<Mutex<()>>,
+    /// The group-commit writer (SQLite with `SQLITE_SIM_GROUP_COMMIT` on); `None`: each write
+    /// is a transaction of its own on the blocking pool.
+    writer: Option<writer::Writer>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the database and brings its schema up to date.
+    /// Opens (creating if needed) the database and brings its schema up to date, with group
+    /// commit.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let path = path.as_ref().to_path_buf();
+        Self::open_sqlite(path.as_ref(), true).await
+    }
+
+    /// [`Store::open`]; `group_commit` false commits each write in a transaction of its own
+    /// (`SQLITE_SIM_GROUP_COMMIT=false`, the baseline of figure 6).
+    async fn open_sqlite(path: &Path, group_commit: bool) -> Result<Self, StoreError> {
+        let path = path.to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
+        let write_turn = Arc::new(Mutex::new(()));
+        let writer = if group_commit {
+            Some(writer::Writer::start(
+                Self::connect(&path)?,
+                write_turn.clone(),
+            )?)
+        } else {
+            None
+        };
         let store = Store {
             inner: Arc::new(Inner {
                 path,
                 idle: Mutex::new(Vec::new()),
                 changes: tokio::sync::watch::channel(0).0,
-                write_turn: Mutex::new(()),
+                write_turn,
+                writer,
             }),
             pg: None,
         };
@@ -184,7 +211,12 @@ impl Store {
 
     /// The store `settings` name (`SQLITE_SIM_DATABASE_URL`, else `SQLITE_SIM_DB_PATH`).
     pub async fn open_settings(settings: &crate::config::Settings) -> Result<Self, StoreError> {
-        Self::open_configured(&settings.db_path, settings.database_url.as_deref()).await
+        match &settings.database_url {
+            Some(_) => {
+                Self::open_configured(&settings.db_path, settings.database_url.as_deref()).await
+            }
+            None => Self::open_sqlite(&settings.db_path, settings.group_commit).await,
+        }
     }
 
     /// Connects to PostgreSQL and brings its schema up to date.
@@ -196,7 +228,8 @@ impl Store {
                 path: PathBuf::new(),
                 idle: Mutex::new(Vec::new()),
                 changes,
-                write_turn: Mutex::new(()),
+                write_turn: Arc::new(Mutex::new(())),
+                writer: None,
             }),
             pg: Some(Arc::new(pg)),
         })
@@ -343,6 +376,30 @@ impl Store {
         R: Send + 'static,
     {
         self.run(f, true).await
+    }
+
+    /// Runs a small write in the group-commit writer's next transaction, together with the
+    /// other writes queued by then (see [`writer`]); without the writer, as [`Store::call_write`]
+    /// in a transaction of its own. `f` must leave the transaction open: the writer wraps it
+    /// in a savepoint, and its error rolls back only what `f` did.
+    pub(crate) async fn call_batched<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        match &self.inner.writer {
+            Some(w) => w.submit(f).await,
+            None => {
+                self.call_write(move |c| {
+                    let tx =
+                        c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                    let r = f(&tx)?;
+                    tx.commit()?;
+                    Ok(r)
+                })
+                .await
+            }
+        }
     }
 
     /// Runs a point read (a primary-key lookup, microseconds from the page cache) on the

@@ -137,55 +137,92 @@ impl Store {
     /// Stores a new `pending` request.
     pub async fn create(&self, new: NewRequest) -> Result<Request, StoreError> {
         on_pg!(self.create(new));
-        self.call_write(move |c| {
-            let id = RequestId::new();
-            let now = timefmt::now();
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
+        let id = RequestId::new();
+        let now = timefmt::now();
+        let mut requires = new.requires;
+        requires.sort();
+        requires.dedup();
+        // The row as it is inserted (what reading it back would return); the writer thread
+        // only writes, so that its one thread does as little per request as it can.
+        let mut req = Request {
+            uuid: id,
+            vm_name: new.vm_name,
+            commands: new.commands,
+            timeout: new.timeout,
+            status: Status::Pending,
+            created_at: now.clone(),
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            error: None,
+            agent_id: None,
+            desired_status: None,
+            shutdown_step: None,
+            boot_ms: None,
+            run_ms: None,
+            shutdown_ms: None,
+            boot: new.boot,
+            boot_mode: None,
+            restore_ms: None,
+            artifacts: new.artifacts,
+            channel: None,
+            requires,
+            host: None,
+            waiting_for: None,
+            keep_on_failure: new.keep_on_failure,
+            kept_until: None,
+            kept_ms: None,
+            submitted_by: new.submitted_by,
+        };
+        let row = req.clone();
+        let uploads = new.uploads;
+        // Committed with whatever other writes are queued (group commit); the insert and the
+        // linking of its uploads are one savepoint, so a failure takes back both, and only them.
+        self.call_batched(move |tx| {
+            tx.prepare_cached(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
                                        boot, artifact_globs, requires, keep_on_failure,
                                        submitted_by)
                  VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![
-                    id.to_string(),
-                    new.vm_name,
-                    new.commands,
-                    new.timeout,
-                    now,
-                    new.boot.map(|b| b.as_str()),
-                    (!new.artifacts.is_empty())
-                        .then(|| serde_json::to_string(&new.artifacts).expect("json")),
-                    {
-                        let mut need = new.requires.clone();
-                        need.sort();
-                        need.dedup();
-                        (!need.is_empty()).then(|| serde_json::to_string(&need).expect("json"))
-                    },
-                    new.keep_on_failure,
-                    new.submitted_by,
-                ],
-            )?;
-            for (seq, upload) in new.uploads.iter().enumerate() {
-                let n = tx.execute(
-                    "UPDATE uploads SET request_uuid = ?1, seq = ?2
-                     WHERE id = ?3 AND request_uuid IS NULL",
-                    params![id.to_string(), seq as i64, upload],
-                )?;
+            )?
+            .execute(params![
+                id.to_string(),
+                row.vm_name,
+                row.commands,
+                row.timeout,
+                row.created_at,
+                row.boot.map(|b| b.as_str()),
+                (!row.artifacts.is_empty())
+                    .then(|| serde_json::to_string(&row.artifacts).expect("json")),
+                (!row.requires.is_empty())
+                    .then(|| serde_json::to_string(&row.requires).expect("json")),
+                row.keep_on_failure,
+                row.submitted_by,
+            ])?;
+            for (seq, upload) in uploads.iter().enumerate() {
+                let n = tx
+                    .prepare_cached(
+                        "UPDATE uploads SET request_uuid = ?1, seq = ?2
+                         WHERE id = ?3 AND request_uuid IS NULL",
+                    )?
+                    .execute(params![id.to_string(), seq as i64, upload])?;
                 if n != 1 {
                     return Err(StoreError::Corrupt(format!(
                         "upload {upload} is not staged (already linked, or dropped)"
                     )));
                 }
             }
-            let mut req =
-                get_in(&tx, id)?.ok_or_else(|| StoreError::Corrupt("insert vanished".into()))?;
-            // As every read shows it (one indexed read of a small table).
-            fill_waiting(&tx, std::slice::from_mut(&mut req))?;
-            tx.commit()?;
-            Ok(req)
+            Ok(())
         })
-        .await
-        .inspect(|_| self.bump())
+        .await?;
+        self.bump();
+        // As every read shows it (one indexed read of a small table, on this thread). It is
+        // committed by now: a failing read must not turn it into an error the client retries.
+        if let Err(e) = self.call_point_read(|c| fill_waiting(c, std::slice::from_mut(&mut req))) {
+            tracing::warn!(request = %id, error = %e, "reading why a new request waits");
+        }
+        Ok(req)
     }
 
     /// The request as the API shows it: one being deleted is already gone.
@@ -193,11 +230,10 @@ impl Store {
         on_pg!(self.get(id));
         self.call_point_read(move |c| {
             let row = c
-                .query_row(
-                    &format!("SELECT {COLUMNS} FROM requests WHERE uuid = ?1 AND deleting = 0"),
-                    [id.to_string()],
-                    from_row,
-                )
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM requests WHERE uuid = ?1 AND deleting = 0"
+                ))?
+                .query_row([id.to_string()], from_row)
                 .optional()?;
             let Some(mut req) = row.transpose()? else {
                 return Ok(None);
@@ -324,13 +360,14 @@ impl Store {
     pub async fn mark_running(&self, id: RequestId, agent: &AgentId) -> Result<bool, StoreError> {
         on_pg!(self.mark_running(id, agent));
         let agent = agent.0.clone();
-        self.call_write(move |c| {
+        self.call_batched(move |c| {
             let now = timefmt::now();
-            let n = c.execute(
-                "UPDATE requests SET status = 'running', started_at = ?1, updated_at = ?1
+            let n = c
+                .prepare_cached(
+                    "UPDATE requests SET status = 'running', started_at = ?1, updated_at = ?1
                  WHERE uuid = ?2 AND agent_id = ?3 AND status = 'acknowledged'",
-                params![now, id.to_string(), agent],
-            )?;
+                )?
+                .execute(params![now, id.to_string(), agent])?;
             Ok(n == 1)
         })
         .await
@@ -346,12 +383,13 @@ impl Store {
     ) -> Result<bool, StoreError> {
         on_pg!(self.heartbeat(id, agent, lease));
         let agent = agent.0.clone();
-        self.call_write(move |c| {
-            let n = c.execute(
-                "UPDATE requests SET lease_expires_at = ?1
+        self.call_batched(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE requests SET lease_expires_at = ?1
                  WHERE uuid = ?2 AND agent_id = ?3 AND status IN ('acknowledged','running','hold')",
-                params![lease_until(lease), id.to_string(), agent],
-            )?;
+                )?
+                .execute(params![lease_until(lease), id.to_string(), agent])?;
             Ok(n == 1)
         })
         .await
@@ -430,11 +468,8 @@ pub(super) fn get_in(
     id: RequestId,
 ) -> Result<Option<Request>, StoreError> {
     let row = c
-        .query_row(
-            &format!("SELECT {COLUMNS} FROM requests WHERE uuid = ?1"),
-            [id.to_string()],
-            from_row,
-        )
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM requests WHERE uuid = ?1"))?
+        .query_row([id.to_string()], from_row)
         .optional()?;
     row.transpose()
 }

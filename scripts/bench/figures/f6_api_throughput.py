@@ -1,5 +1,7 @@
 """Figure 6: API throughput with wrk against `sqlite-sim api` (no agents): POST /requests and
-GET /requests/{uuid}, with the server's CPU per request and a perf profile."""
+GET /requests/{uuid}, with the server's CPU per request and a perf profile, on both engines side
+by side (SQLite with group commit, PostgreSQL) and, for POST, SQLite with group commit off
+(`SQLITE_SIM_GROUP_COMMIT=false`, one transaction per insert: the baseline)."""
 
 import os
 import re
@@ -8,6 +10,7 @@ import shutil
 import subprocess
 import time
 
+from .. import pg
 from ..common import log, med
 from ..procstat import busy_fraction, ctx_switches, host_cpu, perf_profile, proc_cpu_seconds
 from ..procstat import prof_summary
@@ -61,13 +64,21 @@ def run_wrk(srv, url, lua, duration):
     return res
 
 
-def figure6(runs, duration):
-    if shutil.which("wrk") is None:
-        log("figure 6: wrk not installed; skipped")
-        emit("6", "API throughput", "req/s", [], note="wrk not installed")
-        return
-    log(f"figure 6: API throughput, wrk -t2 -c32 -d{duration}s x{runs} (api mode, no agents)")
-    srv = Server(label="api", trace_runs=False)
+# What figure 6 compares, in the order measured: (label, engine, extra env, targets by kind).
+# A kind without a target is reported; the last setup is the baseline of group commit (the
+# same binary, each insert a transaction of its own on the blocking pool, as before it).
+SETUPS = [
+    ("SQLite", "sqlite", {}, {"POST": 15000, "GET": 40000}),
+    ("PostgreSQL", "postgres", {}, {"POST": 5000, "GET": None}),
+    ("SQLite, group commit off", "sqlite", {"SQLITE_SIM_GROUP_COMMIT": "false"}, {"POST": None}),
+]
+PATHS = {"POST": "/requests", "GET": "/requests/{uuid}"}
+
+
+def measure(engine, env, kinds, runs, duration):
+    """wrk runs of each kind (alternating) against one `api` server; ({kind: [result]},
+    {kind: perf profile}, rows in the table at the end)."""
+    srv = Server(label=f"api-{engine}", trace_runs=False, engine=engine, env=env)
     try:
         srv.spawn("api")
         uuid = srv.api.submit("echo hi", timeout=60)
@@ -78,12 +89,12 @@ def figure6(runs, duration):
                     'wrk.body = \'{"vm_name":"tiny","commands":"echo hi","timeout":60}\'\n'
                     'wrk.headers["Content-Type"] = "application/json"\n')
         targets = {"POST": (f"{base}/requests", lua), "GET": (f"{base}/requests/{uuid}", None)}
-        results = {"POST": [], "GET": []}
+        results = {k: [] for k in kinds}
         for i in range(runs):
-            for kind in ("POST", "GET"):
+            for kind in kinds:
                 res = run_wrk(srv, *targets[kind], duration)
                 results[kind].append(res)
-                log(f"  {kind} run {i + 1}/{runs}: {res['rps']:.0f} req/s, non-2xx "
+                log(f"  {engine} {kind} run {i + 1}/{runs}: {res['rps']:.0f} req/s, non-2xx "
                     f"{res['non2xx']}, socket errors {res['sock_errors']}, server "
                     f"{res['server_cores']:.2f} cores, wrk {res['wrk_cores']:.2f} cores, host "
                     f"busy {res['host_busy'] * 100:.0f}%")
@@ -91,7 +102,7 @@ def figure6(runs, duration):
         # goes.
         profiles = {}
         if shutil.which("perf"):
-            for kind in ("POST", "GET"):
+            for kind in kinds:
                 w = subprocess.Popen(wrk_cmd(*targets[kind], 5, latency=False),
                                      stdout=subprocess.DEVNULL)
                 time.sleep(0.5)
@@ -101,42 +112,72 @@ def figure6(runs, duration):
         total_rows = rows.get("total") if isinstance(rows, dict) else None
     finally:
         srv.stop()
-    for kind, goal in (("POST", 5000), ("GET", 20000)):
-        rs = results[kind]
-        rps = [r["rps"] for r in rs]
-        bad = sum(r["non2xx"] + r["sock_errors"] for r in rs)
-        m = med(rps)
-        sc, wc = med([r["server_cores"] for r in rs]), med([r["wrk_cores"] for r in rs])
-        busy = med([r["host_busy"] for r in rs])
-        per_req_us = sc / m * 1e6 if m else None
-        cpu_verdict = (": the CPUs are saturated, so CPU is the bound" if busy >= 0.9 else
-                       f": {100 - busy * 100:.0f}% of the CPU stays idle, so the bound is not "
-                       "raw CPU but serialisation or waiting inside the server")
-        note = (f"non-2xx responses + socket errors: {bad}; mean latency (median of runs) "
-                f"{med([r['lat_ms'] for r in rs if r['lat_ms'] is not None]):.2f} ms. CPU: "
-                f"sqlite-sim {sc:.2f} cores, wrk {wc:.2f} cores, host busy {busy * 100:.0f}% of "
-                f"2 cores{cpu_verdict}. sqlite-sim spends {per_req_us:.0f} us of CPU per "
-                f"request: even with both cores to itself and a free load generator it could "
-                f"serve at most ~{2 / (sc / m):,.0f} req/s. Its threads switch context "
-                f"{med([r['ctx_per_req'] for r in rs]):.1f} times per request.")
-        prof = profiles.get(kind)
-        if prof:
-            note += " Where sqlite-sim's CPU goes (perf): " + prof_summary(prof) + "."
-            cats = dict(prof["categories"])
-            switch = cats.get("kernel: context switches and futex wake-ups", 0)
-            sqlite = sum(v for k, v in cats.items() if k.startswith(("SQLite", "SQL ")))
-            ctx = med([r["ctx_per_req"] for r in rs])
-            if prof["categories"][0][0].startswith("kernel: context switches") and ctx >= 2:
-                note += (f" The largest share, {switch:.0f}%, is the kernel switching threads: "
-                         "this request's SQLite work runs on tokio's blocking pool (rusqlite is "
-                         "synchronous), so each request wakes a pool thread and is woken back, "
-                         f"{ctx:.1f} switches per request; "
-                         f"SQLite itself (parsing and executing) is {sqlite:.0f}%.")
-        if kind == "POST" and total_rows is not None:
-            note += f" {total_rows:,} rows were inserted in all."
-        emit("6", f"API throughput, {kind} {'/requests' if kind == 'POST' else '/requests/{uuid}'}",
-             "req/s", rps, target=f">= {goal:,}", ok=(m >= goal and bad == 0), note=note,
-             digits=0)
+    return results, profiles, total_rows
+
+
+def row_note(kind, rs, prof, total_rows):
+    """The note of one row: errors, latency, where the CPU went."""
+    m = med([r["rps"] for r in rs])
+    bad = sum(r["non2xx"] + r["sock_errors"] for r in rs)
+    sc, wc = med([r["server_cores"] for r in rs]), med([r["wrk_cores"] for r in rs])
+    busy = med([r["host_busy"] for r in rs])
+    per_req_us = sc / m * 1e6 if m else None
+    cpu_verdict = (": the CPUs are saturated, so CPU is the bound" if busy >= 0.9 else
+                   f": {100 - busy * 100:.0f}% of the CPU stays idle, so the bound is not "
+                   "raw CPU but serialisation or waiting inside the server")
+    note = (f"non-2xx responses + socket errors: {bad}; mean latency (median of runs) "
+            f"{med([r['lat_ms'] for r in rs if r['lat_ms'] is not None]):.2f} ms. CPU: "
+            f"sqlite-sim {sc:.2f} cores, wrk {wc:.2f} cores, host busy {busy * 100:.0f}% of "
+            f"2 cores{cpu_verdict}. sqlite-sim spends {per_req_us:.0f} us of CPU per "
+            f"request: even with both cores to itself and a free load generator it could "
+            f"serve at most ~{2 / (sc / m):,.0f} req/s. Its threads switch context "
+            f"{med([r['ctx_per_req'] for r in rs]):.1f} times per request.")
+    if prof:
+        note += " Where sqlite-sim's CPU goes (perf): " + prof_summary(prof) + "."
+        cats = dict(prof["categories"])
+        switch = cats.get("kernel: context switches and futex wake-ups", 0)
+        sqlite = sum(v for k, v in cats.items() if k.startswith(("SQLite", "SQL ")))
+        ctx = med([r["ctx_per_req"] for r in rs])
+        if prof["categories"][0][0].startswith("kernel: context switches") and ctx >= 2:
+            note += (f" The largest share, {switch:.0f}%, is the kernel switching threads, "
+                     f"{ctx:.1f} switches per request; "
+                     f"SQLite itself (parsing and executing) is {sqlite:.0f}%.")
+    if kind == "POST" and total_rows is not None:
+        note += f" {total_rows:,} rows were inserted in all."
+    return note, m, bad
+
+
+def figure6(runs, duration):
+    if shutil.which("wrk") is None:
+        log("figure 6: wrk not installed; skipped")
+        emit("6", "API throughput", "req/s", [], note="wrk not installed")
+        return
+    log(f"figure 6: API throughput, wrk -t2 -c32 -d{duration}s x{runs} (api mode, no agents), "
+        f"on {', '.join(s[0] for s in SETUPS)}")
+    measured = []
+    for label, engine, env, goals in SETUPS:
+        log(f"figure 6: {label}")
+        results, profiles, total_rows = measure(engine, env, list(goals), runs, duration)
+        measured.append((label, engine, goals, results, profiles, total_rows))
+    pg_note = ""
+    if any(engine == "postgres" for _, engine, *_ in measured):
+        pg_note = (f" PostgreSQL: the cluster of scripts/postgres.sh ({pg.settings()}), a "
+                   "database of its own, on the same 2 cores; its backends' CPU is not in "
+                   "sqlite-sim's.")
+    # Side by side: every setup's POST, then every setup's GET.
+    for kind in PATHS:
+        for label, engine, goals, results, profiles, total_rows in measured:
+            if kind not in goals:
+                continue
+            rs = results[kind]
+            note, m, bad = row_note(kind, rs, profiles.get(kind), total_rows)
+            if engine == "postgres":
+                note += pg_note
+            goal = goals[kind]
+            emit("6", f"API throughput, {kind} {PATHS[kind]} ({label})", "req/s",
+                 [r["rps"] for r in rs],
+                 target=f">= {goal:,}" if goal else "baseline (reported)",
+                 ok=(m >= goal if goal else True) and bad == 0, note=note, digits=0)
 
 
 def _run(ctx):
