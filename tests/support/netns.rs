@@ -601,7 +601,8 @@ impl Drop for Cluster {
 }
 
 /// Which transaction a [`Proxy`] loses the `COMMIT` answer of, told by the SQL the client sent
-/// since its `BEGIN`.
+/// since its `BEGIN` (or, for a statement sent outside one, by that statement: its implicit
+/// commit's answer is lost at its Sync).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Lost {
     /// `POST /requests`' insert (the API's connection).
@@ -730,6 +731,7 @@ async fn relay(
     // `Q` (simple query: BEGIN, NOTIFY, COMMIT) and `P` (parse: every other statement).
     let c2s = async {
         let (mut buf, mut startup, mut tx) = (Vec::<u8>::new(), true, String::new());
+        let (mut in_tx, mut autocommit) = (false, None::<Lost>);
         let mut chunk = [0u8; 16384];
         loop {
             let n = cr.read(&mut chunk).await.unwrap_or(0);
@@ -757,8 +759,10 @@ async fn relay(
                         b'Q' => {
                             let q = cstr(body);
                             if q == "BEGIN" || q == "ROLLBACK" {
+                                in_tx = q == "BEGIN";
                                 tx.clear();
                             } else if q == "COMMIT" {
+                                in_tx = false;
                                 {
                                     let mut s = state.lock().unwrap();
                                     if let Some(i) = s.freeze_at.iter().position(|k| k.matches(&tx))
@@ -789,8 +793,25 @@ async fn relay(
                         b'P' => {
                             let mut fields = body.splitn(2, |&c| c == 0);
                             fields.next();
-                            tx.push_str(&cstr(fields.next().unwrap_or_default()));
+                            let sql = cstr(fields.next().unwrap_or_default());
+                            // A statement outside `BEGIN` commits on its own at the next Sync
+                            // (a new request is one such statement): its answer is lost there.
+                            if !in_tx && autocommit.is_none() {
+                                let mut s = state.lock().unwrap();
+                                if let Some(i) = s.armed.iter().position(|k| k.matches(&sql)) {
+                                    autocommit = Some(s.armed.remove(i));
+                                }
+                            }
+                            tx.push_str(&sql);
                             tx.push('\n');
+                        }
+                        b'S' => {
+                            if let Some(k) = autocommit.take() {
+                                dropped = Some(k);
+                                swallow.store(true, Ordering::SeqCst);
+                                let _ = sw.write_all(&msg).await;
+                                std::future::pending::<()>().await;
+                            }
                         }
                         _ => {}
                     }
