@@ -287,11 +287,12 @@ async fn flush(
             Ok(false) => {
                 tracing::error!(request = %id, "lease lost: log output is no longer stored");
                 stats.lease_lost = true;
-                stats.refused_bytes += n_bytes + console.len() as u64;
+                // The held-back end of a character is refused with the rest.
+                let held = carry.map_or(0, |c| c.2.len() as u64);
+                stats.refused_bytes += n_bytes + console.len() as u64 + held;
                 if let Some(o) = owner {
                     let _ = o.lost.send(true);
                 }
-                batch.rows.clear();
                 return;
             }
             Ok(true) => {

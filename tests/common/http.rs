@@ -188,7 +188,6 @@ impl Client {
         body["uuid"].as_str().unwrap().to_string()
     }
 
-    /// `GET /requests/{uuid}`: the request as JSON.
     /// `GET /hosts`'s hosts.
     pub async fn hosts(&self) -> Vec<Value> {
         let (code, v) = self.get_json("/hosts").await;
@@ -225,6 +224,7 @@ impl Client {
         }
     }
 
+    /// `GET /requests/{uuid}`: the request as JSON.
     pub async fn get(&self, uuid: &str) -> Value {
         self.fetch(&format!("/requests/{uuid}")).await.json()
     }
