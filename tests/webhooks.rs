@@ -21,7 +21,10 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 async fn server(mode: Mode, extra: &[(&str, &str)]) -> Server {
     let mut env = vec![
-        ("SQLITE_SIM_WEBHOOK_ALLOW".to_string(), "127.0.0.1".to_string()),
+        (
+            "SQLITE_SIM_WEBHOOK_ALLOW".to_string(),
+            "127.0.0.1".to_string(),
+        ),
         ("SQLITE_SIM_WEBHOOK_SECRET".into(), SECRET.into()),
         ("SQLITE_SIM_WEBHOOK_TIMEOUT".into(), "5".into()),
         ("SQLITE_SIM_WEBHOOK_RETRY_FOR".into(), "120".into()),
@@ -121,12 +124,18 @@ async fn a_final_state_is_posted_signed_and_retried_with_one_delivery_id() {
     // SQLITE_SIM_WEBHOOK_URL gets every request's events too, with a delivery of its own.
     let global = rx.wait_hits("/all", 1, LIMIT).await;
     assert_signed(&global[0]);
-    assert_ne!(global[0].header("x-sqlite-sim-delivery"), Some(delivery.as_str()));
+    assert_ne!(
+        global[0].header("x-sqlite-sim-delivery"),
+        Some(delivery.as_str())
+    );
     let w = wait_webhooks(&s, &id, |w| {
         w.len() == 2 && w.iter().all(|d| d["state"] == "delivered")
     })
     .await;
-    let hook = w.iter().find(|d| d["url"] == rx.url("/hook").as_str()).unwrap();
+    let hook = w
+        .iter()
+        .find(|d| d["url"] == rx.url("/hook").as_str())
+        .unwrap();
     assert_eq!(hook["id"], delivery.as_str());
     assert_eq!(hook["event"], "finished");
     assert_eq!(hook["attempts"], 3);
@@ -135,7 +144,10 @@ async fn a_final_state_is_posted_signed_and_retried_with_one_delivery_id() {
     // Lists stay cheap: no deliveries in them.
     let (_, list) = s.get_json("/requests").await;
     assert!(list["requests"][0].get("webhooks").is_none(), "{list}");
-    assert_eq!(list["requests"][0]["callback_url"], rx.url("/hook").as_str());
+    assert_eq!(
+        list["requests"][0]["callback_url"],
+        rx.url("/hook").as_str()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +158,10 @@ async fn a_receiver_that_is_down_gets_the_delivery_once_it_is_up() {
     let w = wait_webhooks(&s, &id, |w| w[0]["attempts"].as_i64() >= Some(2)).await;
     assert_eq!(w[0]["state"], "pending", "{w:?}");
     assert!(w[0]["last_status"].is_null());
-    assert!(w[0]["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{w:?}");
+    assert!(
+        w[0]["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{w:?}"
+    );
     assert!(w[0]["next_attempt_at"].is_string());
     let rx = Receiver::start_on(port).await;
     let hits = rx.wait_hits("/late", 1, LIMIT).await;
@@ -283,9 +298,18 @@ async fn a_real_run_posts_its_final_state() {
     let hits = rx.wait_hits("/run", 1, Duration::from_secs(120)).await;
     assert_signed(&hits[0]);
     let body = hits[0].json();
-    assert_eq!((body["status"].as_str(), body["exit_code"].as_i64()), (Some("done"), Some(3)), "{body}");
+    assert_eq!(
+        (body["status"].as_str(), body["exit_code"].as_i64()),
+        (Some("done"), Some(3)),
+        "{body}"
+    );
     let id = body["uuid"].as_str().unwrap().to_string();
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let w = wait_webhooks(&s, &id, |w| w.len() == 1 && w[0]["state"] == "delivered").await;
     assert_eq!(w[0]["attempts"], 1);
 }

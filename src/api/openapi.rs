@@ -403,10 +403,16 @@ mod tests {
             ..facts(false)
         });
         let cb = &on["components"]["schemas"]["CreateBody"]["properties"]["callback_url"];
-        assert_eq!((cb["format"].as_str(), cb["maxLength"].as_i64()), (Some("uri"), Some(2048)));
+        assert_eq!(
+            (cb["format"].as_str(), cb["maxLength"].as_i64()),
+            (Some("uri"), Some(2048))
+        );
         // GET /requests/{uuid} documents the deliveries.
         let req = &on["components"]["schemas"]["Request"]["properties"];
-        assert!(req.get("callback_url").is_some() && req.get("webhooks").is_some(), "{req}");
+        assert!(
+            req.get("callback_url").is_some() && req.get("webhooks").is_some(),
+            "{req}"
+        );
         assert!(on["components"]["schemas"].get("Delivery").is_some());
     }
 

@@ -3,9 +3,9 @@
 
 use super::requests::{get_in, is_deleting};
 use super::{webhooks, Store, StoreError};
-use crate::webhooks::Event;
 use crate::model::{transition, AgentId, Request, RequestId, Status, Transition};
 use crate::timefmt;
+use crate::webhooks::Event;
 use rusqlite::{params, TransactionBehavior};
 
 /// Result of an operator's status change.

@@ -2,11 +2,11 @@
 
 use super::hosts::{self, Capabilities, Placement, ELIGIBLE};
 use super::{webhooks, Store, StoreError};
-use crate::webhooks::Event;
 use crate::model::{
     AgentId, BootMode, Channel, NewRequest, Request, RequestId, ShutdownStep, Status,
 };
 use crate::timefmt;
+use crate::webhooks::Event;
 use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
 use std::time::Duration;
 

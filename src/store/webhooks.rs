@@ -248,7 +248,9 @@ mod tests {
             d.iter().map(|d| d.url.as_str()).collect::<Vec<_>>(),
             ["http://a/1", "http://b/2"]
         );
-        assert!(d.iter().all(|d| d.state == DeliveryState::Pending && d.attempts == 0));
+        assert!(d
+            .iter()
+            .all(|d| d.state == DeliveryState::Pending && d.attempts == 0));
         assert_ne!(d[0].id, d[1].id);
         // A request without targets queues nothing.
         let plain = with_targets(&s, &[]).await;
@@ -309,7 +311,10 @@ mod tests {
             .await
             .unwrap();
         let d = &s.deliveries(r.uuid).await.unwrap()[0];
-        assert_eq!((d.state, d.attempts, d.last_status), (DeliveryState::Delivered, 2, Some(204)));
+        assert_eq!(
+            (d.state, d.attempts, d.last_status),
+            (DeliveryState::Delivered, 2, Some(204))
+        );
         assert!(d.delivered_at.is_some() && d.next_attempt_at.is_none());
         assert!(s.next_delivery_due().await.unwrap().is_none());
         assert!(s.claim_deliveries(10, LEASE).await.unwrap().is_empty());
@@ -320,14 +325,20 @@ mod tests {
         let (s, _d) = temp_store().await;
         let r = with_targets(&s, &["http://a/1"]).await;
         let agent = AgentId("h:1:0".into());
-        s.claim(&agent, Duration::from_millis(1)).await.unwrap().unwrap();
+        s.claim(&agent, Duration::from_millis(1))
+            .await
+            .unwrap()
+            .unwrap();
         s.mark_running(r.uuid, &agent).await.unwrap();
         // Re-queued (never ran) would not be final; this one ran, so it ends failed.
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(s.reap_expired().await.unwrap(), [(r.uuid, Status::Failed)]);
         assert_eq!(s.deliveries(r.uuid).await.unwrap().len(), 1);
         let q = with_targets(&s, &["http://a/1"]).await;
-        s.claim(&agent, Duration::from_millis(1)).await.unwrap().unwrap();
+        s.claim(&agent, Duration::from_millis(1))
+            .await
+            .unwrap()
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(s.reap_expired().await.unwrap(), [(q.uuid, Status::Pending)]);
         assert!(s.deliveries(q.uuid).await.unwrap().is_empty());

@@ -195,7 +195,10 @@ mod tests {
     fn names_match_exactly_and_only_names() {
         assert!(allowed("hooks.example.com", "https://HOOKS.example.com/x"));
         assert!(!allowed("example.com", "https://hooks.example.com/x"));
-        assert!(!allowed("hooks.example.com", "https://hooks.example.com.evil.org/"));
+        assert!(!allowed(
+            "hooks.example.com",
+            "https://hooks.example.com.evil.org/"
+        ));
         // A name never matches an address block, whatever it resolves to.
         assert!(!allowed("127.0.0.0/8", "http://localhost/"));
         assert!(!allowed("localhost", "http://127.0.0.1/"));
@@ -203,9 +206,18 @@ mod tests {
 
     #[test]
     fn ports_ips_and_blocks() {
-        assert!(allowed("hooks.example.com:8443", "https://hooks.example.com:8443/"));
-        assert!(!allowed("hooks.example.com:8443", "https://hooks.example.com/"));
-        assert!(allowed("hooks.example.com:443", "https://hooks.example.com/"));
+        assert!(allowed(
+            "hooks.example.com:8443",
+            "https://hooks.example.com:8443/"
+        ));
+        assert!(!allowed(
+            "hooks.example.com:8443",
+            "https://hooks.example.com/"
+        ));
+        assert!(allowed(
+            "hooks.example.com:443",
+            "https://hooks.example.com/"
+        ));
         assert!(allowed("10.1.2.3", "http://10.1.2.3:7/"));
         assert!(allowed("10.0.0.0/8", "http://10.200.0.1/"));
         assert!(!allowed("10.0.0.0/8", "http://11.0.0.1/"));
@@ -241,7 +253,13 @@ mod tests {
 
     #[test]
     fn bad_entries_are_refused() {
-        for bad in ["10.0.0.0/33", "host:port", "a..b", "::1/129", "exa mple.com"] {
+        for bad in [
+            "10.0.0.0/33",
+            "host:port",
+            "a..b",
+            "::1/129",
+            "exa mple.com",
+        ] {
             assert!(AllowList::parse(bad).is_err(), "{bad}");
         }
         assert!(AllowList::parse("a.example, 10.0.0.0/8 ,[::1]:1").is_ok());

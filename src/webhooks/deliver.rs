@@ -62,7 +62,8 @@ pub async fn run(store: Store, settings: Arc<WebhookSettings>, mut stop: watch::
                 let full = due.len() == BATCH as usize;
                 let mut set = tokio::task::JoinSet::new();
                 for d in due {
-                    let (store, client, settings) = (store.clone(), client.clone(), settings.clone());
+                    let (store, client, settings) =
+                        (store.clone(), client.clone(), settings.clone());
                     set.spawn(async move { attempt(&store, &client, &settings, d).await });
                 }
                 while set.join_next().await.is_some() {}

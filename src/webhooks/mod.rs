@@ -213,7 +213,9 @@ pub fn after_failure(
         return None;
     }
     let doublings = attempts.saturating_sub(1).clamp(0, 20) as u32;
-    let backoff = FIRST_BACKOFF.saturating_mul(1 << doublings).min(MAX_BACKOFF);
+    let backoff = FIRST_BACKOFF
+        .saturating_mul(1 << doublings)
+        .min(MAX_BACKOFF);
     Some((now + backoff).min(deadline))
 }
 

@@ -20,7 +20,10 @@ pub(super) async fn enqueue_in(
     now: &str,
 ) -> Result<(), StoreError> {
     let json: Option<String> = tx
-        .query_opt("SELECT webhook_urls FROM requests WHERE uuid = $1", &[&uuid])
+        .query_opt(
+            "SELECT webhook_urls FROM requests WHERE uuid = $1",
+            &[&uuid],
+        )
         .await?
         .and_then(|r| r.get(0));
     for url in parse_targets(json)? {
