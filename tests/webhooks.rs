@@ -210,7 +210,8 @@ async fn disallowed_callbacks_are_refused_with_422_and_store_nothing() {
     for (url, needle) in [
         ("http://10.1.2.3:8080/hook", "10.1.2.3:8080"),
         ("http://localhost:9/hook", "localhost:9"),
-        ("ftp://127.0.0.1/hook", "http or https"),
+        ("ftp://127.0.0.1/hook", "must be http"),
+        ("https://127.0.0.1/hook", "no TLS"),
         ("http://user:pw@127.0.0.1/hook", "credentials"),
         ("not a url", "callback_url"),
     ] {

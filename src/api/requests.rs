@@ -79,7 +79,8 @@ pub struct CreateBody {
     #[serde(default, deserialize_with = "input::optional_whole_number")]
     #[schema(value_type = Option<i64>, minimum = 1)]
     pub keep_on_failure: Option<i128>,
-    /// An `http` or `https` URL (no credentials, at most 2048 bytes) that is POSTed the
+    /// An `http` URL (no credentials, at most 2048 bytes; `https` is refused: the server's
+    /// HTTP client has no TLS) that is POSTed the
     /// request's JSON, signed (`X-Sqlite-Sim-Signature`), once it is `done`, `failed` or
     /// `cancelled`. Its host must be listed in `SQLITE_SIM_WEBHOOK_ALLOW`, else `422`.
     #[serde(default)]

@@ -617,10 +617,10 @@ mod tests {
         let s = settings(&[
             (
                 "SQLITE_SIM_WEBHOOK_ALLOW",
-                "127.0.0.1, hooks.example.com:443",
+                "127.0.0.1, hooks.example.com:80",
             ),
             ("SQLITE_SIM_WEBHOOK_SECRET", "s"),
-            ("SQLITE_SIM_WEBHOOK_URL", "https://hooks.example.com/all"),
+            ("SQLITE_SIM_WEBHOOK_URL", "http://hooks.example.com/all"),
             ("SQLITE_SIM_WEBHOOK_RETRY_FOR", "60"),
         ])
         .unwrap();
