@@ -186,6 +186,39 @@ async fn a_pending_delivery_is_sent_after_a_hard_restart() {
     assert!(w[0]["attempts"].as_i64().unwrap() >= 2, "{w:?}");
 }
 
+/// Two API processes on one store: each delivery is claimed by one of them, so every one
+/// arrives once (its first attempt succeeds), whichever process sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_api_processes_send_each_delivery_once() {
+    let rx = Receiver::start().await;
+    let s = server(Mode::Api, &[]).await;
+    let _second = s.spawn_process(Mode::Api);
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(cancelled_with_callback(&s, &rx.url("/many")).await);
+    }
+    rx.wait_hits("/many", ids.len(), LIMIT).await;
+    // A duplicate would come within a wake-up of the first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        rx.hits("/many").len(),
+        ids.len(),
+        "a delivery was sent twice"
+    );
+    let mut delivered: Vec<String> = rx
+        .hits("/many")
+        .iter()
+        .map(|h| h.json()["uuid"].as_str().unwrap().to_string())
+        .collect();
+    delivered.sort();
+    ids.sort();
+    assert_eq!(delivered, ids);
+    for id in &ids {
+        let w = wait_webhooks(&s, id, |w| w[0]["state"] == "delivered").await;
+        assert_eq!(w[0]["attempts"], 1, "{w:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_are_not_followed_and_retries_end() {
     let rx = Receiver::start().await;
