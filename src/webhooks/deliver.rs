@@ -57,23 +57,8 @@ pub async fn run(store: Store, settings: Arc<WebhookSettings>, mut stop: watch::
     while !*stop.borrow() {
         // What happens from here on is what the next wake-up is for.
         let _ = changes.borrow_and_update();
-        match store.claim_deliveries(BATCH, lease).await {
-            Ok(due) if !due.is_empty() => {
-                let full = due.len() == BATCH as usize;
-                let mut set = tokio::task::JoinSet::new();
-                for d in due {
-                    let (store, client, settings) =
-                        (store.clone(), client.clone(), settings.clone());
-                    set.spawn(async move { attempt(&store, &client, &settings, d).await });
-                }
-                while set.join_next().await.is_some() {}
-                if full {
-                    continue;
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "claiming webhook deliveries"),
-        }
+        // A read first: most wake-ups are other writes (logs, heartbeats), and only a due
+        // delivery is worth a write transaction.
         let wait = match store.next_delivery_due().await {
             Ok(Some(t)) => match timefmt::parse(&t) {
                 Some(t) => (t - OffsetDateTime::now_utc())
@@ -89,8 +74,23 @@ pub async fn run(store: Store, settings: Arc<WebhookSettings>, mut stop: watch::
             }
         };
         if wait.is_zero() {
-            // Due but not claimable by us (leased elsewhere right at its end): try again soon.
-            tokio::time::sleep(SETTLE).await;
+            match store.claim_deliveries(BATCH, lease).await {
+                Ok(due) if !due.is_empty() => {
+                    let mut set = tokio::task::JoinSet::new();
+                    for d in due {
+                        let (store, client, settings) =
+                            (store.clone(), client.clone(), settings.clone());
+                        set.spawn(async move { attempt(&store, &client, &settings, d).await });
+                    }
+                    while set.join_next().await.is_some() {}
+                }
+                // Taken by another worker between the read and the claim.
+                Ok(_) => tokio::time::sleep(SETTLE).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming webhook deliveries");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
             continue;
         }
         tokio::select! {
