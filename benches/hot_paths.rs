@@ -116,6 +116,8 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             requires: Vec::new(),
             keep_on_failure: None,
             submitted_by: None,
+            callback_url: None,
+            webhook_urls: Vec::new(),
         })
         .await
         .unwrap();

@@ -18,3 +18,4 @@ pub mod tarball;
 pub mod telemetry;
 pub mod timefmt;
 pub mod ui;
+pub mod webhooks;

@@ -378,6 +378,13 @@ pub struct Request {
     /// The principal (token name) that submitted it; null when authentication was off.
     #[serde(default)]
     pub submitted_by: Option<String>,
+    /// Where the submission asked for its webhooks to go (see `webhooks`).
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    /// The webhook deliveries of its events, to `callback_url` and `SQLITE_SIM_WEBHOOK_URL`:
+    /// shown by `GET /requests/{uuid}` only (absent from lists and from webhook bodies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<Vec<crate::webhooks::Delivery>>,
 }
 
 /// How a run's commands talk to the host.
@@ -481,6 +488,11 @@ pub struct NewRequest {
     pub keep_on_failure: Option<u32>,
     /// The principal submitting it (`None` with authentication off).
     pub submitted_by: Option<String>,
+    /// The submission's `callback_url`, as shown.
+    pub callback_url: Option<String>,
+    /// Every URL its events are delivered to (`callback_url` and `SQLITE_SIM_WEBHOOK_URL`),
+    /// decided and checked at submission and stored with it.
+    pub webhook_urls: Vec<String>,
 }
 
 /// How a submission asks its guest to start.

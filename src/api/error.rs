@@ -93,6 +93,14 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// A refused `callback_url` (bad URL, or a host `SQLITE_SIM_WEBHOOK_ALLOW` does not list) is
+/// a `422 validation_error` whose message names the host and the variable.
+impl From<crate::webhooks::WebhookError> for ApiError {
+    fn from(e: crate::webhooks::WebhookError) -> Self {
+        ApiError::Validation(e.to_string())
+    }
+}
+
 /// The stable, machine-readable `code` of an error, which fixes its HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ErrorCode {

@@ -75,6 +75,8 @@ pub struct Facts {
     pub max_keep: u32,
     /// Authentication is on: `SQLITE_SIM_API_TOKEN` is set or tokens are stored.
     pub token: bool,
+    /// `SQLITE_SIM_WEBHOOK_ALLOW` lists a host: a `callback_url` can be accepted.
+    pub webhooks: bool,
 }
 
 impl Facts {
@@ -96,6 +98,7 @@ impl Facts {
             max_timeout: state.settings.max_timeout,
             max_keep: state.settings.max_keep,
             token: state.settings.api_token.is_some(),
+            webhooks: state.settings.webhooks.enabled(),
         }
     }
 
@@ -134,6 +137,19 @@ pub fn document(facts: &Facts) -> Value {
     at(body, "/properties/keep_on_failure")["maximum"] = json!(facts.max_keep);
     // An empty list is the truth when there is no VM: no submission can succeed.
     at(body, "/properties/vm_name")["enum"] = json!(facts.vm_names);
+    let callback = at(body, "/properties/callback_url");
+    callback["format"] = json!("uri");
+    if !facts.webhooks {
+        // No host is allowed, so only an absent or null callback_url is accepted.
+        let description = callback["description"].clone();
+        *callback = json!({
+            "type": "null",
+            "description": format!(
+                "{} This server allows no host (`SQLITE_SIM_WEBHOOK_ALLOW` is empty).",
+                description.as_str().unwrap_or_default()
+            ),
+        });
+    }
     // `boot: "warm"` only for a warm VM, which JSON Schema can say without `not`: either the
     // boot is not warm, or the VM is one of these.
     body["anyOf"] = json!([
@@ -369,7 +385,35 @@ mod tests {
             max_timeout: 1234,
             max_keep: 600,
             token,
+            webhooks: false,
         }
+    }
+
+    #[test]
+    fn callback_url_is_documented_as_this_server_takes_it() {
+        let off = document(&facts(false));
+        let cb = &off["components"]["schemas"]["CreateBody"]["properties"]["callback_url"];
+        assert_eq!(cb["type"], "null", "{cb}");
+        assert!(cb["description"]
+            .as_str()
+            .unwrap()
+            .contains("SQLITE_SIM_WEBHOOK_ALLOW"));
+        let on = document(&Facts {
+            webhooks: true,
+            ..facts(false)
+        });
+        let cb = &on["components"]["schemas"]["CreateBody"]["properties"]["callback_url"];
+        assert_eq!(
+            (cb["format"].as_str(), cb["maxLength"].as_i64()),
+            (Some("uri"), Some(2048))
+        );
+        // GET /requests/{uuid} documents the deliveries.
+        let req = &on["components"]["schemas"]["Request"]["properties"];
+        assert!(
+            req.get("callback_url").is_some() && req.get("webhooks").is_some(),
+            "{req}"
+        );
+        assert!(on["components"]["schemas"].get("Delivery").is_some());
     }
 
     /// Every operation as `(method, path, operation)`.

@@ -79,6 +79,13 @@ pub struct CreateBody {
     #[serde(default, deserialize_with = "input::optional_whole_number")]
     #[schema(value_type = Option<i64>, minimum = 1)]
     pub keep_on_failure: Option<i128>,
+    /// An `http` URL (no credentials, at most 2048 bytes; `https` is refused: the server's
+    /// HTTP client has no TLS) that is POSTed the
+    /// request's JSON, signed (`X-Sqlite-Sim-Signature`), once it is `done`, `failed` or
+    /// `cancelled`. Its host must be listed in `SQLITE_SIM_WEBHOOK_ALLOW`, else `422`.
+    #[serde(default)]
+    #[schema(max_length = 2048)]
+    pub callback_url: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -154,6 +161,11 @@ pub(super) fn validate(
                 })
         })
         .transpose()?;
+    // Before anything is staged: a refused callback leaves nothing behind.
+    let webhook_urls = state
+        .settings
+        .webhooks
+        .targets(body.callback_url.as_deref())?;
     let pending = files::inline(body.files.unwrap_or_default())?;
     let artifacts = files::globs(body.artifacts.unwrap_or_default())?;
     let asked = body.requires.unwrap_or_default();
@@ -177,6 +189,8 @@ pub(super) fn validate(
             requires,
             keep_on_failure,
             submitted_by: None,
+            callback_url: body.callback_url,
+            webhook_urls,
         },
         pending,
     ))
@@ -281,7 +295,9 @@ pub async fn show(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
 ) -> Result<Json<Request>, ApiError> {
-    Ok(Json(load(&state, &uuid).await?))
+    let mut req = load(&state, &uuid).await?;
+    req.webhooks = Some(state.store.deliveries(req.uuid).await?);
+    Ok(Json(req))
 }
 
 /// A page of requests, newest first.

@@ -39,6 +39,15 @@ pub(super) async fn serve(
         ));
         tokio::spawn(agent::run_agents(ctx))
     });
+    // The API processes send webhooks (agents only queue them, with their final states); off
+    // until SQLITE_SIM_WEBHOOK_ALLOW lists a host. Pending deliveries then wait in the store.
+    let webhooks = (with_api && settings.webhooks.enabled()).then(|| {
+        tokio::spawn(crate::webhooks::deliver::run(
+            store.clone(),
+            Arc::new(settings.webhooks.clone()),
+            stop_rx.clone(),
+        ))
+    });
     let mut stopped = stop_rx.clone();
     let api = with_api.then(|| {
         let state = AppState::new(settings.clone(), store.clone(), wake.clone());
@@ -64,6 +73,11 @@ pub(super) async fn serve(
     let _ = stop_tx.send(true);
     if let Some(a) = agents {
         let _ = a.await;
+    }
+    if let Some(w) = webhooks {
+        // An attempt in flight is bounded by SQLITE_SIM_WEBHOOK_TIMEOUT; one cut short is
+        // retried after its lease by the next API process.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), w).await;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -31,6 +31,10 @@ pub struct SubmitArgs {
     /// On a failure after boot, keep the VM up this many seconds to attach to it.
     #[arg(long, value_name = "SECONDS")]
     pub keep_on_failure: Option<u32>,
+    /// POST the request's JSON (signed) to URL once it is done, failed or cancelled; the
+    /// server must allow its host (SQLITE_SIM_WEBHOOK_ALLOW).
+    #[arg(long, value_name = "URL")]
+    pub callback_url: Option<String>,
     /// Put LOCAL in the guest before the commands run: a file at GUEST_PATH (default
     /// /root/NAME; a GUEST_PATH ending in / is the directory it goes into), a directory
     /// extracted into GUEST_PATH (default /root/NAME/), modes kept. Repeatable.
@@ -107,6 +111,9 @@ pub async fn run(conn: Conn, a: SubmitArgs) -> Result<u8, CliError> {
     }
     if let Some(k) = a.keep_on_failure {
         body["keep_on_failure"] = k.into();
+    }
+    if let Some(u) = &a.callback_url {
+        body["callback_url"] = u.clone().into();
     }
     if !a.artifacts.is_empty() {
         body["artifacts"] = a.artifacts.clone().into();

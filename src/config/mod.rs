@@ -110,6 +110,8 @@ pub struct Settings {
     /// How long `api`, `agents` and `all` keep retrying to reach PostgreSQL at start-up
     /// (`SQLITE_SIM_DATABASE_WAIT`, default 60 s; zero fails at once).
     pub database_wait: Duration,
+    /// `SQLITE_SIM_WEBHOOK_*`: where and how request events are POSTed (see [`crate::webhooks`]).
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 /// Longest run-dir path that still leaves room for `/<uuid>/console.sock` within the
@@ -168,7 +170,27 @@ impl Settings {
                 });
             }
         }
+        let webhooks = crate::webhooks::WebhookSettings {
+            url: v.raw("SQLITE_SIM_WEBHOOK_URL"),
+            secret: v.raw("SQLITE_SIM_WEBHOOK_SECRET"),
+            allow: crate::webhooks::AllowList::parse(&v.string("SQLITE_SIM_WEBHOOK_ALLOW", ""))
+                .map_err(|message| ConfigError::Invalid {
+                    var: "SQLITE_SIM_WEBHOOK_ALLOW",
+                    message,
+                })?,
+            timeout: v.seconds("SQLITE_SIM_WEBHOOK_TIMEOUT", 10.0)?,
+            retry_for: Duration::from_secs(v.num(
+                "SQLITE_SIM_WEBHOOK_RETRY_FOR",
+                3600u64,
+                1,
+                7 * 24 * 3600,
+            )?),
+        };
+        webhooks
+            .validate()
+            .map_err(|(var, message)| ConfigError::Invalid { var, message })?;
         Ok(Settings {
+            webhooks,
             db_path: v.path("SQLITE_SIM_DB_PATH", "./simulation.db".into()),
             database_url,
             api_host: v.parse("SQLITE_SIM_API_HOST", "127.0.0.1", "an IP address")?,
@@ -316,6 +338,29 @@ impl Settings {
             (
                 "SQLITE_SIM_DATABASE_WAIT",
                 format!("{}", self.database_wait.as_secs_f64()),
+            ),
+            (
+                "SQLITE_SIM_WEBHOOK_URL",
+                self.webhooks.url.clone().unwrap_or_default(),
+            ),
+            (
+                "SQLITE_SIM_WEBHOOK_SECRET",
+                match &self.webhooks.secret {
+                    Some(_) => "<set, redacted>".into(),
+                    None => String::new(),
+                },
+            ),
+            (
+                "SQLITE_SIM_WEBHOOK_ALLOW",
+                self.webhooks.allow.as_str().to_string(),
+            ),
+            (
+                "SQLITE_SIM_WEBHOOK_TIMEOUT",
+                format!("{}", self.webhooks.timeout.as_secs_f64()),
+            ),
+            (
+                "SQLITE_SIM_WEBHOOK_RETRY_FOR",
+                self.webhooks.retry_for.as_secs().to_string(),
             ),
             (
                 "SQLITE_SIM_API_TOKEN",
@@ -553,6 +598,53 @@ mod tests {
         assert_eq!(s.allowed_origins, vec!["*"]);
         assert_eq!(s.accel, Accel::Auto);
         assert_eq!((s.max_upload, s.max_artifacts), (256 << 20, 256 << 20));
+    }
+
+    #[test]
+    fn webhook_settings_are_checked_together() {
+        let s = settings(&[]).unwrap();
+        assert!(!s.webhooks.enabled());
+        assert_eq!(s.webhooks.timeout, Duration::from_secs(10));
+        assert_eq!(s.webhooks.retry_for, Duration::from_secs(3600));
+        let err = |pairs: &[(&str, &str)]| match settings(pairs) {
+            Err(ConfigError::Invalid { var, .. }) => var,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            err(&[("SQLITE_SIM_WEBHOOK_ALLOW", "10.0.0.0/99")]),
+            "SQLITE_SIM_WEBHOOK_ALLOW"
+        );
+        assert_eq!(
+            err(&[("SQLITE_SIM_WEBHOOK_ALLOW", "127.0.0.1")]),
+            "SQLITE_SIM_WEBHOOK_SECRET"
+        );
+        assert_eq!(
+            err(&[
+                ("SQLITE_SIM_WEBHOOK_ALLOW", "127.0.0.1"),
+                ("SQLITE_SIM_WEBHOOK_SECRET", "s"),
+                ("SQLITE_SIM_WEBHOOK_URL", "http://10.0.0.1/hook"),
+            ]),
+            "SQLITE_SIM_WEBHOOK_URL"
+        );
+        assert_eq!(
+            err(&[("SQLITE_SIM_WEBHOOK_RETRY_FOR", "0")]),
+            "SQLITE_SIM_WEBHOOK_RETRY_FOR"
+        );
+        let s = settings(&[
+            (
+                "SQLITE_SIM_WEBHOOK_ALLOW",
+                "127.0.0.1, hooks.example.com:80",
+            ),
+            ("SQLITE_SIM_WEBHOOK_SECRET", "s"),
+            ("SQLITE_SIM_WEBHOOK_URL", "http://hooks.example.com/all"),
+            ("SQLITE_SIM_WEBHOOK_RETRY_FOR", "60"),
+        ])
+        .unwrap();
+        assert!(s.webhooks.enabled());
+        let shown = s.describe();
+        assert!(shown
+            .iter()
+            .any(|(k, v)| *k == "SQLITE_SIM_WEBHOOK_SECRET" && v == "<set, redacted>"));
     }
 
     #[test]

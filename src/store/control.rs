@@ -2,9 +2,10 @@
 //! agent, and deletion of finished requests.
 
 use super::requests::{get_in, is_deleting};
-use super::{Store, StoreError};
+use super::{webhooks, Store, StoreError};
 use crate::model::{transition, AgentId, Request, RequestId, Status, Transition};
 use crate::timefmt;
+use crate::webhooks::Event;
 use rusqlite::{params, TransactionBehavior};
 
 /// Result of an operator's status change.
@@ -178,6 +179,9 @@ impl Store {
                     id.to_string()
                 ],
             )?;
+            if write.finishes {
+                webhooks::enqueue_in(&tx, &id.to_string(), Event::Finished, &now)?;
+            }
             let req = written(get_in(&tx, id)?)?;
             tx.commit()?;
             Ok((write.outcome)(req))
@@ -252,6 +256,9 @@ impl Store {
                                  ?2, 'system', ?3)",
                         params![uuid, now, r.line.into_bytes()],
                     )?;
+                    if r.status.is_terminal() {
+                        webhooks::enqueue_in(&tx, &uuid, Event::Finished, &now)?;
+                    }
                     out.push((parse_id(&uuid)?, r.status));
                 }
                 tx.commit()?;

@@ -327,6 +327,8 @@ mod tests {
                 requires: Vec::new(),
                 keep_on_failure: None,
                 submitted_by: None,
+                callback_url: None,
+                webhook_urls: Vec::new(),
             })
             .await
             .unwrap();
@@ -352,6 +354,8 @@ mod tests {
                 requires: Vec::new(),
                 keep_on_failure: None,
                 submitted_by: None,
+                callback_url: None,
+                webhook_urls: Vec::new(),
             })
             .await;
         assert!(again.is_err(), "{again:?}");

@@ -417,6 +417,8 @@ mod tests {
             requires: labels.iter().map(|s| l(s)).collect(),
             keep_on_failure: None,
             submitted_by: None,
+            callback_url: None,
+            webhook_urls: Vec::new(),
         }
     }
 

@@ -40,6 +40,7 @@ mod schema;
 pub mod sink;
 mod templates;
 pub(crate) mod tokens;
+pub(super) mod webhooks;
 mod writer;
 
 pub use audit::{AuditEntry, AuditQuery, NewAudit, Outcome};
@@ -590,6 +591,8 @@ pub(crate) mod test_support {
                 requires: Vec::new(),
                 keep_on_failure: None,
                 submitted_by: None,
+                callback_url: None,
+                webhook_urls: Vec::new(),
             })
             .await
             .unwrap()

@@ -1,18 +1,19 @@
 //! Request rows: create, read, claim, and the agent's state changes.
 
 use super::hosts::{self, Capabilities, ELIGIBLE};
-use super::{Store, StoreError};
+use super::{webhooks, Store, StoreError};
 use crate::model::{
     AgentId, BootMode, Channel, NewRequest, Request, RequestId, ShutdownStep, Status,
 };
 use crate::timefmt;
+use crate::webhooks::Event;
 use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
 use std::time::Duration;
 
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by";
+     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, callback_url";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -71,6 +72,8 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
             kept_until: r.get(25)?,
             kept_ms: r.get(26)?,
             submitted_by: r.get(27)?,
+            callback_url: r.get(28)?,
+            webhooks: None,
         })
     };
     Ok(build())
@@ -176,7 +179,11 @@ impl Store {
             kept_until: None,
             kept_ms: None,
             submitted_by: new.submitted_by,
+            callback_url: new.callback_url,
+            webhooks: None,
         };
+        let webhook_urls = (!new.webhook_urls.is_empty())
+            .then(|| serde_json::to_string(&new.webhook_urls).expect("json"));
         let row = req.clone();
         let uploads = new.uploads;
         // Committed with whatever other writes are queued (group commit); the insert and the
@@ -185,8 +192,8 @@ impl Store {
             tx.prepare_cached(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
                                        boot, artifact_globs, requires, keep_on_failure,
-                                       submitted_by)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                       submitted_by, callback_url, webhook_urls)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?
             .execute(params![
                 id.to_string(),
@@ -201,6 +208,8 @@ impl Store {
                     .then(|| serde_json::to_string(&row.requires).expect("json")),
                 row.keep_on_failure,
                 row.submitted_by,
+                row.callback_url,
+                webhook_urls,
             ])?;
             for (seq, upload) in uploads.iter().enumerate() {
                 let n = tx
@@ -404,6 +413,8 @@ impl Store {
         debug_assert!(fin.status.is_terminal());
         let agent = agent.0.clone();
         self.call_write(move |c| {
+            // One transaction: the final state and the webhook deliveries it causes.
+            let c = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = timefmt::now();
             // Deleted while it ran: now that its VM is down, it goes with its logs.
             let gone = c.execute(
@@ -411,6 +422,7 @@ impl Store {
                 params![id.to_string(), agent],
             )?;
             if gone == 1 {
+                c.commit()?;
                 return Ok(true);
             }
             let n = c.execute(
@@ -442,6 +454,10 @@ impl Store {
                 "DELETE FROM console_input WHERE request_uuid = ?1",
                 [id.to_string()],
             )?;
+            if n == 1 {
+                webhooks::enqueue_in(&c, &id.to_string(), Event::Finished, &now)?;
+            }
+            c.commit()?;
             Ok(n == 1)
         })
         .await
@@ -488,6 +504,8 @@ mod tests {
             requires: Vec::new(),
             keep_on_failure: None,
             submitted_by: None,
+            callback_url: None,
+            webhook_urls: Vec::new(),
         }
     }
 

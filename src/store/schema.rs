@@ -208,6 +208,31 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX audit_log_by_request ON audit_log (request_uuid, id);
     CREATE INDEX audit_log_by_action ON audit_log (action, id);
     "#,
+    // v9: webhooks. The submission's callback_url (shown) and every target URL (JSON); one row
+    // per delivery, queued with the state change that causes it and gone with its request.
+    r#"
+    ALTER TABLE requests ADD COLUMN callback_url TEXT;
+    ALTER TABLE requests ADD COLUMN webhook_urls TEXT;
+    CREATE TABLE webhook_deliveries (
+        id               INTEGER PRIMARY KEY,
+        delivery_id      TEXT NOT NULL UNIQUE,
+        request_uuid     TEXT NOT NULL REFERENCES requests (uuid) ON DELETE CASCADE,
+        event            TEXT NOT NULL CHECK (event IN ('finished')),
+        url              TEXT NOT NULL,
+        state            TEXT NOT NULL CHECK (state IN ('pending','delivered','failed','gave_up')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  TEXT NOT NULL,
+        leased_until     TEXT,
+        last_status      INTEGER,
+        last_error       TEXT,
+        created_at       TEXT NOT NULL,
+        updated_at       TEXT NOT NULL,
+        delivered_at     TEXT
+    );
+    CREATE INDEX webhook_deliveries_by_request ON webhook_deliveries (request_uuid, id);
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+        WHERE state = 'pending';
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

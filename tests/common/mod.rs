@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod receiver;
 pub mod ws;
 
 pub use http::{Client, Method};

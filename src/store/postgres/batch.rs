@@ -38,6 +38,9 @@ pub(super) struct NewRow {
     pub requires: Option<String>,
     pub keep: Option<i64>,
     pub submitted_by: Option<String>,
+    pub callback_url: Option<String>,
+    /// Where its final state is POSTed (a JSON array), decided at submission.
+    pub webhook_urls: Option<String>,
 }
 
 struct Job {
@@ -140,11 +143,12 @@ static INSERT: LazyLock<String> = LazyLock::new(|| {
         "WITH new AS (
              INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
                                    updated_at, boot, artifact_globs, requires,
-                                   keep_on_failure, submitted_by)
-             SELECT u, v, c, t, 'pending', n, n, b, g, r, k, s
+                                   keep_on_failure, submitted_by, callback_url, webhook_urls)
+             SELECT u, v, c, t, 'pending', n, n, b, g, r, k, s, cb, w
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[],
-                         $6::text[], $7::text[], $8::text[], $9::int8[], $10::text[])
-                  AS x(u, v, c, t, n, b, g, r, k, s)
+                         $6::text[], $7::text[], $8::text[], $9::int8[], $10::text[],
+                         $11::text[], $12::text[])
+                  AS x(u, v, c, t, n, b, g, r, k, s, cb, w)
              RETURNING {COLUMNS})
          SELECT new.*, pg_notify('{CHANNEL}', 'work')::text FROM new"
     )
@@ -162,6 +166,8 @@ struct Columns {
     requires: Vec<Option<String>>,
     keep: Vec<Option<i64>>,
     submitted_by: Vec<Option<String>>,
+    callback_url: Vec<Option<String>>,
+    webhook_urls: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -180,12 +186,14 @@ impl Columns {
             requires: col(jobs, |r| &r.requires),
             keep: col(jobs, |r| &r.keep),
             submitted_by: col(jobs, |r| &r.submitted_by),
+            callback_url: col(jobs, |r| &r.callback_url),
+            webhook_urls: col(jobs, |r| &r.webhook_urls),
         }
     }
 
     /// The parameters, each with its type, so that the statement goes in one round trip (no
     /// separate prepare).
-    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 10] {
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 12] {
         [
             (&self.uuid, Type::TEXT_ARRAY),
             (&self.vm_name, Type::TEXT_ARRAY),
@@ -197,6 +205,8 @@ impl Columns {
             (&self.requires, Type::TEXT_ARRAY),
             (&self.keep, Type::INT8_ARRAY),
             (&self.submitted_by, Type::TEXT_ARRAY),
+            (&self.callback_url, Type::TEXT_ARRAY),
+            (&self.webhook_urls, Type::TEXT_ARRAY),
         ]
     }
 }

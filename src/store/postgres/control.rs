@@ -8,6 +8,7 @@ use crate::model::{AgentId, Request, RequestId, Status};
 use crate::store::control::{deletes_at_once, parse_id, plan_control, recover, written};
 use crate::store::{ControlOutcome, DeleteOutcome, StoreError};
 use crate::timefmt;
+use crate::webhooks::Event;
 
 /// The request's row, locked (`FOR UPDATE`) until the transaction ends, as control, deletion
 /// and release see it: `None` when it is gone or being deleted.
@@ -53,6 +54,9 @@ impl Pg {
                     ],
                 )
                 .await?;
+                if write.finishes {
+                    super::webhooks::enqueue_in(&tx, &uuid, Event::Finished, &now).await?;
+                }
                 Ok((write.outcome)(written(get_in(&tx, id).await?)?))
             }
             .await,
@@ -151,6 +155,9 @@ impl Pg {
                         &[&uuid, &now, &r.line.into_bytes()],
                     )
                     .await?;
+                    if r.status.is_terminal() {
+                        super::webhooks::enqueue_in(&tx, &uuid, Event::Finished, &now).await?;
+                    }
                     out.push((parse_id(&uuid)?, r.status));
                 }
                 Ok(out)

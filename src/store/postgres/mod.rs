@@ -133,6 +133,7 @@ mod requests;
 mod schema;
 mod templates;
 mod tokens;
+mod webhooks;
 
 use super::StoreError;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};

@@ -7,6 +7,7 @@ use super::Pg;
 use crate::model::{AgentId, NewRequest, Request, RequestId};
 use crate::store::{Capabilities, Finish, RequestQuery, StoreError};
 use crate::timefmt;
+use crate::webhooks::Event;
 use std::time::Duration;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Row};
@@ -15,7 +16,7 @@ pub(super) const COLUMNS: &str =
     "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by";
+     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, callback_url";
 
 pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
     let uuid: String = r.try_get(0)?;
@@ -78,6 +79,8 @@ pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
         kept_until: r.try_get(25)?,
         kept_ms: r.try_get(26)?,
         submitted_by: r.try_get(27)?,
+        callback_url: r.try_get(28)?,
+        webhooks: None,
     })
 }
 
@@ -111,6 +114,8 @@ impl Pg {
             need.dedup();
             (!need.is_empty()).then(|| serde_json::to_string(&need).expect("json"))
         };
+        let webhook_urls = (!new.webhook_urls.is_empty())
+            .then(|| serde_json::to_string(&new.webhook_urls).expect("json"));
         if new.uploads.is_empty() {
             // The row as stored, as on SQLite (`waiting_for` is for reads).
             return self
@@ -126,6 +131,8 @@ impl Pg {
                     requires,
                     keep: new.keep_on_failure.map(i64::from),
                     submitted_by: new.submitted_by,
+                    callback_url: new.callback_url,
+                    webhook_urls,
                 })
                 .await;
         }
@@ -137,8 +144,8 @@ impl Pg {
                 tx.execute(
                     "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
                                        updated_at, boot, artifact_globs, requires,
-                                       keep_on_failure, submitted_by)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10)",
+                                       keep_on_failure, submitted_by, callback_url, webhook_urls)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10, $11, $12)",
                     &[
                         &uuid,
                         &new.vm_name,
@@ -150,6 +157,8 @@ impl Pg {
                         &requires,
                         &new.keep_on_failure.map(i64::from),
                         &new.submitted_by,
+                        &new.callback_url,
+                        &webhook_urls,
                     ],
                 )
                 .await?;
@@ -420,6 +429,9 @@ impl Pg {
                     &[(&uuid, Type::TEXT)],
                 )
                 .await?;
+                if n == 1 {
+                    super::webhooks::enqueue_in(&tx, &uuid, Event::Finished, &now).await?;
+                }
                 Ok(n == 1)
             }
             .await,

@@ -24,6 +24,8 @@ fn new() -> NewRequest {
         requires: Vec::new(),
         keep_on_failure: None,
         submitted_by: None,
+        callback_url: None,
+        webhook_urls: Vec::new(),
     }
 }
 
