@@ -7,6 +7,7 @@ use super::boot::{self, Launch, Launched};
 use super::error::RunError;
 use super::guest::{wait_ack, Exited, Known, Limits, Ready};
 use super::keep;
+use super::retry;
 use super::template;
 use super::transfer;
 use super::vm::Limit;
@@ -29,10 +30,12 @@ use tracing::Instrument;
 pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
     let span = tracing::info_span!("run", request = %req.uuid, vm = %req.vm_name);
     async move {
-        let (sink, sink_task) = LogSink::start(ctx.store.clone(), req.uuid);
+        let (sink, sink_task) = LogSink::for_attempt(ctx.store.clone(), req.uuid, req.attempt);
         sink.write(LogType::Command, req.commands.clone().into_bytes())
             .await;
-        sink.system(format!("claimed by agent {agent}")).await;
+        sink.system(format!("claimed by agent {agent}{}", retry::which(&req)))
+            .await;
+        retry::set_aside_previous(ctx, &req);
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
         let heartbeat = spawn_heartbeat(ctx, agent, &req, lost_tx);
         let outcome = drive(ctx, agent, &req, &sink, lost).await;
@@ -62,6 +65,7 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
                 sink.system(format!("failed: {e}")).await;
                 fin.status = Status::Failed;
                 fin.error = Some(e.to_string());
+                fin.retryable = retry::retryable(e);
             }
         }
         // Every log byte is committed before the request turns terminal.

@@ -31,6 +31,11 @@ pub struct SubmitArgs {
     /// On a failure after boot, keep the VM up this many seconds to attach to it.
     #[arg(long, value_name = "SECONDS")]
     pub keep_on_failure: Option<u32>,
+    /// Re-queue the request up to N times when its run fails for an infrastructure reason
+    /// (QEMU exiting, a boot timeout, the agent lost); default: the server's
+    /// SQLITE_SIM_DEFAULT_RETRIES.
+    #[arg(long, value_name = "N")]
+    pub retries: Option<u32>,
     /// Put LOCAL in the guest before the commands run: a file at GUEST_PATH (default
     /// /root/NAME; a GUEST_PATH ending in / is the directory it goes into), a directory
     /// extracted into GUEST_PATH (default /root/NAME/), modes kept. Repeatable.
@@ -104,6 +109,9 @@ pub async fn run(conn: Conn, a: SubmitArgs) -> Result<u8, CliError> {
     let mut body = serde_json::json!({ "vm_name": a.vm, "commands": commands });
     if let Some(t) = a.timeout {
         body["timeout"] = t.into();
+    }
+    if let Some(n) = a.retries {
+        body["retries"] = n.into();
     }
     if let Some(k) = a.keep_on_failure {
         body["keep_on_failure"] = k.into();

@@ -2,12 +2,14 @@
 
 use super::{Store, StoreError};
 use crate::model::{LogEntry, LogType, RequestId};
-use rusqlite::{params, TransactionBehavior};
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 /// Filters for reading a request's log.
 #[derive(Debug, Clone, Default)]
 pub struct LogQuery {
     pub log_type: Option<LogType>,
+    /// Only entries of this attempt.
+    pub attempt: Option<u32>,
     /// Only entries with `id > after` (incremental polling).
     pub after: Option<i64>,
     pub limit: Option<u32>,
@@ -20,18 +22,22 @@ impl Store {
         id: RequestId,
         chunks: Vec<(String, LogType, Vec<u8>)>,
     ) -> Result<(), StoreError> {
-        self.append_logs_with_console(id, chunks, Vec::new()).await
+        self.append_logs_with_console(id, None, chunks, Vec::new())
+            .await
     }
 
-    /// [`Store::append_logs`], and raw console bytes appended to the console stream in the
-    /// same transaction.
+    /// [`Store::append_logs`] as rows of `attempt` (`None`: the request's current one), and raw
+    /// console bytes appended to the console stream in the same transaction. A run's sink names
+    /// its attempt, so that a late write of a run that lost its claim is never filed under the
+    /// next attempt.
     pub async fn append_logs_with_console(
         &self,
         id: RequestId,
+        attempt: Option<u32>,
         chunks: Vec<(String, LogType, Vec<u8>)>,
         console: Vec<u8>,
     ) -> Result<(), StoreError> {
-        on_pg!(self.append_logs_with_console(id, chunks, console));
+        on_pg!(self.append_logs_with_console(id, attempt, chunks, console));
         if chunks.is_empty() && console.is_empty() {
             return Ok(());
         }
@@ -43,13 +49,24 @@ impl Store {
                 [&uuid],
                 |r| r.get(0),
             )?;
+            let attempt: u32 = match attempt {
+                Some(a) => a,
+                None => tx
+                    .query_row(
+                        "SELECT attempt FROM requests WHERE uuid = ?1",
+                        [&uuid],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(1),
+            };
             {
                 let mut ins = tx.prepare_cached(
-                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output, attempt)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
                 for (ts, ty, bytes) in &chunks {
-                    ins.execute(params![uuid, next, ts, ty.as_str(), bytes])?;
+                    ins.execute(params![uuid, next, ts, ty.as_str(), bytes, attempt])?;
                     next += 1;
                 }
             }
@@ -66,8 +83,9 @@ impl Store {
         on_pg!(self.logs(id, q));
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT seq, timestamp, log_type, output FROM work_log
+                "SELECT seq, timestamp, log_type, output, attempt FROM work_log
                  WHERE request_uuid = ?1 AND seq > ?2 AND (?3 IS NULL OR log_type = ?3)
+                   AND (?5 IS NULL OR attempt = ?5)
                  ORDER BY seq LIMIT ?4",
             )?;
             let rows = stmt.query_map(
@@ -75,17 +93,20 @@ impl Store {
                     id.to_string(),
                     q.after.unwrap_or(0),
                     q.log_type.map(|t| t.as_str()),
-                    q.limit.map(i64::from).unwrap_or(-1)
+                    q.limit.map(i64::from).unwrap_or(-1),
+                    q.attempt,
                 ],
                 |r| {
                     let ty: String = r.get(2)?;
-                    Ok((r.get(0)?, r.get(1)?, ty, r.get(3)?))
+                    Ok((r.get(0)?, r.get(1)?, ty, r.get(3)?, r.get(4)?))
                 },
             )?;
             rows.map(|row| {
-                let (id, timestamp, ty, output): (i64, String, String, Vec<u8>) = row?;
+                let (id, timestamp, ty, output, attempt): (i64, String, String, Vec<u8>, u32) =
+                    row?;
                 Ok(LogEntry {
                     id,
+                    attempt,
                     timestamp,
                     log_type: ty
                         .parse()
@@ -97,6 +118,24 @@ impl Store {
         })
         .await
     }
+}
+
+/// Appends a `system` line to `attempt`'s log inside the caller's transaction (lease
+/// recovery, a re-queue).
+pub(super) fn system_line_in(
+    c: &rusqlite::Connection,
+    uuid: &str,
+    attempt: u32,
+    now: &str,
+    line: &str,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output, attempt)
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = ?1),
+                 ?2, 'system', ?3, ?4)",
+        params![uuid, now, line.as_bytes(), attempt],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -134,6 +173,7 @@ mod tests {
                     log_type: Some(LogType::Stdout),
                     after: Some(2),
                     limit: Some(5),
+                    ..Default::default()
                 },
             )
             .await

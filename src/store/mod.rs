@@ -36,6 +36,7 @@ mod logs;
 mod metrics;
 pub mod postgres;
 mod requests;
+mod retry;
 mod schema;
 pub mod sink;
 mod templates;
@@ -522,6 +523,7 @@ pub(crate) mod test_support {
                 requires: Vec::new(),
                 keep_on_failure: None,
                 submitted_by: None,
+                retries: 0,
             })
             .await
             .unwrap()

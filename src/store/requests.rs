@@ -1,6 +1,7 @@
 //! Request rows: create, read, claim, and the agent's state changes.
 
 use super::hosts::{self, Capabilities, Placement, ELIGIBLE};
+use super::retry;
 use super::{Store, StoreError};
 use crate::model::{
     AgentId, BootMode, Channel, NewRequest, Request, RequestId, ShutdownStep, Status,
@@ -12,7 +13,8 @@ use std::time::Duration;
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by";
+     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, retries, attempt, \
+     attempts";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -24,6 +26,7 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
     let globs: Option<String> = r.get(20)?;
     let channel: Option<String> = r.get(21)?;
     let requires: Option<String> = r.get(22)?;
+    let attempts: Option<String> = r.get(30)?;
     let build = || -> Result<Request, StoreError> {
         let bad = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("request {uuid}: {e}"));
         Ok(Request {
@@ -71,6 +74,12 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
             kept_until: r.get(25)?,
             kept_ms: r.get(26)?,
             submitted_by: r.get(27)?,
+            retries: r.get(28)?,
+            attempt: r.get(29)?,
+            attempts: match attempts {
+                Some(j) => serde_json::from_str(&j).map_err(|e| bad(&e))?,
+                None => Vec::new(),
+            },
         })
     };
     Ok(build())
@@ -110,6 +119,9 @@ pub struct Finish {
     pub channel: Option<Channel>,
     /// How long a failed run's VM was kept, if it was.
     pub kept_ms: Option<i64>,
+    /// The run failed for an infrastructure reason (`agent/retry.rs`): with retries left, the
+    /// request is re-queued as its next attempt instead (see `store/retry.rs`).
+    pub retryable: bool,
 }
 
 /// Says why pending requests wait when no live host can claim them now (one read of the
@@ -174,6 +186,9 @@ impl Store {
             kept_until: None,
             kept_ms: None,
             submitted_by: new.submitted_by,
+            retries: new.retries,
+            attempt: 1,
+            attempts: Vec::new(),
         };
         let row = req.clone();
         let uploads = new.uploads;
@@ -183,8 +198,8 @@ impl Store {
             tx.prepare_cached(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
                                        boot, artifact_globs, requires, keep_on_failure,
-                                       submitted_by)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                       submitted_by, retries)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 id.to_string(),
@@ -199,6 +214,7 @@ impl Store {
                     .then(|| serde_json::to_string(&row.requires).expect("json")),
                 row.keep_on_failure,
                 row.submitted_by,
+                row.retries,
             ])?;
             for (seq, upload) in uploads.iter().enumerate() {
                 let n = tx
@@ -395,7 +411,9 @@ impl Store {
         .await
     }
 
-    /// Records the final state of a run the agent owns; a request already terminal is left alone.
+    /// Records the final state of a run the agent owns; a request already terminal is left
+    /// alone. A retryable failure with retries left re-queues the request as its next attempt
+    /// instead, fenced by the same ownership. True when something was written.
     pub async fn finish(
         &self,
         id: RequestId,
@@ -406,16 +424,36 @@ impl Store {
         debug_assert!(fin.status.is_terminal());
         let agent = agent.0.clone();
         self.call_write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = timefmt::now();
+            let uuid = id.to_string();
             // Deleted while it ran: now that its VM is down, it goes with its logs.
-            let gone = c.execute(
+            let gone = tx.execute(
                 "DELETE FROM requests WHERE uuid = ?1 AND agent_id = ?2 AND deleting = 1",
-                params![id.to_string(), agent],
+                params![uuid, agent],
             )?;
             if gone == 1 {
+                tx.commit()?;
                 return Ok(true);
             }
-            let n = c.execute(
+            let owned = retry::attempt_row(
+                &tx,
+                "uuid = ?1 AND agent_id = ?2 AND status NOT IN ('done','failed','cancelled')",
+                params![uuid, agent],
+            )?;
+            let Some(row) = owned else {
+                return Ok(false);
+            };
+            let requeue = match (&fin.error, fin.retryable) {
+                (Some(error), true) => retry::requeue(&row, error, &now)?,
+                _ => None,
+            };
+            if let Some(q) = requeue {
+                retry::requeue_in(&tx, &uuid, &q, &now)?;
+                tx.commit()?;
+                return Ok(true);
+            }
+            let n = tx.execute(
                 "UPDATE requests SET status = ?1, exit_code = ?2, error = ?3, shutdown_step = ?4,
                         finished_at = ?5, updated_at = ?5, lease_expires_at = NULL, desired_status = NULL,
                         boot_ms = ?8, run_ms = ?9, shutdown_ms = ?10, boot_mode = ?11, restore_ms = ?12,
@@ -428,7 +466,7 @@ impl Store {
                     fin.error,
                     fin.shutdown_step.map(|s| s.as_str()),
                     now,
-                    id.to_string(),
+                    uuid,
                     agent,
                     fin.boot_ms,
                     fin.run_ms,
@@ -440,10 +478,8 @@ impl Store {
                 ],
             )?;
             // Keystrokes nobody will type any more.
-            c.execute(
-                "DELETE FROM console_input WHERE request_uuid = ?1",
-                [id.to_string()],
-            )?;
+            tx.execute("DELETE FROM console_input WHERE request_uuid = ?1", [&uuid])?;
+            tx.commit()?;
             Ok(n == 1)
         })
         .await
@@ -490,6 +526,7 @@ mod tests {
             requires: Vec::new(),
             keep_on_failure: None,
             submitted_by: None,
+            retries: 0,
         }
     }
 

@@ -50,9 +50,20 @@ pub struct SinkStats {
 }
 
 impl LogSink {
+    /// A sink whose rows belong to the request's current attempt.
     pub fn start(store: Store, id: RequestId) -> (LogSink, SinkTask) {
+        Self::spawn(store, id, None)
+    }
+
+    /// A sink for one run: its rows belong to `attempt` even if the request moved on (a run
+    /// that lost its claim still flushing), so attempts never mix.
+    pub fn for_attempt(store: Store, id: RequestId, attempt: u32) -> (LogSink, SinkTask) {
+        Self::spawn(store, id, Some(attempt))
+    }
+
+    fn spawn(store: Store, id: RequestId, attempt: Option<u32>) -> (LogSink, SinkTask) {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let join = tokio::spawn(writer(store, id, rx));
+        let join = tokio::spawn(writer(store, (id, attempt), rx));
         (LogSink { tx }, SinkTask { join })
     }
 
@@ -148,7 +159,10 @@ impl Batch {
     }
 }
 
-async fn writer(store: Store, id: RequestId, mut rx: mpsc::Receiver<Chunk>) -> SinkStats {
+/// The request a sink writes for, and its attempt (`None`: the current one).
+type Target = (RequestId, Option<u32>);
+
+async fn writer(store: Store, id: Target, mut rx: mpsc::Receiver<Chunk>) -> SinkStats {
     let mut stats = SinkStats::default();
     let mut batch = Batch::default();
     let mut size = 0usize;
@@ -194,7 +208,13 @@ async fn writer(store: Store, id: RequestId, mut rx: mpsc::Receiver<Chunk>) -> S
 
 /// Commits the batch, retrying with back-off. Unless `last`, an incomplete UTF-8 sequence at the
 /// very end stays for the next flush, so no row splits a character.
-async fn flush(store: &Store, id: RequestId, batch: &mut Batch, last: bool, stats: &mut SinkStats) {
+async fn flush(
+    store: &Store,
+    (id, attempt_of): Target,
+    batch: &mut Batch,
+    last: bool,
+    stats: &mut SinkStats,
+) {
     if batch.is_empty() {
         return;
     }
@@ -222,7 +242,7 @@ async fn flush(store: &Store, id: RequestId, batch: &mut Batch, last: bool, stat
     let mut attempt = 1;
     loop {
         match store
-            .append_logs_with_console(id, rows.clone(), console.clone())
+            .append_logs_with_console(id, attempt_of, rows.clone(), console.clone())
             .await
         {
             Ok(()) => {

@@ -129,6 +129,7 @@ mod hosts;
 mod logs;
 mod metrics;
 mod requests;
+mod retry;
 mod schema;
 mod templates;
 mod tokens;

@@ -2,6 +2,7 @@
 //! and the agent's state changes, each guarded by ownership as in `store/requests.rs`.
 
 use super::hosts::{fill_waiting, ELIGIBLE};
+use super::retry;
 use super::Pg;
 use crate::model::{AgentId, NewRequest, Request, RequestId};
 use crate::store::{Capabilities, Finish, RequestQuery, StoreError};
@@ -14,7 +15,8 @@ pub(super) const COLUMNS: &str =
     "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by";
+     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, retries, attempt, \
+     attempts";
 
 pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
     let uuid: String = r.try_get(0)?;
@@ -77,6 +79,12 @@ pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
         kept_until: r.try_get(25)?,
         kept_ms: r.try_get(26)?,
         submitted_by: r.try_get(27)?,
+        retries: u32::try_from(r.try_get::<_, i64>(28)?).map_err(|e| bad(&e))?,
+        attempt: u32::try_from(r.try_get::<_, i64>(29)?).map_err(|e| bad(&e))?,
+        attempts: match parse_opt(30)? {
+            Some(j) => serde_json::from_str(&j).map_err(|e| bad(&e))?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -113,6 +121,7 @@ impl Pg {
         if new.uploads.is_empty() {
             let keep = new.keep_on_failure.map(i64::from);
             let timeout = i64::from(new.timeout);
+            let retries = i64::from(new.retries);
             let now = timefmt::now();
             let req = self
                 .insert_alone(
@@ -128,6 +137,7 @@ impl Pg {
                         (&requires, Type::TEXT),
                         (&keep, Type::INT8),
                         (&new.submitted_by, Type::TEXT),
+                        (&retries, Type::INT8),
                     ],
                 )
                 .await?;
@@ -141,8 +151,8 @@ impl Pg {
                 tx.execute(
                     "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
                                        updated_at, boot, artifact_globs, requires,
-                                       keep_on_failure, submitted_by)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10)",
+                                       keep_on_failure, submitted_by, retries)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10, $11)",
                     &[
                         &uuid,
                         &new.vm_name,
@@ -154,6 +164,7 @@ impl Pg {
                         &requires,
                         &new.keep_on_failure.map(i64::from),
                         &new.submitted_by,
+                        &i64::from(new.retries),
                     ],
                 )
                 .await?;
@@ -195,8 +206,8 @@ impl Pg {
             "WITH new AS (
                  INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
                                        updated_at, boot, artifact_globs, requires,
-                                       keep_on_failure, submitted_by)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10)
+                                       keep_on_failure, submitted_by, retries)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10, $11)
                  RETURNING {COLUMNS})
              SELECT new.*, pg_notify('{}', 'work')::text FROM new",
             super::CHANNEL
@@ -418,6 +429,23 @@ impl Pg {
                 if gone == 1 {
                     return Ok(true);
                 }
+                let owned = retry::attempt_row(
+                    &tx,
+                    "uuid = $1 AND agent_id = $2 AND status NOT IN ('done','failed','cancelled')",
+                    &[&uuid, &agent],
+                )
+                .await?;
+                let Some(row) = owned else {
+                    return Ok(false);
+                };
+                let requeue = match (&fin.error, fin.retryable) {
+                    (Some(error), true) => crate::store::retry::requeue(&row, error, &now)?,
+                    _ => None,
+                };
+                if let Some(q) = requeue {
+                    retry::requeue_in(&tx, &uuid, &q, &now).await?;
+                    return Ok(true);
+                }
                 let n = tx
                     .execute(
                         "UPDATE requests SET status = $1, exit_code = $2, error = $3,
@@ -455,10 +483,13 @@ impl Pg {
             }
             .await,
             recheck | c | {
-                // Ours if it carries this very finish time, or if it is gone (a deletion we ran).
+                // Ours if it carries this very finish time, or this re-queue's time with no
+                // owner, or if it is gone (a deletion we ran).
                 let row = c
                     .query_opt(
-                        "SELECT finished_at = $2 AND agent_id = $3 FROM requests WHERE uuid = $1",
+                        "SELECT (finished_at = $2 AND agent_id = $3)
+                                OR (updated_at = $2 AND agent_id IS NULL AND attempts IS NOT NULL)
+                         FROM requests WHERE uuid = $1",
                         &[&uuid, &now, &agent],
                     )
                     .await?;

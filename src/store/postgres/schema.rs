@@ -190,6 +190,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX audit_log_by_request ON audit_log (request_uuid, id);
     CREATE INDEX audit_log_by_action ON audit_log (action, id);
     "#,
+    // v5: retries of infrastructure failures. How many re-queues a request allows, which
+    // attempt it is on, the earlier attempts' failures (JSON), and the attempt of each log row.
+    r#"
+    ALTER TABLE requests ADD COLUMN retries BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN attempt BIGINT NOT NULL DEFAULT 1;
+    ALTER TABLE requests ADD COLUMN attempts TEXT;
+    ALTER TABLE work_log ADD COLUMN attempt BIGINT NOT NULL DEFAULT 1;
+    "#,
 ];
 
 /// Any fixed number: the advisory lock that serialises migrations across processes.
