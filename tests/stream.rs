@@ -4,8 +4,7 @@ mod common;
 
 use base64::Engine;
 use common::sse::follow;
-use common::{require_image, vm_slot, Method, Options, Server};
-use serde_json::Value;
+use common::{require_image, vm_slot, Options, Server};
 use std::time::Duration;
 
 const TICKS: &str = "for i in 1 2 3 4 5 6; do echo tick $i; sleep 0.5; done";

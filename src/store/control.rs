@@ -673,7 +673,7 @@ mod tests {
             ..row(status, desired, "h:1:0")
         };
         let r = recover(&with_retries("running", None, 1), "now").unwrap();
-        let q = r.requeue.expect("re-queued");
+        let q = r.requeue.clone().expect("re-queued");
         assert_eq!((r.status, r.error, q.attempt), (Status::Pending, None, 2));
         assert_eq!(
             r.line,
