@@ -116,6 +116,7 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             requires: Vec::new(),
             keep_on_failure: None,
             submitted_by: None,
+            retries: 0,
         })
         .await
         .unwrap();
@@ -130,6 +131,7 @@ async fn stored_stdout(store: &Store, id: RequestId) -> Vec<u8> {
             log_type: Some(LogType::Stdout),
             after: Some(after),
             limit: Some(1024),
+            attempt: None,
         };
         let rows = store.logs(id, q).await.unwrap();
         if rows.is_empty() {

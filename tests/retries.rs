@@ -72,7 +72,10 @@ async fn qemu_killed_during_boot_is_retried_and_ends_done_on_attempt_2() {
     let s = Server::start(Options::default()).await;
     let id = submit(&s, "echo hello-from-$((6*7))", Some(1)).await;
     let created = s.get(&id).await;
-    assert_eq!((created["retries"].as_i64(), created["attempt"].as_i64()), (Some(1), Some(1)));
+    assert_eq!(
+        (created["retries"].as_i64(), created["attempt"].as_i64()),
+        (Some(1), Some(1))
+    );
     // A follower from the start sees both attempts and ends only with the request.
     let follower = {
         let client = s.api();
@@ -82,7 +85,11 @@ async fn qemu_killed_during_boot_is_retried_and_ends_done_on_attempt_2() {
     kill_qemu_during_boot(&s, &id).await;
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(
-        (r["status"].as_str(), r["exit_code"].as_i64(), r["attempt"].as_i64()),
+        (
+            r["status"].as_str(),
+            r["exit_code"].as_i64(),
+            r["attempt"].as_i64()
+        ),
         (Some("done"), Some(0), Some(2)),
         "{r}"
     );
@@ -91,21 +98,34 @@ async fn qemu_killed_during_boot_is_retried_and_ends_done_on_attempt_2() {
     assert_eq!(earlier.len(), 1, "{r}");
     assert_eq!(earlier[0]["attempt"], 1);
     let why = earlier[0]["error"].as_str().unwrap();
-    assert!(why.contains("QEMU exited unexpectedly (killed by SIGKILL)"), "{why}");
+    assert!(
+        why.contains("QEMU exited unexpectedly (killed by SIGKILL)"),
+        "{why}"
+    );
     assert!(earlier[0]["host"].is_string() && earlier[0]["finished_at"].is_string());
 
     // Attempt 1: its boot bytes and the failure, no command output.
     let first = entries(&s, &id, "?attempt=1").await;
     assert!(first.iter().all(|e| e["attempt"] == 1));
-    assert!(!text_of(&first, "boot").is_empty(), "attempt 1's boot bytes kept");
+    assert!(
+        !text_of(&first, "boot").is_empty(),
+        "attempt 1's boot bytes kept"
+    );
     let system = text_of(&first, "system");
-    assert!(system.contains("failed: QEMU exited unexpectedly"), "{system}");
+    assert!(
+        system.contains("failed: QEMU exited unexpectedly"),
+        "{system}"
+    );
     assert!(
         system.contains("attempt 1 failed (QEMU exited unexpectedly (killed by SIGKILL)")
             && system.contains("re-queued as attempt 2 of 2"),
         "{system}"
     );
-    assert_eq!(text_of(&first, "stdout"), "", "attempt 1 never reached the commands");
+    assert_eq!(
+        text_of(&first, "stdout"),
+        "",
+        "attempt 1 never reached the commands"
+    );
     // Attempt 2: a full run of its own.
     let second = entries(&s, &id, "?attempt=2").await;
     assert!(second.iter().all(|e| e["attempt"] == 2));
@@ -120,7 +140,9 @@ async fn qemu_killed_during_boot_is_retried_and_ends_done_on_attempt_2() {
     let ids: Vec<i64> = all.iter().map(|e| e["id"].as_i64().unwrap()).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     let last_of_first = first.last().unwrap()["id"].as_i64().unwrap();
-    assert!(second.iter().all(|e| e["id"].as_i64().unwrap() > last_of_first));
+    assert!(second
+        .iter()
+        .all(|e| e["id"].as_i64().unwrap() > last_of_first));
     assert_eq!(s.raw(&id, Some("stdout")).await, b"hello-from-42\n");
 
     // The follower did not stop at attempt 1's end: it got everything, then `end`.
@@ -135,7 +157,10 @@ async fn qemu_killed_during_boot_is_retried_and_ends_done_on_attempt_2() {
         .collect();
     assert_eq!(streamed, ids, "the stream carried both attempts");
     let end = events.last().unwrap();
-    assert_eq!((end.event.as_str(), &end.data["attempt"]), ("end", &json!(2)));
+    assert_eq!(
+        (end.event.as_str(), &end.data["attempt"]),
+        ("end", &json!(2))
+    );
     no_qemu_left(&s).await;
 }
 
@@ -147,7 +172,11 @@ async fn the_commands_own_failure_is_never_retried() {
     let id = submit(&s, "echo once; exit 3", Some(2)).await;
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(
-        (r["status"].as_str(), r["exit_code"].as_i64(), r["attempt"].as_i64()),
+        (
+            r["status"].as_str(),
+            r["exit_code"].as_i64(),
+            r["attempt"].as_i64()
+        ),
         (Some("done"), Some(3), Some(1)),
         "{r}"
     );
@@ -178,7 +207,10 @@ async fn without_retries_the_same_kill_fails_at_attempt_1() {
         (Some("failed"), Some(1)),
         "{r}"
     );
-    assert!(r["error"].as_str().unwrap().contains("killed by SIGKILL"), "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("killed by SIGKILL"),
+        "{r}"
+    );
     assert_eq!(r["attempts"], json!([]));
     assert!(!text_of(&entries(&s, &id, "").await, "system").contains("re-queued"));
     no_qemu_left(&s).await;
@@ -205,21 +237,40 @@ async fn bad_retries_are_refused_and_nothing_is_stored() {
     let mut last = String::new();
     for (body, want) in [
         (json!({"vm_name": "tiny", "commands": "true"}), 3),
-        (json!({"vm_name": "tiny", "commands": "true", "retries": null}), 3),
-        (json!({"vm_name": "tiny", "commands": "true", "retries": 10}), 10),
-        (json!({"vm_name": "tiny", "commands": "true", "retries": 0}), 0),
+        (
+            json!({"vm_name": "tiny", "commands": "true", "retries": null}),
+            3,
+        ),
+        (
+            json!({"vm_name": "tiny", "commands": "true", "retries": 10}),
+            10,
+        ),
+        (
+            json!({"vm_name": "tiny", "commands": "true", "retries": 0}),
+            0,
+        ),
     ] {
         let (code, r) = s.submit_json(&body).await;
         assert_eq!(code, 201, "{r}");
         last = r["uuid"].as_str().unwrap().to_string();
         let got = s.get(&last).await;
-        assert_eq!((got["retries"].as_i64(), got["attempt"].as_i64()), (Some(want), Some(1)));
+        assert_eq!(
+            (got["retries"].as_i64(), got["attempt"].as_i64()),
+            (Some(want), Some(1))
+        );
     }
-    let (code, v) = s.get_json(&format!("/requests/{last}/logs?attempt=0")).await;
+    let (code, v) = s
+        .get_json(&format!("/requests/{last}/logs?attempt=0"))
+        .await;
     assert_eq!(code, 422, "{v}");
-    let (code, v) = s.get_json(&format!("/requests/{last}/logs?attempt=1")).await;
+    let (code, v) = s
+        .get_json(&format!("/requests/{last}/logs?attempt=1"))
+        .await;
     assert_eq!((code, v), (200, json!([])));
     let (_, doc) = s.get_json("/openapi.json").await;
     let retries = &doc["components"]["schemas"]["CreateBody"]["properties"]["retries"];
-    assert_eq!((retries["minimum"].as_i64(), retries["maximum"].as_i64()), (Some(0), Some(10)));
+    assert_eq!(
+        (retries["minimum"].as_i64(), retries["maximum"].as_i64()),
+        (Some(0), Some(10))
+    );
 }

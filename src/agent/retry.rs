@@ -93,8 +93,12 @@ mod tests {
             secs: 60,
             last_seen: String::new(),
         };
-        for e in [qemu, boot, RunError::ConsoleClosed("x".into()), RunError::AgentStopping]
-        {
+        for e in [
+            qemu,
+            boot,
+            RunError::ConsoleClosed("x".into()),
+            RunError::AgentStopping,
+        ] {
             assert!(retryable(&e), "{e}");
         }
         for e in [

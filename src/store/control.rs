@@ -642,7 +642,10 @@ mod tests {
     #[test]
     fn recovery_is_decided_by_how_far_the_request_got() {
         let r = recover(&row("acknowledged", None, "h:1:0"), "now").unwrap();
-        assert_eq!((r.status, r.error, &r.requeue), (Status::Pending, None, &None));
+        assert_eq!(
+            (r.status, r.error, &r.requeue),
+            (Status::Pending, None, &None)
+        );
         assert_eq!(
             r.line,
             "agent h:1:0 lost (lease expired); request re-queued: it had not started\n"
@@ -683,7 +686,10 @@ mod tests {
         assert_eq!(r.finished_at("now"), None);
         // A held VM lost with its agent waits held for its next attempt.
         let h = recover(&with_retries("hold", None, 1), "now").unwrap();
-        assert_eq!((h.status, h.requeue.map(|q| q.attempt)), (Status::Hold, Some(2)));
+        assert_eq!(
+            (h.status, h.requeue.map(|q| q.attempt)),
+            (Status::Hold, Some(2))
+        );
         // None left: failed as without retries.
         let f = recover(&with_retries("running", None, 2), "now").unwrap();
         assert_eq!((f.status, f.error), (Status::Failed, Some("agent lost")));

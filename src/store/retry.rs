@@ -77,7 +77,11 @@ pub(super) fn requeue(
     let line = format!(
         "attempt {} failed ({error}); re-queued as attempt {next} of {total}{}\n",
         row.attempt,
-        if held { ", held (an operator's hold)" } else { "" }
+        if held {
+            ", held (an operator's hold)"
+        } else {
+            ""
+        }
     );
     Ok(Some(Requeue {
         status: if held { Status::Hold } else { Status::Pending },
@@ -101,25 +105,24 @@ pub(super) fn attempt_row(
     cond: &str,
     args: impl rusqlite::Params,
 ) -> Result<Option<AttemptRow>, StoreError> {
-    Ok(c
-        .query_row(
-            &format!("SELECT {ATTEMPT_COLUMNS} FROM requests WHERE {cond}"),
-            args,
-            |r| {
-                Ok(AttemptRow {
-                    status: r.get(0)?,
-                    desired: r.get(1)?,
-                    attempt: r.get(2)?,
-                    retries: r.get(3)?,
-                    attempts: r.get(4)?,
-                    agent: r.get(5)?,
-                    host: r.get(6)?,
-                    started_at: r.get(7)?,
-                    kept: r.get::<_, Option<String>>(8)?.is_some(),
-                })
-            },
-        )
-        .optional()?)
+    Ok(c.query_row(
+        &format!("SELECT {ATTEMPT_COLUMNS} FROM requests WHERE {cond}"),
+        args,
+        |r| {
+            Ok(AttemptRow {
+                status: r.get(0)?,
+                desired: r.get(1)?,
+                attempt: r.get(2)?,
+                retries: r.get(3)?,
+                attempts: r.get(4)?,
+                agent: r.get(5)?,
+                host: r.get(6)?,
+                started_at: r.get(7)?,
+                kept: r.get::<_, Option<String>>(8)?.is_some(),
+            })
+        },
+    )
+    .optional()?)
 }
 
 /// Writes a re-queue: the row back to `pending` (or `hold`) as the next attempt, its
@@ -138,10 +141,7 @@ pub(super) fn requeue_in(
         ),
         params![q.status.as_str(), q.attempt, q.attempts, now, uuid],
     )?;
-    c.execute(
-        "DELETE FROM console_input WHERE request_uuid = ?1",
-        [uuid],
-    )?;
+    c.execute("DELETE FROM console_input WHERE request_uuid = ?1", [uuid])?;
     super::logs::system_line_in(c, uuid, q.failed, now, &q.line)?;
     Ok(())
 }
@@ -296,7 +296,13 @@ mod tests {
             let got = s.get(r.uuid).await.unwrap().unwrap();
             assert_eq!((got.status, got.attempt), (Status::Pending, 2));
             assert_eq!(
-                (got.agent_id, got.host, got.started_at, got.error, got.finished_at),
+                (
+                    got.agent_id,
+                    got.host,
+                    got.started_at,
+                    got.error,
+                    got.finished_at
+                ),
                 (None, None, None, None, None),
                 "the next attempt starts as if never claimed"
             );
@@ -336,8 +342,14 @@ mod tests {
             let one = s.logs(r.uuid, boot(1)).await.unwrap();
             let two = s.logs(r.uuid, boot(2)).await.unwrap();
             assert_eq!((one.len(), two.len()), (1, 1));
-            assert_eq!((one[0].output.as_slice(), one[0].attempt), (&b"first boot"[..], 1));
-            assert_eq!((two[0].output.as_slice(), two[0].attempt), (&b"second boot"[..], 2));
+            assert_eq!(
+                (one[0].output.as_slice(), one[0].attempt),
+                (&b"first boot"[..], 1)
+            );
+            assert_eq!(
+                (two[0].output.as_slice(), two[0].attempt),
+                (&b"second boot"[..], 2)
+            );
             assert!(one[0].id < two[0].id);
             // A sink without an attempt writes the current one.
             s.append_logs(r.uuid, vec![("t".into(), LogType::System, b"x\n".to_vec())])
@@ -346,7 +358,10 @@ mod tests {
             let last = s.logs(r.uuid, LogQuery::default()).await.unwrap();
             assert_eq!(last.last().unwrap().attempt, 2);
             // None left: the failure is final, the earlier attempt still on record.
-            assert!(s.finish(r.uuid, &second, infra("QEMU died again")).await.unwrap());
+            assert!(s
+                .finish(r.uuid, &second, infra("QEMU died again"))
+                .await
+                .unwrap());
             let got = s.get(r.uuid).await.unwrap().unwrap();
             assert_eq!(
                 (got.status, got.attempt, got.error.as_deref()),
@@ -402,12 +417,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             assert_eq!(s.reap_expired().await.unwrap(), [(r.uuid, Status::Pending)]);
             let got = s.get(r.uuid).await.unwrap().unwrap();
-            assert_eq!((got.status, got.attempt, got.agent_id), (Status::Pending, 2, None));
+            assert_eq!(
+                (got.status, got.attempt, got.agent_id),
+                (Status::Pending, 2, None)
+            );
             assert_eq!(got.attempts[0].error, "agent lost");
             let text = system_text(&s, &r, Some(1)).await;
             assert!(
-                text.contains("agent h1:1:0 lost (lease expired); attempt 1 failed (agent lost); \
-                               re-queued as attempt 2 of 2"),
+                text.contains(
+                    "agent h1:1:0 lost (lease expired); attempt 1 failed (agent lost); \
+                               re-queued as attempt 2 of 2"
+                ),
                 "{text}"
             );
             // The lost agent's late finish changes nothing.
@@ -426,7 +446,9 @@ mod tests {
                 (got.status, got.attempt, got.error.as_deref()),
                 (Status::Failed, 2, Some("agent lost"))
             );
-            assert!(system_text(&s, &r, Some(2)).await.contains("request failed"));
+            assert!(system_text(&s, &r, Some(2))
+                .await
+                .contains("request failed"));
         }
     }
 }
