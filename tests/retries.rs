@@ -6,7 +6,7 @@
 mod common;
 
 use common::sse::follow;
-use common::{eventually, require_image, vm_slot, Options, Server};
+use common::{eventually, require_image, signal_and_wait, vm_slot, Mode, Options, Server};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -161,6 +161,52 @@ async fn qemu_killed_during_boot_is_retried_and_ends_done_on_attempt_2() {
         (end.event.as_str(), &end.data["attempt"]),
         ("end", &json!(2))
     );
+    no_qemu_left(&s).await;
+}
+
+#[tokio::test]
+async fn a_run_lost_with_its_agents_process_is_requeued_by_lease_recovery_and_finishes() {
+    require_image();
+    let _slot = vm_slot();
+    let s = Server::start(Options {
+        mode: Mode::Api,
+        env: vec![("SQLITE_SIM_AGENT_LEASE".into(), "3".into())],
+        ..Default::default()
+    })
+    .await;
+    let mut agents = s.spawn_process(Mode::Agents);
+    let id = submit(&s, "echo started; sleep 6; echo finished", Some(1)).await;
+    s.wait_output(&id, "stdout", "started").await;
+    // The host goes away mid-command: its QEMU dies with it (PR_SET_PDEATHSIG).
+    signal_and_wait(&mut agents, Signal::SIGKILL);
+    no_qemu_left(&s).await;
+    let _agents = s.spawn_process(Mode::Agents);
+    let r = s.wait_terminal(&id, LIMIT).await;
+    assert_eq!(
+        (
+            r["status"].as_str(),
+            r["exit_code"].as_i64(),
+            r["attempt"].as_i64()
+        ),
+        (Some("done"), Some(0), Some(2)),
+        "{r}"
+    );
+    assert_eq!(r["attempts"][0]["error"], "agent lost", "{r}");
+    let first = entries(&s, &id, "?attempt=1").await;
+    assert_eq!(
+        text_of(&first, "stdout"),
+        "started\n",
+        "attempt 1's output up to the loss"
+    );
+    let system = text_of(&first, "system");
+    assert!(
+        system.contains(
+            "lost (lease expired); attempt 1 failed (agent lost); re-queued as attempt 2 of 2"
+        ),
+        "{system}"
+    );
+    let second = entries(&s, &id, "?attempt=2").await;
+    assert_eq!(text_of(&second, "stdout"), "started\nfinished\n");
     no_qemu_left(&s).await;
 }
 

@@ -26,10 +26,11 @@ pub(super) fn which(req: &Request) -> String {
     format!(" (attempt {} of {})", req.attempt, req.retries + 1)
 }
 
-/// Before a later attempt: the failed one's run directory, kept for inspection
-/// (`SQLITE_SIM_KEEP_FAILED_RUNS`), is moved aside as `<uuid>.attempt-N` so this attempt starts
-/// in a fresh one and the evidence stays.
-pub(super) fn set_aside_previous(ctx: &AgentContext, req: &Request) {
+/// Before a later attempt: whatever an earlier one left in the request's run directory goes,
+/// so this attempt starts in a fresh one. A QEMU that survived there (its agent lost on this
+/// host) is killed; a directory kept for inspection (`SQLITE_SIM_KEEP_FAILED_RUNS`) is moved
+/// aside as `<uuid>.attempt-N`, anything else is removed.
+pub(super) fn clear_previous(ctx: &AgentContext, req: &Request) {
     if req.attempt < 2 {
         return;
     }
@@ -37,14 +38,20 @@ pub(super) fn set_aside_previous(ctx: &AgentContext, req: &Request) {
     if !paths.dir.exists() {
         return;
     }
-    let aside = ctx
-        .settings
-        .run_dir
-        .join(format!("{}.attempt-{}", req.uuid, req.attempt - 1));
-    if let Err(e) = std::fs::rename(&paths.dir, &aside) {
-        tracing::warn!(dir = %paths.dir.display(), error = %e, "could not set the failed attempt's directory aside; removing it");
-        paths.remove();
+    super::recovery::kill_leftover_qemu(&paths.dir);
+    if ctx.settings.keep_failed_runs {
+        let aside = ctx
+            .settings
+            .run_dir
+            .join(format!("{}.attempt-{}", req.uuid, req.attempt - 1));
+        match std::fs::rename(&paths.dir, &aside) {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(dir = %paths.dir.display(), error = %e, "could not set the failed attempt's directory aside; removing it")
+            }
+        }
     }
+    paths.remove();
 }
 
 /// Whether `e` is an infrastructure failure, worth another attempt on a fresh VM.

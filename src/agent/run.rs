@@ -35,7 +35,7 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
             .await;
         sink.system(format!("claimed by agent {agent}{}", retry::which(&req)))
             .await;
-        retry::set_aside_previous(ctx, &req);
+        retry::clear_previous(ctx, &req);
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
         let heartbeat = spawn_heartbeat(ctx, agent, &req, lost_tx);
         let outcome = drive(ctx, agent, &req, &sink, lost).await;
