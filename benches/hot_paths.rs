@@ -118,6 +118,7 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             submitted_by: None,
             callback_url: None,
             webhook_urls: Vec::new(),
+            retries: 0,
         })
         .await
         .unwrap();
@@ -132,6 +133,7 @@ async fn stored_stdout(store: &Store, id: RequestId) -> Vec<u8> {
             log_type: Some(LogType::Stdout),
             after: Some(after),
             limit: Some(1024),
+            attempt: None,
         };
         let rows = store.logs(id, q).await.unwrap();
         if rows.is_empty() {

@@ -55,6 +55,8 @@ cargo test --locked --test auth -- --test-threads="${TEST_THREADS:-4}"
 cargo test --locked --test database_wait -- --test-threads=2
 # Webhooks: deliveries queued with final states, claimed across API processes, sent signed.
 cargo test --locked --test webhooks -- --test-threads="${TEST_THREADS:-4}"
+# Retries of infrastructure failures: re-queue, fencing and attempts' logs on PostgreSQL.
+cargo test --locked --test retries -- --test-threads=2
 cargo test --locked --test e2e hello_world_reaches_done_with_every_log_type
 # An API and two agents processes around one PostgreSQL: routing, waiting, fencing, wake-ups.
 cargo test --locked --test hosts -- --test-threads=1

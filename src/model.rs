@@ -385,6 +385,40 @@ pub struct Request {
     /// shown by `GET /requests/{uuid}` only (absent from lists and from webhook bodies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhooks: Option<Vec<crate::webhooks::Delivery>>,
+    /// How many times a run that fails for an infrastructure reason (QEMU exiting, a boot
+    /// timeout, the agent lost) is re-queued: 0 to `MAX_RETRIES`.
+    #[serde(default)]
+    #[schema(format = Int64, maximum = 10)]
+    pub retries: u32,
+    /// Which run this is (or the last one was), from 1; at most `retries + 1`.
+    #[serde(default = "first_attempt")]
+    #[schema(format = Int64, minimum = 1)]
+    pub attempt: u32,
+    /// The earlier attempts that failed for an infrastructure reason and were re-queued,
+    /// oldest first (the current attempt's outcome is in the fields above).
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// Most retries a submission may ask for.
+pub const MAX_RETRIES: u32 = 10;
+
+fn first_attempt() -> u32 {
+    1
+}
+
+/// An attempt that failed for an infrastructure reason and was re-queued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AttemptRecord {
+    #[schema(format = Int64, minimum = 1)]
+    pub attempt: u32,
+    /// Why it failed.
+    pub error: String,
+    /// The agent and host that ran it.
+    pub agent_id: Option<String>,
+    pub host: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: String,
 }
 
 /// How a run's commands talk to the host.
@@ -493,6 +527,8 @@ pub struct NewRequest {
     /// Every URL its events are delivered to (`callback_url` and `SQLITE_SIM_WEBHOOK_URL`),
     /// decided and checked at submission and stored with it.
     pub webhook_urls: Vec<String>,
+    /// Re-queues allowed after infrastructure failures.
+    pub retries: u32,
 }
 
 /// How a submission asks its guest to start.
@@ -611,6 +647,8 @@ impl FromStr for TemplateState {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogEntry {
     pub id: i64,
+    /// The run it belongs to, from 1 (see `Request::attempt`).
+    pub attempt: u32,
     pub timestamp: String,
     pub log_type: LogType,
     pub output: Vec<u8>,

@@ -59,7 +59,7 @@ async fn list_show_and_prefixes() {
     let mut lines = table.lines();
     assert_eq!(
         lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
-        ["UUID", "VM", "STATUS", "EXIT", "HOST", "AGE", "DURATION"]
+        ["UUID", "VM", "STATUS", "EXIT", "ATTEMPT", "HOST", "AGE", "DURATION"]
     );
     let rows: Vec<&str> = lines.collect();
     assert_eq!(rows.len(), 17);

@@ -3,69 +3,11 @@
 mod common;
 
 use base64::Engine;
-use common::{require_image, vm_slot, Method, Options, Server};
-use futures_util::StreamExt;
-use serde_json::Value;
+use common::sse::follow;
+use common::{require_image, vm_slot, Options, Server};
 use std::time::Duration;
 
 const TICKS: &str = "for i in 1 2 3 4 5 6; do echo tick $i; sleep 0.5; done";
-
-#[derive(Debug)]
-struct SseEvent {
-    event: String,
-    id: Option<i64>,
-    data: Value,
-}
-
-/// Reads SSE events from `path` until `stop` says so or the server ends the stream.
-async fn follow(
-    s: &Server,
-    path: &str,
-    last_id: Option<i64>,
-    mut stop: impl FnMut(&SseEvent) -> bool,
-) -> Vec<SseEvent> {
-    let mut req = s.request(Method::GET, path);
-    if let Some(id) = last_id {
-        req = req.header("Last-Event-ID", id.to_string());
-    }
-    let resp = req.send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let mut body = resp.bytes_stream();
-    let mut buf = String::new();
-    let mut out = Vec::new();
-    while let Ok(Some(chunk)) = tokio::time::timeout(Duration::from_secs(60), body.next()).await {
-        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let mut ev = SseEvent {
-                event: "message".into(),
-                id: None,
-                data: Value::Null,
-            };
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    ev.event = v.trim().into();
-                } else if let Some(v) = line.strip_prefix("id:") {
-                    ev.id = v.trim().parse().ok();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.trim_start());
-                }
-            }
-            if data.is_empty() {
-                continue; // keep-alive comment
-            }
-            ev.data = serde_json::from_str(&data).unwrap();
-            let done = stop(&ev);
-            out.push(ev);
-            if done {
-                return out;
-            }
-        }
-    }
-    out
-}
 
 #[tokio::test]
 async fn sse_streams_output_live_and_resumes_without_gaps() {

@@ -14,6 +14,7 @@ mod host;
 mod keep;
 mod pool;
 mod recovery;
+mod retry;
 mod run;
 pub mod slots;
 mod template;

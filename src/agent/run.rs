@@ -7,6 +7,7 @@ use super::boot::{self, Launch, Launched};
 use super::error::RunError;
 use super::guest::{wait_ack, Exited, Known, Limits, Ready};
 use super::keep;
+use super::retry;
 use super::template;
 use super::transfer;
 use super::vm::Limit;
@@ -32,11 +33,18 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
         // The claim is lost when the heartbeat finds it gone or the (fenced) sink's append
         // is refused; either stops the run.
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
-        let (sink, sink_task) =
-            LogSink::start_fenced(ctx.store.clone(), req.uuid, agent.clone(), lost_tx.clone());
+        let (sink, sink_task) = LogSink::start_fenced(
+            ctx.store.clone(),
+            req.uuid,
+            agent.clone(),
+            req.attempt,
+            lost_tx.clone(),
+        );
         sink.write(LogType::Command, req.commands.clone().into_bytes())
             .await;
-        sink.system(format!("claimed by agent {agent}")).await;
+        sink.system(format!("claimed by agent {agent}{}", retry::which(&req)))
+            .await;
+        retry::clear_previous(ctx, &req);
         let heartbeat = spawn_heartbeat(ctx, agent, &req, lost_tx);
         let outcome = drive(ctx, agent, &req, &sink, lost).await;
         heartbeat.abort();
@@ -65,6 +73,7 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
                 sink.system(format!("failed: {e}")).await;
                 fin.status = Status::Failed;
                 fin.error = Some(e.to_string());
+                fin.retryable = retry::retryable(e);
             }
         }
         // Every log byte is committed before the request turns terminal.

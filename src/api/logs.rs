@@ -43,6 +43,10 @@ pub struct LogParams {
     /// At most this many entries; default all.
     #[param(minimum = 1, maximum = 100000)]
     pub limit: Option<u32>,
+    /// Only entries of this attempt (see the request's `attempt`): each run after an
+    /// infrastructure failure is a new attempt with its own entries.
+    #[param(minimum = 1, maximum = 4294967295_i64)]
+    pub attempt: Option<u32>,
 }
 
 /// One log entry as JSON. `output` is UTF-8 (invalid sequences replaced); when the bytes are
@@ -50,6 +54,9 @@ pub struct LogParams {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LogView {
     pub id: i64,
+    /// The attempt (run) it belongs to, from 1.
+    #[schema(format = Int64, minimum = 1)]
+    pub attempt: u32,
     pub timestamp: String,
     pub log_type: LogType,
     pub output: String,
@@ -71,6 +78,7 @@ impl From<LogEntry> for LogView {
         };
         LogView {
             id: e.id,
+            attempt: e.attempt,
             timestamp: e.timestamp,
             log_type: e.log_type,
             output,
@@ -107,12 +115,18 @@ pub async fn logs(
             "limit must be from 1 to {MAX_LOG_LIMIT}"
         )));
     }
+    if p.attempt == Some(0) {
+        return Err(ApiError::Validation(
+            "attempt must be from 1 (attempts are counted from 1)".into(),
+        ));
+    }
     let entries = state
         .store
         .logs(
             req.uuid,
             LogQuery {
                 log_type: p.log_type,
+                attempt: p.attempt,
                 after,
                 limit: p.limit,
             },
@@ -153,6 +167,7 @@ pub async fn raw(
                 log_type: Some(log_type),
                 after: Some(after),
                 limit: Some(PAGE),
+                attempt: None,
             };
             match store.logs(req.uuid, q).await {
                 Ok(rows) if rows.is_empty() => None,
@@ -293,6 +308,7 @@ impl Follower {
             log_type: self.log_type,
             after: Some(self.after),
             limit: Some(PAGE),
+            attempt: None,
         };
         let rows = self.store.logs(self.id, q).await?;
         let full_page = rows.len() as u32 == PAGE;

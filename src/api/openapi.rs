@@ -55,6 +55,7 @@ use utoipa::OpenApi;
     ),
     components(schemas(
         crate::model::Request,
+        crate::model::AttemptRecord,
         crate::model::Status,
         crate::model::LogType,
         crate::model::ShutdownStep,

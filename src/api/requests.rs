@@ -6,7 +6,9 @@ use super::input::{self, Object};
 use super::upload;
 use super::{AppState, BODY_LIMIT};
 use crate::config::vm::{is_valid_vm_name, VmConfigError};
-use crate::model::{BootChoice, Label, NewRequest, Request, RequestId, Status, CONTROL_TARGETS};
+use crate::model::{
+    BootChoice, Label, NewRequest, Request, RequestId, Status, CONTROL_TARGETS, MAX_RETRIES,
+};
 use crate::store::{ControlOutcome, DeleteOutcome, Placement, ReleaseOutcome, RequestQuery};
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
@@ -86,6 +88,13 @@ pub struct CreateBody {
     #[serde(default)]
     #[schema(max_length = 2048)]
     pub callback_url: Option<String>,
+    /// From 0 to 10: how many times a run that fails for an infrastructure reason (QEMU
+    /// exiting unexpectedly, a boot timeout, the agent lost or stopping) is re-queued as a new
+    /// attempt on a fresh VM. The commands' own outcome (their exit status, their timeout) is
+    /// never retried. Absent or null: `SQLITE_SIM_DEFAULT_RETRIES`.
+    #[serde(default, deserialize_with = "input::optional_whole_number")]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 10)]
+    pub retries: Option<i128>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -166,6 +175,15 @@ pub(super) fn validate(
         .settings
         .webhooks
         .targets(body.callback_url.as_deref())?;
+    let retries = match body.retries {
+        None => state.settings.default_retries,
+        Some(r) => u32::try_from(r)
+            .ok()
+            .filter(|r| *r <= MAX_RETRIES)
+            .ok_or_else(|| {
+                ApiError::Validation(format!("retries must be from 0 to {MAX_RETRIES}, got {r}"))
+            })?,
+    };
     let pending = files::inline(body.files.unwrap_or_default())?;
     let artifacts = files::globs(body.artifacts.unwrap_or_default())?;
     let asked = body.requires.unwrap_or_default();
@@ -191,6 +209,7 @@ pub(super) fn validate(
             submitted_by: None,
             callback_url: body.callback_url,
             webhook_urls,
+            retries,
         },
         pending,
     ))

@@ -221,6 +221,7 @@ async fn list(
                 r.vm_name.clone(),
                 render::status_cell(r),
                 render::exit_cell(r),
+                render::attempt_cell(r),
                 r.host.clone().unwrap_or_else(|| "-".into()),
                 render::age(r),
                 render::duration(r),
@@ -230,7 +231,7 @@ async fn list(
     print!(
         "{}",
         render::table(
-            &["UUID", "VM", "STATUS", "EXIT", "HOST", "AGE", "DURATION"],
+            &["UUID", "VM", "STATUS", "EXIT", "ATTEMPT", "HOST", "AGE", "DURATION"],
             &rows
         )
     );
@@ -262,6 +263,7 @@ async fn show(client: &ApiClient, id: &str, json: bool) -> Result<u8, CliError> 
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into()),
         ),
+        ("attempt", render::attempt_cell(&r)),
         ("timeout", format!("{} s", r.timeout)),
         ("created", r.created_at.clone()),
         ("started", opt(&r.started_at)),
@@ -280,6 +282,13 @@ async fn show(client: &ApiClient, id: &str, json: bool) -> Result<u8, CliError> 
     ];
     if let Some(e) = &r.error {
         lines.push(("error", e.clone()));
+    }
+    for a in &r.attempts {
+        let host = a.host.as_deref().unwrap_or("-");
+        lines.push((
+            "retried",
+            format!("attempt {} on {host}: {}", a.attempt, a.error),
+        ));
     }
     for (k, v) in lines {
         println!("{k:<10} {v}");

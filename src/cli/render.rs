@@ -92,6 +92,11 @@ pub fn exit_cell(r: &Request) -> String {
     }
 }
 
+/// `1/2`: the attempt, of the most the request allows (`retries + 1`).
+pub fn attempt_cell(r: &Request) -> String {
+    format!("{}/{}", r.attempt, r.retries + 1)
+}
+
 /// `800 KiB`, `412 MiB`, `1.5 GiB`.
 pub fn bytes(n: i64) -> String {
     let n = n.max(0) as f64;

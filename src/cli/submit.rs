@@ -35,6 +35,11 @@ pub struct SubmitArgs {
     /// server must allow its host (SQLITE_SIM_WEBHOOK_ALLOW).
     #[arg(long, value_name = "URL")]
     pub callback_url: Option<String>,
+    /// Re-queue the request up to N times when its run fails for an infrastructure reason
+    /// (QEMU exiting, a boot timeout, the agent lost); default: the server's
+    /// SQLITE_SIM_DEFAULT_RETRIES.
+    #[arg(long, value_name = "N")]
+    pub retries: Option<u32>,
     /// Put LOCAL in the guest before the commands run: a file at GUEST_PATH (default
     /// /root/NAME; a GUEST_PATH ending in / is the directory it goes into), a directory
     /// extracted into GUEST_PATH (default /root/NAME/), modes kept. Repeatable.
@@ -108,6 +113,9 @@ pub async fn run(conn: Conn, a: SubmitArgs) -> Result<u8, CliError> {
     let mut body = serde_json::json!({ "vm_name": a.vm, "commands": commands });
     if let Some(t) = a.timeout {
         body["timeout"] = t.into();
+    }
+    if let Some(n) = a.retries {
+        body["retries"] = n.into();
     }
     if let Some(k) = a.keep_on_failure {
         body["keep_on_failure"] = k.into();

@@ -73,6 +73,8 @@ pub struct Settings {
     pub max_timeout: u32,
     /// Largest `keep_on_failure` a submission may ask for, in seconds.
     pub max_keep: u32,
+    /// `retries` of a submission that gives none: re-queues after infrastructure failures.
+    pub default_retries: u32,
     pub enable_cors: bool,
     pub allowed_origins: Vec<String>,
     pub log_level: String,
@@ -204,6 +206,12 @@ impl Settings {
             default_timeout,
             max_timeout,
             max_keep: v.num("SQLITE_SIM_MAX_KEEP", 3600u32, 1, u32::MAX)?,
+            default_retries: v.num(
+                "SQLITE_SIM_DEFAULT_RETRIES",
+                1u32,
+                0,
+                crate::model::MAX_RETRIES,
+            )?,
             enable_cors: v.boolean("SQLITE_SIM_ENABLE_CORS", false)?,
             allowed_origins: v
                 .string("SQLITE_SIM_ALLOWED_ORIGINS", "*")
@@ -295,6 +303,10 @@ impl Settings {
             ),
             ("SQLITE_SIM_MAX_TIMEOUT", self.max_timeout.to_string()),
             ("SQLITE_SIM_MAX_KEEP", self.max_keep.to_string()),
+            (
+                "SQLITE_SIM_DEFAULT_RETRIES",
+                self.default_retries.to_string(),
+            ),
             ("SQLITE_SIM_ENABLE_CORS", self.enable_cors.to_string()),
             ("SQLITE_SIM_ALLOWED_ORIGINS", self.allowed_origins.join(",")),
             ("SQLITE_SIM_LOG_LEVEL", self.log_level.clone()),
@@ -594,6 +606,7 @@ mod tests {
         assert_eq!(s.agent_poll_interval, Duration::from_secs(5));
         assert_eq!(s.max_concurrent_vms, 10);
         assert_eq!((s.default_timeout, s.max_timeout), (300, 3600));
+        assert_eq!(s.default_retries, 1);
         assert!(!s.enable_cors);
         assert_eq!(s.allowed_origins, vec!["*"]);
         assert_eq!(s.accel, Accel::Auto);
@@ -723,6 +736,8 @@ mod tests {
             ("SQLITE_SIM_API_HOST", "localhost:80"),
             ("SQLITE_SIM_LOG_LEVEL", "LOUD"),
             ("SQLITE_SIM_DEFAULT_TIMEOUT", "5000"),
+            ("SQLITE_SIM_DEFAULT_RETRIES", "11"),
+            ("SQLITE_SIM_DEFAULT_RETRIES", "-1"),
             (
                 "SQLITE_SIM_RUN_DIR",
                 "/a/very/long/run/directory/path/that/would/overflow/sun_path/limits",

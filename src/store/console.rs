@@ -298,6 +298,7 @@ mod tests {
         for chunk in [&b"hello "[..], b"console", b" world"] {
             s.append_logs_with_console(
                 r.uuid,
+                None,
                 vec![("t".into(), LogType::Boot, chunk.to_vec())],
                 chunk.to_vec(),
             )

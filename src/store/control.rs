@@ -2,6 +2,7 @@
 //! agent, and deletion of finished requests.
 
 use super::requests::{get_in, is_deleting};
+use super::retry::{self, AttemptRow, Requeue};
 use super::{webhooks, Store, StoreError};
 use crate::model::{transition, AgentId, Request, RequestId, Status, Transition};
 use crate::timefmt;
@@ -94,6 +95,9 @@ pub(super) struct Recovery {
     pub error: Option<&'static str>,
     /// The `system` log line that says what happened.
     pub line: String,
+    /// A request whose VM ran, with retries left: re-queued as its next attempt (written
+    /// instead of `status` and `error`; its `line` is the one above).
+    pub requeue: Option<Requeue>,
 }
 
 impl Recovery {
@@ -104,20 +108,37 @@ impl Recovery {
 }
 
 /// A request that never started running goes back to `pending` (or to its pending hold or
-/// cancel); one whose VM ran ends `failed` with `agent lost` (its VM died with the agent).
-/// `status` and `desired` are the stored words.
-pub(super) fn recover(status: &str, desired: Option<&str>, agent: &str) -> Recovery {
-    let (new, note) = match (status, desired) {
+/// cancel); one whose VM ran lost it with the agent, an infrastructure failure: re-queued as
+/// its next attempt while it has retries left ([`retry::requeue`]), else `failed` with
+/// `agent lost`.
+pub(super) fn recover(row: &AttemptRow, now: &str) -> Result<Recovery, StoreError> {
+    let lost = format!(
+        "agent {} lost (lease expired); ",
+        row.agent.as_deref().unwrap_or_default()
+    );
+    let (new, note) = match (row.status.as_str(), row.desired.as_deref()) {
         ("acknowledged", Some("cancelled")) => (Status::Cancelled, "cancelled"),
         ("acknowledged", Some("hold")) => (Status::Hold, "held, no VM"),
         ("acknowledged", _) => (Status::Pending, "re-queued: it had not started"),
         _ => (Status::Failed, "failed: its VM ended with the agent"),
     };
-    Recovery {
+    if new == Status::Failed {
+        if let Some(mut q) = retry::requeue(row, "agent lost", now)? {
+            q.line = format!("{lost}{}", q.line);
+            return Ok(Recovery {
+                status: q.status,
+                error: None,
+                line: q.line.clone(),
+                requeue: Some(q),
+            });
+        }
+    }
+    Ok(Recovery {
         status: new,
         error: (new == Status::Failed).then_some("agent lost"),
-        line: format!("agent {agent} lost (lease expired); request {note}\n"),
-    }
+        line: format!("{lost}request {note}\n"),
+        requeue: None,
+    })
 }
 
 /// `DELETE` removes at once a finished request or one without a VM (no agent owns it);
@@ -229,18 +250,26 @@ impl Store {
                     "DELETE FROM requests WHERE deleting = 1 AND lease_expires_at < ?1",
                     [&now],
                 )?;
-                let expired: Vec<(String, String, Option<String>, Option<String>)> = {
+                let expired: Vec<String> = {
                     let mut stmt = tx.prepare(
-                        "SELECT uuid, status, desired_status, agent_id FROM requests
+                        "SELECT uuid FROM requests
                          WHERE status IN ('acknowledged','running','hold') AND agent_id IS NOT NULL
                            AND lease_expires_at IS NOT NULL AND lease_expires_at < ?1",
                     )?;
-                    let rows = stmt.query_map([&now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+                    let rows = stmt.query_map([&now], |r| r.get(0))?;
                     rows.collect::<rusqlite::Result<_>>()?
                 };
                 let mut out = Vec::new();
-                for (uuid, status, desired, agent) in expired {
-                    let r = recover(&status, desired.as_deref(), &agent.unwrap_or_default());
+                for uuid in expired {
+                    let Some(row) = retry::attempt_row(&tx, "uuid = ?1", [&uuid])? else {
+                        continue;
+                    };
+                    let r = recover(&row, &now)?;
+                    if let Some(q) = &r.requeue {
+                        retry::requeue_in(&tx, &uuid, q, &now)?;
+                        out.push((parse_id(&uuid)?, r.status));
+                        continue;
+                    }
                     tx.execute(
                         "UPDATE requests SET status = ?1, error = COALESCE(?2, error), updated_at = ?3,
                                 finished_at = COALESCE(?4, finished_at), desired_status = NULL,
@@ -250,12 +279,7 @@ impl Store {
                          WHERE uuid = ?5",
                         params![r.status.as_str(), r.error, now, r.finished_at(&now), uuid],
                     )?;
-                    tx.execute(
-                        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
-                         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = ?1),
-                                 ?2, 'system', ?3)",
-                        params![uuid, now, r.line.into_bytes()],
-                    )?;
+                    super::logs::system_line_in(&tx, &uuid, row.attempt, &now, &r.line)?;
                     if r.status.is_terminal() {
                         webhooks::enqueue_in(&tx, &uuid, Event::Finished, &now)?;
                     }
@@ -612,27 +636,74 @@ mod tests {
         );
     }
 
+    fn row(status: &str, desired: Option<&str>, agent: &str) -> AttemptRow {
+        AttemptRow {
+            status: status.into(),
+            desired: desired.map(Into::into),
+            attempt: 1,
+            agent: Some(agent.into()),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn recovery_is_decided_by_how_far_the_request_got() {
-        let r = recover("acknowledged", None, "h:1:0");
-        assert_eq!((r.status, r.error), (Status::Pending, None));
+        let r = recover(&row("acknowledged", None, "h:1:0"), "now").unwrap();
+        assert_eq!(
+            (r.status, r.error, &r.requeue),
+            (Status::Pending, None, &None)
+        );
         assert_eq!(
             r.line,
             "agent h:1:0 lost (lease expired); request re-queued: it had not started\n"
         );
         assert_eq!(
-            recover("acknowledged", Some("hold"), "a").status,
+            recover(&row("acknowledged", Some("hold"), "a"), "now")
+                .unwrap()
+                .status,
             Status::Hold
         );
-        let c = recover("acknowledged", Some("cancelled"), "a");
+        let c = recover(&row("acknowledged", Some("cancelled"), "a"), "now").unwrap();
         assert_eq!(
             (c.status, c.finished_at("now")),
             (Status::Cancelled, Some("now"))
         );
         for status in ["running", "hold"] {
-            let f = recover(status, Some("cancelled"), "a");
+            let f = recover(&row(status, Some("cancelled"), "a"), "now").unwrap();
             assert_eq!((f.status, f.error), (Status::Failed, Some("agent lost")));
+            assert!(f.requeue.is_none());
         }
+    }
+
+    #[test]
+    fn a_lost_run_with_retries_left_is_requeued_not_failed() {
+        let with_retries = |status, desired, attempt| AttemptRow {
+            retries: 1,
+            attempt,
+            ..row(status, desired, "h:1:0")
+        };
+        let r = recover(&with_retries("running", None, 1), "now").unwrap();
+        let q = r.requeue.clone().expect("re-queued");
+        assert_eq!((r.status, r.error, q.attempt), (Status::Pending, None, 2));
+        assert_eq!(
+            r.line,
+            "agent h:1:0 lost (lease expired); attempt 1 failed (agent lost); re-queued as \
+             attempt 2 of 2\n"
+        );
+        assert_eq!(r.finished_at("now"), None);
+        // A held VM lost with its agent waits held for its next attempt.
+        let h = recover(&with_retries("hold", None, 1), "now").unwrap();
+        assert_eq!(
+            (h.status, h.requeue.map(|q| q.attempt)),
+            (Status::Hold, Some(2))
+        );
+        // None left: failed as without retries.
+        let f = recover(&with_retries("running", None, 2), "now").unwrap();
+        assert_eq!((f.status, f.error), (Status::Failed, Some("agent lost")));
+        assert!(f.requeue.is_none());
+        // Not started: re-queued as the same attempt (nothing ran).
+        let a = recover(&with_retries("acknowledged", None, 1), "now").unwrap();
+        assert_eq!((a.status, a.requeue), (Status::Pending, None));
     }
 
     #[tokio::test]

@@ -329,6 +329,7 @@ mod tests {
                 submitted_by: None,
                 callback_url: None,
                 webhook_urls: Vec::new(),
+                retries: 0,
             })
             .await
             .unwrap();
@@ -356,6 +357,7 @@ mod tests {
                 submitted_by: None,
                 callback_url: None,
                 webhook_urls: Vec::new(),
+                retries: 0,
             })
             .await;
         assert!(again.is_err(), "{again:?}");

@@ -419,6 +419,7 @@ mod tests {
             submitted_by: None,
             callback_url: None,
             webhook_urls: Vec::new(),
+            retries: 0,
         }
     }
 

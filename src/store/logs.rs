@@ -2,7 +2,7 @@
 
 use super::{Store, StoreError};
 use crate::model::{AgentId, LogEntry, LogType, RequestId};
-use rusqlite::{params, TransactionBehavior};
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 /// The request is still agent `?2`'s: its `agent_id`, and not recovered (lease recovery ends a
 /// running request `failed` but keeps its `agent_id`; a re-queued one loses it).
@@ -12,6 +12,8 @@ const OWNED: &str = "agent_id = ?2 AND status IN ('acknowledged','running','hold
 #[derive(Debug, Clone, Default)]
 pub struct LogQuery {
     pub log_type: Option<LogType>,
+    /// Only entries of this attempt.
+    pub attempt: Option<u32>,
     /// Only entries with `id > after` (incremental polling).
     pub after: Option<i64>,
     pub limit: Option<u32>,
@@ -24,35 +26,41 @@ impl Store {
         id: RequestId,
         chunks: Vec<(String, LogType, Vec<u8>)>,
     ) -> Result<(), StoreError> {
-        self.append_logs_with_console(id, chunks, Vec::new()).await
+        self.append_logs_with_console(id, None, chunks, Vec::new())
+            .await
     }
 
-    /// [`Store::append_logs`], and raw console bytes appended to the console stream in the
-    /// same transaction. Unfenced: for writers that are no agent (the API, lease recovery).
+    /// [`Store::append_logs`] as rows of `attempt` (`None`: the request's current one), and raw
+    /// console bytes appended to the console stream in the same transaction. A run's sink names
+    /// its attempt, so that a late write of a run that lost its claim is never filed under the
+    /// next attempt.
+    /// Unfenced: for writers that are no agent (the API, lease recovery).
     pub async fn append_logs_with_console(
         &self,
         id: RequestId,
+        attempt: Option<u32>,
         chunks: Vec<(String, LogType, Vec<u8>)>,
         console: Vec<u8>,
     ) -> Result<(), StoreError> {
-        on_pg!(self.append_logs_with_console(id, chunks, console));
-        self.append_in_tx(id, None, chunks, console)
+        on_pg!(self.append_logs_with_console(id, attempt, chunks, console));
+        self.append_in_tx(id, None, attempt, chunks, console)
             .await
             .map(|_| ())
     }
 
-    /// An agent's append, fenced by ownership: stored only while `agent` still owns the
+    /// An agent's append as rows of `attempt`, fenced by ownership: stored only while `agent` still owns the
     /// request (its `agent_id`, the request not recovered: still active), checked in the
     /// same transaction. False: the claim is gone and nothing was stored.
     pub async fn append_agent_logs(
         &self,
         id: RequestId,
         agent: &AgentId,
+        attempt: u32,
         chunks: Vec<(String, LogType, Vec<u8>)>,
         console: Vec<u8>,
     ) -> Result<bool, StoreError> {
-        on_pg!(self.append_agent_logs(id, agent, chunks, console));
-        self.append_in_tx(id, Some(agent.0.clone()), chunks, console)
+        on_pg!(self.append_agent_logs(id, agent, attempt, chunks, console));
+        self.append_in_tx(id, Some(agent.0.clone()), Some(attempt), chunks, console)
             .await
     }
 
@@ -61,6 +69,7 @@ impl Store {
         &self,
         id: RequestId,
         owner: Option<String>,
+        attempt: Option<u32>,
         chunks: Vec<(String, LogType, Vec<u8>)>,
         console: Vec<u8>,
     ) -> Result<bool, StoreError> {
@@ -85,13 +94,24 @@ impl Store {
                 [&uuid],
                 |r| r.get(0),
             )?;
+            let attempt: u32 = match attempt {
+                Some(a) => a,
+                None => tx
+                    .query_row(
+                        "SELECT attempt FROM requests WHERE uuid = ?1",
+                        [&uuid],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(1),
+            };
             {
                 let mut ins = tx.prepare_cached(
-                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output, attempt)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
                 for (ts, ty, bytes) in &chunks {
-                    ins.execute(params![uuid, next, ts, ty.as_str(), bytes])?;
+                    ins.execute(params![uuid, next, ts, ty.as_str(), bytes, attempt])?;
                     next += 1;
                 }
             }
@@ -108,8 +128,9 @@ impl Store {
         on_pg!(self.logs(id, q));
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT seq, timestamp, log_type, output FROM work_log
+                "SELECT seq, timestamp, log_type, output, attempt FROM work_log
                  WHERE request_uuid = ?1 AND seq > ?2 AND (?3 IS NULL OR log_type = ?3)
+                   AND (?5 IS NULL OR attempt = ?5)
                  ORDER BY seq LIMIT ?4",
             )?;
             let rows = stmt.query_map(
@@ -117,17 +138,20 @@ impl Store {
                     id.to_string(),
                     q.after.unwrap_or(0),
                     q.log_type.map(|t| t.as_str()),
-                    q.limit.map(i64::from).unwrap_or(-1)
+                    q.limit.map(i64::from).unwrap_or(-1),
+                    q.attempt,
                 ],
                 |r| {
                     let ty: String = r.get(2)?;
-                    Ok((r.get(0)?, r.get(1)?, ty, r.get(3)?))
+                    Ok((r.get(0)?, r.get(1)?, ty, r.get(3)?, r.get(4)?))
                 },
             )?;
             rows.map(|row| {
-                let (id, timestamp, ty, output): (i64, String, String, Vec<u8>) = row?;
+                let (id, timestamp, ty, output, attempt): (i64, String, String, Vec<u8>, u32) =
+                    row?;
                 Ok(LogEntry {
                     id,
+                    attempt,
                     timestamp,
                     log_type: ty
                         .parse()
@@ -139,6 +163,24 @@ impl Store {
         })
         .await
     }
+}
+
+/// Appends a `system` line to `attempt`'s log inside the caller's transaction (lease
+/// recovery, a re-queue).
+pub(super) fn system_line_in(
+    c: &rusqlite::Connection,
+    uuid: &str,
+    attempt: u32,
+    now: &str,
+    line: &str,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output, attempt)
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = ?1),
+                 ?2, 'system', ?3, ?4)",
+        params![uuid, now, line.as_bytes(), attempt],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -176,6 +218,7 @@ mod tests {
                     log_type: Some(LogType::Stdout),
                     after: Some(2),
                     limit: Some(5),
+                    ..Default::default()
                 },
             )
             .await
@@ -215,22 +258,22 @@ mod tests {
         let r = pending_request(&s).await;
         s.claim(&a, short).await.unwrap().unwrap();
         assert!(s
-            .append_agent_logs(r.uuid, &a, line("a1"), b"c1".to_vec())
+            .append_agent_logs(r.uuid, &a, 1, line("a1"), b"c1".to_vec())
             .await
             .unwrap());
         tokio::time::sleep(Duration::from_millis(5)).await;
         s.reap_expired().await.unwrap();
         s.claim(&b, Duration::from_secs(30)).await.unwrap().unwrap();
         assert!(!s
-            .append_agent_logs(r.uuid, &a, line("a2"), b"c2".to_vec())
+            .append_agent_logs(r.uuid, &a, 1, line("a2"), b"c2".to_vec())
             .await
             .unwrap());
         assert!(!s
-            .append_agent_logs(r.uuid, &a, Vec::new(), b"c3".to_vec())
+            .append_agent_logs(r.uuid, &a, 1, Vec::new(), b"c3".to_vec())
             .await
             .unwrap());
         assert!(s
-            .append_agent_logs(r.uuid, &b, line("b1"), b"d1".to_vec())
+            .append_agent_logs(r.uuid, &b, 1, line("b1"), b"d1".to_vec())
             .await
             .unwrap());
         let got = outputs(&s, r.uuid).await;
@@ -247,7 +290,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         s.reap_expired().await.unwrap();
         assert!(!s
-            .append_agent_logs(r.uuid, &a, line("late"), Vec::new())
+            .append_agent_logs(r.uuid, &a, 1, line("late"), Vec::new())
             .await
             .unwrap());
         s.append_logs(r.uuid, line("api")).await.unwrap();

@@ -36,6 +36,7 @@ mod logs;
 mod metrics;
 pub mod postgres;
 mod requests;
+mod retry;
 mod schema;
 pub mod sink;
 mod templates;
@@ -593,6 +594,7 @@ pub(crate) mod test_support {
                 submitted_by: None,
                 callback_url: None,
                 webhook_urls: Vec::new(),
+                retries: 0,
             })
             .await
             .unwrap()

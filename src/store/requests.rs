@@ -1,6 +1,7 @@
 //! Request rows: create, read, claim, and the agent's state changes.
 
 use super::hosts::{self, Capabilities, ELIGIBLE};
+use super::retry;
 use super::{webhooks, Store, StoreError};
 use crate::model::{
     AgentId, BootMode, Channel, NewRequest, Request, RequestId, ShutdownStep, Status,
@@ -13,7 +14,8 @@ use std::time::Duration;
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, callback_url";
+     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, callback_url, \
+     retries, attempt, attempts";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -25,6 +27,7 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
     let globs: Option<String> = r.get(20)?;
     let channel: Option<String> = r.get(21)?;
     let requires: Option<String> = r.get(22)?;
+    let attempts: Option<String> = r.get(31)?;
     let build = || -> Result<Request, StoreError> {
         let bad = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("request {uuid}: {e}"));
         Ok(Request {
@@ -74,6 +77,12 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
             submitted_by: r.get(27)?,
             callback_url: r.get(28)?,
             webhooks: None,
+            retries: r.get(29)?,
+            attempt: r.get(30)?,
+            attempts: match attempts {
+                Some(j) => serde_json::from_str(&j).map_err(|e| bad(&e))?,
+                None => Vec::new(),
+            },
         })
     };
     Ok(build())
@@ -113,6 +122,9 @@ pub struct Finish {
     pub channel: Option<Channel>,
     /// How long a failed run's VM was kept, if it was.
     pub kept_ms: Option<i64>,
+    /// The run failed for an infrastructure reason (`agent/retry.rs`): with retries left, the
+    /// request is re-queued as its next attempt instead (see `store/retry.rs`).
+    pub retryable: bool,
 }
 
 /// Says why pending requests wait when no live host can claim them now (one read of the
@@ -181,6 +193,9 @@ impl Store {
             submitted_by: new.submitted_by,
             callback_url: new.callback_url,
             webhooks: None,
+            retries: new.retries,
+            attempt: 1,
+            attempts: Vec::new(),
         };
         let webhook_urls = (!new.webhook_urls.is_empty())
             .then(|| serde_json::to_string(&new.webhook_urls).expect("json"));
@@ -192,8 +207,8 @@ impl Store {
             tx.prepare_cached(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
                                        boot, artifact_globs, requires, keep_on_failure,
-                                       submitted_by, callback_url, webhook_urls)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                                       submitted_by, callback_url, webhook_urls, retries)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?
             .execute(params![
                 id.to_string(),
@@ -210,6 +225,7 @@ impl Store {
                 row.submitted_by,
                 row.callback_url,
                 webhook_urls,
+                row.retries,
             ])?;
             for (seq, upload) in uploads.iter().enumerate() {
                 let n = tx
@@ -402,7 +418,9 @@ impl Store {
         .await
     }
 
-    /// Records the final state of a run the agent owns; a request already terminal is left alone.
+    /// Records the final state of a run the agent owns; a request already terminal is left
+    /// alone. A retryable failure with retries left re-queues the request as its next attempt
+    /// instead, fenced by the same ownership. True when something was written.
     pub async fn finish(
         &self,
         id: RequestId,
@@ -413,19 +431,38 @@ impl Store {
         debug_assert!(fin.status.is_terminal());
         let agent = agent.0.clone();
         self.call_write(move |c| {
-            // One transaction: the final state and the webhook deliveries it causes.
-            let c = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // One transaction: the final state (or the re-queue) and the webhook deliveries a
+            // final state causes.
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = timefmt::now();
+            let uuid = id.to_string();
             // Deleted while it ran: now that its VM is down, it goes with its logs.
-            let gone = c.execute(
+            let gone = tx.execute(
                 "DELETE FROM requests WHERE uuid = ?1 AND agent_id = ?2 AND deleting = 1",
-                params![id.to_string(), agent],
+                params![uuid, agent],
             )?;
             if gone == 1 {
-                c.commit()?;
+                tx.commit()?;
                 return Ok(true);
             }
-            let n = c.execute(
+            let owned = retry::attempt_row(
+                &tx,
+                "uuid = ?1 AND agent_id = ?2 AND status NOT IN ('done','failed','cancelled')",
+                params![uuid, agent],
+            )?;
+            let Some(row) = owned else {
+                return Ok(false);
+            };
+            let requeue = match (&fin.error, fin.retryable) {
+                (Some(error), true) => retry::requeue(&row, error, &now)?,
+                _ => None,
+            };
+            if let Some(q) = requeue {
+                retry::requeue_in(&tx, &uuid, &q, &now)?;
+                tx.commit()?;
+                return Ok(true);
+            }
+            let n = tx.execute(
                 "UPDATE requests SET status = ?1, exit_code = ?2, error = ?3, shutdown_step = ?4,
                         finished_at = ?5, updated_at = ?5, lease_expires_at = NULL, desired_status = NULL,
                         boot_ms = ?8, run_ms = ?9, shutdown_ms = ?10, boot_mode = ?11, restore_ms = ?12,
@@ -438,7 +475,7 @@ impl Store {
                     fin.error,
                     fin.shutdown_step.map(|s| s.as_str()),
                     now,
-                    id.to_string(),
+                    uuid,
                     agent,
                     fin.boot_ms,
                     fin.run_ms,
@@ -450,14 +487,11 @@ impl Store {
                 ],
             )?;
             // Keystrokes nobody will type any more.
-            c.execute(
-                "DELETE FROM console_input WHERE request_uuid = ?1",
-                [id.to_string()],
-            )?;
+            tx.execute("DELETE FROM console_input WHERE request_uuid = ?1", [&uuid])?;
             if n == 1 {
-                webhooks::enqueue_in(&c, &id.to_string(), Event::Finished, &now)?;
+                webhooks::enqueue_in(&tx, &uuid, Event::Finished, &now)?;
             }
-            c.commit()?;
+            tx.commit()?;
             Ok(n == 1)
         })
         .await
@@ -506,6 +540,7 @@ mod tests {
             submitted_by: None,
             callback_url: None,
             webhook_urls: Vec::new(),
+            retries: 0,
         }
     }
 

@@ -233,6 +233,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
         WHERE state = 'pending';
     "#,
+    // v10: retries of infrastructure failures. How many re-queues a request allows, which
+    // attempt it is on, the earlier attempts' failures (JSON), and the attempt of each log row.
+    r#"
+    ALTER TABLE requests ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE requests ADD COLUMN attempts TEXT;
+    ALTER TABLE work_log ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

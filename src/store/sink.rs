@@ -61,24 +61,37 @@ pub struct SinkStats {
 /// Whose a fenced sink's writes are, and where it reports that the claim is gone.
 struct Owner {
     agent: AgentId,
+    /// The run's attempt: its rows are filed under it even if the request moved on.
+    attempt: u32,
     lost: watch::Sender<bool>,
 }
 
 impl LogSink {
-    /// An unfenced sink (work no agent claimed: tests, benchmarks).
+    /// An unfenced sink (work no agent claimed: tests, benchmarks); its rows go to the
+    /// request's current attempt.
     pub fn start(store: Store, id: RequestId) -> (LogSink, SinkTask) {
         Self::spawn(store, id, None)
     }
 
-    /// `agent`'s sink for a request it claimed: every batch is stored only while the agent
-    /// still owns the request; when one is refused, `lost` turns true and the sink stops.
+    /// `agent`'s sink for `attempt` of a request it claimed: every batch is stored, as rows
+    /// of that attempt, only while the agent still owns the request; when one is refused,
+    /// `lost` turns true and the sink stops.
     pub fn start_fenced(
         store: Store,
         id: RequestId,
         agent: AgentId,
+        attempt: u32,
         lost: watch::Sender<bool>,
     ) -> (LogSink, SinkTask) {
-        Self::spawn(store, id, Some(Owner { agent, lost }))
+        Self::spawn(
+            store,
+            id,
+            Some(Owner {
+                agent,
+                attempt,
+                lost,
+            }),
+        )
     }
 
     fn spawn(store: Store, id: RequestId, owner: Option<Owner>) -> (LogSink, SinkTask) {
@@ -275,11 +288,11 @@ async fn flush(
         let stored = match owner {
             Some(o) => {
                 store
-                    .append_agent_logs(id, &o.agent, rows.clone(), console.clone())
+                    .append_agent_logs(id, &o.agent, o.attempt, rows.clone(), console.clone())
                     .await
             }
             None => store
-                .append_logs_with_console(id, rows.clone(), console.clone())
+                .append_logs_with_console(id, None, rows.clone(), console.clone())
                 .await
                 .map(|()| true),
         };
@@ -417,7 +430,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let (lost_tx, mut lost) = watch::channel(false);
-        let (sink, task) = LogSink::start_fenced(s.clone(), r.uuid, a.clone(), lost_tx);
+        let (sink, task) = LogSink::start_fenced(s.clone(), r.uuid, a.clone(), r.attempt, lost_tx);
         sink.system("mine").await;
         tokio::time::sleep(FLUSH_INTERVAL * 3).await;
         s.reap_expired().await.unwrap();

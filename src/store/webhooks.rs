@@ -226,6 +226,7 @@ mod tests {
             submitted_by: None,
             callback_url: urls.first().map(|u| u.to_string()),
             webhook_urls: urls.iter().map(|u| u.to_string()).collect(),
+            retries: 0,
         })
         .await
         .unwrap()

@@ -9,6 +9,7 @@
 
 pub mod http;
 pub mod receiver;
+pub mod sse;
 pub mod ws;
 
 pub use http::{Client, Method};
@@ -183,6 +184,9 @@ impl Server {
             ("SQLITE_SIM_AGENT_COUNT".into(), "1".into()),
             ("SQLITE_SIM_AGENT_POLL_INTERVAL".into(), "0.2".into()),
             ("SQLITE_SIM_LOG_LEVEL".into(), "DEBUG".into()),
+            // Fault tests assert a failure's own outcome: no re-queue unless a test asks for
+            // one (`retries` in the submission, or this variable in `Options::env`).
+            ("SQLITE_SIM_DEFAULT_RETRIES".into(), "0".into()),
         ];
         // With a test cluster named, the server runs on PostgreSQL: a database of its own,
         // dropped with the server.

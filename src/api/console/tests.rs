@@ -61,6 +61,7 @@ impl Api {
         self.store
             .append_logs_with_console(
                 id,
+                None,
                 vec![("t".into(), LogType::Boot, bytes.to_vec())],
                 bytes.to_vec(),
             )

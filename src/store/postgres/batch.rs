@@ -41,6 +41,7 @@ pub(super) struct NewRow {
     pub callback_url: Option<String>,
     /// Where its final state is POSTed (a JSON array), decided at submission.
     pub webhook_urls: Option<String>,
+    pub retries: i64,
 }
 
 struct Job {
@@ -143,12 +144,13 @@ static INSERT: LazyLock<String> = LazyLock::new(|| {
         "WITH new AS (
              INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
                                    updated_at, boot, artifact_globs, requires,
-                                   keep_on_failure, submitted_by, callback_url, webhook_urls)
-             SELECT u, v, c, t, 'pending', n, n, b, g, r, k, s, cb, w
+                                   keep_on_failure, submitted_by, callback_url, webhook_urls,
+                                   retries)
+             SELECT u, v, c, t, 'pending', n, n, b, g, r, k, s, cb, w, rt
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[],
                          $6::text[], $7::text[], $8::text[], $9::int8[], $10::text[],
-                         $11::text[], $12::text[])
-                  AS x(u, v, c, t, n, b, g, r, k, s, cb, w)
+                         $11::text[], $12::text[], $13::int8[])
+                  AS x(u, v, c, t, n, b, g, r, k, s, cb, w, rt)
              RETURNING {COLUMNS})
          SELECT new.*, pg_notify('{CHANNEL}', 'work')::text FROM new"
     )
@@ -168,6 +170,7 @@ struct Columns {
     submitted_by: Vec<Option<String>>,
     callback_url: Vec<Option<String>>,
     webhook_urls: Vec<Option<String>>,
+    retries: Vec<i64>,
 }
 
 impl Columns {
@@ -188,12 +191,13 @@ impl Columns {
             submitted_by: col(jobs, |r| &r.submitted_by),
             callback_url: col(jobs, |r| &r.callback_url),
             webhook_urls: col(jobs, |r| &r.webhook_urls),
+            retries: col(jobs, |r| &r.retries),
         }
     }
 
     /// The parameters, each with its type, so that the statement goes in one round trip (no
     /// separate prepare).
-    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 12] {
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 13] {
         [
             (&self.uuid, Type::TEXT_ARRAY),
             (&self.vm_name, Type::TEXT_ARRAY),
@@ -207,6 +211,7 @@ impl Columns {
             (&self.submitted_by, Type::TEXT_ARRAY),
             (&self.callback_url, Type::TEXT_ARRAY),
             (&self.webhook_urls, Type::TEXT_ARRAY),
+            (&self.retries, Type::INT8_ARRAY),
         ]
     }
 }

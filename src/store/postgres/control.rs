@@ -3,6 +3,7 @@
 //! (`FOR UPDATE`), so concurrent calls are serialised per request and no update is lost.
 
 use super::requests::{from_row, get_in, COLUMNS};
+use super::retry;
 use super::Pg;
 use crate::model::{AgentId, Request, RequestId, Status};
 use crate::store::control::{deletes_at_once, parse_id, plan_control, recover, written};
@@ -116,7 +117,7 @@ impl Pg {
                 .await?;
                 let expired = tx
                     .query(
-                        "SELECT uuid, status, desired_status, agent_id FROM requests
+                        "SELECT uuid FROM requests
                      WHERE status IN ('acknowledged','running','hold') AND agent_id IS NOT NULL
                        AND lease_expires_at IS NOT NULL AND lease_expires_at < $1
                      FOR UPDATE SKIP LOCKED",
@@ -124,12 +125,17 @@ impl Pg {
                     )
                     .await?;
                 let mut out = Vec::new();
-                for row in expired {
-                    let uuid: String = row.try_get(0)?;
-                    let status: String = row.try_get(1)?;
-                    let desired: Option<String> = row.try_get(2)?;
-                    let agent: String = row.try_get::<_, Option<String>>(3)?.unwrap_or_default();
-                    let r = recover(&status, desired.as_deref(), &agent);
+                for found in expired {
+                    let uuid: String = found.try_get(0)?;
+                    let Some(row) = retry::attempt_row(&tx, "uuid = $1", &[&uuid]).await? else {
+                        continue;
+                    };
+                    let r = recover(&row, &now)?;
+                    if let Some(q) = &r.requeue {
+                        retry::requeue_in(&tx, &uuid, q, &now).await?;
+                        out.push((parse_id(&uuid)?, r.status));
+                        continue;
+                    }
                     tx.execute(
                         "UPDATE requests SET status = $1, error = COALESCE($2, error),
                                 updated_at = $3, finished_at = COALESCE($4, finished_at),
@@ -148,13 +154,7 @@ impl Pg {
                         ],
                     )
                     .await?;
-                    tx.execute(
-                        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
-                         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log
-                                      WHERE request_uuid = $1), $2, 'system', $3)",
-                        &[&uuid, &now, &r.line.into_bytes()],
-                    )
-                    .await?;
+                    super::logs::system_line_in(&tx, &uuid, row.attempt, &now, &r.line).await?;
                     if r.status.is_terminal() {
                         super::webhooks::enqueue_in(&tx, &uuid, Event::Finished, &now).await?;
                     }

@@ -9,20 +9,24 @@ impl Pg {
     pub(crate) async fn append_logs_with_console(
         &self,
         id: RequestId,
+        attempt: Option<u32>,
         chunks: Vec<(String, LogType, Vec<u8>)>,
         console: Vec<u8>,
     ) -> Result<(), StoreError> {
-        self.append(id, None, chunks, console).await.map(|_| ())
+        self.append(id, None, attempt, chunks, console)
+            .await
+            .map(|_| ())
     }
 
     pub(crate) async fn append_agent_logs(
         &self,
         id: RequestId,
         agent: &AgentId,
+        attempt: u32,
         chunks: Vec<(String, LogType, Vec<u8>)>,
         console: Vec<u8>,
     ) -> Result<bool, StoreError> {
-        self.append(id, Some(agent.0.clone()), chunks, console)
+        self.append(id, Some(agent.0.clone()), Some(attempt), chunks, console)
             .await
     }
 
@@ -37,6 +41,7 @@ impl Pg {
         &self,
         id: RequestId,
         owner: Option<String>,
+        attempt: Option<u32>,
         chunks: Vec<(String, LogType, Vec<u8>)>,
         console: Vec<u8>,
     ) -> Result<bool, StoreError> {
@@ -49,17 +54,23 @@ impl Pg {
             self,
             "append_logs",
             |tx| async {
-                let owns = tx
+                // The row lock orders appenders; it also says whose the request is and which
+                // attempt it is on (rows without an attempt of their own go to that one).
+                let row = tx
                     .query_typed(
                         "SELECT $2::text IS NULL
-                                OR (agent_id = $2 AND status IN ('acknowledged','running','hold'))
+                                OR (agent_id = $2 AND status IN ('acknowledged','running','hold')),
+                                attempt
                          FROM requests WHERE uuid = $1 FOR UPDATE",
                         &[(&uuid, Type::TEXT), (&owner, Type::TEXT)],
                     )
-                    .await?
+                    .await?;
+                let owns = row
                     .first()
                     .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
                     .unwrap_or(owner.is_none());
+                let current: Option<i64> = row.first().map(|r| r.get(1));
+                let attempt: i64 = attempt.map(i64::from).or(current).unwrap_or(1);
                 if !owns {
                     return Ok(false);
                 }
@@ -72,9 +83,9 @@ impl Pg {
                     outs.push(bytes.as_slice());
                 }
                 tx.query_typed(
-                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
+                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output, attempt)
                      SELECT $1, (SELECT COALESCE(MAX(seq), 0) FROM work_log
-                                 WHERE request_uuid = $1) + t.n, t.ts, t.ty, t.out
+                                 WHERE request_uuid = $1) + t.n, t.ts, t.ty, t.out, $5
                      FROM unnest($2::text[], $3::text[], $4::bytea[])
                           WITH ORDINALITY AS t(ts, ty, out, n)",
                     &[
@@ -82,6 +93,7 @@ impl Pg {
                         (&ts, Type::TEXT_ARRAY),
                         (&tys, Type::TEXT_ARRAY),
                         (&outs, Type::BYTEA_ARRAY),
+                        (&attempt, Type::INT8),
                     ],
                 )
                 .await?;
@@ -125,17 +137,20 @@ impl Pg {
         let ty = q.log_type.map(|t| t.as_str());
         let limit = q.limit.map(i64::from);
         let after = q.after.unwrap_or(0);
+        let attempt = q.attempt.map(i64::from);
         retry!(self, "logs", |c| {
             let rows = c
                 .query_typed(
-                    "SELECT seq, timestamp, log_type, output FROM work_log
+                    "SELECT seq, timestamp, log_type, output, attempt FROM work_log
                      WHERE request_uuid = $1 AND seq > $2 AND ($3::text IS NULL OR log_type = $3)
+                       AND ($5::bigint IS NULL OR attempt = $5)
                      ORDER BY seq LIMIT $4",
                     &[
                         (&uuid, Type::TEXT),
                         (&after, Type::INT8),
                         (&ty, Type::TEXT),
                         (&limit, Type::INT8),
+                        (&attempt, Type::INT8),
                     ],
                 )
                 .await?;
@@ -143,8 +158,11 @@ impl Pg {
                 .map(|r| {
                     let id: i64 = r.try_get(0)?;
                     let ty: String = r.try_get(2)?;
+                    let attempt: i64 = r.try_get(4)?;
                     Ok(LogEntry {
                         id,
+                        attempt: u32::try_from(attempt)
+                            .map_err(|e| StoreError::Corrupt(format!("log {id}: {e}")))?,
                         timestamp: r.try_get(1)?,
                         log_type: ty
                             .parse()
@@ -155,4 +173,23 @@ impl Pg {
                 .collect()
         })
     }
+}
+
+/// Appends a `system` line to `attempt`'s log inside the caller's transaction (lease recovery,
+/// a re-queue); the caller holds the request's row lock, so `seq` cannot race the sink.
+pub(super) async fn system_line_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    uuid: &str,
+    attempt: u32,
+    now: &str,
+    line: &str,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output, attempt)
+         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = $1),
+                 $2, 'system', $3, $4)",
+        &[&uuid, &now, &line.as_bytes(), &i64::from(attempt)],
+    )
+    .await?;
+    Ok(())
 }

@@ -130,6 +130,7 @@ mod hosts;
 mod logs;
 mod metrics;
 mod requests;
+mod retry;
 mod schema;
 mod templates;
 mod tokens;

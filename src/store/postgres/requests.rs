@@ -3,6 +3,7 @@
 
 use super::batch::NewRow;
 use super::hosts::{fill_waiting, ELIGIBLE};
+use super::retry;
 use super::Pg;
 use crate::model::{AgentId, NewRequest, Request, RequestId};
 use crate::store::{Capabilities, Finish, RequestQuery, StoreError};
@@ -16,7 +17,8 @@ pub(super) const COLUMNS: &str =
     "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, callback_url";
+     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, callback_url, \
+     retries, attempt, attempts";
 
 pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
     let uuid: String = r.try_get(0)?;
@@ -81,6 +83,12 @@ pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
         submitted_by: r.try_get(27)?,
         callback_url: r.try_get(28)?,
         webhooks: None,
+        retries: u32::try_from(r.try_get::<_, i64>(29)?).map_err(|e| bad(&e))?,
+        attempt: u32::try_from(r.try_get::<_, i64>(30)?).map_err(|e| bad(&e))?,
+        attempts: match parse_opt(31)? {
+            Some(j) => serde_json::from_str(&j).map_err(|e| bad(&e))?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -133,6 +141,7 @@ impl Pg {
                     submitted_by: new.submitted_by,
                     callback_url: new.callback_url,
                     webhook_urls,
+                    retries: i64::from(new.retries),
                 })
                 .await;
         }
@@ -144,8 +153,9 @@ impl Pg {
                 tx.execute(
                     "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
                                        updated_at, boot, artifact_globs, requires,
-                                       keep_on_failure, submitted_by, callback_url, webhook_urls)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10, $11, $12)",
+                                       keep_on_failure, submitted_by, callback_url, webhook_urls,
+                                       retries)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
                     &[
                         &uuid,
                         &new.vm_name,
@@ -159,6 +169,7 @@ impl Pg {
                         &new.submitted_by,
                         &new.callback_url,
                         &webhook_urls,
+                        &i64::from(new.retries),
                     ],
                 )
                 .await?;
@@ -396,6 +407,23 @@ impl Pg {
                 if gone == 1 {
                     return Ok(true);
                 }
+                let owned = retry::attempt_row(
+                    &tx,
+                    "uuid = $1 AND agent_id = $2 AND status NOT IN ('done','failed','cancelled')",
+                    &[&uuid, &agent],
+                )
+                .await?;
+                let Some(row) = owned else {
+                    return Ok(false);
+                };
+                let requeue = match (&fin.error, fin.retryable) {
+                    (Some(error), true) => crate::store::retry::requeue(&row, error, &now)?,
+                    _ => None,
+                };
+                if let Some(q) = requeue {
+                    retry::requeue_in(&tx, &uuid, &q, &now).await?;
+                    return Ok(true);
+                }
                 let n = tx
                     .execute_typed(
                         "UPDATE requests SET status = $1, exit_code = $2, error = $3,
@@ -436,10 +464,13 @@ impl Pg {
             }
             .await,
             recheck | c | {
-                // Ours if it carries this very finish time, or if it is gone (a deletion we ran).
+                // Ours if it carries this very finish time, or this re-queue's time with no
+                // owner, or if it is gone (a deletion we ran).
                 let row = c
                     .query_opt(
-                        "SELECT finished_at = $2 AND agent_id = $3 FROM requests WHERE uuid = $1",
+                        "SELECT (finished_at = $2 AND agent_id = $3)
+                                OR (updated_at = $2 AND agent_id IS NULL AND attempts IS NOT NULL)
+                         FROM requests WHERE uuid = $1",
                         &[&uuid, &now, &agent],
                     )
                     .await?;

@@ -190,7 +190,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX audit_log_by_request ON audit_log (request_uuid, id);
     CREATE INDEX audit_log_by_action ON audit_log (action, id);
     "#,
-    // webhooks: the submission's callback_url (shown) and every target URL (JSON); one row
+    // v5: webhooks. The submission's callback_url (shown) and every target URL (JSON); one row
     // per delivery, queued with the state change that causes it and gone with its request.
     r#"
     ALTER TABLE requests ADD COLUMN callback_url TEXT;
@@ -214,6 +214,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX webhook_deliveries_by_request ON webhook_deliveries (request_uuid, id);
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
         WHERE state = 'pending';
+    "#,
+    // v6: retries of infrastructure failures. How many re-queues a request allows, which
+    // attempt it is on, the earlier attempts' failures (JSON), and the attempt of each log row.
+    r#"
+    ALTER TABLE requests ADD COLUMN retries BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN attempt BIGINT NOT NULL DEFAULT 1;
+    ALTER TABLE requests ADD COLUMN attempts TEXT;
+    ALTER TABLE work_log ADD COLUMN attempt BIGINT NOT NULL DEFAULT 1;
     "#,
 ];
 

@@ -26,6 +26,7 @@ fn new() -> NewRequest {
         submitted_by: None,
         callback_url: None,
         webhook_urls: Vec::new(),
+        retries: 0,
     }
 }
 
