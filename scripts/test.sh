@@ -51,6 +51,8 @@ export SQLITE_SIM_TEST_DATABASE_URL
 cargo test --locked --lib -- --test-threads="${TEST_THREADS:-4}"
 cargo test --locked --test api -- --test-threads="${TEST_THREADS:-4}"
 cargo test --locked --test auth -- --test-threads="${TEST_THREADS:-4}"
+# Priorities, fairness and queue positions: claims by one agents process on PostgreSQL.
+cargo test --locked --test queue -- --test-threads=2
 cargo test --locked --test e2e hello_world_reaches_done_with_every_log_type
 # An API and two agents processes around one PostgreSQL: routing, waiting, fencing, wake-ups.
 cargo test --locked --test hosts -- --test-threads=1

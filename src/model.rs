@@ -378,7 +378,21 @@ pub struct Request {
     /// The principal (token name) that submitted it; null when authentication was off.
     #[serde(default)]
     pub submitted_by: Option<String>,
+    /// From -100 to 100 (default 0): claims take the highest first.
+    #[serde(default)]
+    #[schema(minimum = -100, maximum = 100)]
+    pub priority: i32,
+    /// While `pending`: its place in the claim order (1 = the next to be claimed by a host
+    /// that can run every pending request), counting only pending requests; null otherwise.
+    #[serde(default)]
+    #[schema(format = Int64, minimum = 1)]
+    pub queue_position: Option<u64>,
 }
+
+/// Lowest `priority` a submission may have.
+pub const MIN_PRIORITY: i32 = -100;
+/// Highest `priority` a submission may have.
+pub const MAX_PRIORITY: i32 = 100;
 
 /// How a run's commands talk to the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -481,6 +495,8 @@ pub struct NewRequest {
     pub keep_on_failure: Option<u32>,
     /// The principal submitting it (`None` with authentication off).
     pub submitted_by: Option<String>,
+    /// [`MIN_PRIORITY`]..=[`MAX_PRIORITY`], checked by the API.
+    pub priority: i32,
 }
 
 /// How a submission asks its guest to start.

@@ -222,6 +222,10 @@ async fn list(
                 render::status_cell(r),
                 render::exit_cell(r),
                 r.host.clone().unwrap_or_else(|| "-".into()),
+                r.priority.to_string(),
+                r.queue_position
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 render::age(r),
                 render::duration(r),
             ]
@@ -230,7 +234,7 @@ async fn list(
     print!(
         "{}",
         render::table(
-            &["UUID", "VM", "STATUS", "EXIT", "HOST", "AGE", "DURATION"],
+            &["UUID", "VM", "STATUS", "EXIT", "HOST", "PRIO", "QUEUE", "AGE", "DURATION"],
             &rows
         )
     );
@@ -263,6 +267,13 @@ async fn show(client: &ApiClient, id: &str, json: bool) -> Result<u8, CliError> 
                 .unwrap_or_else(|| "-".into()),
         ),
         ("timeout", format!("{} s", r.timeout)),
+        ("priority", r.priority.to_string()),
+        (
+            "queue",
+            r.queue_position
+                .map(|p| format!("position {p}"))
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("created", r.created_at.clone()),
         ("started", opt(&r.started_at)),
         ("finished", opt(&r.finished_at)),

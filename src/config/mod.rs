@@ -73,6 +73,9 @@ pub struct Settings {
     pub max_timeout: u32,
     /// Largest `keep_on_failure` a submission may ask for, in seconds.
     pub max_keep: u32,
+    /// Highest `priority` a submitter token may ask for (operators and admins, and every
+    /// caller while authentication is off, may use the whole range).
+    pub max_submitter_priority: i32,
     pub enable_cors: bool,
     pub allowed_origins: Vec<String>,
     pub log_level: String,
@@ -179,6 +182,12 @@ impl Settings {
             default_timeout,
             max_timeout,
             max_keep: v.num("SQLITE_SIM_MAX_KEEP", 3600u32, 1, u32::MAX)?,
+            max_submitter_priority: v.num(
+                "SQLITE_SIM_MAX_SUBMITTER_PRIORITY",
+                0i32,
+                crate::model::MIN_PRIORITY,
+                crate::model::MAX_PRIORITY,
+            )?,
             enable_cors: v.boolean("SQLITE_SIM_ENABLE_CORS", false)?,
             allowed_origins: v
                 .string("SQLITE_SIM_ALLOWED_ORIGINS", "*")
@@ -269,6 +278,10 @@ impl Settings {
             ),
             ("SQLITE_SIM_MAX_TIMEOUT", self.max_timeout.to_string()),
             ("SQLITE_SIM_MAX_KEEP", self.max_keep.to_string()),
+            (
+                "SQLITE_SIM_MAX_SUBMITTER_PRIORITY",
+                self.max_submitter_priority.to_string(),
+            ),
             ("SQLITE_SIM_ENABLE_CORS", self.enable_cors.to_string()),
             ("SQLITE_SIM_ALLOWED_ORIGINS", self.allowed_origins.join(",")),
             ("SQLITE_SIM_LOG_LEVEL", self.log_level.clone()),

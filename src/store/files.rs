@@ -327,6 +327,7 @@ mod tests {
                 requires: Vec::new(),
                 keep_on_failure: None,
                 submitted_by: None,
+                priority: 0,
             })
             .await
             .unwrap();
@@ -352,6 +353,7 @@ mod tests {
                 requires: Vec::new(),
                 keep_on_failure: None,
                 submitted_by: None,
+                priority: 0,
             })
             .await;
         assert!(again.is_err(), "{again:?}");

@@ -358,6 +358,7 @@ mod tests {
             requires: labels.iter().map(|s| l(s)).collect(),
             keep_on_failure: None,
             submitted_by: None,
+            priority: 0,
         }
     }
 

@@ -35,6 +35,7 @@ mod hosts;
 mod logs;
 mod metrics;
 pub mod postgres;
+mod queue;
 mod requests;
 mod schema;
 pub mod sink;
@@ -522,6 +523,7 @@ pub(crate) mod test_support {
                 requires: Vec::new(),
                 keep_on_failure: None,
                 submitted_by: None,
+                priority: 0,
             })
             .await
             .unwrap()

@@ -1,6 +1,7 @@
 //! Request rows: create, read, claim, and the agent's state changes.
 
 use super::hosts::{self, Capabilities, Placement, ELIGIBLE};
+use super::queue::{fill_positions, CLAIM_ORDER, NEXT_TURN};
 use super::{Store, StoreError};
 use crate::model::{
     AgentId, BootMode, Channel, NewRequest, Request, RequestId, ShutdownStep, Status,
@@ -12,7 +13,7 @@ use std::time::Duration;
 const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, updated_at, \
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
-     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by";
+     requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, priority";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -71,6 +72,8 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
             kept_until: r.get(25)?,
             kept_ms: r.get(26)?,
             submitted_by: r.get(27)?,
+            priority: r.get(28)?,
+            queue_position: None,
         })
     };
     Ok(build())
@@ -174,18 +177,21 @@ impl Store {
             kept_until: None,
             kept_ms: None,
             submitted_by: new.submitted_by,
+            priority: new.priority,
+            // Not counted here (a count per submission); reads show it.
+            queue_position: None,
         };
         let row = req.clone();
         let uploads = new.uploads;
         // Committed with whatever other writes are queued (group commit); the insert and the
         // linking of its uploads are one savepoint, so a failure takes back both, and only them.
         self.call_batched(move |tx| {
-            tx.prepare_cached(
+            tx.prepare_cached(&format!(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
                                        boot, artifact_globs, requires, keep_on_failure,
-                                       submitted_by)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )?
+                                       submitted_by, priority, queue_tag)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, {NEXT_TURN})"
+            ))?
             .execute(params![
                 id.to_string(),
                 row.vm_name,
@@ -199,6 +205,7 @@ impl Store {
                     .then(|| serde_json::to_string(&row.requires).expect("json")),
                 row.keep_on_failure,
                 row.submitted_by,
+                row.priority,
             ])?;
             for (seq, upload) in uploads.iter().enumerate() {
                 let n = tx
@@ -239,6 +246,7 @@ impl Store {
                 return Ok(None);
             };
             fill_waiting(c, std::slice::from_mut(&mut req))?;
+            fill_positions(c, std::slice::from_mut(&mut req))?;
             Ok(Some(req))
         })
     }
@@ -285,12 +293,14 @@ impl Store {
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()?;
             fill_waiting(c, &mut rows)?;
+            fill_positions(c, &mut rows)?;
             Ok((rows, total))
         })
         .await
     }
 
-    /// Atomically takes the oldest `pending` request that needs no labels, for `agent` (whose
+    /// Atomically takes the first `pending` request in the claim order (`store/queue.rs`) that
+    /// needs no labels, for `agent` (whose
     /// host is the part of its id before the first `:`), or `None`.
     pub async fn claim(
         &self,
@@ -305,10 +315,11 @@ impl Store {
         self.claim_as(agent, &caps, lease).await
     }
 
-    /// Atomically takes the oldest `pending` request whose required labels are all among
+    /// Atomically takes the first `pending` request in the claim order (`store/queue.rs`:
+    /// priority, then round-robin between submitters) whose required labels are all among
     /// `caps.labels`, for `agent` on `caps.host_id`, or `None`. The filter is inside the one
     /// `UPDATE`, and `BEGIN IMMEDIATE` serialises claimers across processes, so no request is
-    /// ever run twice and none is skipped for a younger one the same host could run.
+    /// ever run twice and none is skipped for a later one in the order that the same host could run.
     pub async fn claim_as(
         &self,
         agent: &AgentId,
@@ -330,7 +341,7 @@ impl Store {
                              updated_at = ?4, host_id = ?5
                          WHERE uuid = (SELECT uuid FROM requests WHERE status = 'pending'
                                          AND {ELIGIBLE}
-                                       ORDER BY created_at, rowid LIMIT 1)
+                                       ORDER BY {CLAIM_ORDER} LIMIT 1)
                          RETURNING uuid"
                     ),
                     params![labels, agent, lease_until(lease), now, host],
@@ -490,6 +501,7 @@ mod tests {
             requires: Vec::new(),
             keep_on_failure: None,
             submitted_by: None,
+            priority: 0,
         }
     }
 
@@ -499,7 +511,9 @@ mod tests {
         let r = s.create(new("tiny")).await.unwrap();
         assert_eq!(r.status, Status::Pending);
         assert_eq!(r.created_at, r.updated_at);
-        assert_eq!(s.get(r.uuid).await.unwrap().unwrap(), r);
+        let got = s.get(r.uuid).await.unwrap().unwrap();
+        assert_eq!(got.queue_position, Some(1), "reads count the queue");
+        assert_eq!(Request { queue_position: None, ..got }, r);
         assert!(s.get(RequestId::new()).await.unwrap().is_none());
     }
 

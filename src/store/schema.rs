@@ -208,6 +208,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX audit_log_by_request ON audit_log (request_uuid, id);
     CREATE INDEX audit_log_by_action ON audit_log (action, id);
     "#,
+    // v9: priorities and fair queueing (`store/queue.rs`). `queue_tag` is the request's
+    // round-robin turn within its priority level, given at submission. The indexes: the claim
+    // order (also what queue positions count), a submitter's latest pending turn per level, and
+    // the latest turn served per level.
+    r#"
+    ALTER TABLE requests ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN queue_tag INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX requests_queue ON requests (status, priority DESC, queue_tag, created_at);
+    CREATE INDEX requests_lane ON requests (priority, COALESCE(submitted_by, ''), queue_tag)
+        WHERE status = 'pending';
+    CREATE INDEX requests_served ON requests (priority, queue_tag)
+        WHERE host_id IS NOT NULL AND requires IS NULL;
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

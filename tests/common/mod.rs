@@ -224,6 +224,27 @@ impl Server {
             .unwrap()
     }
 
+    /// `sqlite-sim token create` on this server's store (authentication turns on within
+    /// `access::RECHECK`); the token it printed.
+    pub fn make_token(&self, name: &str, role: &str, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create", "--name", name, "--role", role];
+        args.extend_from_slice(extra);
+        let out = self.run_command(&args);
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(token.starts_with("sqs_"), "{token}");
+        token
+    }
+
+    /// A client presenting `token` as its bearer token.
+    pub fn bearer(&self, token: &str) -> Client {
+        self.with_authorization(&format!("Bearer {token}"))
+    }
+
     /// Starts (another) process of the binary with this server's environment.
     pub fn spawn_process(&self, mode: Mode) -> Proc {
         self.spawn_process_with(mode, &[])

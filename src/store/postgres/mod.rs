@@ -128,6 +128,7 @@ mod files;
 mod hosts;
 mod logs;
 mod metrics;
+mod queue;
 mod requests;
 mod schema;
 mod templates;

@@ -190,6 +190,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX audit_log_by_request ON audit_log (request_uuid, id);
     CREATE INDEX audit_log_by_action ON audit_log (action, id);
     "#,
+    // v5: priorities and fair queueing (`store/queue.rs`), as SQLite's v9.
+    r#"
+    ALTER TABLE requests ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN queue_tag BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX requests_queue ON requests (status, priority DESC, queue_tag, created_at, row_id);
+    CREATE INDEX requests_lane ON requests (priority, (COALESCE(submitted_by, '')), queue_tag)
+        WHERE status = 'pending';
+    CREATE INDEX requests_served ON requests (priority, queue_tag)
+        WHERE host_id IS NOT NULL AND requires IS NULL;
+    "#,
 ];
 
 /// Any fixed number: the advisory lock that serialises migrations across processes.

@@ -24,6 +24,7 @@ fn new() -> NewRequest {
         requires: Vec::new(),
         keep_on_failure: None,
         submitted_by: None,
+        priority: 0,
     }
 }
 
