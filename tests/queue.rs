@@ -24,7 +24,7 @@ async fn api(env: &[(&str, &str)]) -> Server {
 }
 
 fn body(priority: Value) -> Value {
-    json!({"vm_name": "tiny", "commands": "true", "timeout": 30, "priority": priority})
+    json!({"vm_name": "tiny", "commands": "true", "timeout": 300, "priority": priority})
 }
 
 /// Waits until the store's tokens have turned authentication on.
@@ -158,12 +158,14 @@ async fn claims_follow_priority_then_round_robin_between_submitters() {
         Mode::Agents,
         &[("SQLITE_SIM_MAX_CONCURRENT_VMS", "1".into())],
     );
-    let limit = Duration::from_secs(120);
+    let limit = Duration::from_secs(300);
     let mut started = Vec::new();
     for id in &order[..4] {
-        let r = s.wait_terminal(id, limit).await;
-        assert_eq!(r["status"], "done", "{r}");
-        started.push((r["started_at"].as_str().unwrap().to_string(), (*id).clone()));
+        // The order is the point, not the runs' outcomes (a TCG guest on a loaded machine may
+        // fail to boot): each one ran, and when it started says when it was claimed.
+        let r = s.wait_terminal_as(&op, id, limit).await;
+        let at = r["started_at"].as_str().unwrap_or_else(|| panic!("never ran: {r}"));
+        started.push((at.to_string(), (*id).clone()));
     }
     started.sort();
     let claimed: Vec<String> = started.into_iter().map(|(_, id)| id).collect();
@@ -175,7 +177,7 @@ async fn claims_follow_priority_then_round_robin_between_submitters() {
         assert!(st == 200 || st == 202 || st == 409, "{v}");
     }
     for id in [&a3, &low, &held] {
-        s.wait_terminal(id, limit).await;
+        s.wait_terminal_as(&op, id, limit).await;
     }
     let low_now = op.get(&low).await;
     assert!(

@@ -350,7 +350,13 @@ impl Server {
 
     /// Polls until the request is terminal; panics with the logs after `limit`.
     pub async fn wait_terminal(&self, uuid: &str, limit: Duration) -> Value {
-        self.wait_until(uuid, limit, "not finished", |r| {
+        self.wait_terminal_as(&self.http, uuid, limit).await
+    }
+
+    /// [`Server::wait_terminal`], reading through `client` (one with a token, once
+    /// authentication is on).
+    pub async fn wait_terminal_as(&self, client: &Client, uuid: &str, limit: Duration) -> Value {
+        self.wait_until_as(client, uuid, limit, "not finished", |r| {
             matches!(r["status"].as_str(), Some("done" | "failed" | "cancelled"))
         })
         .await
@@ -363,16 +369,28 @@ impl Server {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_until_as(&self.http, uuid, limit, what, pred)
+            .await
+    }
+
+    async fn wait_until_as(
+        &self,
+        client: &Client,
+        uuid: &str,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let start = Instant::now();
         loop {
-            let r = self.get(uuid).await;
+            let r = client.get(uuid).await;
             if pred(&r) {
                 return r;
             }
             if start.elapsed() > limit {
                 panic!(
-                    "request {uuid} {what} after {limit:?}: {r}\nlogs: {:?}\nserver: {}",
-                    self.logs_of(uuid).await,
+                    "request {uuid} {what} after {limit:?}: {r}\nlogs: {}\nserver: {}",
+                    client.fetch(&format!("/requests/{uuid}/logs")).await.text(),
                     self.logs()
                 );
             }
