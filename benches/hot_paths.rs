@@ -116,6 +116,7 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             requires: Vec::new(),
             keep_on_failure: None,
             submitted_by: None,
+            priority: 0,
         })
         .await
         .unwrap();

@@ -61,7 +61,10 @@ async fn priority_allowance_and_range() {
         assert_eq!(st, 403, "{v}");
         assert_eq!(v["error"]["code"], "forbidden");
         let msg = v["error"]["message"].as_str().unwrap();
-        assert!(msg.contains("at most 5") && msg.contains(&format!("priority {p}")), "{msg}");
+        assert!(
+            msg.contains("at most 5") && msg.contains(&format!("priority {p}")),
+            "{msg}"
+        );
     }
     // Multipart submissions are held to the same allowance, their staged file dropped.
     let r = sub
@@ -71,7 +74,13 @@ async fn priority_allowance_and_range() {
         ])
         .await;
     assert_eq!(r.status, 403, "{}", r.text());
-    for bad in [json!(101), json!(-101), json!(1.5), json!("high"), json!(4294967296_i64)] {
+    for bad in [
+        json!(101),
+        json!(-101),
+        json!(1.5),
+        json!("high"),
+        json!(4294967296_i64),
+    ] {
         for who in [&sub, &op] {
             let (st, v) = who.submit_json(&body(bad.clone())).await;
             assert_eq!(st, 422, "{bad}: {v}");
@@ -82,15 +91,25 @@ async fn priority_allowance_and_range() {
         .submit_multipart(&[FormPart::request(&body(json!(101)))])
         .await;
     assert_eq!(r.status, 422, "{}", r.text());
-    assert_eq!(total(&op).await, before, "a refused submission stores nothing");
+    assert_eq!(
+        total(&op).await,
+        before,
+        "a refused submission stores nothing"
+    );
     for (who, p) in [(&sub, 5), (&sub, -100), (&op, 100), (&op, -100)] {
         let (st, v) = who.submit_json(&body(json!(p))).await;
         assert_eq!(st, 201, "{p}: {v}");
         assert_eq!(op.get(v["uuid"].as_str().unwrap()).await["priority"], p);
     }
-    let (st, v) = sub.submit_json(&json!({"vm_name": "tiny", "commands": "true"})).await;
+    let (st, v) = sub
+        .submit_json(&json!({"vm_name": "tiny", "commands": "true"}))
+        .await;
     assert_eq!(st, 201, "{v}");
-    assert_eq!(op.get(v["uuid"].as_str().unwrap()).await["priority"], 0, "the default");
+    assert_eq!(
+        op.get(v["uuid"].as_str().unwrap()).await["priority"],
+        0,
+        "the default"
+    );
     let r = sub
         .submit_multipart(&[FormPart::request(&body(json!(-3)))])
         .await;
@@ -98,9 +117,15 @@ async fn priority_allowance_and_range() {
     // The document says so: priority's bounds, and 403 on POST /requests.
     let (_, doc) = op.get_json("/openapi.json").await;
     let p = &doc["components"]["schemas"]["CreateBody"]["properties"]["priority"];
-    assert_eq!((p["minimum"].as_i64(), p["maximum"].as_i64()), (Some(-100), Some(100)));
+    assert_eq!(
+        (p["minimum"].as_i64(), p["maximum"].as_i64()),
+        (Some(-100), Some(100))
+    );
     let forbidden = &doc["paths"]["/requests"]["post"]["responses"]["403"]["description"];
-    assert!(forbidden.as_str().unwrap().contains("priority"), "{forbidden}");
+    assert!(
+        forbidden.as_str().unwrap().contains("priority"),
+        "{forbidden}"
+    );
     let listed = &doc["components"]["schemas"]["Request"]["properties"];
     assert!(listed.get("queue_position").is_some() && listed.get("priority").is_some());
 }
@@ -115,7 +140,9 @@ async fn queue(c: &common::http::Client) -> Vec<String> {
         .unwrap()
         .iter()
         .map(|r| {
-            let pos = r["queue_position"].as_u64().expect("a pending request has a position");
+            let pos = r["queue_position"]
+                .as_u64()
+                .expect("a pending request has a position");
             (pos, r["uuid"].as_str().unwrap().to_string())
         })
         .collect();
@@ -151,7 +178,11 @@ async fn claims_follow_priority_then_round_robin_between_submitters() {
     let (st, v) = b.put_status(&held, "hold").await;
     assert!(st == 200 || st == 202, "{v}");
     let order = [&urgent, &a1, &b1, &a2, &a3, &low];
-    assert_eq!(queue(&op).await, order.map(String::clone), "held ones are not queued");
+    assert_eq!(
+        queue(&op).await,
+        order.map(String::clone),
+        "held ones are not queued"
+    );
     assert!(op.get(&held).await["queue_position"].is_null());
     // One agents process, one VM at a time: the claims follow the queue.
     let _agents = s.spawn_process_with(
@@ -164,12 +195,17 @@ async fn claims_follow_priority_then_round_robin_between_submitters() {
         // The order is the point, not the runs' outcomes (a TCG guest on a loaded machine may
         // fail to boot): each one ran, and when it started says when it was claimed.
         let r = s.wait_terminal_as(&op, id, limit).await;
-        let at = r["started_at"].as_str().unwrap_or_else(|| panic!("never ran: {r}"));
+        let at = r["started_at"]
+            .as_str()
+            .unwrap_or_else(|| panic!("never ran: {r}"));
         started.push((at.to_string(), (*id).clone()));
     }
     started.sort();
     let claimed: Vec<String> = started.into_iter().map(|(_, id)| id).collect();
-    assert_eq!(claimed, order[..4].iter().map(|s| (*s).clone()).collect::<Vec<_>>());
+    assert_eq!(
+        claimed,
+        order[..4].iter().map(|s| (*s).clone()).collect::<Vec<_>>()
+    );
     // The rest are cancelled, not run: four VMs are enough for one test. The lowest first, so
     // that it cannot be claimed once a3 (next in line, perhaps running by now) is cancelled.
     for id in [&low, &held, &a3] {

@@ -47,7 +47,10 @@ mod tests {
         assert!(check(&p(Role::Submitter), 0, 0).is_ok());
         assert!(check(&p(Role::Submitter), -100, 0).is_ok());
         let e = check(&p(Role::Submitter), 1, 0).unwrap_err();
-        assert!(matches!(&e, ApiError::Forbidden(m) if m.contains("at most 0")), "{e}");
+        assert!(
+            matches!(&e, ApiError::Forbidden(m) if m.contains("at most 0")),
+            "{e}"
+        );
         assert!(check(&p(Role::Submitter), 5, 5).is_ok());
         assert!(check(&p(Role::Operator), MAX_PRIORITY, 0).is_ok());
         assert!(check(&p(Role::Admin), MAX_PRIORITY, -3).is_ok());

@@ -75,9 +75,8 @@ pub(super) fn fill_positions(
             "SELECT {POSITION} FROM requests r WHERE r.uuid = ?1"
         ))?;
         for id in &pending {
-            let pos: Option<Option<i64>> = rusqlite::OptionalExtension::optional(
-                stmt.query_row([id], |row| row.get(0)),
-            )?;
+            let pos: Option<Option<i64>> =
+                rusqlite::OptionalExtension::optional(stmt.query_row([id], |row| row.get(0)))?;
             if let Some(Some(p)) = pos {
                 found.insert(id.clone(), p as u64);
             }
@@ -155,7 +154,10 @@ mod tests {
                     .and_then(|r| r.queue_position)
             })
             .collect();
-        assert_eq!(one, listed, "a request's position is the same read alone or listed");
+        assert_eq!(
+            one, listed,
+            "a request's position is the same read alone or listed"
+        );
         one
     }
 
@@ -192,12 +194,10 @@ mod tests {
         assert_eq!(claim(&s).await, Some(flood[1]));
         let b1 = submit(&s, Some("b"), 0).await;
         let b2 = submit(&s, Some("b"), 0).await;
-        assert_eq!(positions(&s, &[flood[2], b1, flood[3], b2]).await, [
-            Some(1),
-            Some(2),
-            Some(3),
-            Some(4)
-        ]);
+        assert_eq!(
+            positions(&s, &[flood[2], b1, flood[3], b2]).await,
+            [Some(1), Some(2), Some(3), Some(4)]
+        );
         for id in [flood[2], b1, flood[3], b2, flood[4], flood[5]] {
             assert_eq!(claim(&s).await, Some(id));
         }
@@ -238,7 +238,10 @@ mod tests {
         let held = submit(&s, Some("a"), 0).await;
         let plain = submit(&s, Some("b"), 0).await;
         s.control(held, Status::Hold).await.unwrap();
-        assert_eq!(positions(&s, &[big, held, plain]).await, [Some(1), None, Some(2)]);
+        assert_eq!(
+            positions(&s, &[big, held, plain]).await,
+            [Some(1), None, Some(2)]
+        );
         // A host without the label skips the first in the order, not the order itself.
         let small = Capabilities {
             host_id: "h".into(),

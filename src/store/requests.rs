@@ -513,7 +513,13 @@ mod tests {
         assert_eq!(r.created_at, r.updated_at);
         let got = s.get(r.uuid).await.unwrap().unwrap();
         assert_eq!(got.queue_position, Some(1), "reads count the queue");
-        assert_eq!(Request { queue_position: None, ..got }, r);
+        assert_eq!(
+            Request {
+                queue_position: None,
+                ..got
+            },
+            r
+        );
         assert!(s.get(RequestId::new()).await.unwrap().is_none());
     }
 
