@@ -139,7 +139,7 @@ pub(super) async fn print_config(settings: &Settings) -> anyhow::Result<ExitCode
 pub(super) async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let mut healthy = true;
     let store = match Store::open_settings(settings).await {
-        Ok(store) => match store.health().await {
+        Ok(store) => match store.check().await {
             Ok(()) => {
                 println!("database: ok ({})", settings.store_location());
                 Some(store)

@@ -137,6 +137,59 @@ impl Placement {
     }
 }
 
+/// How long reads reuse the host registry to say why pending requests wait: the registry
+/// changes at heartbeat pace (seconds), so a quarter of a second of staleness costs nothing,
+/// and a `GET` of a pending request is one query instead of two (on PostgreSQL, one round
+/// trip instead of three).
+const HOSTS_FRESH: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The host registry as last read for `waiting_for`, reused for [`HOSTS_FRESH`]. Placement of a
+/// new submission (its `422`) always reads the registry afresh, and this process's own reports
+/// make it read afresh at once.
+#[derive(Default)]
+pub(super) struct HostsCache(
+    std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Vec<Host>>)>>,
+);
+
+impl HostsCache {
+    /// The registry if it was read less than [`HOSTS_FRESH`] ago.
+    pub fn fresh(&self) -> Option<std::sync::Arc<Vec<Host>>> {
+        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref()
+            .filter(|(at, _)| at.elapsed() < HOSTS_FRESH)
+            .map(|(_, hosts)| hosts.clone())
+    }
+
+    /// Forgets the registry: this process just changed it.
+    pub fn forget(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Keeps `hosts`, just read; what to use.
+    pub fn keep(&self, hosts: Vec<Host>) -> std::sync::Arc<Vec<Host>> {
+        let hosts = std::sync::Arc::new(hosts);
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::Instant::now(), hosts.clone()));
+        hosts
+    }
+}
+
+/// Whether any of `reqs` is pending, so that reads need the registry to say why it waits.
+pub(super) fn any_pending(reqs: &[crate::model::Request]) -> bool {
+    reqs.iter()
+        .any(|r| r.status == crate::model::Status::Pending)
+}
+
+/// Fills in why each pending request of `reqs` waits, judged against `hosts`.
+pub(super) fn say_why(reqs: &mut [crate::model::Request], hosts: &[Host]) {
+    for r in reqs
+        .iter_mut()
+        .filter(|r| r.status == crate::model::Status::Pending)
+    {
+        r.waiting_for = place(&r.requires, hosts).waiting_for();
+    }
+}
+
 pub(super) fn labels_json(labels: &[Label]) -> String {
     serde_json::to_string(labels).expect("labels serialise")
 }
@@ -272,7 +325,10 @@ impl Store {
             Ok(())
         })
         .await
-        .inspect(|_| self.bump())
+        .inspect(|_| {
+            self.inner.hosts.forget();
+            self.bump()
+        })
     }
 
     /// An agents process stopping: its host is no longer live through it.
@@ -286,7 +342,10 @@ impl Store {
             Ok(())
         })
         .await
-        .inspect(|_| self.bump())
+        .inspect(|_| {
+            self.inner.hosts.forget();
+            self.bump()
+        })
     }
 
     /// Every registered host, by id.

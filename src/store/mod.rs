@@ -155,6 +155,8 @@ struct Inner {
     /// The group-commit writer (SQLite with `SQLITE_SIM_GROUP_COMMIT` on); `None`: each write
     /// is a transaction of its own on the blocking pool.
     writer: Option<writer::Writer>,
+    /// The host registry as reads last saw it, to say why pending requests wait.
+    hosts: hosts::HostsCache,
 }
 
 impl Store {
@@ -190,6 +192,7 @@ impl Store {
                 changes: tokio::sync::watch::channel(0).0,
                 write_turn,
                 writer,
+                hosts: Default::default(),
             }),
             pg: None,
         };
@@ -231,6 +234,7 @@ impl Store {
                 changes,
                 write_turn: Arc::new(Mutex::new(())),
                 writer: None,
+                hosts: Default::default(),
             }),
             pg: Some(Arc::new(pg)),
         })
@@ -447,8 +451,20 @@ impl Store {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// `PRAGMA integrity_check` and a trivial query: the database is reachable and sound.
+    /// The database is reachable: one read of its header on this thread. Cheap enough for a
+    /// load balancer's liveness probe (`GET /health`) at any size of database, unlike
+    /// [`Store::check`].
     pub async fn health(&self) -> Result<(), StoreError> {
+        on_pg!(self.health());
+        self.call_point_read(|c| {
+            c.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))?;
+            Ok(())
+        })
+    }
+
+    /// The database is reachable and sound: `PRAGMA quick_check` on SQLite, which reads every
+    /// page (for `sqlite-sim status`, not for probes).
+    pub async fn check(&self) -> Result<(), StoreError> {
         on_pg!(self.health());
         self.call(|c| {
             let r: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
@@ -480,6 +496,15 @@ pub(crate) mod test_support {
                 Some((_, cfg, _)) => Store::open_postgres(cfg.clone()).await.unwrap(),
                 None => Store::open(self.dir.path().join("t.db")).await.unwrap(),
             }
+        }
+
+        /// A plain connection to the test's own PostgreSQL database (`None` on SQLite), to
+        /// look at what the engine wrote.
+        pub async fn pg_client(&self) -> Option<tokio_postgres::Client> {
+            let (_, cfg, _) = self.pg.as_ref()?;
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            Some(client)
         }
     }
 

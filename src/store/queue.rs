@@ -203,6 +203,20 @@ mod tests {
         }
     }
 
+    /// Submissions that arrive together (one group commit on either engine) still take one
+    /// turn each, so a burst is not one turn that a later submitter must wait behind.
+    #[tokio::test]
+    async fn a_burst_of_submissions_takes_successive_turns() {
+        let (s, _d) = temp_store().await;
+        let burst: Vec<_> = (0..6).map(|_| s.create(new(Some("a"), 0))).collect();
+        for r in futures_util::future::join_all(burst).await {
+            r.unwrap();
+        }
+        let b1 = submit(&s, Some("b"), 0).await;
+        claim(&s).await.unwrap();
+        assert_eq!(claim(&s).await, Some(b1), "b waits for one of a's, not six");
+    }
+
     /// A submitter whose queued flood was withdrawn starts again at the current turn.
     #[tokio::test]
     async fn withdrawn_requests_leave_no_debt() {

@@ -1,6 +1,6 @@
 //! Request rows: create, read, claim, and the agent's state changes.
 
-use super::hosts::{self, Capabilities, Placement, ELIGIBLE};
+use super::hosts::{self, Capabilities, ELIGIBLE};
 use super::queue::{fill_positions, CLAIM_ORDER, NEXT_TURN};
 use super::{Store, StoreError};
 use crate::model::{
@@ -117,18 +117,19 @@ pub struct Finish {
 
 /// Says why pending requests wait when no live host can claim them now (one read of the
 /// registry for all of them).
-fn fill_waiting(c: &rusqlite::Connection, reqs: &mut [Request]) -> Result<(), StoreError> {
-    if !reqs.iter().any(|r| r.status == Status::Pending) {
+fn fill_waiting(
+    c: &rusqlite::Connection,
+    cache: &hosts::HostsCache,
+    reqs: &mut [Request],
+) -> Result<(), StoreError> {
+    if !hosts::any_pending(reqs) {
         return Ok(());
     }
-    let hosts = hosts::hosts_in(c, false)?;
-    for r in reqs.iter_mut().filter(|r| r.status == Status::Pending) {
-        r.waiting_for = match hosts::place(&r.requires, &hosts) {
-            Placement::Live => None,
-            Placement::NoHosts => Some("no agents host has reported yet".into()),
-            Placement::Down(why) | Placement::Impossible(why) => Some(why),
-        };
-    }
+    let hosts = match cache.fresh() {
+        Some(h) => h,
+        None => cache.keep(hosts::hosts_in(c, false)?),
+    };
+    hosts::say_why(reqs, &hosts);
     Ok(())
 }
 
@@ -137,7 +138,8 @@ fn lease_until(lease: Duration) -> String {
 }
 
 impl Store {
-    /// Stores a new `pending` request.
+    /// Stores a new `pending` request; the row as stored (`waiting_for`, which reads work out
+    /// from the hosts, is left out: the API answers a submission with its id and status).
     pub async fn create(&self, new: NewRequest) -> Result<Request, StoreError> {
         on_pg!(self.create(new));
         let id = RequestId::new();
@@ -147,7 +149,7 @@ impl Store {
         requires.dedup();
         // The row as it is inserted (what reading it back would return); the writer thread
         // only writes, so that its one thread does as little per request as it can.
-        let mut req = Request {
+        let req = Request {
             uuid: id,
             vm_name: new.vm_name,
             commands: new.commands,
@@ -224,11 +226,6 @@ impl Store {
         })
         .await?;
         self.bump();
-        // As every read shows it (one indexed read of a small table, on this thread). It is
-        // committed by now: a failing read must not turn it into an error the client retries.
-        if let Err(e) = self.call_point_read(|c| fill_waiting(c, std::slice::from_mut(&mut req))) {
-            tracing::warn!(request = %id, error = %e, "reading why a new request waits");
-        }
         Ok(req)
     }
 
@@ -245,7 +242,7 @@ impl Store {
             let Some(mut req) = row.transpose()? else {
                 return Ok(None);
             };
-            fill_waiting(c, std::slice::from_mut(&mut req))?;
+            fill_waiting(c, &self.inner.hosts, std::slice::from_mut(&mut req))?;
             fill_positions(c, std::slice::from_mut(&mut req))?;
             Ok(Some(req))
         })
@@ -254,6 +251,7 @@ impl Store {
     /// Requests matching `q`, newest first, and the total number matching (ignoring limit/offset).
     pub async fn list(&self, q: RequestQuery) -> Result<(Vec<Request>, u64), StoreError> {
         on_pg!(self.list(q));
+        let inner = self.inner.clone();
         self.call(move |c| {
             let mut wh = vec!["deleting = 0".to_string()];
             let mut args: Vec<String> = Vec::new();
@@ -292,7 +290,7 @@ impl Store {
                 .collect::<rusqlite::Result<Vec<_>>>()?
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()?;
-            fill_waiting(c, &mut rows)?;
+            fill_waiting(c, &inner.hosts, &mut rows)?;
             fill_positions(c, &mut rows)?;
             Ok((rows, total))
         })
@@ -514,7 +512,12 @@ mod tests {
         let got = s.get(r.uuid).await.unwrap().unwrap();
         assert_eq!(got.queue_position, Some(1), "reads count the queue");
         assert_eq!(
+            got.waiting_for.as_deref(),
+            Some("no agents host has reported yet")
+        );
+        assert_eq!(
             Request {
+                waiting_for: None,
                 queue_position: None,
                 ..got
             },

@@ -3,8 +3,10 @@
 //! filter on labels is `jsonb` containment, `requires <@ labels`.
 
 use super::Pg;
-use crate::model::{Label, Request, Status};
-use crate::store::hosts::{group_hosts, labels_json, report_json, ProcessRow};
+use crate::model::{Label, Request};
+use crate::store::hosts::{
+    any_pending, group_hosts, labels_json, report_json, say_why, HostsCache, ProcessRow,
+};
 use crate::store::{place, Host, HostReport, Placement, StoreError};
 use crate::timefmt;
 
@@ -59,15 +61,17 @@ pub(super) async fn hosts_in(
 /// Says why pending requests wait when no live host can claim them now.
 pub(super) async fn fill_waiting(
     c: &tokio_postgres::Client,
+    cache: &HostsCache,
     reqs: &mut [Request],
 ) -> Result<(), StoreError> {
-    if !reqs.iter().any(|r| r.status == Status::Pending) {
+    if !any_pending(reqs) {
         return Ok(());
     }
-    let hosts = hosts_in(c, false).await?;
-    for r in reqs.iter_mut().filter(|r| r.status == Status::Pending) {
-        r.waiting_for = place(&r.requires, &hosts).waiting_for();
-    }
+    let hosts = match cache.fresh() {
+        Some(h) => h,
+        None => cache.keep(hosts_in(c, false).await?),
+    };
+    say_why(reqs, &hosts);
     Ok(())
 }
 
@@ -169,6 +173,7 @@ impl Pg {
             Ok(())
         }
         .await)
+        .inspect(|_| self.hosts.forget())
     }
 
     pub(crate) async fn host_stopped(&self, process: String) -> Result<(), StoreError> {
@@ -181,6 +186,7 @@ impl Pg {
             Ok(())
         }
         .await)
+        .inspect(|_| self.hosts.forget())
     }
 
     pub(crate) async fn hosts(&self) -> Result<Vec<Host>, StoreError> {

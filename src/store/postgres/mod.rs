@@ -122,6 +122,7 @@ macro_rules! write_tx {
 pub(super) use write_tx;
 
 mod audit;
+mod batch;
 mod console;
 mod control;
 mod files;
@@ -232,6 +233,10 @@ impl PgError {
 /// The engine: a pool and the change counter it shares with its `Store`.
 pub(super) struct Pg {
     pool: Pool,
+    /// Group commit of new requests without uploads.
+    inserts: batch::Batcher,
+    /// The host registry as reads last saw it, to say why pending requests wait.
+    hosts: crate::store::hosts::HostsCache,
     checker: hosts::Checker,
     changes: watch::Sender<u64>,
     listener: tokio::task::JoinHandle<()>,
@@ -290,6 +295,8 @@ impl Pg {
         let checker = hosts::Checker::start(cfg.clone());
         let listener = tokio::spawn(listen(cfg, changes.clone()));
         Ok(Pg {
+            inserts: batch::Batcher::start(pool.clone(), changes.clone()),
+            hosts: Default::default(),
             pool,
             checker,
             changes,

@@ -11,16 +11,22 @@ use tokio_postgres::GenericClient;
 /// How claims order pending requests (and how queue positions count).
 pub(super) const CLAIM_ORDER: &str = "priority DESC, queue_tag, created_at, row_id";
 
-/// The turn of a new request at priority `$11` by submitter `$10`. `GREATEST` skips
-/// `NULL`s; the `COALESCE`s say what each missing term counts as, as on SQLite.
-pub(super) const NEXT_TURN: &str = "GREATEST(
+/// The latest turn a new request at priority `p` by submitter `s` (SQL expressions) comes
+/// after: its turn is this plus one, plus the requests of the same submitter and level ahead
+/// of it in the same batch. `GREATEST` skips `NULL`s; the `COALESCE`s say what each missing
+/// term counts as, as on SQLite.
+pub(super) fn turn_base(p: &str, s: &str) -> String {
+    format!(
+        "GREATEST(
         COALESCE((SELECT MAX(queue_tag) FROM requests
-                  WHERE priority = $11 AND host_id IS NOT NULL AND requires IS NULL), 0),
+                  WHERE priority = {p} AND host_id IS NOT NULL AND requires IS NULL), 0),
         COALESCE((SELECT MIN(queue_tag) FROM requests
-                  WHERE status = 'pending' AND priority = $11), 1) - 1,
+                  WHERE status = 'pending' AND priority = {p}), 1) - 1,
         COALESCE((SELECT MAX(queue_tag) FROM requests
-                  WHERE status = 'pending' AND priority = $11
-                    AND COALESCE(submitted_by, '') = COALESCE($10, '')), 0)) + 1";
+                  WHERE status = 'pending' AND priority = {p}
+                    AND COALESCE(submitted_by, '') = COALESCE({s}, '')), 0))"
+    )
+}
 
 /// A pending request's place in the claim order, the request row being `r`; `NULL` when it
 /// is not pending.

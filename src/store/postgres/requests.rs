@@ -1,8 +1,9 @@
 //! Request rows on PostgreSQL: create, read, claim (`FOR UPDATE SKIP LOCKED`, one round trip)
 //! and the agent's state changes, each guarded by ownership as in `store/requests.rs`.
 
+use super::batch::NewRow;
 use super::hosts::{fill_waiting, ELIGIBLE};
-use super::queue::{fill_positions, CLAIM_ORDER, NEXT_TURN, POSITION};
+use super::queue::{fill_positions, turn_base, CLAIM_ORDER, POSITION};
 use super::Pg;
 use crate::model::{AgentId, NewRequest, Request, RequestId};
 use crate::store::{Capabilities, Finish, RequestQuery, StoreError};
@@ -117,34 +118,30 @@ impl Pg {
             (!need.is_empty()).then(|| serde_json::to_string(&need).expect("json"))
         };
         if new.uploads.is_empty() {
-            let keep = new.keep_on_failure.map(i64::from);
-            let timeout = i64::from(new.timeout);
-            let now = timefmt::now();
-            let req = self
-                .insert_alone(
-                    id,
-                    &[
-                        (&uuid, Type::TEXT),
-                        (&new.vm_name, Type::TEXT),
-                        (&new.commands, Type::TEXT),
-                        (&timeout, Type::INT8),
-                        (&now, Type::TEXT),
-                        (&boot, Type::TEXT),
-                        (&globs, Type::TEXT),
-                        (&requires, Type::TEXT),
-                        (&keep, Type::INT8),
-                        (&new.submitted_by, Type::TEXT),
-                        (&new.priority, Type::INT4),
-                    ],
-                )
-                .await?;
-            return self.with_waiting(vec![req]).await.map(|mut v| v.remove(0));
+            // The row as stored, as on SQLite (`waiting_for` is for reads).
+            return self
+                .inserts
+                .create(NewRow {
+                    uuid,
+                    vm_name: new.vm_name,
+                    commands: new.commands,
+                    timeout: i64::from(new.timeout),
+                    created_at: timefmt::now(),
+                    boot: boot.map(str::to_string),
+                    globs,
+                    requires,
+                    keep: new.keep_on_failure.map(i64::from),
+                    submitted_by: new.submitted_by,
+                    priority: new.priority,
+                })
+                .await;
         }
         let insert = format!(
             "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
                                    updated_at, boot, artifact_globs, requires,
                                    keep_on_failure, submitted_by, priority, queue_tag)
-             VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10, $11, {NEXT_TURN})"
+             VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10, $11, {} + 1)",
+            turn_base("$11", "$10")
         );
         let req = write_tx!(
             self,
@@ -189,58 +186,13 @@ impl Pg {
             .await,
             recheck | c | get_in(c, id).await
         )?;
-        self.with_waiting(vec![req]).await.map(|mut v| v.remove(0))
-    }
-
-    /// A request without uploads: its insert and its `NOTIFY` are one statement, committed on
-    /// its own, in one round trip (`query_typed` sends it with its parameters' types, no
-    /// separate prepare), where the transaction of `write_tx!` takes five. Retried as
-    /// `write_tx!` does: once it was sent its outcome is ambiguous, and the row (by its id,
-    /// chosen once) says whether it landed.
-    async fn insert_alone(
-        &self,
-        id: RequestId,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Request, StoreError> {
-        let sql = format!(
-            "WITH new AS (
-                 INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
-                                       updated_at, boot, artifact_globs, requires,
-                                       keep_on_failure, submitted_by, priority, queue_tag)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10, $11,
-                         {NEXT_TURN})
-                 RETURNING {COLUMNS})
-             SELECT new.*, pg_notify('{}', 'work')::text FROM new",
-            super::CHANNEL
-        );
-        let mut attempt = super::Attempt::new("create");
-        let mut ambiguous = false;
-        loop {
-            let r: Result<Request, StoreError> = async {
-                let c = self.client().await?;
-                if ambiguous {
-                    if let Some(req) = get_in(&**c, id).await? {
-                        return Ok(req);
-                    }
-                }
-                ambiguous = true;
-                from_row(&c.query_typed_one(&sql, params).await?)
-            }
-            .await;
-            match r {
-                Ok(req) => {
-                    self.bump();
-                    return Ok(req);
-                }
-                Err(e) => attempt.again(e).await?,
-            }
-        }
+        Ok(req)
     }
 
     /// `waiting_for` filled in, as every read shows it.
     async fn with_waiting(&self, mut reqs: Vec<Request>) -> Result<Vec<Request>, StoreError> {
         retry!(self, "waiting_for", |c| {
-            fill_waiting(c, &mut reqs).await?;
+            fill_waiting(c, &self.hosts, &mut reqs).await?;
             Ok(())
         })?;
         Ok(reqs)
@@ -304,7 +256,7 @@ impl Pg {
             let total: i64 = c.query_one(&count_sql, &params).await?.get(0);
             let rows = c.query(&sql, &params).await?;
             let mut rows = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
-            fill_waiting(c, &mut rows).await?;
+            fill_waiting(c, &self.hosts, &mut rows).await?;
             fill_positions(c, &mut rows).await?;
             Ok((rows, total as u64))
         })

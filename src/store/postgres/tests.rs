@@ -72,6 +72,68 @@ async fn many_handles_and_tasks_claim_each_request_once() {
         .is_none());
 }
 
+/// Concurrent submissions are inserted in batches (group commit: rows of one batch share a
+/// transaction), each answered with its own row; a row the server refuses (text with a NUL
+/// byte, which PostgreSQL cannot store) fails only its own request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_are_batched_and_a_bad_row_fails_alone() {
+    if !on_pg() {
+        return;
+    }
+    let (s, d) = temp_store().await;
+    const N: usize = 200;
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = new();
+            n.commands = if i == N / 2 {
+                "bad\0row".into()
+            } else {
+                format!("echo {i}")
+            };
+            (i, s.create(n).await)
+        }));
+    }
+    let mut made = Vec::new();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        if i == N / 2 {
+            assert!(r.is_err(), "a NUL byte cannot be stored: {r:?}");
+            continue;
+        }
+        let r = r.unwrap();
+        assert_eq!(
+            r.commands,
+            format!("echo {i}"),
+            "each answered with its own row"
+        );
+        assert_eq!(r.status, Status::Pending);
+        assert_eq!(s.get(r.uuid).await.unwrap().unwrap().commands, r.commands);
+        made.push(r.uuid);
+    }
+    let c = d.pg_client().await.unwrap();
+    let rows: i64 = c
+        .query_one("SELECT COUNT(*) FROM requests", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        rows as usize,
+        N - 1,
+        "every good row once, the bad one not at all"
+    );
+    let transactions: i64 = c
+        .query_one("SELECT COUNT(DISTINCT xmin::text) FROM requests", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        (transactions as usize) < N - 1,
+        "{N} concurrent creates took {transactions} transactions: not batched"
+    );
+}
+
 /// An agent paused past its lease wakes up to find its request recovered and claimed by
 /// another agent: none of its writes land.
 #[tokio::test]
