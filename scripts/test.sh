@@ -53,6 +53,8 @@ cargo test --locked --test api -- --test-threads="${TEST_THREADS:-4}"
 cargo test --locked --test auth -- --test-threads="${TEST_THREADS:-4}"
 # Priorities, fairness and queue positions: claims by one agents process on PostgreSQL.
 cargo test --locked --test queue -- --test-threads=2
+# Start-up before PostgreSQL is up (private clusters of its own): waits, then serves.
+cargo test --locked --test database_wait -- --test-threads=2
 cargo test --locked --test e2e hello_world_reaches_done_with_every_log_type
 # An API and two agents processes around one PostgreSQL: routing, waiting, fencing, wake-ups.
 cargo test --locked --test hosts -- --test-threads=1

@@ -56,6 +56,8 @@ async fn hello_world_reaches_done_with_every_log_type() {
         "vCPUs started",
         "SHUTDOWN",
         "VM ended by guest powered off",
+        // The last line before `finish`: the ownership fence lets the owner's run end stored.
+        "commands exited with status 0",
     ] {
         assert!(
             system.contains(needle),

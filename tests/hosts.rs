@@ -42,32 +42,12 @@ fn host(s: &Server, id: &str, labels: &str) -> Proc {
 }
 
 async fn hosts(s: &Server) -> Vec<Value> {
-    let (code, v) = s.get_json("/hosts").await;
-    assert_eq!(code, 200, "{v}");
-    v["hosts"].as_array().unwrap().clone()
+    s.hosts().await
 }
 
 /// Waits until the registry shows these hosts live (and no others live).
 async fn wait_live(s: &Server, ids: &[&str]) -> Vec<Value> {
-    let start = Instant::now();
-    loop {
-        let hs = hosts(s).await;
-        let mut live: Vec<&str> = hs
-            .iter()
-            .filter(|h| h["live"] == true)
-            .map(|h| h["host_id"].as_str().unwrap())
-            .collect();
-        live.sort();
-        if live == ids {
-            return hs;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "hosts {hs:?}, want {ids:?} live\n{}",
-            s.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    s.wait_live(ids, Duration::from_secs(30), || s.logs()).await
 }
 
 fn labels(h: &Value) -> Vec<&str> {

@@ -42,20 +42,7 @@ macro_rules! require_netns {
 
 /// An API and agents hosts `ids` (with labels), every process on PostgreSQL over TCP.
 async fn cluster(lease: &str, hosts: &[(&str, &str)]) -> Cluster {
-    cluster_with(lease, false, hosts).await
-}
-
-async fn cluster_with(lease: &str, warm: bool, hosts: &[(&str, &str)]) -> Cluster {
-    let mut c = Cluster::start_with(lease, warm).await;
-    c.start_api().await;
-    for (id, labels) in hosts {
-        c.add_host(id, labels);
-        c.start_agents(id);
-    }
-    let mut ids: Vec<&str> = hosts.iter().map(|(id, _)| *id).collect();
-    ids.sort();
-    c.wait_live(&ids).await;
-    c
+    Cluster::with_hosts(lease, false, hosts).await
 }
 
 fn submission(commands: &str, requires: &[&str]) -> Value {
@@ -115,7 +102,7 @@ async fn twenty_requests_spread_over_two_hosts_each_run_once() {
     require_netns!();
     require_image();
     let _slot = vm_slot();
-    let c = cluster_with("10", true, &[("h-a", ""), ("h-b", "")]).await;
+    let c = Cluster::with_hosts("10", true, &[("h-a", ""), ("h-b", "")]).await;
     let mut ids = Vec::new();
     for _ in 0..20 {
         ids.push(submit(&c, "echo hi", &[]).await);
@@ -310,6 +297,25 @@ async fn a_host_cut_off_past_its_lease_does_not_finish_what_it_lost() {
         "h-a's one run ends\n{}",
         c.log_of("agents-h-a")
     );
+    // Its log appends are fenced too: nothing it wrote after coming back (its `failed: …`
+    // system line, the guest's last console bytes) follows the recovery's line. Its run has
+    // ended (above), so nothing of it is still on its way.
+    let logs = c.api.logs_of(&lost).await;
+    let recovered = logs
+        .iter()
+        .position(|e| {
+            e["log_type"] == "system"
+                && e["output"]
+                    .as_str()
+                    .is_some_and(|o| o.contains("lost (lease expired)"))
+        })
+        .unwrap_or_else(|| panic!("no recovery line: {logs:?}"));
+    assert_eq!(
+        &logs[recovered + 1..],
+        &[] as &[Value],
+        "h-a wrote after the recovery\n{}",
+        c.log_of("agents-h-a")
+    );
     // Reconnected, h-a serves again.
     c.wait_live(&["h-a", "h-b"]).await;
     let back = submit(&c, "echo back", &["ha"]).await;
@@ -494,12 +500,9 @@ async fn a_host_cut_off_inside_a_transaction_does_not_block_its_recovery() {
     let mut c = Cluster::start("3").await;
     let proxy = Proxy::start(&c.root_addr, c.pg_addr()).await;
     c.start_api().await;
-    c.add_host("h-a", "ha");
+    c.add_hosts(&[("h-a", "ha"), ("h-b", "")]);
     c.host_via("h-a", proxy.url.clone());
-    c.add_host("h-b", "");
-    c.start_agents("h-a");
-    c.start_agents("h-b");
-    c.wait_live(&["h-a", "h-b"]).await;
+    c.start_every_host().await;
     let id = submit(&c, "echo started; sleep 4; echo more; sleep 60", &["ha"]).await;
     c.api.wait_output(&id, "stdout", "started").await;
     // "more" is the next log batch.

@@ -128,8 +128,9 @@ async fn cold(
 ) -> Result<Machine, RunError> {
     let s = &ctx.settings;
     if let Some(base) = &cfg.image {
-        image::create_overlay(
+        image::overlay_from_prototype(
             &image::qemu_img_for(&s.qemu_binary),
+            &s.run_dir.join(image::PROTOTYPES),
             base,
             cfg.format,
             &paths.overlay,
@@ -192,8 +193,9 @@ pub(super) async fn restore(
     let s = &ctx.settings;
     let disk = template.disk();
     if let Some(disk) = &disk {
-        image::create_overlay(
+        image::overlay_from_prototype(
             &image::qemu_img_for(&s.qemu_binary),
+            &s.run_dir.join(image::PROTOTYPES),
             disk,
             DiskFormat::Qcow2,
             &paths.overlay,

@@ -54,6 +54,7 @@ pub async fn reaper(ctx: std::sync::Arc<AgentContext>) {
 pub async fn clean_leftovers(ctx: &AgentContext) {
     super::template::clean_leftovers(&ctx.settings.run_dir);
     super::pool::clean_leftovers(&ctx.settings.run_dir);
+    crate::qemu::image::clean_leftovers(&ctx.settings.run_dir);
     let Ok(entries) = std::fs::read_dir(&ctx.settings.run_dir) else {
         return;
     };

@@ -29,11 +29,14 @@ use tracing::Instrument;
 pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
     let span = tracing::info_span!("run", request = %req.uuid, vm = %req.vm_name);
     async move {
-        let (sink, sink_task) = LogSink::start(ctx.store.clone(), req.uuid);
+        // The claim is lost when the heartbeat finds it gone or the (fenced) sink's append
+        // is refused; either stops the run.
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let (sink, sink_task) =
+            LogSink::start_fenced(ctx.store.clone(), req.uuid, agent.clone(), lost_tx.clone());
         sink.write(LogType::Command, req.commands.clone().into_bytes())
             .await;
         sink.system(format!("claimed by agent {agent}")).await;
-        let (lost_tx, lost) = tokio::sync::watch::channel(false);
         let heartbeat = spawn_heartbeat(ctx, agent, &req, lost_tx);
         let outcome = drive(ctx, agent, &req, &sink, lost).await;
         heartbeat.abort();
@@ -67,7 +70,13 @@ pub(super) async fn execute(ctx: &AgentContext, agent: &AgentId, req: Request) {
         // Every log byte is committed before the request turns terminal.
         drop(sink);
         let stats = sink_task.close().await;
-        if stats.lost_bytes > 0 {
+        if stats.lease_lost {
+            // The request is another's now (or recovered): its record is not ours to amend.
+            tracing::error!(
+                refused = stats.refused_bytes,
+                "lease lost: the rest of this run's log was not stored"
+            );
+        } else if stats.lost_bytes > 0 {
             // Never a silent gap: the outcome says the record is incomplete.
             let why = stats.last_error.as_deref().unwrap_or("unknown error");
             let mut error = format!(

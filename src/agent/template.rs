@@ -541,8 +541,9 @@ async fn build_in(
 ) -> Result<Template, TemplateError> {
     let s = &ctx.settings;
     if let Some(base) = &cfg.image {
-        image::create_overlay(
+        image::overlay_from_prototype(
             &image::qemu_img_for(&s.qemu_binary),
+            &s.run_dir.join(image::PROTOTYPES),
             base,
             cfg.format,
             &run.overlay,

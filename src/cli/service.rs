@@ -20,7 +20,7 @@ pub(super) async fn serve(
 ) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(&settings)?;
     let settings = Arc::new(settings);
-    let store = Store::open_settings(&settings)
+    let store = Store::open_settings_waiting(&settings)
         .await
         .with_context(|| format!("opening {}", settings.store_location()))?;
     // Other processes' commits (an API's submissions and control, agents' logs and states)

@@ -110,6 +110,9 @@ pub struct Settings {
     /// SQLite: commit concurrent small writes together, in one transaction of the store's
     /// writer thread (`SQLITE_SIM_GROUP_COMMIT`, default on; off is figure 6's baseline).
     pub group_commit: bool,
+    /// How long `api`, `agents` and `all` keep retrying to reach PostgreSQL at start-up
+    /// (`SQLITE_SIM_DATABASE_WAIT`, default 60 s; zero fails at once).
+    pub database_wait: Duration,
 }
 
 /// Longest run-dir path that still leaves room for `/<uuid>/console.sock` within the
@@ -235,6 +238,7 @@ impl Settings {
             agent_labels: parse_labels(&v.string("SQLITE_SIM_AGENT_LABELS", ""))?,
             change_check_interval: v.seconds("SQLITE_SIM_CHANGE_CHECK_INTERVAL", 0.015)?,
             group_commit: v.boolean("SQLITE_SIM_GROUP_COMMIT", true)?,
+            database_wait: v.seconds_from("SQLITE_SIM_DATABASE_WAIT", 60.0, 0.0)?,
         })
     }
 
@@ -322,6 +326,10 @@ impl Settings {
                 format!("{}", self.change_check_interval.as_secs_f64()),
             ),
             ("SQLITE_SIM_GROUP_COMMIT", self.group_commit.to_string()),
+            (
+                "SQLITE_SIM_DATABASE_WAIT",
+                format!("{}", self.database_wait.as_secs_f64()),
+            ),
             (
                 "SQLITE_SIM_API_TOKEN",
                 match &self.api_token {
@@ -473,16 +481,24 @@ impl Vars<'_> {
     }
 
     fn seconds(&self, var: &'static str, default: f64) -> Result<Duration, ConfigError> {
+        self.seconds_from(var, default, 0.01)
+    }
+
+    /// [`Self::seconds`] from `min` (zero allowed where zero means "not at all").
+    fn seconds_from(
+        &self,
+        var: &'static str,
+        default: f64,
+        min: f64,
+    ) -> Result<Duration, ConfigError> {
         let Some(s) = self.raw(var) else {
             return Ok(Duration::from_secs_f64(default));
         };
         match s.parse::<f64>() {
-            Ok(n) if n.is_finite() && (0.01..=3600.0).contains(&n) => {
-                Ok(Duration::from_secs_f64(n))
-            }
+            Ok(n) if n.is_finite() && (min..=3600.0).contains(&n) => Ok(Duration::from_secs_f64(n)),
             _ => Err(ConfigError::Invalid {
                 var,
-                message: format!("{s:?} is not a number of seconds from 0.01 to 3600"),
+                message: format!("{s:?} is not a number of seconds from {min} to 3600"),
             }),
         }
     }

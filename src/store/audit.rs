@@ -94,6 +94,53 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
+/// A filter's value, bound by each engine its own way.
+pub(super) enum AuditArg {
+    Text(String),
+    Int(i64),
+}
+
+/// How an engine writes placeholders: SQLite's `?`, PostgreSQL's numbered `$n`.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Placeholders {
+    Question,
+    Numbered,
+}
+
+impl AuditQuery {
+    /// The engine-neutral part of an audit read: its `WHERE … ORDER BY id DESC LIMIT n` (in
+    /// the engine's placeholder style) and the values to bind, in order. The `SELECT` in
+    /// front stays each engine's.
+    pub(super) fn where_limit(self, ph: Placeholders) -> (String, Vec<AuditArg>) {
+        let conds = [
+            ("principal =", self.principal.map(AuditArg::Text)),
+            ("action =", self.action.map(AuditArg::Text)),
+            (
+                "request_uuid =",
+                self.request.map(|r| AuditArg::Text(r.to_string())),
+            ),
+            ("at >=", self.since.map(AuditArg::Text)),
+            ("id <", self.before.map(AuditArg::Int)),
+        ];
+        let mut wh = Vec::new();
+        let mut args = Vec::new();
+        for (cond, arg) in conds {
+            let Some(arg) = arg else { continue };
+            args.push(arg);
+            wh.push(match ph {
+                Placeholders::Question => format!("{cond} ?"),
+                Placeholders::Numbered => format!("{cond} ${}", args.len()),
+            });
+        }
+        let wh = if wh.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", wh.join(" AND "))
+        };
+        (format!("{wh} ORDER BY id DESC LIMIT {}", self.limit), args)
+    }
+}
+
 pub(super) fn audit_from_row(r: &Row<'_>) -> rusqlite::Result<Result<AuditEntry, StoreError>> {
     let outcome: String = r.get(8)?;
     let status: i64 = r.get(9)?;
@@ -184,38 +231,12 @@ impl Store {
     pub async fn audit(&self, q: AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
         on_pg!(self.audit(q));
         self.call(move |c| {
-            let mut wh: Vec<&str> = Vec::new();
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            use rusqlite::types::Value as V;
-            if let Some(p) = q.principal {
-                wh.push("principal = ?");
-                args.push(V::Text(p));
-            }
-            if let Some(a) = q.action {
-                wh.push("action = ?");
-                args.push(V::Text(a));
-            }
-            if let Some(r) = q.request {
-                wh.push("request_uuid = ?");
-                args.push(V::Text(r.to_string()));
-            }
-            if let Some(s) = q.since {
-                wh.push("at >= ?");
-                args.push(V::Text(s));
-            }
-            if let Some(b) = q.before {
-                wh.push("id < ?");
-                args.push(V::Integer(b));
-            }
-            let wh = if wh.is_empty() {
-                String::new()
-            } else {
-                format!("WHERE {}", wh.join(" AND "))
-            };
-            let sql = format!(
-                "SELECT {AUDIT_COLUMNS} FROM audit_log {wh} ORDER BY id DESC LIMIT {}",
-                q.limit
-            );
+            let (tail, args) = q.where_limit(Placeholders::Question);
+            let args = args.into_iter().map(|a| match a {
+                AuditArg::Text(s) => rusqlite::types::Value::Text(s),
+                AuditArg::Int(i) => rusqlite::types::Value::Integer(i),
+            });
+            let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_log {tail}");
             let mut stmt = c.prepare(&sql)?;
             let rows = stmt
                 .query_map(rusqlite::params_from_iter(args), audit_from_row)?

@@ -85,6 +85,12 @@ pub enum StoreError {
     Postgres(#[from] postgres::PgError),
     #[error(transparent)]
     Writer(#[from] WriterError),
+    #[error("still unreachable after {attempts} attempts in {waited:?} (SQLITE_SIM_DATABASE_WAIT): {source}")]
+    Unreachable {
+        waited: Duration,
+        attempts: u32,
+        source: Box<StoreError>,
+    },
 }
 
 impl StoreError {
@@ -220,6 +226,43 @@ impl Store {
                 Self::open_configured(&settings.db_path, settings.database_url.as_deref()).await
             }
             None => Self::open_sqlite(&settings.db_path, settings.group_commit).await,
+        }
+    }
+
+    /// [`Store::open_settings`] for the services (`api`, `agents`, `all`): a PostgreSQL server
+    /// that cannot be reached yet (refused, timed out, starting up, shutting down) is asked
+    /// again with back-off for up to `settings.database_wait` (zero: once), each failure
+    /// logged with its reason. What retrying cannot cure (wrong credentials, no such
+    /// database, a bad URL) fails at once; so does SQLite, which has no server to wait for.
+    pub async fn open_settings_waiting(
+        settings: &crate::config::Settings,
+    ) -> Result<Self, StoreError> {
+        let until = std::time::Instant::now() + settings.database_wait;
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 1u32;
+        loop {
+            match Self::open_settings(settings).await {
+                Err(e)
+                    if settings.database_url.is_some()
+                        && e.is_unavailable()
+                        && std::time::Instant::now() + delay <= until =>
+                {
+                    // The URL stays out of it (its password): the reason names no URL.
+                    tracing::warn!(attempt, error = %e, retry_in = ?delay,
+                        "PostgreSQL cannot be reached yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                Err(e) if settings.database_url.is_some() && e.is_unavailable() => {
+                    return Err(StoreError::Unreachable {
+                        waited: settings.database_wait,
+                        attempts: attempt,
+                        source: Box::new(e),
+                    })
+                }
+                other => return other,
+            }
         }
     }
 

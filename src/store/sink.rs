@@ -2,12 +2,17 @@
 //! latest 25 ms after the first byte of a batch or at 64 KiB. (The original wrote once a
 //! second; 25 ms keeps live followers under 50 ms while a flood still batches by size.) The channel in front is bounded, so a slow disk slows the console pump
 //! (and through QEMU's chardev, the guest) instead of growing memory.
+//!
+//! An agent's sink is fenced ([`LogSink::start_fenced`]): each batch is stored only while the
+//! agent still owns the request. Once a batch is refused (the host was cut off past its lease
+//! and the request recovered meanwhile), the sink stores nothing more, says so on the run's
+//! lease watch, and drops what it is sent instead of retrying.
 
 use super::{Store, StoreError};
-use crate::model::{LogType, RequestId};
+use crate::model::{AgentId, LogType, RequestId};
 use crate::timefmt;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -47,12 +52,38 @@ pub struct SinkStats {
     pub lost_bytes: u64,
     /// Why the last lost batch could not be stored.
     pub last_error: Option<String>,
+    /// A fenced sink found the request no longer the agent's: nothing was stored after that.
+    pub lease_lost: bool,
+    /// Bytes not stored because the claim was gone (not counted in `lost_bytes`).
+    pub refused_bytes: u64,
+}
+
+/// Whose a fenced sink's writes are, and where it reports that the claim is gone.
+struct Owner {
+    agent: AgentId,
+    lost: watch::Sender<bool>,
 }
 
 impl LogSink {
+    /// An unfenced sink (work no agent claimed: tests, benchmarks).
     pub fn start(store: Store, id: RequestId) -> (LogSink, SinkTask) {
+        Self::spawn(store, id, None)
+    }
+
+    /// `agent`'s sink for a request it claimed: every batch is stored only while the agent
+    /// still owns the request; when one is refused, `lost` turns true and the sink stops.
+    pub fn start_fenced(
+        store: Store,
+        id: RequestId,
+        agent: AgentId,
+        lost: watch::Sender<bool>,
+    ) -> (LogSink, SinkTask) {
+        Self::spawn(store, id, Some(Owner { agent, lost }))
+    }
+
+    fn spawn(store: Store, id: RequestId, owner: Option<Owner>) -> (LogSink, SinkTask) {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let join = tokio::spawn(writer(store, id, rx));
+        let join = tokio::spawn(writer(store, id, owner, rx));
         (LogSink { tx }, SinkTask { join })
     }
 
@@ -148,8 +179,14 @@ impl Batch {
     }
 }
 
-async fn writer(store: Store, id: RequestId, mut rx: mpsc::Receiver<Chunk>) -> SinkStats {
+async fn writer(
+    store: Store,
+    id: RequestId,
+    owner: Option<Owner>,
+    mut rx: mpsc::Receiver<Chunk>,
+) -> SinkStats {
     let mut stats = SinkStats::default();
+    let owner = owner.as_ref();
     let mut batch = Batch::default();
     let mut size = 0usize;
     let mut due: Option<Instant> = None;
@@ -159,7 +196,7 @@ async fn writer(store: Store, id: RequestId, mut rx: mpsc::Receiver<Chunk>) -> S
             Some(at) => tokio::select! {
                 m = rx.recv() => m,
                 _ = tokio::time::sleep_until(at) => {
-                    flush(&store, id, &mut batch, false, &mut stats).await;
+                    flush(&store, id, owner, &mut batch, false, &mut stats).await;
                     size = batch.size();
                     due = (!batch.is_empty()).then(|| Instant::now() + FLUSH_INTERVAL);
                     continue;
@@ -168,8 +205,15 @@ async fn writer(store: Store, id: RequestId, mut rx: mpsc::Receiver<Chunk>) -> S
         };
         match msg {
             None => {
-                flush(&store, id, &mut batch, true, &mut stats).await;
+                flush(&store, id, owner, &mut batch, true, &mut stats).await;
                 return stats;
+            }
+            // The claim is gone: nothing more is stored, and senders are never held up.
+            Some(chunk) if stats.lease_lost => {
+                stats.refused_bytes += match &chunk {
+                    Chunk::Log(_, _, b) | Chunk::Console(b) => b.len() as u64,
+                };
+                continue;
             }
             Some(Chunk::Console(bytes)) => {
                 size += bytes.len();
@@ -185,7 +229,7 @@ async fn writer(store: Store, id: RequestId, mut rx: mpsc::Receiver<Chunk>) -> S
         }
         due.get_or_insert_with(|| Instant::now() + FLUSH_INTERVAL);
         if size >= FLUSH_BYTES {
-            flush(&store, id, &mut batch, false, &mut stats).await;
+            flush(&store, id, owner, &mut batch, false, &mut stats).await;
             size = batch.size();
             due = (!batch.is_empty()).then(|| Instant::now() + FLUSH_INTERVAL);
         }
@@ -194,7 +238,14 @@ async fn writer(store: Store, id: RequestId, mut rx: mpsc::Receiver<Chunk>) -> S
 
 /// Commits the batch, retrying with back-off. Unless `last`, an incomplete UTF-8 sequence at the
 /// very end stays for the next flush, so no row splits a character.
-async fn flush(store: &Store, id: RequestId, batch: &mut Batch, last: bool, stats: &mut SinkStats) {
+async fn flush(
+    store: &Store,
+    id: RequestId,
+    owner: Option<&Owner>,
+    batch: &mut Batch,
+    last: bool,
+    stats: &mut SinkStats,
+) {
     if batch.is_empty() {
         return;
     }
@@ -221,11 +272,30 @@ async fn flush(store: &Store, id: RequestId, batch: &mut Batch, last: bool, stat
     let mut delay = Duration::from_millis(20);
     let mut attempt = 1;
     loop {
-        match store
-            .append_logs_with_console(id, rows.clone(), console.clone())
-            .await
-        {
-            Ok(()) => {
+        let stored = match owner {
+            Some(o) => {
+                store
+                    .append_agent_logs(id, &o.agent, rows.clone(), console.clone())
+                    .await
+            }
+            None => store
+                .append_logs_with_console(id, rows.clone(), console.clone())
+                .await
+                .map(|()| true),
+        };
+        match stored {
+            Ok(false) => {
+                tracing::error!(request = %id, "lease lost: log output is no longer stored");
+                stats.lease_lost = true;
+                // The held-back end of a character is refused with the rest.
+                let held = carry.map_or(0, |c| c.2.len() as u64);
+                stats.refused_bytes += n_bytes + console.len() as u64 + held;
+                if let Some(o) = owner {
+                    let _ = o.lost.send(true);
+                }
+                return;
+            }
+            Ok(true) => {
                 stats.bytes += n_bytes;
                 stats.rows += n_rows;
                 stats.flushes += 1;
@@ -333,5 +403,46 @@ mod tests {
         assert_eq!(s.logs(r.uuid, LogQuery::default()).await.unwrap().len(), 1);
         drop(sink);
         task.close().await;
+    }
+
+    /// A fenced sink whose claim was recovered stores nothing more, reports the lost lease on
+    /// its watch, and never holds up its senders (more chunks than the channel holds).
+    #[tokio::test]
+    async fn a_fenced_sink_stops_when_the_claim_is_gone() {
+        let (s, _d) = temp_store().await;
+        let r = pending_request(&s).await;
+        let a = AgentId("h1:1:0".into());
+        s.claim(&a, Duration::from_millis(1))
+            .await
+            .unwrap()
+            .unwrap();
+        let (lost_tx, mut lost) = watch::channel(false);
+        let (sink, task) = LogSink::start_fenced(s.clone(), r.uuid, a.clone(), lost_tx);
+        sink.system("mine").await;
+        tokio::time::sleep(FLUSH_INTERVAL * 3).await;
+        s.reap_expired().await.unwrap();
+        for i in 0..(CHANNEL_DEPTH * 2) {
+            sink.write(LogType::Stdout, format!("late {i}\n").into_bytes())
+                .await;
+        }
+        sink.console(b"late".to_vec()).await;
+        tokio::time::timeout(Duration::from_secs(10), lost.wait_for(|l| *l))
+            .await
+            .expect("the lost lease is reported")
+            .unwrap();
+        drop(sink);
+        let stats = task.close().await;
+        assert!(stats.lease_lost && stats.refused_bytes > 0, "{stats:?}");
+        assert_eq!(stats.lost_bytes, 0, "refused is not lost: {stats:?}");
+        let logs = s.logs(r.uuid, LogQuery::default()).await.unwrap();
+        assert_eq!(logs.len(), 2, "{logs:?}");
+        assert_eq!(logs[0].output, b"mine\n");
+        assert!(String::from_utf8_lossy(&logs[1].output).contains("lost (lease expired)"));
+        assert!(s
+            .console_since(r.uuid, 0, 1 << 20)
+            .await
+            .unwrap()
+            .bytes
+            .is_empty());
     }
 }

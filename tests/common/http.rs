@@ -188,6 +188,42 @@ impl Client {
         body["uuid"].as_str().unwrap().to_string()
     }
 
+    /// `GET /hosts`'s hosts.
+    pub async fn hosts(&self) -> Vec<Value> {
+        let (code, v) = self.get_json("/hosts").await;
+        assert_eq!(code, 200, "{v}");
+        v["hosts"].as_array().unwrap().clone()
+    }
+
+    /// Waits until `GET /hosts` shows exactly these hosts live (`ids` sorted; no others live);
+    /// panics after `limit` with `logs()` (the processes' stderr).
+    pub async fn wait_live(
+        &self,
+        ids: &[&str],
+        limit: std::time::Duration,
+        logs: impl Fn() -> String,
+    ) -> Vec<Value> {
+        let start = std::time::Instant::now();
+        loop {
+            let hs = self.hosts().await;
+            let mut live: Vec<&str> = hs
+                .iter()
+                .filter(|h| h["live"] == true)
+                .map(|h| h["host_id"].as_str().unwrap())
+                .collect();
+            live.sort();
+            if live == ids {
+                return hs;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "hosts {hs:?}, want {ids:?} live\n{}",
+                logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// `GET /requests/{uuid}`: the request as JSON.
     pub async fn get(&self, uuid: &str) -> Value {
         self.fetch(&format!("/requests/{uuid}")).await.json()

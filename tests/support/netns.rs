@@ -409,6 +409,34 @@ impl Cluster {
         }
     }
 
+    /// The usual opening of a case: PostgreSQL, the API, and agents hosts `hosts` (id,
+    /// labels), each started and live.
+    pub async fn with_hosts(lease: &str, warm: bool, hosts: &[(&str, &str)]) -> Cluster {
+        let mut c = Cluster::start_with(lease, warm).await;
+        c.start_api().await;
+        c.add_hosts(hosts);
+        c.start_every_host().await;
+        c
+    }
+
+    /// [`Cluster::add_host`] for each (id, labels).
+    pub fn add_hosts(&mut self, hosts: &[(&str, &str)]) {
+        for (id, labels) in hosts {
+            self.add_host(id, labels);
+        }
+    }
+
+    /// Starts every added host's agents and waits until all are live.
+    pub async fn start_every_host(&mut self) {
+        let mut ids: Vec<String> = self.hosts.iter().map(|h| h.id.clone()).collect();
+        ids.sort();
+        for id in &ids {
+            self.start_agents(id);
+        }
+        let ids: Vec<&str> = ids.iter().map(|s| s.as_str()).collect();
+        self.wait_live(&ids).await;
+    }
+
     /// A new host namespace for agents host `id` with `labels` (not started yet).
     pub fn add_host(&mut self, id: &str, labels: &str) -> Host {
         let i = self.hosts.len();
@@ -507,27 +535,9 @@ impl Cluster {
 
     /// Waits until `GET /hosts` shows exactly these hosts live.
     pub async fn wait_live(&self, ids: &[&str]) -> Vec<Value> {
-        let start = Instant::now();
-        loop {
-            let (code, v) = self.api.get_json("/hosts").await;
-            assert_eq!(code, 200, "{v}");
-            let hs = v["hosts"].as_array().unwrap().clone();
-            let mut live: Vec<&str> = hs
-                .iter()
-                .filter(|h| h["live"] == true)
-                .map(|h| h["host_id"].as_str().unwrap())
-                .collect();
-            live.sort();
-            if live == ids {
-                return hs;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "hosts {hs:?}, want {ids:?} live\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.api
+            .wait_live(ids, Duration::from_secs(60), || self.logs())
+            .await
     }
 
     /// Polls until request `id` is terminal.

@@ -1,7 +1,7 @@
 //! The audit log on PostgreSQL: the same rows as `store/audit.rs`.
 
 use super::Pg;
-use crate::store::audit::AUDIT_COLUMNS;
+use crate::store::audit::{AuditArg, Placeholders, AUDIT_COLUMNS};
 use crate::store::{AuditEntry, AuditQuery, NewAudit, Outcome, StoreError};
 use crate::timefmt;
 use tokio_postgres::types::ToSql;
@@ -63,36 +63,17 @@ impl Pg {
     }
 
     pub(crate) async fn audit(&self, q: AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
-        let mut wh: Vec<String> = Vec::new();
-        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        let mut push = |col: &str, v: Box<dyn ToSql + Sync + Send>, args: &mut Vec<_>| {
-            args.push(v);
-            wh.push(format!("{col} ${}", args.len()));
-        };
-        if let Some(p) = q.principal {
-            push("principal =", Box::new(p), &mut args);
-        }
-        if let Some(a) = q.action {
-            push("action =", Box::new(a), &mut args);
-        }
-        if let Some(r) = q.request {
-            push("request_uuid =", Box::new(r.to_string()), &mut args);
-        }
-        if let Some(s) = q.since {
-            push("at >=", Box::new(s), &mut args);
-        }
-        if let Some(b) = q.before {
-            push("id <", Box::new(b), &mut args);
-        }
-        let wh = if wh.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", wh.join(" AND "))
-        };
-        let sql = format!(
-            "SELECT {AUDIT_COLUMNS} FROM audit_log {wh} ORDER BY id DESC LIMIT {}",
-            q.limit
-        );
+        let (tail, args) = q.where_limit(Placeholders::Numbered);
+        let args: Vec<Box<dyn ToSql + Sync + Send>> = args
+            .into_iter()
+            .map(|a| -> Box<dyn ToSql + Sync + Send> {
+                match a {
+                    AuditArg::Text(s) => Box::new(s),
+                    AuditArg::Int(i) => Box::new(i),
+                }
+            })
+            .collect();
+        let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_log {tail}");
         retry!(self, "audit", |c| {
             let params: Vec<&(dyn ToSql + Sync)> =
                 args.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect();

@@ -9,6 +9,7 @@ use crate::store::hosts::{
 };
 use crate::store::{place, Host, HostReport, Placement, StoreError};
 use crate::timefmt;
+use tokio_postgres::types::Type;
 
 /// The claim filter: every label the request requires is among the claimer's labels (a JSON
 /// array bound at `$1`), as `store/hosts.rs`'s `ELIGIBLE` on SQLite.
@@ -20,12 +21,13 @@ pub(super) async fn hosts_in(
     c: &tokio_postgres::Client,
     slots: bool,
 ) -> Result<Vec<Host>, StoreError> {
+    // `query_typed`: no prepare round trip (every read of a pending request asks).
     let rows = c
-        .query(
+        .query_typed(
             "SELECT host_id, labels, vms, agents, max_vms, last_seen,
                     NOT stopped AND live_until >= $1
              FROM agent_processes ORDER BY host_id, last_seen DESC",
-            &[&timefmt::now()],
+            &[(&timefmt::now(), Type::TEXT)],
         )
         .await?
         .iter()
@@ -42,7 +44,7 @@ pub(super) async fn hosts_in(
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
     let in_use: std::collections::HashMap<String, i64> = if slots {
-        c.query(
+        c.query_typed(
             "SELECT host_id, COUNT(*) FROM requests
              WHERE host_id IS NOT NULL AND status IN ('acknowledged','running','hold')
              GROUP BY host_id",
@@ -112,7 +114,10 @@ impl Checker {
                             };
                         }
                         let c = client.as_ref()?;
-                        let row = c.query_one(&sql, &[&labels]).await.ok()?;
+                        let row = c
+                            .query_typed_one(&sql, &[(&labels, Type::TEXT)])
+                            .await
+                            .ok()?;
                         row.try_get::<_, bool>(0).ok()
                     });
                     // Unknown (server unreachable): say yes, and let the claim find out.

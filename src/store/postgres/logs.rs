@@ -1,23 +1,47 @@
 //! The work log on PostgreSQL: `bytea` rows, `seq` continuing per request.
 
 use super::Pg;
-use crate::model::{LogEntry, LogType, RequestId};
+use crate::model::{AgentId, LogEntry, LogType, RequestId};
 use crate::store::{LogQuery, StoreError};
+use tokio_postgres::types::Type;
 
 impl Pg {
-    /// One transaction per batch, with the raw console bytes of the same stretch; the
-    /// request's row is locked first so that concurrent appenders (the sink, lease recovery's
-    /// system line) take turns on `seq` and offsets. A batch whose COMMIT was lost is found by
-    /// its last row (same time, type and bytes as the request's last entry; or, for console
-    /// bytes alone, the same bytes as the last console row) and not written twice.
     pub(crate) async fn append_logs_with_console(
         &self,
         id: RequestId,
         chunks: Vec<(String, LogType, Vec<u8>)>,
         console: Vec<u8>,
     ) -> Result<(), StoreError> {
+        self.append(id, None, chunks, console).await.map(|_| ())
+    }
+
+    pub(crate) async fn append_agent_logs(
+        &self,
+        id: RequestId,
+        agent: &AgentId,
+        chunks: Vec<(String, LogType, Vec<u8>)>,
+        console: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        self.append(id, Some(agent.0.clone()), chunks, console)
+            .await
+    }
+
+    /// One transaction per batch, with the raw console bytes of the same stretch; the
+    /// request's row is locked first so that concurrent appenders (the sink, lease recovery's
+    /// system line) take turns on `seq` and offsets, and an agent's append (`owner`) is
+    /// fenced by the same lock: written only while the row is still that agent's and active,
+    /// else nothing (false). A batch whose COMMIT was lost is found by its last row (same
+    /// time, type and bytes as the request's last entry; or, for console bytes alone, the
+    /// same bytes as the last console row) and not written twice.
+    async fn append(
+        &self,
+        id: RequestId,
+        owner: Option<String>,
+        chunks: Vec<(String, LogType, Vec<u8>)>,
+        console: Vec<u8>,
+    ) -> Result<bool, StoreError> {
         if chunks.is_empty() && console.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let uuid = id.to_string();
         let last = chunks.last().cloned();
@@ -25,31 +49,44 @@ impl Pg {
             self,
             "append_logs",
             |tx| async {
-                tx.execute(
-                    "SELECT 1 FROM requests WHERE uuid = $1 FOR UPDATE",
-                    &[&uuid],
-                )
-                .await?;
-                let mut next: i64 = tx
-                    .query_one(
-                        "SELECT COALESCE(MAX(seq), 0) + 1 FROM work_log WHERE request_uuid = $1",
-                        &[&uuid],
+                let owns = tx
+                    .query_typed(
+                        "SELECT $2::text IS NULL
+                                OR (agent_id = $2 AND status IN ('acknowledged','running','hold'))
+                         FROM requests WHERE uuid = $1 FOR UPDATE",
+                        &[(&uuid, Type::TEXT), (&owner, Type::TEXT)],
                     )
                     .await?
-                    .get(0);
-                let ins = tx
-                    .prepare(
-                        "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
-                     VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .await?;
-                for (ts, ty, bytes) in &chunks {
-                    tx.execute(&ins, &[&uuid, &next, ts, &ty.as_str(), bytes])
-                        .await?;
-                    next += 1;
+                    .first()
+                    .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
+                    .unwrap_or(owner.is_none());
+                if !owns {
+                    return Ok(false);
                 }
+                // One statement, sent with its types (no prepare round trip): the rows
+                // continue the request's `seq` in order.
+                let (mut ts, mut tys, mut outs) = (Vec::new(), Vec::new(), Vec::new());
+                for (t, ty, bytes) in &chunks {
+                    ts.push(t.as_str());
+                    tys.push(ty.as_str());
+                    outs.push(bytes.as_slice());
+                }
+                tx.query_typed(
+                    "INSERT INTO work_log (request_uuid, seq, timestamp, log_type, output)
+                     SELECT $1, (SELECT COALESCE(MAX(seq), 0) FROM work_log
+                                 WHERE request_uuid = $1) + t.n, t.ts, t.ty, t.out
+                     FROM unnest($2::text[], $3::text[], $4::bytea[])
+                          WITH ORDINALITY AS t(ts, ty, out, n)",
+                    &[
+                        (&uuid, Type::TEXT),
+                        (&ts, Type::TEXT_ARRAY),
+                        (&tys, Type::TEXT_ARRAY),
+                        (&outs, Type::BYTEA_ARRAY),
+                    ],
+                )
+                .await?;
                 super::console::append_in(&tx, &uuid, &console).await?;
-                Ok(())
+                Ok(true)
             }
             .await,
             recheck | c | {
@@ -69,10 +106,11 @@ impl Pg {
                         )
                         .await?,
                 };
+                // Found: that batch committed, so the agent owned the request then.
                 Ok(same
                     .and_then(|r| r.get::<_, Option<bool>>(0))
                     .unwrap_or(false)
-                    .then_some(()))
+                    .then_some(true))
             },
             payload "log"
         )
@@ -89,11 +127,16 @@ impl Pg {
         let after = q.after.unwrap_or(0);
         retry!(self, "logs", |c| {
             let rows = c
-                .query(
+                .query_typed(
                     "SELECT seq, timestamp, log_type, output FROM work_log
                      WHERE request_uuid = $1 AND seq > $2 AND ($3::text IS NULL OR log_type = $3)
                      ORDER BY seq LIMIT $4",
-                    &[&uuid, &after, &ty, &limit],
+                    &[
+                        (&uuid, Type::TEXT),
+                        (&after, Type::INT8),
+                        (&ty, Type::TEXT),
+                        (&limit, Type::INT8),
+                    ],
                 )
                 .await?;
             rows.iter()

@@ -294,10 +294,19 @@ impl Pg {
             self,
             "claim",
             |tx| async {
-                tx.query_opt(&sql, &[&labels, &agent, &lease_until(lease), &now, &host])
-                    .await?
-                    .map(|r| from_row(&r))
-                    .transpose()
+                tx.query_typed_opt(
+                    &sql,
+                    &[
+                        (&labels, Type::TEXT),
+                        (&agent, Type::TEXT),
+                        (&lease_until(lease), Type::TEXT),
+                        (&now, Type::TEXT),
+                        (&host, Type::TEXT),
+                    ],
+                )
+                .await?
+                .map(|r| from_row(&r))
+                .transpose()
             }
             .await,
             recheck | c | {
@@ -321,10 +330,14 @@ impl Pg {
             "mark_running",
             |tx| async {
                 let n = tx
-                    .execute(
+                    .execute_typed(
                         "UPDATE requests SET status = 'running', started_at = $1, updated_at = $1
                      WHERE uuid = $2 AND agent_id = $3 AND status = 'acknowledged'",
-                        &[&now, &uuid, &agent],
+                        &[
+                            (&now, Type::TEXT),
+                            (&uuid, Type::TEXT),
+                            (&agent, Type::TEXT),
+                        ],
                     )
                     .await?;
                 Ok(n == 1)
@@ -352,11 +365,15 @@ impl Pg {
         let (agent, uuid) = (agent.0.clone(), id.to_string());
         retry!(self, "heartbeat", |c| {
             let n = c
-                .execute(
+                .execute_typed(
                     "UPDATE requests SET lease_expires_at = $1
                      WHERE uuid = $2 AND agent_id = $3
                        AND status IN ('acknowledged','running','hold')",
-                    &[&lease_until(lease), &uuid, &agent],
+                    &[
+                        (&lease_until(lease), Type::TEXT),
+                        (&uuid, Type::TEXT),
+                        (&agent, Type::TEXT),
+                    ],
                 )
                 .await?;
             Ok(n == 1)
@@ -381,16 +398,16 @@ impl Pg {
             |tx| async {
                 // Deleted while it ran: now that its VM is down, it goes with its logs.
                 let gone = tx
-                    .execute(
+                    .execute_typed(
                         "DELETE FROM requests WHERE uuid = $1 AND agent_id = $2 AND deleting",
-                        &[&uuid, &agent],
+                        &[(&uuid, Type::TEXT), (&agent, Type::TEXT)],
                     )
                     .await?;
                 if gone == 1 {
                     return Ok(true);
                 }
                 let n = tx
-                    .execute(
+                    .execute_typed(
                         "UPDATE requests SET status = $1, exit_code = $2, error = $3,
                             shutdown_step = $4, finished_at = $5, updated_at = $5,
                             lease_expires_at = NULL, desired_status = NULL, boot_ms = $8,
@@ -399,27 +416,27 @@ impl Pg {
                      WHERE uuid = $6 AND agent_id = $7
                        AND status NOT IN ('done','failed','cancelled')",
                         &[
-                            &status,
-                            &fin.exit_code,
-                            &fin.error,
-                            &step,
-                            &now,
-                            &uuid,
-                            &agent,
-                            &fin.boot_ms,
-                            &fin.run_ms,
-                            &fin.shutdown_ms,
-                            &mode,
-                            &fin.restore_ms,
-                            &channel,
-                            &fin.kept_ms,
+                            (&status, Type::TEXT),
+                            (&fin.exit_code, Type::INT4),
+                            (&fin.error, Type::TEXT),
+                            (&step, Type::TEXT),
+                            (&now, Type::TEXT),
+                            (&uuid, Type::TEXT),
+                            (&agent, Type::TEXT),
+                            (&fin.boot_ms, Type::INT8),
+                            (&fin.run_ms, Type::INT8),
+                            (&fin.shutdown_ms, Type::INT8),
+                            (&mode, Type::TEXT),
+                            (&fin.restore_ms, Type::INT8),
+                            (&channel, Type::TEXT),
+                            (&fin.kept_ms, Type::INT8),
                         ],
                     )
                     .await?;
                 // Keystrokes nobody will type any more.
-                tx.execute(
+                tx.execute_typed(
                     "DELETE FROM console_input WHERE request_uuid = $1",
-                    &[&uuid],
+                    &[(&uuid, Type::TEXT)],
                 )
                 .await?;
                 Ok(n == 1)

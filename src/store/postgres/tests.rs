@@ -233,6 +233,12 @@ async fn a_write_through_one_handle_wakes_another_at_once() {
     woken(&mut rx, Duration::from_secs(2)).await;
 }
 
+/// The data directory of this test process's private cluster: fresh, never one another run
+/// (or another branch's newer schema) left behind at the same port.
+fn cluster_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sqlite-sim-pg-restart-{}", std::process::id()))
+}
+
 /// `scripts/postgres.sh` on a private cluster of this test's own.
 fn cluster(cmd: &str, port: u16) -> String {
     let out = std::process::Command::new(
@@ -240,6 +246,7 @@ fn cluster(cmd: &str, port: u16) -> String {
     )
     .arg(cmd)
     .env("SQLITE_SIM_TEST_PG_PORT", port.to_string())
+    .env("SQLITE_SIM_TEST_PG_DIR", cluster_dir())
     .output()
     .unwrap();
     assert!(
@@ -255,6 +262,7 @@ struct Cluster(u16);
 impl Drop for Cluster {
     fn drop(&mut self) {
         cluster("stop", self.0);
+        let _ = std::fs::remove_dir_all(cluster_dir());
     }
 }
 

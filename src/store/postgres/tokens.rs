@@ -5,6 +5,7 @@ use crate::auth::Role;
 use crate::store::tokens::TOKEN_COLUMNS;
 use crate::store::{NewToken, StoreError, TokenCreated, TokenInfo};
 use crate::timefmt;
+use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Row};
 
 fn from_row(r: &Row) -> Result<TokenInfo, StoreError> {
@@ -24,7 +25,8 @@ fn from_row(r: &Row) -> Result<TokenInfo, StoreError> {
 
 async fn by_digest(c: &impl GenericClient, digest: &str) -> Result<Option<TokenInfo>, StoreError> {
     let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE digest = $1");
-    c.query_opt(&sql, &[&digest])
+    // Every authenticated API call asks: `query_typed`, no prepare round trip.
+    c.query_typed_opt(&sql, &[(&digest, Type::TEXT)])
         .await?
         .map(|r| from_row(&r))
         .transpose()
