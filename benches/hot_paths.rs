@@ -119,6 +119,7 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             callback_url: None,
             webhook_urls: Vec::new(),
             retries: 0,
+            priority: 0,
         })
         .await
         .unwrap();

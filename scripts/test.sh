@@ -51,6 +51,8 @@ export SQLITE_SIM_TEST_DATABASE_URL
 cargo test --locked --lib -- --test-threads="${TEST_THREADS:-4}"
 cargo test --locked --test api -- --test-threads="${TEST_THREADS:-4}"
 cargo test --locked --test auth -- --test-threads="${TEST_THREADS:-4}"
+# Priorities, fairness and queue positions: claims by one agents process on PostgreSQL.
+cargo test --locked --test queue -- --test-threads=2
 # Start-up before PostgreSQL is up (private clusters of its own): waits, then serves.
 cargo test --locked --test database_wait -- --test-threads=2
 # Webhooks: deliveries queued with final states, claimed across API processes, sent signed.

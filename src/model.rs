@@ -398,6 +398,15 @@ pub struct Request {
     /// oldest first (the current attempt's outcome is in the fields above).
     #[serde(default)]
     pub attempts: Vec<AttemptRecord>,
+    /// From -100 to 100 (default 0): claims take the highest first.
+    #[serde(default)]
+    #[schema(minimum = -100, maximum = 100)]
+    pub priority: i32,
+    /// While `pending`: its place in the claim order (1 = the next to be claimed by a host
+    /// that can run every pending request), counting only pending requests; null otherwise.
+    #[serde(default)]
+    #[schema(format = Int64, minimum = 1)]
+    pub queue_position: Option<u64>,
 }
 
 /// Most retries a submission may ask for.
@@ -420,6 +429,11 @@ pub struct AttemptRecord {
     pub started_at: Option<String>,
     pub finished_at: String,
 }
+
+/// Lowest `priority` a submission may have.
+pub const MIN_PRIORITY: i32 = -100;
+/// Highest `priority` a submission may have.
+pub const MAX_PRIORITY: i32 = 100;
 
 /// How a run's commands talk to the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -529,6 +543,8 @@ pub struct NewRequest {
     pub webhook_urls: Vec<String>,
     /// Re-queues allowed after infrastructure failures.
     pub retries: u32,
+    /// [`MIN_PRIORITY`]..=[`MAX_PRIORITY`], checked by the API.
+    pub priority: i32,
 }
 
 /// How a submission asks its guest to start.

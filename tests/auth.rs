@@ -28,24 +28,14 @@ async fn api(env_token: bool) -> Server {
 
 /// `sqlite-sim token create` on the server's store; the token it printed.
 fn cli_token(s: &Server, name: &str, role: &str, extra: &[&str]) -> String {
-    let mut args = vec!["token", "create", "--name", name, "--role", role];
-    args.extend_from_slice(extra);
-    let out = s.run_command(&args);
-    assert!(
-        out.status.success(),
-        "token create failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(token.starts_with("sqs_"), "{token}");
-    token
+    s.make_token(name, role, extra)
 }
 
 /// One operation of the matrix: method, path, body, the roles that may, the status then.
 type Case = (Method, String, Option<Value>, &'static [&'static str], u16);
 
 fn bearer(s: &Server, token: &str) -> Client {
-    s.with_authorization(&format!("Bearer {token}"))
+    s.bearer(token)
 }
 
 async fn submit(c: &Client) -> String {

@@ -59,7 +59,7 @@ async fn list_show_and_prefixes() {
     let mut lines = table.lines();
     assert_eq!(
         lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
-        ["UUID", "VM", "STATUS", "EXIT", "ATTEMPT", "HOST", "AGE", "DURATION"]
+        ["UUID", "VM", "STATUS", "EXIT", "ATTEMPT", "HOST", "PRIO", "QUEUE", "AGE", "DURATION"]
     );
     let rows: Vec<&str> = lines.collect();
     assert_eq!(rows.len(), 17);
@@ -67,6 +67,10 @@ async fn list_show_and_prefixes() {
     assert!(rows
         .iter()
         .all(|r| r.contains(" tiny ") && r.contains(" pending ")));
+    // Same priority, no submitter: the queue is oldest first, so the newest is 17th.
+    let cells = |r: &str| r.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(cells(rows[0])[5..7], ["0", "17"], "{table}");
+    assert_eq!(cells(rows[16])[5..7], ["0", "1"], "{table}");
 
     let json = sqlite_sim(
         &s,

@@ -211,7 +211,8 @@ impl ErrorCode {
             }
             ErrorCode::Forbidden => {
                 "the token is valid but its role may not do this (the operation's description \
-                 names the roles that may)"
+                 names the roles that may), or a submission's `priority` is above a submitter \
+                 token's allowance (`SQLITE_SIM_MAX_SUBMITTER_PRIORITY`)"
             }
             ErrorCode::NameTaken => "the token name already has an active token; revoke it first",
             ErrorCode::NotFound => {

@@ -16,6 +16,7 @@ mod input;
 mod logs;
 mod metrics;
 pub mod openapi;
+mod priority;
 mod requests;
 mod tokens;
 pub use tokens::expiry as tokens_expiry;

@@ -7,7 +7,8 @@ use super::upload;
 use super::{AppState, BODY_LIMIT};
 use crate::config::vm::{is_valid_vm_name, VmConfigError};
 use crate::model::{
-    BootChoice, Label, NewRequest, Request, RequestId, Status, CONTROL_TARGETS, MAX_RETRIES,
+    BootChoice, Label, NewRequest, Request, RequestId, Status, CONTROL_TARGETS, MAX_PRIORITY,
+    MAX_RETRIES, MIN_PRIORITY,
 };
 use crate::store::{ControlOutcome, DeleteOutcome, Placement, ReleaseOutcome, RequestQuery};
 use axum::body::Body;
@@ -95,6 +96,13 @@ pub struct CreateBody {
     #[serde(default, deserialize_with = "input::optional_whole_number")]
     #[schema(value_type = Option<i64>, minimum = 0, maximum = 10)]
     pub retries: Option<i128>,
+    /// From -100 to 100; absent or null: 0. Claims take the highest first, and within a level
+    /// go round-robin between submitters, oldest first within each. A submitter token may ask
+    /// for at most `SQLITE_SIM_MAX_SUBMITTER_PRIORITY` (`403 forbidden` above it); operators
+    /// and admins, and everyone while authentication is off, for the whole range.
+    #[serde(default, deserialize_with = "input::optional_whole_number")]
+    #[schema(value_type = Option<i64>, minimum = -100, maximum = 100)]
+    pub priority: Option<i128>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -184,6 +192,17 @@ pub(super) fn validate(
                 ApiError::Validation(format!("retries must be from 0 to {MAX_RETRIES}, got {r}"))
             })?,
     };
+    let priority = match body.priority {
+        None => 0,
+        Some(p) => i32::try_from(p)
+            .ok()
+            .filter(|p| (MIN_PRIORITY..=MAX_PRIORITY).contains(p))
+            .ok_or_else(|| {
+                ApiError::Validation(format!(
+                    "priority must be from {MIN_PRIORITY} to {MAX_PRIORITY}, got {p}"
+                ))
+            })?,
+    };
     let pending = files::inline(body.files.unwrap_or_default())?;
     let artifacts = files::globs(body.artifacts.unwrap_or_default())?;
     let asked = body.requires.unwrap_or_default();
@@ -210,6 +229,7 @@ pub(super) fn validate(
             callback_url: body.callback_url,
             webhook_urls,
             retries,
+            priority,
         },
         pending,
     ))
@@ -251,6 +271,12 @@ pub async fn create(
     };
     new.submitted_by = who.submitter_name();
     let staged = new.uploads.clone();
+    if let Err(e) =
+        super::priority::check(&who, new.priority, state.settings.max_submitter_priority)
+    {
+        let _ = state.store.discard_uploads(staged).await;
+        return Err(e);
+    }
     // Refused only when hosts have reported and none has the labels: with no host yet (an
     // API started before its agents) there is nothing to judge by, and a host that is down
     // may come back (the request waits, and says why).
@@ -306,7 +332,7 @@ pub(super) async fn load(state: &AppState, raw: &str) -> Result<Request, ApiErro
         .ok_or_else(|| ApiError::NotFound(id.to_string()))
 }
 
-/// One request.
+/// One request (a pending one with its `queue_position`).
 #[utoipa::path(get, path = "/requests/{uuid}", tag = "requests",
     params(("uuid" = inline(RequestId), Path, description = "request id")),
     responses((status = 200, body = Request, description = "the request")))]
@@ -409,7 +435,9 @@ impl utoipa::PartialSchema for StatusFilter {
 
 impl ToSchema for StatusFilter {}
 
-/// List requests, newest first. Unknown query parameters are refused.
+/// List requests, newest first. Unknown query parameters are refused. Pending requests carry
+/// their `queue_position` in the claim order (highest `priority` first, round-robin between
+/// submitters within a level).
 #[utoipa::path(get, path = "/requests", tag = "requests",
     params(
         ("status" = inline(Option<Vec<StatusFilter>>), Query, style = Form, explode,

@@ -223,6 +223,10 @@ async fn list(
                 render::exit_cell(r),
                 render::attempt_cell(r),
                 r.host.clone().unwrap_or_else(|| "-".into()),
+                r.priority.to_string(),
+                r.queue_position
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 render::age(r),
                 render::duration(r),
             ]
@@ -231,7 +235,10 @@ async fn list(
     print!(
         "{}",
         render::table(
-            &["UUID", "VM", "STATUS", "EXIT", "ATTEMPT", "HOST", "AGE", "DURATION"],
+            &[
+                "UUID", "VM", "STATUS", "EXIT", "ATTEMPT", "HOST", "PRIO", "QUEUE", "AGE",
+                "DURATION"
+            ],
             &rows
         )
     );
@@ -265,6 +272,13 @@ async fn show(client: &ApiClient, id: &str, json: bool) -> Result<u8, CliError> 
         ),
         ("attempt", render::attempt_cell(&r)),
         ("timeout", format!("{} s", r.timeout)),
+        ("priority", r.priority.to_string()),
+        (
+            "queue",
+            r.queue_position
+                .map(|p| format!("position {p}"))
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("created", r.created_at.clone()),
         ("started", opt(&r.started_at)),
         ("finished", opt(&r.finished_at)),

@@ -28,6 +28,11 @@ pub struct SubmitArgs {
     /// Seconds (default: the server's SQLITE_SIM_DEFAULT_TIMEOUT).
     #[arg(long)]
     pub timeout: Option<u32>,
+    /// From -100 to 100 (default 0): claims take the highest first. A submitter token may go
+    /// up to the server's SQLITE_SIM_MAX_SUBMITTER_PRIORITY; operators and admins, anywhere.
+    #[arg(long, value_name = "N", allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-100..=100))]
+    pub priority: Option<i32>,
     /// On a failure after boot, keep the VM up this many seconds to attach to it.
     #[arg(long, value_name = "SECONDS")]
     pub keep_on_failure: Option<u32>,
@@ -116,6 +121,9 @@ pub async fn run(conn: Conn, a: SubmitArgs) -> Result<u8, CliError> {
     }
     if let Some(n) = a.retries {
         body["retries"] = n.into();
+    }
+    if let Some(p) = a.priority {
+        body["priority"] = p.into();
     }
     if let Some(k) = a.keep_on_failure {
         body["keep_on_failure"] = k.into();

@@ -75,6 +75,9 @@ pub struct Settings {
     pub max_keep: u32,
     /// `retries` of a submission that gives none: re-queues after infrastructure failures.
     pub default_retries: u32,
+    /// Highest `priority` a submitter token may ask for (operators and admins, and every
+    /// caller while authentication is off, may use the whole range).
+    pub max_submitter_priority: i32,
     pub enable_cors: bool,
     pub allowed_origins: Vec<String>,
     pub log_level: String,
@@ -212,6 +215,12 @@ impl Settings {
                 0,
                 crate::model::MAX_RETRIES,
             )?,
+            max_submitter_priority: v.num(
+                "SQLITE_SIM_MAX_SUBMITTER_PRIORITY",
+                0i32,
+                crate::model::MIN_PRIORITY,
+                crate::model::MAX_PRIORITY,
+            )?,
             enable_cors: v.boolean("SQLITE_SIM_ENABLE_CORS", false)?,
             allowed_origins: v
                 .string("SQLITE_SIM_ALLOWED_ORIGINS", "*")
@@ -306,6 +315,10 @@ impl Settings {
             (
                 "SQLITE_SIM_DEFAULT_RETRIES",
                 self.default_retries.to_string(),
+            ),
+            (
+                "SQLITE_SIM_MAX_SUBMITTER_PRIORITY",
+                self.max_submitter_priority.to_string(),
             ),
             ("SQLITE_SIM_ENABLE_CORS", self.enable_cors.to_string()),
             ("SQLITE_SIM_ALLOWED_ORIGINS", self.allowed_origins.join(",")),

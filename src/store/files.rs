@@ -330,6 +330,7 @@ mod tests {
                 callback_url: None,
                 webhook_urls: Vec::new(),
                 retries: 0,
+                priority: 0,
             })
             .await
             .unwrap();
@@ -358,6 +359,7 @@ mod tests {
                 callback_url: None,
                 webhook_urls: Vec::new(),
                 retries: 0,
+                priority: 0,
             })
             .await;
         assert!(again.is_err(), "{again:?}");

@@ -420,6 +420,7 @@ mod tests {
             callback_url: None,
             webhook_urls: Vec::new(),
             retries: 0,
+            priority: 0,
         }
     }
 

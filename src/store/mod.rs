@@ -35,6 +35,7 @@ mod hosts;
 mod logs;
 mod metrics;
 pub mod postgres;
+mod queue;
 mod requests;
 mod retry;
 mod schema;
@@ -595,6 +596,7 @@ pub(crate) mod test_support {
                 callback_url: None,
                 webhook_urls: Vec::new(),
                 retries: 0,
+                priority: 0,
             })
             .await
             .unwrap()

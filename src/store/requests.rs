@@ -1,6 +1,7 @@
 //! Request rows: create, read, claim, and the agent's state changes.
 
 use super::hosts::{self, Capabilities, ELIGIBLE};
+use super::queue::{fill_positions, CLAIM_ORDER, NEXT_TURN};
 use super::retry;
 use super::{webhooks, Store, StoreError};
 use crate::model::{
@@ -15,7 +16,7 @@ const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, upd
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
      requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, callback_url, \
-     retries, attempt, attempts";
+     retries, attempt, attempts, priority";
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -83,6 +84,8 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreErr
                 Some(j) => serde_json::from_str(&j).map_err(|e| bad(&e))?,
                 None => Vec::new(),
             },
+            priority: r.get(32)?,
+            queue_position: None,
         })
     };
     Ok(build())
@@ -196,6 +199,9 @@ impl Store {
             retries: new.retries,
             attempt: 1,
             attempts: Vec::new(),
+            priority: new.priority,
+            // Not counted here (a count per submission); reads show it.
+            queue_position: None,
         };
         let webhook_urls = (!new.webhook_urls.is_empty())
             .then(|| serde_json::to_string(&new.webhook_urls).expect("json"));
@@ -204,12 +210,14 @@ impl Store {
         // Committed with whatever other writes are queued (group commit); the insert and the
         // linking of its uploads are one savepoint, so a failure takes back both, and only them.
         self.call_batched(move |tx| {
-            tx.prepare_cached(
+            tx.prepare_cached(&format!(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
                                        boot, artifact_globs, requires, keep_on_failure,
-                                       submitted_by, callback_url, webhook_urls, retries)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            )?
+                                       submitted_by, priority, callback_url, webhook_urls, retries,
+                                       queue_tag)
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
+                         {NEXT_TURN})"
+            ))?
             .execute(params![
                 id.to_string(),
                 row.vm_name,
@@ -223,6 +231,7 @@ impl Store {
                     .then(|| serde_json::to_string(&row.requires).expect("json")),
                 row.keep_on_failure,
                 row.submitted_by,
+                row.priority,
                 row.callback_url,
                 webhook_urls,
                 row.retries,
@@ -261,6 +270,7 @@ impl Store {
                 return Ok(None);
             };
             fill_waiting(c, &self.inner.hosts, std::slice::from_mut(&mut req))?;
+            fill_positions(c, std::slice::from_mut(&mut req))?;
             Ok(Some(req))
         })
     }
@@ -308,12 +318,14 @@ impl Store {
                 .into_iter()
                 .collect::<Result<Vec<_>, _>>()?;
             fill_waiting(c, &inner.hosts, &mut rows)?;
+            fill_positions(c, &mut rows)?;
             Ok((rows, total))
         })
         .await
     }
 
-    /// Atomically takes the oldest `pending` request that needs no labels, for `agent` (whose
+    /// Atomically takes the first `pending` request in the claim order (`store/queue.rs`) that
+    /// needs no labels, for `agent` (whose
     /// host is the part of its id before the first `:`), or `None`.
     pub async fn claim(
         &self,
@@ -328,10 +340,11 @@ impl Store {
         self.claim_as(agent, &caps, lease).await
     }
 
-    /// Atomically takes the oldest `pending` request whose required labels are all among
+    /// Atomically takes the first `pending` request in the claim order (`store/queue.rs`:
+    /// priority, then round-robin between submitters) whose required labels are all among
     /// `caps.labels`, for `agent` on `caps.host_id`, or `None`. The filter is inside the one
     /// `UPDATE`, and `BEGIN IMMEDIATE` serialises claimers across processes, so no request is
-    /// ever run twice and none is skipped for a younger one the same host could run.
+    /// ever run twice and none is skipped for a later one in the order that the same host could run.
     pub async fn claim_as(
         &self,
         agent: &AgentId,
@@ -353,7 +366,7 @@ impl Store {
                              updated_at = ?4, host_id = ?5
                          WHERE uuid = (SELECT uuid FROM requests WHERE status = 'pending'
                                          AND {ELIGIBLE}
-                                       ORDER BY created_at, rowid LIMIT 1)
+                                       ORDER BY {CLAIM_ORDER} LIMIT 1)
                          RETURNING uuid"
                     ),
                     params![labels, agent, lease_until(lease), now, host],
@@ -541,6 +554,7 @@ mod tests {
             callback_url: None,
             webhook_urls: Vec::new(),
             retries: 0,
+            priority: 0,
         }
     }
 
@@ -551,6 +565,7 @@ mod tests {
         assert_eq!(r.status, Status::Pending);
         assert_eq!(r.created_at, r.updated_at);
         let got = s.get(r.uuid).await.unwrap().unwrap();
+        assert_eq!(got.queue_position, Some(1), "reads count the queue");
         assert_eq!(
             got.waiting_for.as_deref(),
             Some("no agents host has reported yet")
@@ -558,6 +573,7 @@ mod tests {
         assert_eq!(
             Request {
                 waiting_for: None,
+                queue_position: None,
                 ..got
             },
             r

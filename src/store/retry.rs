@@ -245,6 +245,7 @@ mod tests {
                 callback_url: None,
                 webhook_urls: Vec::new(),
                 retries,
+                priority: 0,
             })
             .await
             .unwrap()

@@ -241,6 +241,19 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE requests ADD COLUMN attempts TEXT;
     ALTER TABLE work_log ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
     "#,
+    // v11: priorities and fair queueing (`store/queue.rs`). `queue_tag` is the request's
+    // round-robin turn within its priority level, given at submission. The indexes: the claim
+    // order (also what queue positions count), a submitter's latest pending turn per level, and
+    // the latest turn served per level.
+    r#"
+    ALTER TABLE requests ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN queue_tag INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX requests_queue ON requests (status, priority DESC, queue_tag, created_at);
+    CREATE INDEX requests_lane ON requests (priority, COALESCE(submitted_by, ''), queue_tag)
+        WHERE status = 'pending';
+    CREATE INDEX requests_served ON requests (priority, queue_tag)
+        WHERE host_id IS NOT NULL AND requires IS NULL;
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

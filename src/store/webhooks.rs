@@ -227,6 +227,7 @@ mod tests {
             callback_url: urls.first().map(|u| u.to_string()),
             webhook_urls: urls.iter().map(|u| u.to_string()).collect(),
             retries: 0,
+            priority: 0,
         })
         .await
         .unwrap()

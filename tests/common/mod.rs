@@ -229,6 +229,27 @@ impl Server {
             .unwrap()
     }
 
+    /// `sqlite-sim token create` on this server's store (authentication turns on within
+    /// `access::RECHECK`); the token it printed.
+    pub fn make_token(&self, name: &str, role: &str, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create", "--name", name, "--role", role];
+        args.extend_from_slice(extra);
+        let out = self.run_command(&args);
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(token.starts_with("sqs_"), "{token}");
+        token
+    }
+
+    /// A client presenting `token` as its bearer token.
+    pub fn bearer(&self, token: &str) -> Client {
+        self.with_authorization(&format!("Bearer {token}"))
+    }
+
     /// Starts (another) process of the binary with this server's environment.
     pub fn spawn_process(&self, mode: Mode) -> Proc {
         self.spawn_process_with(mode, &[])
@@ -334,7 +355,13 @@ impl Server {
 
     /// Polls until the request is terminal; panics with the logs after `limit`.
     pub async fn wait_terminal(&self, uuid: &str, limit: Duration) -> Value {
-        self.wait_until(uuid, limit, "not finished", |r| {
+        self.wait_terminal_as(&self.http, uuid, limit).await
+    }
+
+    /// [`Server::wait_terminal`], reading through `client` (one with a token, once
+    /// authentication is on).
+    pub async fn wait_terminal_as(&self, client: &Client, uuid: &str, limit: Duration) -> Value {
+        self.wait_until_as(client, uuid, limit, "not finished", |r| {
             matches!(r["status"].as_str(), Some("done" | "failed" | "cancelled"))
         })
         .await
@@ -347,16 +374,28 @@ impl Server {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_until_as(&self.http, uuid, limit, what, pred)
+            .await
+    }
+
+    async fn wait_until_as(
+        &self,
+        client: &Client,
+        uuid: &str,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let start = Instant::now();
         loop {
-            let r = self.get(uuid).await;
+            let r = client.get(uuid).await;
             if pred(&r) {
                 return r;
             }
             if start.elapsed() > limit {
                 panic!(
-                    "request {uuid} {what} after {limit:?}: {r}\nlogs: {:?}\nserver: {}",
-                    self.logs_of(uuid).await,
+                    "request {uuid} {what} after {limit:?}: {r}\nlogs: {}\nserver: {}",
+                    client.fetch(&format!("/requests/{uuid}/logs")).await.text(),
                     self.logs()
                 );
             }

@@ -38,6 +38,7 @@ pub(super) struct NewRow {
     pub requires: Option<String>,
     pub keep: Option<i64>,
     pub submitted_by: Option<String>,
+    pub priority: i32,
     pub callback_url: Option<String>,
     /// Where its final state is POSTed (a JSON array), decided at submission.
     pub webhook_urls: Option<String>,
@@ -141,18 +142,24 @@ async fn insert(pool: &Pool, mut jobs: Vec<Job>) {
 /// One statement for any number of rows: one array per column, unnested into rows.
 static INSERT: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH new AS (
-             INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
-                                   updated_at, boot, artifact_globs, requires,
-                                   keep_on_failure, submitted_by, callback_url, webhook_urls,
-                                   retries)
-             SELECT u, v, c, t, 'pending', n, n, b, g, r, k, s, cb, w, rt
+        "WITH x AS (
+             SELECT x.*, ROW_NUMBER() OVER (PARTITION BY p, COALESCE(s, '') ORDER BY o) AS nth
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[],
                          $6::text[], $7::text[], $8::text[], $9::int8[], $10::text[],
-                         $11::text[], $12::text[], $13::int8[])
-                  AS x(u, v, c, t, n, b, g, r, k, s, cb, w, rt)
+                         $11::int4[], $12::text[], $13::text[], $14::int8[])
+                  WITH ORDINALITY AS x(u, v, c, t, n, b, g, r, k, s, p, cb, w, rt, o)),
+         new AS (
+             INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
+                                   updated_at, boot, artifact_globs, requires,
+                                   keep_on_failure, submitted_by, priority, callback_url,
+                                   webhook_urls, retries, queue_tag)
+             SELECT u, v, c, t, 'pending', n, n, b, g, r, k, s, p, cb, w, rt, {} + nth
+             FROM x ORDER BY o
              RETURNING {COLUMNS})
-         SELECT new.*, pg_notify('{CHANNEL}', 'work')::text FROM new"
+         SELECT new.*, pg_notify('{CHANNEL}', 'work')::text FROM new",
+        // The turns are read before the statement's rows exist: a submitter's rows within one
+        // batch take the turns after its base one by one (`nth`), as separate inserts would.
+        super::queue::turn_base("x.p", "x.s")
     )
 });
 
@@ -168,6 +175,7 @@ struct Columns {
     requires: Vec<Option<String>>,
     keep: Vec<Option<i64>>,
     submitted_by: Vec<Option<String>>,
+    priority: Vec<i32>,
     callback_url: Vec<Option<String>>,
     webhook_urls: Vec<Option<String>>,
     retries: Vec<i64>,
@@ -189,6 +197,7 @@ impl Columns {
             requires: col(jobs, |r| &r.requires),
             keep: col(jobs, |r| &r.keep),
             submitted_by: col(jobs, |r| &r.submitted_by),
+            priority: col(jobs, |r| &r.priority),
             callback_url: col(jobs, |r| &r.callback_url),
             webhook_urls: col(jobs, |r| &r.webhook_urls),
             retries: col(jobs, |r| &r.retries),
@@ -197,7 +206,7 @@ impl Columns {
 
     /// The parameters, each with its type, so that the statement goes in one round trip (no
     /// separate prepare).
-    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 13] {
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 14] {
         [
             (&self.uuid, Type::TEXT_ARRAY),
             (&self.vm_name, Type::TEXT_ARRAY),
@@ -209,6 +218,7 @@ impl Columns {
             (&self.requires, Type::TEXT_ARRAY),
             (&self.keep, Type::INT8_ARRAY),
             (&self.submitted_by, Type::TEXT_ARRAY),
+            (&self.priority, Type::INT4_ARRAY),
             (&self.callback_url, Type::TEXT_ARRAY),
             (&self.webhook_urls, Type::TEXT_ARRAY),
             (&self.retries, Type::INT8_ARRAY),

@@ -129,6 +129,7 @@ mod files;
 mod hosts;
 mod logs;
 mod metrics;
+mod queue;
 mod requests;
 mod retry;
 mod schema;

@@ -3,6 +3,7 @@
 
 use super::batch::NewRow;
 use super::hosts::{fill_waiting, ELIGIBLE};
+use super::queue::{fill_positions, turn_base, CLAIM_ORDER, POSITION};
 use super::retry;
 use super::Pg;
 use crate::model::{AgentId, NewRequest, Request, RequestId};
@@ -18,7 +19,10 @@ pub(super) const COLUMNS: &str =
      started_at, finished_at, exit_code, error, agent_id, desired_status, shutdown_step, \
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
      requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, callback_url, \
-     retries, attempt, attempts";
+     retries, attempt, attempts, priority";
+
+/// How many columns `COLUMNS` names (a query's extra columns come after them).
+const COLUMN_COUNT: usize = 33;
 
 pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
     let uuid: String = r.try_get(0)?;
@@ -89,6 +93,8 @@ pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
             Some(j) => serde_json::from_str(&j).map_err(|e| bad(&e))?,
             None => Vec::new(),
         },
+        priority: r.try_get(32)?,
+        queue_position: None,
     })
 }
 
@@ -142,20 +148,26 @@ impl Pg {
                     callback_url: new.callback_url,
                     webhook_urls,
                     retries: i64::from(new.retries),
+                    priority: new.priority,
                 })
                 .await;
         }
+        let insert = format!(
+            "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
+                                   updated_at, boot, artifact_globs, requires,
+                                   keep_on_failure, submitted_by, priority, callback_url,
+                                   webhook_urls, retries, queue_tag)
+             VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                     {} + 1)",
+            turn_base("$11", "$10")
+        );
         let req = write_tx!(
             self,
             "create",
             |tx| async {
                 let now = timefmt::now();
                 tx.execute(
-                    "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at,
-                                       updated_at, boot, artifact_globs, requires,
-                                       keep_on_failure, submitted_by, callback_url, webhook_urls,
-                                       retries)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                    &insert,
                     &[
                         &uuid,
                         &new.vm_name,
@@ -167,6 +179,7 @@ impl Pg {
                         &requires,
                         &new.keep_on_failure.map(i64::from),
                         &new.submitted_by,
+                        &new.priority,
                         &new.callback_url,
                         &webhook_urls,
                         &i64::from(new.retries),
@@ -207,13 +220,20 @@ impl Pg {
     }
 
     pub(crate) async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM requests WHERE uuid = $1 AND NOT deleting");
+        let sql = format!(
+            "SELECT {COLUMNS}, {POSITION} FROM requests r WHERE uuid = $1 AND NOT deleting"
+        );
         let uuid = id.to_string();
         let got = retry!(self, "get", |c| {
             // One round trip: the statement is sent with its parameter's type, not prepared.
             c.query_typed_opt(&sql, &[(&uuid, Type::TEXT)])
                 .await?
-                .map(|r| from_row(&r))
+                .map(|r| {
+                    let mut req = from_row(&r)?;
+                    let pos: Option<i64> = r.try_get(COLUMN_COUNT)?;
+                    req.queue_position = pos.map(|p| p as u64);
+                    Ok(req)
+                })
                 .transpose()
         })?;
         match got {
@@ -258,13 +278,13 @@ impl Pg {
             let rows = c.query(&sql, &params).await?;
             let mut rows = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
             fill_waiting(c, &self.hosts, &mut rows).await?;
+            fill_positions(c, &mut rows).await?;
             Ok((rows, total as u64))
         })
     }
 
-    /// One statement: the subquery locks the oldest pending row, skipping rows other claimers
-    /// hold, so concurrent claimers never wait on each other nor take the same row.
-    /// One statement: the subquery locks the oldest pending row this host can run, skipping
+    /// One statement: the subquery locks the first pending row in the claim order
+    /// (`store/queue.rs`) that this host can run, skipping
     /// rows other claimers hold, so concurrent claimers never wait on each other nor take the
     /// same row. A claim that finds nothing sends no `NOTIFY`.
     pub(crate) async fn claim_as(
@@ -284,7 +304,7 @@ impl Pg {
              SET status = 'acknowledged', agent_id = $2, lease_expires_at = $3, updated_at = $4,
                  host_id = $5
              WHERE uuid = (SELECT uuid FROM requests WHERE status = 'pending' AND {ELIGIBLE}
-                           ORDER BY created_at, row_id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                           ORDER BY {CLAIM_ORDER} LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING {COLUMNS}"
         );
         let found = format!(

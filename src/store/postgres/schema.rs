@@ -223,6 +223,16 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE requests ADD COLUMN attempts TEXT;
     ALTER TABLE work_log ADD COLUMN attempt BIGINT NOT NULL DEFAULT 1;
     "#,
+    // v7: priorities and fair queueing (`store/queue.rs`), as SQLite's v11.
+    r#"
+    ALTER TABLE requests ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE requests ADD COLUMN queue_tag BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX requests_queue ON requests (status, priority DESC, queue_tag, created_at, row_id);
+    CREATE INDEX requests_lane ON requests (priority, (COALESCE(submitted_by, '')), queue_tag)
+        WHERE status = 'pending';
+    CREATE INDEX requests_served ON requests (priority, queue_tag)
+        WHERE host_id IS NOT NULL AND requires IS NULL;
+    "#,
 ];
 
 /// Any fixed number: the advisory lock that serialises migrations across processes.

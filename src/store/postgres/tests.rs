@@ -27,6 +27,7 @@ fn new() -> NewRequest {
         callback_url: None,
         webhook_urls: Vec::new(),
         retries: 0,
+        priority: 0,
     }
 }
 
