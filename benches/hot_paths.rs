@@ -110,16 +110,7 @@ async fn new_store(dir: &std::path::Path) -> (Store, RequestId) {
             vm_name: "tiny".into(),
             commands: "bench".into(),
             timeout: 60,
-            boot: None,
-            uploads: Vec::new(),
-            artifacts: Vec::new(),
-            requires: Vec::new(),
-            keep_on_failure: None,
-            submitted_by: None,
-            callback_url: None,
-            webhook_urls: Vec::new(),
-            retries: 0,
-            priority: 0,
+            ..Default::default()
         })
         .await
         .unwrap();

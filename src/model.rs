@@ -519,8 +519,9 @@ pub struct Artifact {
     pub left_out: Option<String>,
 }
 
-/// A validated submission, ready to store.
-#[derive(Debug, Clone)]
+/// A validated submission, ready to store. `Default` (empty names, no options) is for tests
+/// and benchmarks, which name the fields they care about: the API fills in every field.
+#[derive(Debug, Clone, Default)]
 pub struct NewRequest {
     pub vm_name: String,
     pub commands: String,

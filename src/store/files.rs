@@ -321,16 +321,9 @@ mod tests {
                 vm_name: "t".into(),
                 commands: "x".into(),
                 timeout: 5,
-                boot: None,
                 uploads: vec![b, a],
                 artifacts: vec!["/root/out/*.xml".into()],
-                requires: Vec::new(),
-                keep_on_failure: None,
-                submitted_by: None,
-                callback_url: None,
-                webhook_urls: Vec::new(),
-                retries: 0,
-                priority: 0,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -350,16 +343,9 @@ mod tests {
                 vm_name: "t".into(),
                 commands: "x".into(),
                 timeout: 5,
-                boot: None,
                 uploads: vec![a],
                 artifacts: vec![],
-                requires: Vec::new(),
-                keep_on_failure: None,
-                submitted_by: None,
-                callback_url: None,
-                webhook_urls: Vec::new(),
-                retries: 0,
-                priority: 0,
+                ..Default::default()
             })
             .await;
         assert!(again.is_err(), "{again:?}");

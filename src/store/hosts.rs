@@ -411,16 +411,8 @@ mod tests {
             vm_name: "tiny".into(),
             commands: "x".into(),
             timeout: 5,
-            boot: None,
-            uploads: Vec::new(),
-            artifacts: Vec::new(),
             requires: labels.iter().map(|s| l(s)).collect(),
-            keep_on_failure: None,
-            submitted_by: None,
-            callback_url: None,
-            webhook_urls: Vec::new(),
-            retries: 0,
-            priority: 0,
+            ..Default::default()
         }
     }
 

@@ -587,16 +587,7 @@ pub(crate) mod test_support {
                 vm_name: "t".into(),
                 commands: "x".into(),
                 timeout: 1,
-                boot: None,
-                uploads: Vec::new(),
-                artifacts: Vec::new(),
-                requires: Vec::new(),
-                keep_on_failure: None,
-                submitted_by: None,
-                callback_url: None,
-                webhook_urls: Vec::new(),
-                retries: 0,
-                priority: 0,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -110,16 +110,9 @@ mod tests {
             vm_name: by.unwrap_or("anon").into(),
             commands: "true".into(),
             timeout: 9,
-            boot: None,
-            uploads: Vec::new(),
-            artifacts: Vec::new(),
-            requires: Vec::new(),
-            keep_on_failure: None,
             submitted_by: by.map(str::to_string),
             priority,
-            callback_url: None,
-            webhook_urls: Vec::new(),
-            retries: 0,
+            ..Default::default()
         }
     }
 

@@ -545,16 +545,7 @@ mod tests {
             vm_name: vm.into(),
             commands: "echo hi".into(),
             timeout: 30,
-            boot: None,
-            uploads: Vec::new(),
-            artifacts: Vec::new(),
-            requires: Vec::new(),
-            keep_on_failure: None,
-            submitted_by: None,
-            callback_url: None,
-            webhook_urls: Vec::new(),
-            retries: 0,
-            priority: 0,
+            ..Default::default()
         }
     }
 

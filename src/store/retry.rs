@@ -236,16 +236,8 @@ mod tests {
                 vm_name: "t".into(),
                 commands: "x".into(),
                 timeout: 1,
-                boot: None,
-                uploads: Vec::new(),
-                artifacts: Vec::new(),
-                requires: Vec::new(),
-                keep_on_failure: None,
-                submitted_by: None,
-                callback_url: None,
-                webhook_urls: Vec::new(),
                 retries,
-                priority: 0,
+                ..Default::default()
             })
             .await
             .unwrap()

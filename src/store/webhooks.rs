@@ -218,16 +218,9 @@ mod tests {
             vm_name: "t".into(),
             commands: "x".into(),
             timeout: 1,
-            boot: None,
-            uploads: Vec::new(),
-            artifacts: Vec::new(),
-            requires: Vec::new(),
-            keep_on_failure: None,
-            submitted_by: None,
             callback_url: urls.first().map(|u| u.to_string()),
             webhook_urls: urls.iter().map(|u| u.to_string()).collect(),
-            retries: 0,
-            priority: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
