@@ -41,8 +41,9 @@ scripts/check-deploy.sh
 shellcheck scripts/*.sh .ci/run
 # Real-QEMU tests boot guests under TCG: bound how many run at once on this 2-core machine.
 export SQLITE_SIM_TEST_VMS="${SQLITE_SIM_TEST_VMS:-2}"
-# (The cross-host tests run once, in the PostgreSQL phase below.)
-SQLITE_SIM_TEST_SKIP_NETNS=1 cargo test --locked --all-targets -- --test-threads="${TEST_THREADS:-4}"
+# (The cross-host tests run once, in the PostgreSQL phase below.) Every test binary runs even
+# after one fails, so that a failing run reports all its failures at once.
+SQLITE_SIM_TEST_SKIP_NETNS=1 cargo test --locked --all-targets --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"
 
 # The same store tests, API tests and one VM run on PostgreSQL.
 trap 'scripts/postgres.sh stop' EXIT

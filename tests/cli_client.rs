@@ -69,8 +69,8 @@ async fn list_show_and_prefixes() {
         .all(|r| r.contains(" tiny ") && r.contains(" pending ")));
     // Same priority, no submitter: the queue is oldest first, so the newest is 17th.
     let cells = |r: &str| r.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-    assert_eq!(cells(rows[0])[5..7], ["0", "17"], "{table}");
-    assert_eq!(cells(rows[16])[5..7], ["0", "1"], "{table}");
+    assert_eq!(cells(rows[0])[6..8], ["0", "17"], "{table}");
+    assert_eq!(cells(rows[16])[6..8], ["0", "1"], "{table}");
 
     let json = sqlite_sim(
         &s,
