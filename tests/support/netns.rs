@@ -354,6 +354,9 @@ impl Cluster {
             ("SQLITE_SIM_AGENT_LEASE", self.lease.clone()),
             ("SQLITE_SIM_AGENT_POLL_INTERVAL", "1".into()),
             ("SQLITE_SIM_LOG_LEVEL", "DEBUG".into()),
+            // What these cases check is recovery's own outcome (`failed` / `agent lost`), as
+            // the harness's other servers do; `tests/retries.rs` covers re-queues.
+            ("SQLITE_SIM_DEFAULT_RETRIES", "0".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
