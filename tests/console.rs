@@ -5,7 +5,7 @@
 mod common;
 
 use common::ws::Console;
-use common::{eventually, guest_slot, Mode, Options, Server};
+use common::{guest_slot, Mode, Options, Server};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::process::Stdio;
@@ -55,14 +55,6 @@ async fn logged_console(s: &Server, id: &str) -> Vec<u8> {
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
-}
-
-async fn no_qemu_left(s: &Server) {
-    assert!(
-        eventually(Duration::from_secs(10), || s.qemu_processes().is_empty()).await,
-        "QEMU left behind: {:?}",
-        s.qemu_processes()
-    );
 }
 
 #[tokio::test]
@@ -115,7 +107,7 @@ async fn a_late_viewer_sees_the_whole_console_and_typing_reaches_the_guest() {
     tail.until_closed(Duration::from_secs(10)).await;
     assert_eq!(tail.bytes, logged[logged.len() - 10..]);
     assert_eq!(tail.messages[0]["status"], "done");
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]
@@ -166,7 +158,7 @@ async fn a_kept_failure_can_be_attached_typed_into_and_released_with_its_outcome
     })
     .await;
     c.until_closed(Duration::from_secs(10)).await;
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
     // Releasing a finished request is refused.
     let (code, r) = s.put_status(&id, "release").await;
     assert_eq!(
@@ -227,7 +219,7 @@ async fn a_short_keep_expires_a_cancelled_one_keeps_its_outcome_and_a_deleted_on
         .output(&id, "system")
         .await
         .contains("keep_on_failure expired"));
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 
     // A cancel ends the debugging session, not the run, which had already failed: the
     // outcome stays the failure's.
@@ -245,7 +237,7 @@ async fn a_short_keep_expires_a_cancelled_one_keeps_its_outcome_and_a_deleted_on
         .output(&id, "system")
         .await
         .contains("cancelled by an operator"));
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 
     // A timeout is a failure worth keeping too; DELETE ends it and removes it.
     let (id, _) = kept(&s, "sleep 600", 20, 60).await;
@@ -258,7 +250,7 @@ async fn a_short_keep_expires_a_cancelled_one_keeps_its_outcome_and_a_deleted_on
     assert!(code == 204 || code == 202, "{code}");
     let (code, _) = s.get_json(&format!("/requests/{id}")).await;
     assert_eq!(code, 404);
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 /// Split processes: the API types into an agents process's VM through the store, `cli attach`
@@ -337,7 +329,7 @@ async fn across_processes_attach_types_and_stopping_the_agents_ends_the_keep() {
         .output(&id, "system")
         .await
         .contains("the agent is stopping"));
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]

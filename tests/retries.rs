@@ -6,7 +6,7 @@
 mod common;
 
 use common::sse::follow;
-use common::{eventually, require_image, signal_and_wait, vm_slot, Mode, Options, Server};
+use common::{require_image, signal_and_wait, vm_slot, Mode, Options, Server};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -55,14 +55,6 @@ async fn kill_qemu_during_boot(s: &Server, id: &str) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-async fn no_qemu_left(s: &Server) {
-    assert!(
-        eventually(Duration::from_secs(10), || s.qemu_processes().is_empty()).await,
-        "QEMU left behind: {:?}",
-        s.qemu_processes()
-    );
 }
 
 #[tokio::test]
@@ -161,7 +153,7 @@ async fn qemu_killed_during_boot_is_retried_and_ends_done_on_attempt_2() {
         (end.event.as_str(), &end.data["attempt"]),
         ("end", &json!(2))
     );
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]
@@ -179,7 +171,7 @@ async fn a_run_lost_with_its_agents_process_is_requeued_by_lease_recovery_and_fi
     s.wait_output(&id, "stdout", "started").await;
     // The host goes away mid-command: its QEMU dies with it (PR_SET_PDEATHSIG).
     signal_and_wait(&mut agents, Signal::SIGKILL);
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
     let _agents = s.spawn_process(Mode::Agents);
     let r = s.wait_terminal(&id, LIMIT).await;
     assert_eq!(
@@ -207,7 +199,7 @@ async fn a_run_lost_with_its_agents_process_is_requeued_by_lease_recovery_and_fi
     );
     let second = entries(&s, &id, "?attempt=2").await;
     assert_eq!(text_of(&second, "stdout"), "started\nfinished\n");
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]
@@ -232,7 +224,7 @@ async fn the_commands_own_failure_is_never_retried() {
     assert_eq!(text_of(&all, "stdout"), "once\n");
     assert!(!text_of(&all, "system").contains("re-queued"));
     assert!(entries(&s, &id, "?attempt=2").await.is_empty());
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]
@@ -259,7 +251,7 @@ async fn without_retries_the_same_kill_fails_at_attempt_1() {
     );
     assert_eq!(r["attempts"], json!([]));
     assert!(!text_of(&entries(&s, &id, "").await, "system").contains("re-queued"));
-    no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]

@@ -408,6 +408,15 @@ impl Server {
         qemu_processes_under(&self.run_dir)
     }
 
+    /// Asserts that every QEMU of this server is gone within 10 s.
+    pub async fn no_qemu_left(&self) {
+        assert!(
+            eventually(Duration::from_secs(10), || self.qemu_processes().is_empty()).await,
+            "QEMU left behind: {:?}",
+            self.qemu_processes()
+        );
+    }
+
     /// Kills the main process (SIGKILL) and starts it again on the same port, as a crashed and
     /// restarted service would be.
     pub async fn restart_hard(&mut self, mode: Mode) {
