@@ -7,8 +7,8 @@
 //! Each row's id is chosen before it is queued, so a batch whose answer was lost (the
 //! connection dropped after the statement was sent) is re-checked by id: rows that landed are
 //! answered from the table, the others are sent again. A batch the server refuses for a reason
-//! other than an outage is split, each row inserted by itself, so one bad row fails only its
-//! own request.
+//! other than an outage is split in halves until the refused rows stand alone, so one bad row
+//! fails only its own request and the good rows around it still share a few transactions.
 
 use super::requests::{from_row, COLUMNS};
 use super::{Attempt, CHANNEL};
@@ -118,10 +118,11 @@ async fn insert(pool: &Pool, mut jobs: Vec<Job>) {
         match attempt.again(e).await {
             Ok(()) => {}
             Err(e) if jobs.len() > 1 && !e.is_unavailable() => {
-                // A refusal (a value the server rejects): each row on its own.
-                for job in jobs {
-                    Box::pin(insert(pool, vec![job])).await;
-                }
+                // A refusal (a value the server rejects): halve the batch until the refused
+                // row stands alone, rather than pay a transaction for every good row.
+                let rest = jobs.split_off(jobs.len() / 2);
+                Box::pin(insert(pool, jobs)).await;
+                Box::pin(insert(pool, rest)).await;
                 return;
             }
             Err(e) => {

@@ -123,8 +123,9 @@ async fn concurrent_creates_are_batched_and_a_bad_row_fails_alone() {
         .unwrap()
         .get(0);
     assert!(
-        (transactions as usize) < N - 1,
-        "{N} concurrent creates took {transactions} transactions: not batched"
+        (transactions as usize) < N / 2,
+        "{N} concurrent creates took {transactions} transactions: not batched, or a refused \
+         batch was split row by row"
     );
 }
 
