@@ -165,6 +165,8 @@ struct Inner {
     writer: Option<writer::Writer>,
     /// The host registry as reads last saw it, to say why pending requests wait.
     hosts: hosts::HostsCache,
+    /// The latest snapshot of the queue, for positions deep in it.
+    positions: queue::Positions,
 }
 
 impl Store {
@@ -201,6 +203,7 @@ impl Store {
                 write_turn,
                 writer,
                 hosts: Default::default(),
+                positions: Default::default(),
             }),
             pg: None,
         };
@@ -280,6 +283,7 @@ impl Store {
                 write_turn: Arc::new(Mutex::new(())),
                 writer: None,
                 hosts: Default::default(),
+                positions: Default::default(),
             }),
             pg: Some(Arc::new(pg)),
         })

@@ -14,7 +14,8 @@
 //! reads the index from its start to the first row the host can run (no sort, no window
 //! function), and on PostgreSQL it stays one `SELECT … FOR UPDATE SKIP LOCKED` (a window
 //! function could not be combined with `FOR UPDATE`). A queue position is a count over the
-//! same index.
+//! same index, stopped at [`EXACT`]; past that, a binary search in a [`Snapshot`] of the
+//! queue, so that no read costs the length of a long queue.
 //!
 //! Why a turn given at submission, rather than ranking each submitter's pending requests
 //! (`ROW_NUMBER() OVER (PARTITION BY submitter)`) at every claim: the rank forgets what was
@@ -42,60 +43,221 @@ pub(super) const NEXT_TURN: &str = "MAX(
                   WHERE status = 'pending' AND priority = ?11
                     AND COALESCE(submitted_by, '') = COALESCE(?10, '')), 0)) + 1";
 
-/// A pending request's place in the claim order, with the request row as `r`; `NULL` when it
-/// is not pending. Two counts over `requests_queue`: higher levels, then earlier turns of its
-/// own level.
-pub(super) const POSITION: &str = "CASE WHEN r.status = 'pending' THEN 1
-        + (SELECT COUNT(*) FROM requests o WHERE o.status = 'pending' AND o.priority > r.priority)
-        + (SELECT COUNT(*) FROM requests o WHERE o.status = 'pending' AND o.priority = r.priority
-             AND (o.queue_tag, o.created_at, o.rowid) < (r.queue_tag, r.created_at, r.rowid))
-        END";
+/// The requests ahead of a pending one, each count stopping at [`EXACT`], as extra columns of a
+/// read of the request row `r` (`NULL`s when it is not pending): those at higher levels, then
+/// those earlier in its own level. Both index range scans of `requests_queue`.
+pub(super) static AHEAD: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "CASE WHEN r.status = 'pending' THEN (SELECT COUNT(*) FROM (
+            SELECT 1 FROM requests o WHERE o.status = 'pending' AND o.priority > r.priority
+            LIMIT {EXACT})) END,
+        CASE WHEN r.status = 'pending' THEN (SELECT COUNT(*) FROM (
+            SELECT 1 FROM requests o WHERE o.status = 'pending' AND o.priority = r.priority
+              AND (o.queue_tag, o.created_at, o.rowid) < (r.queue_tag, r.created_at, r.rowid)
+            LIMIT {EXACT})) END"
+    )
+});
 
-use super::StoreError;
+/// The first [`EXACT`] pending requests in the claim order.
+static HEAD: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT uuid FROM requests WHERE status = 'pending' ORDER BY {CLAIM_ORDER} LIMIT {EXACT}"
+    )
+});
+
+/// Every pending request's place in the claim order, for a [`Snapshot`].
+const ALL: &str = "SELECT priority, queue_tag, created_at, rowid FROM requests
+     WHERE status = 'pending'";
+
+use super::{Store, StoreError};
 use crate::model::{Request, Status};
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::sync::LazyLock;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// Fills `queue_position` of the pending requests among `reqs`: one count each when there
-/// are few, else one pass over the whole queue in claim order.
-pub(super) fn fill_positions(
-    c: &rusqlite::Connection,
-    reqs: &mut [Request],
-) -> Result<(), StoreError> {
-    let pending: Vec<String> = reqs
-        .iter()
-        .filter(|r| r.status == Status::Pending)
-        .map(|r| r.uuid.to_string())
-        .collect();
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let mut found: HashMap<String, u64> = HashMap::new();
-    if pending.len() <= 4 {
-        let mut stmt = c.prepare_cached(&format!(
-            "SELECT {POSITION} FROM requests r WHERE r.uuid = ?1"
-        ))?;
-        for id in &pending {
-            let pos: Option<Option<i64>> =
-                rusqlite::OptionalExtension::optional(stmt.query_row([id], |row| row.get(0)))?;
-            if let Some(Some(p)) = pos {
-                found.insert(id.clone(), p as u64);
-            }
-        }
-    } else {
-        let mut stmt = c.prepare_cached(&format!(
-            "SELECT uuid, ROW_NUMBER() OVER (ORDER BY {CLAIM_ORDER}) FROM requests
-             WHERE status = 'pending'"
-        ))?;
-        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?;
-        for row in rows {
-            let (id, pos): (String, u64) = row?;
-            found.insert(id, pos);
+/// Requests ahead of a pending one that reads count exactly (the `LIMIT`s of [`AHEAD`] and
+/// [`HEAD`], and their PostgreSQL twins): up to this far back a position costs at most this
+/// many index entries, and is exact and current. Deeper in a long queue, counting would make
+/// every read of a pending request cost its whole position, so deeper positions come from a
+/// [`Snapshot`].
+pub(super) const EXACT: i64 = 1000;
+
+/// How long one snapshot of the queue serves the positions past [`EXACT`]: the cost of a
+/// deep position is then one pass over the queue a second, shared by every read in the
+/// process, and such a position may be off by the requests queued or claimed since.
+const SNAPSHOT_FOR: Duration = Duration::from_secs(1);
+
+/// Where a pending request sorts in the claim order (`CLAIM_ORDER`'s columns, in its order).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct ClaimKey {
+    priority: Reverse<i32>,
+    turn: i64,
+    created_at: String,
+    row: i64,
+}
+
+impl ClaimKey {
+    pub(super) fn new(priority: i32, turn: i64, created_at: String, row: i64) -> ClaimKey {
+        ClaimKey {
+            priority: Reverse(priority),
+            turn,
+            created_at,
+            row,
         }
     }
-    for r in reqs.iter_mut().filter(|r| r.status == Status::Pending) {
-        r.queue_position = found.get(&r.uuid.to_string()).copied();
+}
+
+/// A pending request as a read found it: its place in the claim order and, when fewer than
+/// [`EXACT`] are ahead of it, its exact position.
+pub(super) struct Place {
+    key: ClaimKey,
+    exact: Option<u64>,
+}
+
+impl Place {
+    /// From [`AHEAD`]'s two counts: exact when neither reached its limit.
+    pub(super) fn counted(key: ClaimKey, higher: i64, earlier: i64) -> Place {
+        let exact = (higher < EXACT && earlier < EXACT).then(|| 1 + (higher + earlier) as u64);
+        Place { key, exact }
     }
-    Ok(())
+
+    /// A request of a list: exact when it is among the `head` of the queue.
+    fn listed(key: ClaimKey, uuid: &str, head: &[String]) -> Place {
+        let exact = head.iter().position(|h| h == uuid).map(|i| i as u64 + 1);
+        Place { key, exact }
+    }
+}
+
+/// The whole pending queue's places, sorted, as one pass read them.
+struct Snapshot {
+    taken: Instant,
+    keys: Vec<ClaimKey>,
+}
+
+impl Snapshot {
+    /// One more than the places ahead of `key`.
+    fn position(&self, key: &ClaimKey) -> u64 {
+        self.keys.partition_point(|k| k < key) as u64 + 1
+    }
+}
+
+/// This process's latest [`Snapshot`], shared by both engines' reads.
+#[derive(Default)]
+pub(super) struct Positions {
+    latest: Mutex<Option<Arc<Snapshot>>>,
+    /// Held while a snapshot is taken: readers that need one at once wait for one pass
+    /// rather than each making its own.
+    taking: tokio::sync::Mutex<()>,
+}
+
+impl Positions {
+    fn fresh(&self) -> Option<Arc<Snapshot>> {
+        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        latest
+            .as_ref()
+            .filter(|s| s.taken.elapsed() < SNAPSHOT_FOR)
+            .cloned()
+    }
+
+    /// A snapshot under [`SNAPSHOT_FOR`] old, `take`n (the pending queue's keys, any order)
+    /// when there is none.
+    async fn snapshot<F>(&self, take: impl FnOnce() -> F) -> Result<Arc<Snapshot>, StoreError>
+    where
+        F: std::future::Future<Output = Result<Vec<ClaimKey>, StoreError>>,
+    {
+        if let Some(s) = self.fresh() {
+            return Ok(s);
+        }
+        let _turn = self.taking.lock().await;
+        if let Some(s) = self.fresh() {
+            return Ok(s);
+        }
+        let taken = Instant::now();
+        let mut keys = take().await?;
+        // The engine reads them in claim order already; sorting by the same key here makes
+        // the binary search's order Rust's, whatever the database's collation.
+        keys.sort_unstable();
+        let s = Arc::new(Snapshot { taken, keys });
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Sets the `queue_position` of each pending request of `reqs` from its `places` (in the
+    /// same order, one per pending request): its exact count, or else the snapshot.
+    pub(super) async fn fill<F>(
+        &self,
+        reqs: &mut [Request],
+        places: Vec<Place>,
+        take: impl FnOnce() -> F,
+    ) -> Result<(), StoreError>
+    where
+        F: std::future::Future<Output = Result<Vec<ClaimKey>, StoreError>>,
+    {
+        let snapshot = if places.iter().any(|p| p.exact.is_none()) {
+            Some(self.snapshot(take).await?)
+        } else {
+            None
+        };
+        let pending = reqs.iter_mut().filter(|r| r.status == Status::Pending);
+        for (r, place) in pending.zip(places) {
+            r.queue_position = place
+                .exact
+                .or_else(|| snapshot.as_ref().map(|s| s.position(&place.key)));
+        }
+        Ok(())
+    }
+
+    /// The places of the pending requests of a list, whose rows came with `(queue_tag, row id)`
+    /// in `keys` (one per request): exact for those among the `head` of the queue.
+    pub(super) fn listed(reqs: &[Request], keys: &[(i64, i64)], head: &[String]) -> Vec<Place> {
+        reqs.iter()
+            .zip(keys)
+            .filter(|(r, _)| r.status == Status::Pending)
+            .map(|(r, &(turn, row))| {
+                let key = ClaimKey::new(r.priority, turn, r.created_at.clone(), row);
+                Place::listed(key, &r.uuid.to_string(), head)
+            })
+            .collect()
+    }
+}
+
+/// Whether a list needs [`HEAD`] (and its twin): it holds pending requests.
+pub(super) fn any_pending(reqs: &[Request]) -> bool {
+    reqs.iter().any(|r| r.status == Status::Pending)
+}
+
+/// The uuids of the first [`EXACT`] pending requests in the claim order.
+pub(super) fn head(c: &rusqlite::Connection) -> Result<Vec<String>, StoreError> {
+    let mut stmt = c.prepare_cached(&HEAD)?;
+    let rows = stmt.query_map([], |row| row.get(0))?;
+    Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+}
+
+impl Store {
+    /// Fills in the queue positions of `reqs` from `places` (SQLite's half of
+    /// [`Positions::fill`]: a snapshot is read on the blocking pool).
+    pub(super) async fn fill_positions(
+        &self,
+        reqs: &mut [Request],
+        places: Vec<Place>,
+    ) -> Result<(), StoreError> {
+        let take = || {
+            self.call(|c| {
+                let mut stmt = c.prepare_cached(ALL)?;
+                let rows = stmt.query_map([], |row| {
+                    Ok(ClaimKey::new(
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                    ))
+                })?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+        };
+        self.inner.positions.fill(reqs, places, take).await
+    }
 }
 
 #[cfg(test)]
@@ -137,7 +299,7 @@ mod tests {
         let (page, _) = s
             .list(RequestQuery {
                 statuses: vec![Status::Pending],
-                limit: 1000,
+                limit: 5000,
                 ..Default::default()
             })
             .await
@@ -284,5 +446,35 @@ mod tests {
         claim(&s).await.unwrap();
         let r = s.get(id).await.unwrap().unwrap();
         assert_eq!((r.priority, r.queue_position), (-100, None));
+    }
+
+    /// Past [`super::EXACT`] requests ahead, positions come from a snapshot of the queue: the
+    /// same positions, read alone or listed, and renewed once the snapshot has aged out.
+    #[tokio::test]
+    async fn positions_deep_in_a_long_queue_agree_with_the_claim_order() {
+        let (s, _d) = temp_store().await;
+        let n = super::EXACT as usize + 100;
+        let mut flood = Vec::with_capacity(n);
+        for _ in 0..n {
+            flood.push(submit(&s, Some("a"), 0).await);
+        }
+        let b = submit(&s, Some("b"), 0).await;
+        let urgent = submit(&s, Some("c"), 5).await;
+        // urgent, a's first, b (the same turn, later), then the rest of a's.
+        let mut want = vec![urgent, flood[0], b];
+        want.extend(&flood[1..]);
+        let expected: Vec<Option<u64>> = (1..=want.len() as u64).map(Some).collect();
+        assert_eq!(positions(&s, &want).await, expected);
+
+        assert_eq!(claim(&s).await, Some(urgent));
+        let last = *flood.last().unwrap();
+        // Exact near the head at once; deep, once the snapshot that counted `urgent` is gone.
+        assert_eq!(
+            s.get(flood[1]).await.unwrap().unwrap().queue_position,
+            Some(3)
+        );
+        tokio::time::sleep(super::SNAPSHOT_FOR + Duration::from_millis(50)).await;
+        let deep = s.get(last).await.unwrap().unwrap().queue_position;
+        assert_eq!(deep, Some(want.len() as u64 - 1));
     }
 }

@@ -1,7 +1,7 @@
 //! Request rows: create, read, claim, and the agent's state changes.
 
 use super::hosts::{self, Capabilities, ELIGIBLE};
-use super::queue::{fill_positions, CLAIM_ORDER, NEXT_TURN};
+use super::queue::{self, ClaimKey, Place, Positions, AHEAD, CLAIM_ORDER, NEXT_TURN};
 use super::retry;
 use super::{webhooks, Store, StoreError};
 use crate::model::{
@@ -17,6 +17,17 @@ const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, upd
      boot_ms, run_ms, shutdown_ms, boot, boot_mode, restore_ms, artifact_globs, channel, \
      requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, callback_url, \
      retries, attempt, attempts, priority";
+
+/// How many columns `COLUMNS` names (a query's extra columns come after them).
+const COLUMN_COUNT: usize = 33;
+
+/// The extra columns after `COLUMNS` that place a row in the claim order.
+const KEY_COLUMNS: &str = "queue_tag, rowid";
+
+/// `(queue_tag, rowid)` of a row read with [`KEY_COLUMNS`] after `COLUMNS`.
+fn key_columns(r: &Row<'_>) -> rusqlite::Result<(i64, i64)> {
+    Ok((r.get(COLUMN_COUNT)?, r.get(COLUMN_COUNT + 1)?))
+}
 
 pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<Request, StoreError>> {
     let uuid: String = r.get(0)?;
@@ -259,69 +270,111 @@ impl Store {
     /// The request as the API shows it: one being deleted is already gone.
     pub async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
         on_pg!(self.get(id));
-        self.call_point_read(move |c| {
+        let found = self.call_point_read(move |c| {
             let row = c
                 .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM requests WHERE uuid = ?1 AND deleting = 0"
+                    "SELECT {COLUMNS}, {KEY_COLUMNS}, {ahead} FROM requests r
+                     WHERE uuid = ?1 AND deleting = 0",
+                    ahead = *AHEAD
                 ))?
-                .query_row([id.to_string()], from_row)
+                .query_row([id.to_string()], |row| {
+                    let req = from_row(row)?;
+                    let (turn, rowid) = key_columns(row)?;
+                    let ahead: (Option<i64>, Option<i64>) =
+                        (row.get(COLUMN_COUNT + 2)?, row.get(COLUMN_COUNT + 3)?);
+                    Ok(req.map(|req| {
+                        let place = match ahead {
+                            (Some(higher), Some(earlier)) => {
+                                let key = ClaimKey::new(
+                                    req.priority,
+                                    turn,
+                                    req.created_at.clone(),
+                                    rowid,
+                                );
+                                vec![Place::counted(key, higher, earlier)]
+                            }
+                            _ => Vec::new(),
+                        };
+                        (req, place)
+                    }))
+                })
                 .optional()?;
-            let Some(mut req) = row.transpose()? else {
+            let Some((mut req, place)) = row.transpose()? else {
                 return Ok(None);
             };
             fill_waiting(c, &self.inner.hosts, std::slice::from_mut(&mut req))?;
-            fill_positions(c, std::slice::from_mut(&mut req))?;
-            Ok(Some(req))
-        })
+            Ok(Some((req, place)))
+        })?;
+        let Some((mut req, place)) = found else {
+            return Ok(None);
+        };
+        self.fill_positions(std::slice::from_mut(&mut req), place)
+            .await?;
+        Ok(Some(req))
     }
 
     /// Requests matching `q`, newest first, and the total number matching (ignoring limit/offset).
     pub async fn list(&self, q: RequestQuery) -> Result<(Vec<Request>, u64), StoreError> {
         on_pg!(self.list(q));
         let inner = self.inner.clone();
-        self.call(move |c| {
-            let mut wh = vec!["deleting = 0".to_string()];
-            let mut args: Vec<String> = Vec::new();
-            if !q.statuses.is_empty() {
-                let marks = vec!["?"; q.statuses.len()].join(",");
-                wh.push(format!("status IN ({marks})"));
-                args.extend(q.statuses.iter().map(|s| s.as_str().to_string()));
-            }
-            if let Some(vm) = &q.vm_name {
-                wh.push("vm_name = ?".into());
-                args.push(vm.clone());
-            }
-            if let Some(by) = &q.submitted_by {
-                wh.push("submitted_by = ?".into());
-                args.push(by.clone());
-            }
-            if let Some(p) = &q.uuid_prefix {
-                debug_assert!(p.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
-                // substr keeps it a prefix match with no LIKE wildcards to escape.
-                wh.push(format!("substr(uuid, 1, {}) = ?", p.len()));
-                args.push(p.to_ascii_lowercase());
-            }
-            let wh = format!("WHERE {}", wh.join(" AND "));
-            let total: u64 = c.query_row(
-                &format!("SELECT COUNT(*) FROM requests {wh}"),
-                rusqlite::params_from_iter(args.iter()),
-                |r| r.get(0),
-            )?;
-            let sql = format!(
-                "SELECT {COLUMNS} FROM requests {wh} ORDER BY created_at DESC, rowid DESC LIMIT {} OFFSET {}",
-                q.limit, q.offset
-            );
-            let mut stmt = c.prepare(&sql)?;
-            let mut rows = stmt
-                .query_map(rusqlite::params_from_iter(args.iter()), from_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?;
-            fill_waiting(c, &inner.hosts, &mut rows)?;
-            fill_positions(c, &mut rows)?;
-            Ok((rows, total))
-        })
-        .await
+        let listed = self
+            .call(move |c| {
+                let mut wh = vec!["deleting = 0".to_string()];
+                let mut args: Vec<String> = Vec::new();
+                if !q.statuses.is_empty() {
+                    let marks = vec!["?"; q.statuses.len()].join(",");
+                    wh.push(format!("status IN ({marks})"));
+                    args.extend(q.statuses.iter().map(|s| s.as_str().to_string()));
+                }
+                if let Some(vm) = &q.vm_name {
+                    wh.push("vm_name = ?".into());
+                    args.push(vm.clone());
+                }
+                if let Some(by) = &q.submitted_by {
+                    wh.push("submitted_by = ?".into());
+                    args.push(by.clone());
+                }
+                if let Some(p) = &q.uuid_prefix {
+                    debug_assert!(p.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+                    // substr keeps it a prefix match with no LIKE wildcards to escape.
+                    wh.push(format!("substr(uuid, 1, {}) = ?", p.len()));
+                    args.push(p.to_ascii_lowercase());
+                }
+                let wh = format!("WHERE {}", wh.join(" AND "));
+                let total: u64 = c.query_row(
+                    &format!("SELECT COUNT(*) FROM requests {wh}"),
+                    rusqlite::params_from_iter(args.iter()),
+                    |r| r.get(0),
+                )?;
+                let sql = format!(
+                    "SELECT {COLUMNS}, {KEY_COLUMNS} FROM requests {wh}
+                 ORDER BY created_at DESC, rowid DESC LIMIT {} OFFSET {}",
+                    q.limit, q.offset
+                );
+                let mut stmt = c.prepare(&sql)?;
+                let (mut rows, keys): (Vec<Request>, Vec<(i64, i64)>) = stmt
+                    .query_map(rusqlite::params_from_iter(args.iter()), |row| {
+                        Ok(from_row(row)?.map(|req| (req, key_columns(row))))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+                    .into_iter()
+                    .map(|r| r.and_then(|(req, key)| Ok((req, key?))))
+                    .collect::<Result<Vec<_>, StoreError>>()?
+                    .into_iter()
+                    .unzip();
+                fill_waiting(c, &inner.hosts, &mut rows)?;
+                let head = if queue::any_pending(&rows) {
+                    queue::head(c)?
+                } else {
+                    Vec::new()
+                };
+                let places = Positions::listed(&rows, &keys, &head);
+                Ok((rows, places, total))
+            })
+            .await?;
+        let (mut rows, places, total) = listed;
+        self.fill_positions(&mut rows, places).await?;
+        Ok((rows, total))
     }
 
     /// Atomically takes the first `pending` request in the claim order (`store/queue.rs`) that

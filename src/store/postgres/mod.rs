@@ -239,6 +239,8 @@ pub(super) struct Pg {
     inserts: batch::Batcher,
     /// The host registry as reads last saw it, to say why pending requests wait.
     hosts: crate::store::hosts::HostsCache,
+    /// The latest snapshot of the queue, for positions deep in it.
+    positions: crate::store::queue::Positions,
     checker: hosts::Checker,
     changes: watch::Sender<u64>,
     listener: tokio::task::JoinHandle<()>,
@@ -299,6 +301,7 @@ impl Pg {
         Ok(Pg {
             inserts: batch::Batcher::start(pool.clone(), changes.clone()),
             hosts: Default::default(),
+            positions: Default::default(),
             pool,
             checker,
             changes,

@@ -3,9 +3,11 @@
 //! its `MAX`. The claim stays one `SELECT … ORDER BY {CLAIM_ORDER} LIMIT 1 FOR UPDATE SKIP
 //! LOCKED`: the order is an index order, with no window function (which `FOR UPDATE` refuses).
 
-use crate::model::{Request, Status};
+use super::Pg;
+use crate::model::Request;
+use crate::store::queue::{ClaimKey, Place, EXACT};
 use crate::store::StoreError;
-use std::collections::HashMap;
+use std::sync::LazyLock;
 use tokio_postgres::GenericClient;
 
 /// How claims order pending requests (and how queue positions count).
@@ -15,62 +17,85 @@ pub(super) const CLAIM_ORDER: &str = "priority DESC, queue_tag, created_at, row_
 /// after: its turn is this plus one, plus the requests of the same submitter and level ahead
 /// of it in the same batch. `GREATEST` skips `NULL`s; the `COALESCE`s say what each missing
 /// term counts as, as on SQLite.
+///
+/// Each term is an `ORDER BY … LIMIT 1` in its index's own order rather than a `MIN`/`MAX`:
+/// on a table that grew faster than autovacuum analysed it, the planner served the head's
+/// `MIN` from `requests_lane` (whose rows are not in turn order at one level) and read every
+/// pending request of the level for each new row. An order the index gives leaves it no such
+/// choice.
 pub(super) fn turn_base(p: &str, s: &str) -> String {
     format!(
         "GREATEST(
-        COALESCE((SELECT MAX(queue_tag) FROM requests
-                  WHERE priority = {p} AND host_id IS NOT NULL AND requires IS NULL), 0),
-        COALESCE((SELECT MIN(queue_tag) FROM requests
-                  WHERE status = 'pending' AND priority = {p}), 1) - 1,
-        COALESCE((SELECT MAX(queue_tag) FROM requests
+        COALESCE((SELECT queue_tag FROM requests
+                  WHERE priority = {p} AND host_id IS NOT NULL AND requires IS NULL
+                  ORDER BY queue_tag DESC LIMIT 1), 0),
+        COALESCE((SELECT queue_tag FROM requests
                   WHERE status = 'pending' AND priority = {p}
-                    AND COALESCE(submitted_by, '') = COALESCE({s}, '')), 0))"
+                  ORDER BY status, priority DESC, queue_tag LIMIT 1), 1) - 1,
+        COALESCE((SELECT queue_tag FROM requests
+                  WHERE status = 'pending' AND priority = {p}
+                    AND COALESCE(submitted_by, '') = COALESCE({s}, '')
+                  ORDER BY queue_tag DESC LIMIT 1), 0))"
     )
 }
 
-/// A pending request's place in the claim order, the request row being `r`; `NULL` when it
-/// is not pending.
-pub(super) const POSITION: &str = "CASE WHEN r.status = 'pending' THEN 1
-        + (SELECT COUNT(*) FROM requests o WHERE o.status = 'pending' AND o.priority > r.priority)
-        + (SELECT COUNT(*) FROM requests o WHERE o.status = 'pending' AND o.priority = r.priority
-             AND (o.queue_tag, o.created_at, o.row_id) < (r.queue_tag, r.created_at, r.row_id))
-        END";
+/// The extra columns after `COLUMNS` that place a row in the claim order.
+pub(super) const KEY_COLUMNS: &str = "queue_tag, row_id";
 
-/// Fills `queue_position` of the pending requests among `reqs`: one statement, counting for
-/// a few, one pass over the queue in claim order for many.
-pub(super) async fn fill_positions(
-    c: &impl GenericClient,
-    reqs: &mut [Request],
-) -> Result<(), StoreError> {
-    let pending: Vec<String> = reqs
-        .iter()
-        .filter(|r| r.status == Status::Pending)
-        .map(|r| r.uuid.to_string())
-        .collect();
-    if pending.is_empty() {
-        return Ok(());
+/// [`AHEAD`](crate::store::queue::AHEAD) of SQLite: the requests ahead of a pending row `r`,
+/// each count stopping at `EXACT`.
+pub(super) static AHEAD: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "CASE WHEN r.status = 'pending' THEN (SELECT COUNT(*) FROM (
+            SELECT 1 FROM requests o WHERE o.status = 'pending' AND o.priority > r.priority
+            LIMIT {EXACT}) a) END,
+        CASE WHEN r.status = 'pending' THEN (SELECT COUNT(*) FROM (
+            SELECT 1 FROM requests o WHERE o.status = 'pending' AND o.priority = r.priority
+              AND (o.queue_tag, o.created_at, o.row_id) < (r.queue_tag, r.created_at, r.row_id)
+            LIMIT {EXACT}) b) END"
+    )
+});
+
+/// The first `EXACT` pending requests in the claim order.
+static HEAD: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT uuid FROM requests WHERE status = 'pending' ORDER BY {CLAIM_ORDER} LIMIT {EXACT}"
+    )
+});
+
+/// Every pending request's place in the claim order, for a snapshot.
+const ALL: &str = "SELECT priority, queue_tag, created_at, row_id FROM requests
+     WHERE status = 'pending'";
+
+/// The uuids of the first `EXACT` pending requests in the claim order.
+pub(super) async fn head(c: &impl GenericClient) -> Result<Vec<String>, StoreError> {
+    let rows = c.query_typed(&HEAD, &[]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+impl Pg {
+    /// Fills in the queue positions of `reqs` from `places` (this engine's half of
+    /// `Positions::fill`: the snapshot's query).
+    pub(super) async fn fill_positions(
+        &self,
+        reqs: &mut [Request],
+        places: Vec<Place>,
+    ) -> Result<(), StoreError> {
+        let take = || async {
+            retry!(self, "queue positions", |c| {
+                let rows = c.query_typed(ALL, &[]).await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(ClaimKey::new(
+                            r.try_get(0)?,
+                            r.try_get(1)?,
+                            r.try_get(2)?,
+                            r.try_get(3)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+        };
+        self.positions.fill(reqs, places, take).await
     }
-    let sql = if pending.len() <= 4 {
-        format!("SELECT r.uuid, {POSITION} FROM requests r WHERE r.uuid = ANY($1)")
-    } else {
-        format!(
-            "SELECT uuid, pos FROM (
-                 SELECT uuid, ROW_NUMBER() OVER (ORDER BY {CLAIM_ORDER}) AS pos
-                 FROM requests WHERE status = 'pending') q
-             WHERE uuid = ANY($1)"
-        )
-    };
-    let found: HashMap<String, u64> = c
-        .query(&sql, &[&pending])
-        .await?
-        .iter()
-        .filter_map(|row| {
-            let pos: Option<i64> = row.get(1);
-            pos.map(|p| (row.get(0), p as u64))
-        })
-        .collect();
-    for r in reqs.iter_mut().filter(|r| r.status == Status::Pending) {
-        r.queue_position = found.get(&r.uuid.to_string()).copied();
-    }
-    Ok(())
 }

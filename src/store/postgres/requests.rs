@@ -3,10 +3,11 @@
 
 use super::batch::NewRow;
 use super::hosts::{fill_waiting, ELIGIBLE};
-use super::queue::{fill_positions, turn_base, CLAIM_ORDER, POSITION};
+use super::queue::{self, turn_base, AHEAD, CLAIM_ORDER, KEY_COLUMNS};
 use super::retry;
 use super::Pg;
 use crate::model::{AgentId, NewRequest, Request, RequestId};
+use crate::store::queue::{ClaimKey, Place, Positions};
 use crate::store::{Capabilities, Finish, RequestQuery, StoreError};
 use crate::timefmt;
 use crate::webhooks::Event;
@@ -23,6 +24,11 @@ pub(super) const COLUMNS: &str =
 
 /// How many columns `COLUMNS` names (a query's extra columns come after them).
 const COLUMN_COUNT: usize = 33;
+
+/// `(queue_tag, row_id)` of a row read with `KEY_COLUMNS` after `COLUMNS`.
+fn key_columns(r: &Row) -> Result<(i64, i64), StoreError> {
+    Ok((r.try_get(COLUMN_COUNT)?, r.try_get(COLUMN_COUNT + 1)?))
+}
 
 pub(super) fn from_row(r: &Row) -> Result<Request, StoreError> {
     let uuid: String = r.try_get(0)?;
@@ -221,7 +227,9 @@ impl Pg {
 
     pub(crate) async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
         let sql = format!(
-            "SELECT {COLUMNS}, {POSITION} FROM requests r WHERE uuid = $1 AND NOT deleting"
+            "SELECT {COLUMNS}, {KEY_COLUMNS}, {ahead} FROM requests r
+             WHERE uuid = $1 AND NOT deleting",
+            ahead = *AHEAD
         );
         let uuid = id.to_string();
         let got = retry!(self, "get", |c| {
@@ -229,17 +237,28 @@ impl Pg {
             c.query_typed_opt(&sql, &[(&uuid, Type::TEXT)])
                 .await?
                 .map(|r| {
-                    let mut req = from_row(&r)?;
-                    let pos: Option<i64> = r.try_get(COLUMN_COUNT)?;
-                    req.queue_position = pos.map(|p| p as u64);
-                    Ok(req)
+                    let req = from_row(&r)?;
+                    let (turn, row) = key_columns(&r)?;
+                    let ahead: (Option<i64>, Option<i64>) =
+                        (r.try_get(COLUMN_COUNT + 2)?, r.try_get(COLUMN_COUNT + 3)?);
+                    let place = match ahead {
+                        (Some(higher), Some(earlier)) => {
+                            let key =
+                                ClaimKey::new(req.priority, turn, req.created_at.clone(), row);
+                            vec![Place::counted(key, higher, earlier)]
+                        }
+                        _ => Vec::new(),
+                    };
+                    Ok((req, place))
                 })
                 .transpose()
         })?;
-        match got {
-            Some(r) => Ok(self.with_waiting(vec![r]).await?.pop()),
-            None => Ok(None),
-        }
+        let Some((req, place)) = got else {
+            return Ok(None);
+        };
+        let mut reqs = self.with_waiting(vec![req]).await?;
+        self.fill_positions(&mut reqs, place).await?;
+        Ok(reqs.pop())
     }
 
     pub(crate) async fn list(&self, q: RequestQuery) -> Result<(Vec<Request>, u64), StoreError> {
@@ -267,20 +286,32 @@ impl Pg {
         let wh = format!("WHERE {}", wh.join(" AND "));
         let count_sql = format!("SELECT COUNT(*) FROM requests {wh}");
         let sql = format!(
-            "SELECT {COLUMNS} FROM requests {wh} ORDER BY created_at DESC, row_id DESC \
-             LIMIT {} OFFSET {}",
+            "SELECT {COLUMNS}, {KEY_COLUMNS} FROM requests {wh} \
+             ORDER BY created_at DESC, row_id DESC LIMIT {} OFFSET {}",
             q.limit, q.offset
         );
         let params: Vec<&(dyn ToSql + Sync)> =
             args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        retry!(self, "list", |c| {
+        let listed = retry!(self, "list", |c| {
             let total: i64 = c.query_one(&count_sql, &params).await?.get(0);
             let rows = c.query(&sql, &params).await?;
+            let keys = rows
+                .iter()
+                .map(key_columns)
+                .collect::<Result<Vec<_>, _>>()?;
             let mut rows = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
             fill_waiting(c, &self.hosts, &mut rows).await?;
-            fill_positions(c, &mut rows).await?;
-            Ok((rows, total as u64))
-        })
+            let head = if crate::store::queue::any_pending(&rows) {
+                queue::head(c).await?
+            } else {
+                Vec::new()
+            };
+            let places = Positions::listed(&rows, &keys, &head);
+            Ok((rows, places, total as u64))
+        });
+        let (mut rows, places, total) = listed?;
+        self.fill_positions(&mut rows, places).await?;
+        Ok((rows, total))
     }
 
     /// One statement: the subquery locks the first pending row in the claim order
