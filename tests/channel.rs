@@ -5,7 +5,7 @@
 mod common;
 
 use base64::Engine;
-use common::{require_image, vm_slot, Options, Server};
+use common::{env_pairs, require_image, vm_slot, Options, Server};
 use serde_json::{json, Value};
 use sha2::Digest;
 use sqlite_sim::model::RequestId;
@@ -40,10 +40,7 @@ async fn server(env: &[(&str, &str)]) -> (Server, common::VmSlot) {
             ),
             ("con".into(), conf("", "CHANNEL=\"console\"\n")),
         ],
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        env: env_pairs(env),
         ..Default::default()
     })
     .await;

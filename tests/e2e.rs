@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, require_image, sha256_file, vm_slot, Options, Server};
+use common::{require_image, sha256_file, vm_slot, Options, Server};
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -17,11 +17,6 @@ async fn run_one(vm: &str, commands: &str, opts: Options) -> (serde_json::Value,
     let r = s.wait_terminal(&id, LIMIT).await;
     let out = s.output(&id, "stdout").await;
     (r, out, s)
-}
-
-async fn assert_no_qemu_left(s: &Server) {
-    let gone = eventually(Duration::from_secs(5), || s.qemu_processes().is_empty()).await;
-    assert!(gone, "QEMU left behind: {:?}", s.qemu_processes());
 }
 
 #[tokio::test]
@@ -68,7 +63,7 @@ async fn hello_world_reaches_done_with_every_log_type() {
         let ts = e["timestamp"].as_str().unwrap();
         assert!(ts.ends_with('Z') && ts.contains('T'), "RFC 3339 UTC: {ts}");
     }
-    assert_no_qemu_left(&s).await;
+    s.no_qemu_left().await;
     assert!(
         !s.run_dir.join(id).exists(),
         "run directory removed after success"
@@ -84,7 +79,7 @@ async fn false_gives_exit_code_1_and_status_done() {
         "{r}"
     );
     assert_eq!(out, "");
-    assert_no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]
@@ -181,7 +176,7 @@ async fn pty_console_transport_works_the_same() {
         s.output(id, "boot").await.contains("BusyBox"),
         "boot bytes before the prompt kept"
     );
-    assert_no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]
@@ -204,7 +199,7 @@ async fn boot_timeout_says_what_the_console_showed_last() {
         "last console output quoted: {err}"
     );
     assert!(r["exit_code"].is_null());
-    assert_no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]
@@ -219,7 +214,7 @@ async fn timeout_fails_the_request_and_stops_the_vm() {
     assert_eq!(r["error"], "timed out after 25 s");
     assert_eq!(s.output(&id, "stdout").await, "started\n");
     assert!(r["shutdown_step"].is_string());
-    assert_no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]
@@ -237,7 +232,7 @@ async fn qemu_that_cannot_start_fails_with_its_stderr() {
         err.contains("no-such-option"),
         "QEMU's stderr included: {err}"
     );
-    assert_no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 #[tokio::test]
@@ -327,7 +322,7 @@ async fn separate_api_and_agents_processes_run_each_request_once() {
         );
         let _ = a.wait();
     }
-    assert_no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }
 
 fn kernel_conf(extra_append: &str, extra: &str) -> String {
@@ -393,5 +388,5 @@ async fn login_prompt_without_credentials_fails_clearly() {
     let (r, _out, s) = run_one("tiny-nologin", "true", opts).await;
     assert_eq!(r["status"], "failed", "{r}");
     assert!(r["error"].as_str().unwrap().contains("LOGIN_USER"), "{r}");
-    assert_no_qemu_left(&s).await;
+    s.no_qemu_left().await;
 }

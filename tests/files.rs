@@ -33,14 +33,7 @@ fn payload(n: usize, seed: u32) -> Vec<u8> {
 }
 
 async fn server(env: &[(&str, &str)]) -> Server {
-    Server::start(Options {
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Default::default()
-    })
-    .await
+    Server::start(Options::with_env(env)).await
 }
 
 /// A directory tree (a file with its mode, a nested file, a link inside it) archived by the

@@ -7,17 +7,14 @@
 mod common;
 
 use common::http::FormPart;
-use common::{Mode, Options, Server};
+use common::{env_pairs, Mode, Options, Server};
 use serde_json::{json, Value};
 use std::time::Duration;
 
 async fn api(env: &[(&str, &str)]) -> Server {
     Server::start(Options {
         mode: Mode::Api,
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        env: env_pairs(env),
         ..Default::default()
     })
     .await

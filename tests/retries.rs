@@ -57,6 +57,21 @@ async fn kill_qemu_during_boot(s: &Server, id: &str) {
     }
 }
 
+/// Waits for `id` to end and checks it ended `done` with `exit_code` on attempt `attempt`.
+async fn done_on(s: &Server, id: &str, exit_code: i64, attempt: i64) -> Value {
+    let r = s.wait_terminal(id, LIMIT).await;
+    assert_eq!(
+        (
+            r["status"].as_str(),
+            r["exit_code"].as_i64(),
+            r["attempt"].as_i64()
+        ),
+        (Some("done"), Some(exit_code), Some(attempt)),
+        "{r}"
+    );
+    r
+}
+
 #[tokio::test]
 async fn qemu_killed_during_boot_is_retried_and_ends_done_on_attempt_2() {
     require_image();
@@ -75,16 +90,7 @@ async fn qemu_killed_during_boot_is_retried_and_ends_done_on_attempt_2() {
         tokio::spawn(async move { follow(&client, &path, None, |e| e.event == "end").await })
     };
     kill_qemu_during_boot(&s, &id).await;
-    let r = s.wait_terminal(&id, LIMIT).await;
-    assert_eq!(
-        (
-            r["status"].as_str(),
-            r["exit_code"].as_i64(),
-            r["attempt"].as_i64()
-        ),
-        (Some("done"), Some(0), Some(2)),
-        "{r}"
-    );
+    let r = done_on(&s, &id, 0, 2).await;
     assert_eq!(r["error"], Value::Null);
     let earlier = r["attempts"].as_array().unwrap();
     assert_eq!(earlier.len(), 1, "{r}");
@@ -173,16 +179,7 @@ async fn a_run_lost_with_its_agents_process_is_requeued_by_lease_recovery_and_fi
     signal_and_wait(&mut agents, Signal::SIGKILL);
     s.no_qemu_left().await;
     let _agents = s.spawn_process(Mode::Agents);
-    let r = s.wait_terminal(&id, LIMIT).await;
-    assert_eq!(
-        (
-            r["status"].as_str(),
-            r["exit_code"].as_i64(),
-            r["attempt"].as_i64()
-        ),
-        (Some("done"), Some(0), Some(2)),
-        "{r}"
-    );
+    let r = done_on(&s, &id, 0, 2).await;
     assert_eq!(r["attempts"][0]["error"], "agent lost", "{r}");
     let first = entries(&s, &id, "?attempt=1").await;
     assert_eq!(
@@ -208,16 +205,7 @@ async fn the_commands_own_failure_is_never_retried() {
     let _slot = vm_slot();
     let s = Server::start(Options::default()).await;
     let id = submit(&s, "echo once; exit 3", Some(2)).await;
-    let r = s.wait_terminal(&id, LIMIT).await;
-    assert_eq!(
-        (
-            r["status"].as_str(),
-            r["exit_code"].as_i64(),
-            r["attempt"].as_i64()
-        ),
-        (Some("done"), Some(3), Some(1)),
-        "{r}"
-    );
+    let r = done_on(&s, &id, 3, 1).await;
     assert_eq!(r["attempts"], json!([]));
     let all = entries(&s, &id, "").await;
     assert!(all.iter().all(|e| e["attempt"] == 1));

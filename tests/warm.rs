@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{require_image, sha256_file, vm_slot, Mode, Options, Server};
+use common::{env_pairs, require_image, sha256_file, vm_slot, Mode, Options, Server};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,10 +33,7 @@ async fn server(configs: &[(&str, String)], env: &[(&str, &str)]) -> (Server, co
             .iter()
             .map(|(n, t)| (n.to_string(), t.clone()))
             .collect(),
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        env: env_pairs(env),
         ..Default::default()
     })
     .await;

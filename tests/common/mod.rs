@@ -120,7 +120,22 @@ impl Default for Options {
     }
 }
 
+/// `(name, value)` pairs as [`Options::env`] holds them.
+pub fn env_pairs(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 impl Options {
+    /// The defaults, with `env` set for the server's processes.
+    pub fn with_env(env: &[(&str, &str)]) -> Options {
+        Options {
+            env: env_pairs(env),
+            ..Default::default()
+        }
+    }
+
     /// The defaults, with the main process running `mode`.
     pub fn with_mode(mode: Mode) -> Options {
         Options {
