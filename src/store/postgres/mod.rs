@@ -18,6 +18,26 @@
 /// Runs `$body` (an expression of type `Result<R, StoreError>` using the pooled client `$c`)
 /// until it succeeds, retrying on connection loss: for reads and idempotent writes.
 macro_rules! retry {
+    // `$c` is the pooled connection itself, whose statement cache (`prepare_cached`) keeps
+    // a hot statement parsed and planned across calls.
+    ($pg:expr, $what:literal, pooled |$c:ident| $body:expr) => {{
+        let mut attempt = $crate::store::postgres::Attempt::new($what);
+        loop {
+            let r: Result<_, $crate::store::StoreError> = async {
+                let $c: deadpool_postgres::Object = $pg.client().await?;
+                $body
+            }
+            .await;
+            match r {
+                Ok(v) => break Ok(v),
+                Err(e) => {
+                    if let Err(e) = attempt.again(e).await {
+                        break Err(e);
+                    }
+                }
+            }
+        }
+    }};
     ($pg:expr, $what:literal, |$c:ident| $body:expr) => {{
         let mut attempt = $crate::store::postgres::Attempt::new($what);
         loop {

@@ -22,6 +22,15 @@ pub(super) const COLUMNS: &str =
      requires, host_id, keep_on_failure, kept_until, kept_ms, submitted_by, callback_url, \
      retries, attempt, attempts, priority";
 
+/// A request, with its place in the claim order and the requests ahead of it.
+static GET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {COLUMNS}, {KEY_COLUMNS}, {ahead} FROM requests r
+         WHERE uuid = $1 AND NOT deleting",
+        ahead = *AHEAD
+    )
+});
+
 /// How many columns `COLUMNS` names (a query's extra columns come after them).
 const COLUMN_COUNT: usize = 33;
 
@@ -226,33 +235,34 @@ impl Pg {
     }
 
     pub(crate) async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
-        let sql = format!(
-            "SELECT {COLUMNS}, {KEY_COLUMNS}, {ahead} FROM requests r
-             WHERE uuid = $1 AND NOT deleting",
-            ahead = *AHEAD
-        );
         let uuid = id.to_string();
-        let got = retry!(self, "get", |c| {
-            // One round trip: the statement is sent with its parameter's type, not prepared.
-            c.query_typed_opt(&sql, &[(&uuid, Type::TEXT)])
-                .await?
-                .map(|r| {
-                    let req = from_row(&r)?;
-                    let (turn, row) = key_columns(&r)?;
-                    let ahead: (Option<i64>, Option<i64>) =
-                        (r.try_get(COLUMN_COUNT + 2)?, r.try_get(COLUMN_COUNT + 3)?);
-                    let place = match ahead {
-                        (Some(higher), Some(earlier)) => {
-                            let key =
-                                ClaimKey::new(req.priority, turn, req.created_at.clone(), row);
-                            vec![Place::counted(key, higher, earlier)]
-                        }
-                        _ => Vec::new(),
-                    };
-                    Ok((req, place))
-                })
-                .transpose()
-        })?;
+        let got = retry!(
+            self,
+            "get",
+            pooled | c | {
+                // Prepared once per connection: planning it (the position's two subqueries) cost
+                // more than running it, and a prepared statement is still one round trip.
+                let get = c.prepare_typed_cached(&GET, &[Type::TEXT]).await?;
+                c.query_opt(&get, &[&uuid])
+                    .await?
+                    .map(|r| {
+                        let req = from_row(&r)?;
+                        let (turn, row) = key_columns(&r)?;
+                        let ahead: (Option<i64>, Option<i64>) =
+                            (r.try_get(COLUMN_COUNT + 2)?, r.try_get(COLUMN_COUNT + 3)?);
+                        let place = match ahead {
+                            (Some(higher), Some(earlier)) => {
+                                let key =
+                                    ClaimKey::new(req.priority, turn, req.created_at.clone(), row);
+                                vec![Place::counted(key, higher, earlier)]
+                            }
+                            _ => Vec::new(),
+                        };
+                        Ok((req, place))
+                    })
+                    .transpose()
+            }
+        )?;
         let Some((req, place)) = got else {
             return Ok(None);
         };
