@@ -45,16 +45,18 @@ pub(super) const NEXT_TURN: &str = "MAX(
 
 /// The requests ahead of a pending one, each count stopping at [`EXACT`], as extra columns of a
 /// read of the request row `r` (`NULL`s when it is not pending): those at higher levels, then
-/// those earlier in its own level. Both index range scans of `requests_queue`.
+/// those earlier in its own level. Both index range scans of `requests_queue`, in its order
+/// (which keeps PostgreSQL's planner from a sequential scan, see its twin).
 pub(super) static AHEAD: LazyLock<String> = LazyLock::new(|| {
+    let order = CLAIM_ORDER.replace(", ", ", o.");
     format!(
         "CASE WHEN r.status = 'pending' THEN (SELECT COUNT(*) FROM (
             SELECT 1 FROM requests o WHERE o.status = 'pending' AND o.priority > r.priority
-            LIMIT {EXACT})) END,
+            ORDER BY o.status, o.{order} LIMIT {EXACT})) END,
         CASE WHEN r.status = 'pending' THEN (SELECT COUNT(*) FROM (
             SELECT 1 FROM requests o WHERE o.status = 'pending' AND o.priority = r.priority
               AND (o.queue_tag, o.created_at, o.rowid) < (r.queue_tag, r.created_at, r.rowid)
-            LIMIT {EXACT})) END"
+            ORDER BY o.status, o.{order} LIMIT {EXACT})) END"
     )
 });
 

@@ -43,16 +43,20 @@ pub(super) fn turn_base(p: &str, s: &str) -> String {
 pub(super) const KEY_COLUMNS: &str = "queue_tag, row_id";
 
 /// [`AHEAD`](crate::store::queue::AHEAD) of SQLite: the requests ahead of a pending row `r`,
-/// each count stopping at `EXACT`.
+/// each count stopping at `EXACT`. The `ORDER BY` (the index's order) is for the planner:
+/// without it, a `LIMIT` over a parameter's range looked cheapest as a sequential scan that
+/// stops early, but for a request at the head nothing matches and the scan read the whole
+/// table (100 ms a GET at 125,000 rows; 0.3 ms through `requests_queue`).
 pub(super) static AHEAD: LazyLock<String> = LazyLock::new(|| {
+    let order = CLAIM_ORDER.replace(", ", ", o.");
     format!(
         "CASE WHEN r.status = 'pending' THEN (SELECT COUNT(*) FROM (
             SELECT 1 FROM requests o WHERE o.status = 'pending' AND o.priority > r.priority
-            LIMIT {EXACT}) a) END,
+            ORDER BY o.status, o.{order} LIMIT {EXACT}) a) END,
         CASE WHEN r.status = 'pending' THEN (SELECT COUNT(*) FROM (
             SELECT 1 FROM requests o WHERE o.status = 'pending' AND o.priority = r.priority
               AND (o.queue_tag, o.created_at, o.row_id) < (r.queue_tag, r.created_at, r.row_id)
-            LIMIT {EXACT}) b) END"
+            ORDER BY o.status, o.{order} LIMIT {EXACT}) b) END"
     )
 });
 
