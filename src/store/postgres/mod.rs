@@ -20,7 +20,7 @@
 macro_rules! retry {
     // `$c` is the pooled connection itself, whose statement cache (`prepare_cached`) keeps
     // a hot statement parsed and planned across calls.
-    ($pg:expr, $what:literal, pooled |$c:ident| $body:expr) => {{
+    ($pg:expr, $what:literal, pooled, |$c:ident| $body:expr) => {{
         let mut attempt = $crate::store::postgres::Attempt::new($what);
         loop {
             let r: Result<_, $crate::store::StoreError> = async {
@@ -38,26 +38,15 @@ macro_rules! retry {
             }
         }
     }};
-    ($pg:expr, $what:literal, |$c:ident| $body:expr) => {{
-        let mut attempt = $crate::store::postgres::Attempt::new($what);
-        loop {
-            let r: Result<_, $crate::store::StoreError> = async {
-                let mut client = $pg.client().await?;
-                #[allow(unused_variables)]
-                let $c: &mut tokio_postgres::Client = &mut client;
-                $body
-            }
-            .await;
-            match r {
-                Ok(v) => break Ok(v),
-                Err(e) => {
-                    if let Err(e) = attempt.again(e).await {
-                        break Err(e);
-                    }
-                }
-            }
-        }
-    }};
+    // `$c` is the client behind the pooled connection.
+    ($pg:expr, $what:literal, |$c:ident| $body:expr) => {
+        retry!($pg, $what, pooled, |pooled| {
+            let mut pooled = pooled;
+            #[allow(unused_variables)]
+            let $c: &mut tokio_postgres::Client = &mut pooled;
+            $body
+        })
+    };
 }
 
 /// Runs `$body` in a transaction that ends with `NOTIFY` and `COMMIT`, retrying on connection

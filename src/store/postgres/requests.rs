@@ -236,33 +236,29 @@ impl Pg {
 
     pub(crate) async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
         let uuid = id.to_string();
-        let got = retry!(
-            self,
-            "get",
-            pooled | c | {
-                // Prepared once per connection: planning it (the position's two subqueries) cost
-                // more than running it, and a prepared statement is still one round trip.
-                let get = c.prepare_typed_cached(&GET, &[Type::TEXT]).await?;
-                c.query_opt(&get, &[&uuid])
-                    .await?
-                    .map(|r| {
-                        let req = from_row(&r)?;
-                        let (turn, row) = key_columns(&r)?;
-                        let ahead: (Option<i64>, Option<i64>) =
-                            (r.try_get(COLUMN_COUNT + 2)?, r.try_get(COLUMN_COUNT + 3)?);
-                        let place = match ahead {
-                            (Some(higher), Some(earlier)) => {
-                                let key =
-                                    ClaimKey::new(req.priority, turn, req.created_at.clone(), row);
-                                vec![Place::counted(key, higher, earlier)]
-                            }
-                            _ => Vec::new(),
-                        };
-                        Ok((req, place))
-                    })
-                    .transpose()
-            }
-        )?;
+        let got = retry!(self, "get", pooled, |c| {
+            // Prepared once per connection: planning it (the position's two subqueries) cost
+            // more than running it, and a prepared statement is still one round trip.
+            let get = c.prepare_typed_cached(&GET, &[Type::TEXT]).await?;
+            c.query_opt(&get, &[&uuid])
+                .await?
+                .map(|r| {
+                    let req = from_row(&r)?;
+                    let (turn, row) = key_columns(&r)?;
+                    let ahead: (Option<i64>, Option<i64>) =
+                        (r.try_get(COLUMN_COUNT + 2)?, r.try_get(COLUMN_COUNT + 3)?);
+                    let place = match ahead {
+                        (Some(higher), Some(earlier)) => {
+                            let key =
+                                ClaimKey::new(req.priority, turn, req.created_at.clone(), row);
+                            vec![Place::counted(key, higher, earlier)]
+                        }
+                        _ => Vec::new(),
+                    };
+                    Ok((req, place))
+                })
+                .transpose()
+        })?;
         let Some((req, place)) = got else {
             return Ok(None);
         };
