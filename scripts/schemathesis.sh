@@ -7,7 +7,8 @@
 # Schemathesis is installed, pinned, in a virtualenv outside the repository, reused across runs.
 # SCHEMATHESIS_MAX_EXAMPLES (default 40) bounds the cases per operation and phase;
 # SCHEMATHESIS_SEED replays a run (each run prints its seed). scripts/schemathesis_hooks.py keeps
-# the positive cases of POST /requests to the one rule its schema cannot state.
+# the positive cases of POST /requests to the one rule its schema cannot state, and drops
+# "negative" cases whose body is valid after all (a Schemathesis false positive).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
