@@ -174,7 +174,8 @@ impl HostsCache {
     }
 }
 
-/// Whether any of `reqs` is pending, so that reads need the registry to say why it waits.
+/// Whether any of `reqs` is pending: only then do reads need the registry (why it waits) and the
+/// head of the queue (its position).
 pub(super) fn any_pending(reqs: &[crate::model::Request]) -> bool {
     reqs.iter()
         .any(|r| r.status == crate::model::Status::Pending)

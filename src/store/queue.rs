@@ -74,6 +74,7 @@ const ALL: &str = "SELECT priority, queue_tag, created_at, rowid FROM requests
 use super::{Store, StoreError};
 use crate::model::{Request, Status};
 use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -124,9 +125,10 @@ impl Place {
         Place { key, exact }
     }
 
-    /// A request of a list: exact when it is among the `head` of the queue.
-    fn listed(key: ClaimKey, uuid: &str, head: &[String]) -> Place {
-        let exact = head.iter().position(|h| h == uuid).map(|i| i as u64 + 1);
+    /// A request of a list: exact when it is among the head of the queue (`head`: uuid →
+    /// position).
+    fn listed(key: ClaimKey, uuid: &str, head: &HashMap<&str, u64>) -> Place {
+        let exact = head.get(uuid).copied();
         Place { key, exact }
     }
 }
@@ -213,20 +215,17 @@ impl Positions {
     /// The places of the pending requests of a list, whose rows came with `(queue_tag, row id)`
     /// in `keys` (one per request): exact for those among the `head` of the queue.
     pub(super) fn listed(reqs: &[Request], keys: &[(i64, i64)], head: &[String]) -> Vec<Place> {
+        // A map, not a search of the head per row: a page may hold 1,000 pending requests.
+        let head: HashMap<&str, u64> = (head.iter().map(String::as_str)).zip(1..).collect();
         reqs.iter()
             .zip(keys)
             .filter(|(r, _)| r.status == Status::Pending)
             .map(|(r, &(turn, row))| {
                 let key = ClaimKey::new(r.priority, turn, r.created_at.clone(), row);
-                Place::listed(key, &r.uuid.to_string(), head)
+                Place::listed(key, &r.uuid.to_string(), &head)
             })
             .collect()
     }
-}
-
-/// Whether a list needs [`HEAD`] (and its twin): it holds pending requests.
-pub(super) fn any_pending(reqs: &[Request]) -> bool {
-    reqs.iter().any(|r| r.status == Status::Pending)
 }
 
 /// The uuids of the first [`EXACT`] pending requests in the claim order.

@@ -363,7 +363,7 @@ impl Store {
                     .into_iter()
                     .unzip();
                 fill_waiting(c, &inner.hosts, &mut rows)?;
-                let head = if queue::any_pending(&rows) {
+                let head = if hosts::any_pending(&rows) {
                     queue::head(c)?
                 } else {
                     Vec::new()

@@ -307,7 +307,7 @@ impl Pg {
                 .collect::<Result<Vec<_>, _>>()?;
             let mut rows = rows.iter().map(from_row).collect::<Result<Vec<_>, _>>()?;
             fill_waiting(c, &self.hosts, &mut rows).await?;
-            let head = if crate::store::queue::any_pending(&rows) {
+            let head = if crate::store::hosts::any_pending(&rows) {
                 queue::head(c).await?
             } else {
                 Vec::new()
