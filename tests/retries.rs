@@ -172,13 +172,45 @@ async fn a_run_lost_with_its_agents_process_is_requeued_by_lease_recovery_and_fi
         ..Default::default()
     })
     .await;
-    let mut agents = s.spawn_process(Mode::Agents);
-    let id = submit(&s, "echo started; sleep 6; echo finished", Some(1)).await;
+    // Only host "a" may run it, so the re-queued attempt waits for that host to come back
+    // while host "b", on the same run directory, recovers the lease and cleans up leftovers.
+    let host = |id: &str, labels: &str| {
+        [
+            ("SQLITE_SIM_HOST_ID", id.to_string()),
+            ("SQLITE_SIM_AGENT_LABELS", labels.to_string()),
+        ]
+    };
+    let mut agents = s.spawn_process_with(Mode::Agents, &host("a", "lost-host"));
+    let (code, r) = s
+        .submit_json(&json!({
+            "vm_name": "tiny", "commands": "echo started; sleep 6; echo finished",
+            "timeout": 120, "retries": 1, "requires": ["lost-host"],
+        }))
+        .await;
+    assert_eq!(code, 201, "{r}");
+    let id = r["uuid"].as_str().unwrap().to_string();
     s.wait_output(&id, "stdout", "started").await;
     // The host goes away mid-command: its QEMU dies with it (PR_SET_PDEATHSIG).
     signal_and_wait(&mut agents, Signal::SIGKILL);
     s.no_qemu_left().await;
-    let _agents = s.spawn_process(Mode::Agents);
+    let _b = s.spawn_process_with(Mode::Agents, &host("b", ""));
+    let start = Instant::now();
+    loop {
+        let r = s.get(&id).await;
+        if r["status"] == "pending" && r["attempt"] == 2 {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "never re-queued: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A re-queued request may be claimed again at any moment: its old directory is the next
+    // attempt's to clear, never the reaper's (it once deleted a new attempt's disk).
+    tokio::time::sleep(Duration::from_secs(4)).await; // over two reaper passes
+    assert!(
+        s.run_dir.join(&id).exists(),
+        "a pending request's run directory was removed by another host's reaper"
+    );
+    let _a = s.spawn_process_with(Mode::Agents, &host("a", "lost-host"));
     let r = done_on(&s, &id, 0, 2).await;
     assert_eq!(r["attempts"][0]["error"], "agent lost", "{r}");
     let first = entries(&s, &id, "?attempt=1").await;

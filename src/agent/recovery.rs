@@ -49,8 +49,11 @@ pub async fn reaper(ctx: std::sync::Arc<AgentContext>) {
     }
 }
 
-/// Removes run directories (and kills their QEMU, if any survived) whose request no live
-/// agent holds. Called at start-up, before any claim.
+/// Removes run directories (and kills their QEMU, if any survived) of requests that are gone
+/// or settled. A request still pending or claimed is left alone even if its agent was lost:
+/// it may be claimed again at any moment, here or elsewhere, and the attempt that claims it
+/// here clears the old directory itself ([`super::retry::clear_previous`]); removing it from
+/// here could delete the new attempt's files under its feet.
 pub async fn clean_leftovers(ctx: &AgentContext) {
     super::template::clean_leftovers(&ctx.settings.run_dir);
     super::pool::clean_leftovers(&ctx.settings.run_dir);
@@ -67,23 +70,22 @@ pub async fn clean_leftovers(ctx: &AgentContext) {
         else {
             continue; // slots/, console-* runs: not ours to judge
         };
-        match ctx.store.claimed_alive(id).await {
-            Ok(false) => {}
-            Ok(true) => continue,
+        let status = match ctx.store.get(id).await {
+            Ok(r) => r.map(|r| r.status),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot check a leftover run; kept");
                 continue;
             }
+        };
+        // A settled request never runs again, so nothing can be recreating its directory.
+        if status.is_some_and(|s| !s.is_terminal()) {
+            continue;
+        }
+        if ctx.settings.keep_failed_runs && status == Some(Status::Failed) {
+            continue; // kept on purpose for inspection
         }
         tracing::warn!(request = %id, "cleaning up a run whose agent was lost");
         kill_leftover_qemu(&path);
-        if ctx.settings.keep_failed_runs {
-            let failed =
-                matches!(ctx.store.get(id).await, Ok(Some(r)) if r.status == Status::Failed);
-            if failed {
-                continue; // kept on purpose for inspection
-            }
-        }
         tracing::info!(dir = %path.display(), "removing a leftover run directory");
         if let Err(e) = std::fs::remove_dir_all(&path) {
             tracing::warn!(dir = %path.display(), error = %e, "could not remove a leftover run");

@@ -295,23 +295,6 @@ impl Store {
         Ok(reaped)
     }
 
-    /// Whether another agent still holds a live claim on the request (used before removing
-    /// what looks like a leftover run directory).
-    pub async fn claimed_alive(&self, id: RequestId) -> Result<bool, StoreError> {
-        on_pg!(self.claimed_alive(id));
-        self.call(move |c| {
-            let n: i64 = c.query_row(
-                "SELECT COUNT(*) FROM requests WHERE uuid = ?1
-                   AND status IN ('acknowledged','running','hold') AND agent_id IS NOT NULL
-                   AND lease_expires_at >= ?2",
-                params![id.to_string(), timefmt::now()],
-                |r| r.get(0),
-            )?;
-            Ok(n > 0)
-        })
-        .await
-    }
-
     /// Deletes finished requests (and their logs) that finished before `before` (RFC 3339),
     /// in batches so the write lock is never held for long. Returns (requests, log bytes); with
     /// `dry_run`, counts only.
@@ -592,8 +575,6 @@ mod tests {
             s.get(live.uuid).await.unwrap().unwrap().status,
             Status::Acknowledged
         );
-        assert!(s.claimed_alive(live.uuid).await.unwrap());
-        assert!(!s.claimed_alive(run.uuid).await.unwrap());
         let log = s.logs(run.uuid, LogQuery::default()).await.unwrap();
         assert!(String::from_utf8_lossy(&log[0].output).contains("agent dead lost"));
         assert!(s.reap_expired().await.unwrap().is_empty(), "idempotent");

@@ -167,22 +167,6 @@ impl Pg {
         )
     }
 
-    pub(crate) async fn claimed_alive(&self, id: RequestId) -> Result<bool, StoreError> {
-        let uuid = id.to_string();
-        retry!(self, "claimed_alive", |c| {
-            let n: i64 = c
-                .query_one(
-                    "SELECT COUNT(*) FROM requests WHERE uuid = $1
-                       AND status IN ('acknowledged','running','hold') AND agent_id IS NOT NULL
-                       AND lease_expires_at >= $2",
-                    &[&uuid, &timefmt::now()],
-                )
-                .await?
-                .get(0);
-            Ok(n > 0)
-        })
-    }
-
     /// Batched deletes, each idempotent, so a retry only finds less to delete.
     pub(crate) async fn prune(
         &self,
