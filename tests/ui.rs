@@ -132,13 +132,22 @@ async fn dashboard_asks_for_the_token() {
         env: vec![
             ("SQLITE_SIM_UI_DIR".into(), bundle().display().to_string()),
             ("SQLITE_SIM_API_TOKEN".into(), token.into()),
+            // The queue-webhooks scenario's callback goes to a closed local port.
+            ("SQLITE_SIM_WEBHOOK_ALLOW".into(), "127.0.0.1".into()),
+            ("SQLITE_SIM_WEBHOOK_SECRET".into(), "ui-test-secret".into()),
         ],
         ..Default::default()
     })
     .await;
     run_scenarios(
         &s,
-        &["token", "console-protocol", "vms-order", "paging"],
+        &[
+            "token",
+            "console-protocol",
+            "vms-order",
+            "paging",
+            "queue-webhooks",
+        ],
         Some(token),
     )
     .await;

@@ -53,7 +53,7 @@ async function waitStatus(page, want, timeout = VM_TIMEOUT) {
 }
 
 /** Submits `commands` from the form; returns the new request's uuid (the page goes there). */
-async function submitForm(page, shot, commands, { timeout, keep, files, artifacts } = {}) {
+async function submitForm(page, shot, commands, { timeout, keep, files, artifacts, priority, retries, callback } = {}) {
   await page.goto(`${base}/ui/#/submit`);
   await page.locator('[data-testid=vm]').selectOption('tiny');
   await page.locator('[data-testid=commands]').fill(commands);
@@ -61,6 +61,9 @@ async function submitForm(page, shot, commands, { timeout, keep, files, artifact
   if (timeout) await page.locator('[data-testid=timeout]').fill(String(timeout));
   if (keep) await page.locator('[data-testid=keep-on-failure]').fill(String(keep));
   if (artifacts) await page.locator('[data-testid=artifacts]').fill(artifacts);
+  if (priority != null) await page.locator('[data-testid=priority]').fill(String(priority));
+  if (retries != null) await page.locator('[data-testid=retries]').fill(String(retries));
+  if (callback) await page.locator('[data-testid=callback-url]').fill(callback);
   await shot('form');
   await page.locator('[data-testid=submit]').click();
   await page.waitForURL(/#\/requests\/[0-9a-f-]{36}$/, { timeout: 10_000 });
@@ -228,6 +231,47 @@ const scenarios = {
     if (pending < 30 || total < pending) throw new Error(`counts: ${pending} pending of ${total}`);
     await until('newer enabled', () => enabled(page, 'prev'));
     await shot('second-page');
+  },
+
+  /**
+   * Priority, retries and a webhook from the form (the server has no agents, so the request
+   * waits): the page shows its priority, attempt and queue position, the list its place; once
+   * cancelled, its webhook delivery to a closed port is listed with the failed attempt.
+   * Runs after `paging`, whose requests wait at priority 0.
+   */
+  async 'queue-webhooks'(page, shot) {
+    const hook = 'http://127.0.0.1:9/hook';
+    const uuid = await submitForm(page, shot, 'echo queued', { priority: 7, retries: 2, callback: hook });
+    await waitStatus(page, 'pending', 10_000);
+    const r = await api(`/requests/${uuid}`);
+    if (r.priority !== 7 || r.retries !== 2 || r.callback_url !== hook) throw new Error(`as stored: ${JSON.stringify(r)}`);
+    if (r.queue_position !== 1) throw new Error(`queue position ${r.queue_position}, want 1 (above priority 0)`);
+    await until('priority shown', async () => (await text(page, '[data-testid=priority]')) === '7');
+    await until('attempt shown', async () => (await text(page, '[data-testid=attempt]')) === '1 of 3');
+    await until('queue position shown', async () => (await text(page, '[data-testid=queue-position]')) === '1');
+    await shot('queued');
+    await page.goto(`${base}/ui/#/?status=pending`);
+    await until('its place and priority in the list', async () => {
+      const row = await text(page, `tr[data-uuid="${uuid}"]`);
+      return /#1\b/.test(row) && /\b7\b/.test(row);
+    });
+    await shot('list');
+    await page.goto(`${base}/ui/#/requests/${uuid}`);
+    await until('cancel enabled', () => enabled(page, 'cancel'));
+    await page.locator('[data-testid=cancel]').click();
+    await waitStatus(page, 'cancelled', 10_000);
+    // Nothing listens on port 9: the delivery's first attempt fails and is shown so.
+    await until('failed delivery attempt listed', async () => {
+      const d = page.locator('[data-testid=delivery]');
+      if ((await d.count()) !== 1) return false;
+      const line = await d.first().innerText();
+      return line.includes(hook) && /finished/.test(line) && /\b[1-9]\d* attempts?\b/.test(line) && !/\b0 attempts\b/.test(line) && line;
+    }, 30_000);
+    const after = await api(`/requests/${uuid}`);
+    const [d] = after.webhooks;
+    if (!(d.attempts >= 1 && d.last_error && d.state === 'pending')) throw new Error(`delivery: ${JSON.stringify(d)}`);
+    if (!(await text(page, '[data-testid=delivery]')).includes(d.last_error)) throw new Error('last error not shown');
+    await shot('webhook');
   },
 
   /**

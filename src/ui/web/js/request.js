@@ -18,17 +18,24 @@ export function mountRequest(root, { uuid }) {
   const consoleBox = el('section', { class: 'console-box' });
   const logsBox = el('section', { class: 'logs-box' });
   const artifactsBox = el('section', { class: 'artifacts-box', 'data-testid': 'artifacts' });
+  const attemptsBox = el('section', { class: 'attempts-box', 'data-testid': 'attempts' });
+  const webhooksBox = el('section', { class: 'webhooks-box', 'data-testid': 'webhooks' });
   root.append(head, actions, notice,
     el('div', { class: 'columns' },
       el('div', { class: 'main-col' }, el('h2', {}, 'Console'), consoleBox, el('h2', {}, 'Logs'), logsBox),
-      el('aside', {}, el('h2', {}, 'Details'), meta, artifactsBox)));
+      el('aside', {}, el('h2', {}, 'Details'), meta, attemptsBox, webhooksBox, artifactsBox)));
 
   let req = null;
+  let deliveriesPending = false;
   let stopped = false;
   let lastId = null;
   let timer = null;
   const ctrl = new AbortController();
+  // Per type: the text shown (entries, and a marker where a new attempt begins), the number
+  // of entries, and the attempt of the last one.
   const logs = Object.fromEntries(LOG_TYPES.map((t) => [t, []]));
+  const counts = Object.fromEntries(LOG_TYPES.map((t) => [t, 0]));
+  const lastAttempt = {};
   let tab = 'stdout';
 
   // Buttons, created once and enabled from the request's state.
@@ -88,6 +95,12 @@ export function mountRequest(root, { uuid }) {
     const rows = [
       ['VM', r.vm_name],
       ['Status', r.status + (r.desired_status ? ` (wanted: ${r.desired_status})` : '')],
+      ['Priority', r.priority ?? 0, 'priority'],
+      ['Queue position', r.queue_position ?? null, 'queue-position'],
+      ['Waiting for', r.waiting_for ?? null, 'waiting-for'],
+      ['Attempt', r.attempt == null ? null : `${r.attempt} of ${(r.retries ?? 0) + 1}`, 'attempt'],
+      ['Submitted by', r.submitted_by ?? null, 'submitted-by'],
+      ['Requires', r.requires?.length ? r.requires.join(', ') : null],
       ['Exit code', r.exit_code ?? '–', 'exit-code'],
       ['Error', r.error ?? '–', 'error'],
       ['Kept until', 'kept_until' in r ? fmtTime(r.kept_until) : null],
@@ -101,9 +114,16 @@ export function mountRequest(root, { uuid }) {
       ['Run time', fmtMs(r.run_ms)],
       ['Shutdown', r.shutdown_ms == null ? '–' : `${fmtMs(r.shutdown_ms)} (${r.shutdown_step})`],
       ['Agent', r.agent_id ?? '–'],
+      ['Host', r.host ?? null],
       ['Channel', r.channel ?? null],
     ].filter(([, v]) => v != null);
     clear(meta, rows.map(([k, v, id]) => [el('dt', {}, k), el('dd', id ? { 'data-testid': id } : {}, String(v))]));
+    renderAttempts(attemptsBox, r.attempts ?? []);
+    // Only GET /requests/{uuid} carries the deliveries; the stream's status events do not.
+    if (Array.isArray(r.webhooks)) {
+      renderWebhooks(webhooksBox, r.webhooks);
+      deliveriesPending = r.webhooks.some((d) => d.state === 'pending');
+    }
     renderButtons();
     if (FINAL.has(r.status)) {
       con.ended();
@@ -128,21 +148,27 @@ export function mountRequest(root, { uuid }) {
           renderTabs();
           pre.textContent = logs[t].join('');
         },
-      }, t, el('small', {}, ` ${logs[t].length}`))));
+      }, t, el('small', {}, ` ${counts[t]}`))));
     rawBtn.hidden = !['stdout', 'stderr', 'boot', 'shutdown', 'command', 'input', 'system'].includes(tab);
   };
   renderTabs();
 
   const onLog = (entry) => {
-    const list = logs[entry.log_type];
+    const t = entry.log_type;
+    const list = logs[t];
     if (!list) return;
-    const isNew = list.length === 0;
-    list.push(entry.output);
-    if (entry.log_type === tab) pre.append(entry.output);
+    const isNew = counts[t] === 0;
+    // A retried request's runs are told apart: nothing of one attempt runs into the next.
+    const prev = lastAttempt[t];
+    lastAttempt[t] = entry.attempt;
+    const text = (prev != null && entry.attempt != null && entry.attempt !== prev ? attemptMarker(entry.attempt) : '') + entry.output;
+    list.push(text);
+    counts[t] += 1;
+    if (t === tab) pre.append(text);
     if (isNew) renderTabs();
     else {
-      const count = tabs.querySelector(`[data-testid="tab-${entry.log_type}"] small`);
-      if (count) count.textContent = ` ${list.length}`;
+      const count = tabs.querySelector(`[data-testid="tab-${t}"] small`);
+      if (count) count.textContent = ` ${counts[t]}`;
     }
     con.feedLog(entry);
     // Some changes come without a status event (a kept run stays `running` and gains
@@ -156,8 +182,9 @@ export function mountRequest(root, { uuid }) {
     clearTimeout(refetchTimer);
     refetchTimer = setTimeout(refetch, 250);
   };
-  // And a slow re-read while it is active, in case the log came before the row's change.
-  const poll = setInterval(() => req && !FINAL.has(req.status) && document.visibilityState !== 'hidden' && refetch(), 5000);
+  // And a slow re-read while it is active, in case the log came before the row's change, or
+  // while its webhooks are still being delivered.
+  const poll = setInterval(() => req && (!FINAL.has(req.status) || deliveriesPending) && document.visibilityState !== 'hidden' && refetch(), 5000);
 
   // Artifacts, when this server has the endpoint (added with multipart uploads).
   let artifactsLoaded = false;
@@ -240,4 +267,27 @@ export function mountRequest(root, { uuid }) {
     clearInterval(poll);
     con.dispose();
   };
+}
+
+function attemptMarker(n) {
+  return `\n──── attempt ${n} ────\n`;
+}
+
+/** Earlier attempts, each failed for an infrastructure reason and re-queued. */
+function renderAttempts(box, attempts) {
+  clear(box, attempts.length ? [el('h2', {}, 'Earlier attempts'), el('ul', { class: 'attempts' }, attempts.map((a) =>
+    el('li', { 'data-testid': `attempt-${a.attempt}` }, el('b', {}, `#${a.attempt}`), ` ${a.error}`,
+      el('small', { class: 'muted' }, ` ${[a.host, fmtTime(a.finished_at)].filter(Boolean).join(' · ')}`))))] : []);
+}
+
+/** Webhook deliveries: where each went and how it fared. */
+function renderWebhooks(box, deliveries) {
+  clear(box, deliveries.length ? [el('h2', {}, 'Webhooks'), el('ul', { class: 'webhooks' }, deliveries.map((d) => {
+    const last = d.last_status != null ? `HTTP ${d.last_status}` : d.last_error;
+    const when = d.state === 'delivered' ? fmtTime(d.delivered_at) : d.next_attempt_at ? `next ${fmtTime(d.next_attempt_at)}` : null;
+    return el('li', { 'data-testid': 'delivery', 'data-state': d.state },
+      el('span', { class: `badge s-${d.state === 'delivered' ? 'done' : d.state === 'pending' ? 'pending' : 'failed'}` }, d.state),
+      ` ${d.event} → `, el('span', { class: 'mono' }, d.url),
+      el('small', { class: 'muted' }, ` ${[`${d.attempts} attempt${d.attempts === 1 ? '' : 's'}`, last, when].filter(Boolean).join(' · ')}`));
+  }))] : []);
 }

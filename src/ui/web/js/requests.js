@@ -79,12 +79,15 @@ export function mountRequests(root, { params }) {
       clear(table, el('p', { class: 'muted empty' }, list.total ? 'No requests on this page.' : 'No requests match.'));
     } else {
       clear(table, el('table', { class: 'requests', 'data-testid': 'requests-table' },
-        el('thead', {}, el('tr', {}, ['Request', 'VM', 'Status', 'Exit', 'Created', 'Boot', 'Run', 'Commands'].map((h) => el('th', {}, h)))),
+        el('thead', {}, el('tr', {}, ['Request', 'VM', 'Status', 'Priority', 'Exit', 'Created', 'Boot', 'Run', 'Commands'].map((h) => el('th', {}, h)))),
         el('tbody', {}, list.requests.map((r) =>
           el('tr', { 'data-uuid': r.uuid },
             el('td', {}, el('a', { href: `#/requests/${r.uuid}`, class: 'mono' }, shortId(r.uuid))),
             el('td', {}, r.vm_name),
-            el('td', { class: 'status-cell' }, badge(r.status, r.desired_status)),
+            el('td', { class: 'status-cell' }, badge(r.status, r.desired_status),
+              r.queue_position != null ? el('small', { class: 'muted', title: 'queue position', 'data-testid': 'queue-position' }, ` #${r.queue_position}`) : null,
+              r.attempt > 1 ? el('small', { class: 'muted', title: 'attempt' }, ` attempt ${r.attempt}`) : null),
+            el('td', { class: 'mono' }, r.priority ? String(r.priority) : ''),
             el('td', { class: 'mono' }, r.exit_code ?? (r.error ? '!' : '')),
             el('td', { title: r.created_at }, ago(r.created_at)),
             el('td', {}, fmtMs(r.boot_ms)),

@@ -1,5 +1,5 @@
 // The submit form: POST /requests with the body the CLI's `submit` sends. Optional fields
-// (boot, keep_on_failure, files, artifacts) appear when this server's OpenAPI document lists
+// (boot, keep_on_failure, files, artifacts, priority, retries, callback_url) appear when this server's OpenAPI document lists
 // them, so the page never sends a field the server would refuse as unknown. Files go as
 // multipart `file` parts (filename = guest destination) where the server takes multipart,
 // else inline as base64 in the JSON.
@@ -69,6 +69,17 @@ function build(form, status, vms, features) {
     rows.push(row('Artifacts', artifacts, 'Guest paths or globs to collect after the commands, comma-separated.'));
   }
 
+  // Queueing and delivery: each where the server's schema has it.
+  const number = (name, testid, attrs) => el('input', { type: 'number', name, step: 1, 'data-testid': testid, ...attrs });
+  const priority = features.fields.has('priority') ? number('priority', 'priority', { min: -100, max: 100, placeholder: '0' }) : null;
+  if (priority) rows.push(row('Priority', priority, 'Higher runs first; above your role\'s allowance is refused.'));
+  const retries = features.fields.has('retries') ? number('retries', 'retries', { min: 0, max: 10, placeholder: 'server default' }) : null;
+  if (retries) rows.push(row('Retries', retries, 'Re-runs after infrastructure failures (never after the commands\' own).'));
+  const callback = features.fields.has('callback_url')
+    ? el('input', { type: 'url', name: 'callback_url', class: 'mono', placeholder: 'https://ci.example/hooks/sqlite-sim', 'data-testid': 'callback-url' })
+    : null;
+  if (callback) rows.push(row('Webhook URL', callback, 'POSTed the request when it ends; its host must be in SQLITE_SIM_WEBHOOK_ALLOW.'));
+
   const submit = el('button', { type: 'submit', class: 'primary', 'data-testid': 'submit' }, 'Submit');
   clear(form, rows, el('div', { class: 'actions' }, submit));
 
@@ -81,6 +92,9 @@ function build(form, status, vms, features) {
       if (timeout.value) body.timeout = Number(timeout.value);
       if (boot && boot.value) body.boot = boot.value;
       if (keepSupported && keep.value) body.keep_on_failure = Number(keep.value);
+      if (priority && priority.value) body.priority = Number(priority.value);
+      if (retries && retries.value) body.retries = Number(retries.value);
+      if (callback && callback.value.trim()) body.callback_url = callback.value.trim();
       if (artifacts && artifacts.value.trim()) {
         body.artifacts = artifacts.value.split(',').map((s) => s.trim()).filter(Boolean);
       }
