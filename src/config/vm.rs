@@ -407,10 +407,60 @@ fn memory_size_bytes(s: &str) -> Option<u64> {
 pub struct VmCatalog {
     pub images_dir: PathBuf,
     pub config_dir: PathBuf,
-    /// Parsed configs by name, with the text they were parsed from: a config is re-read on
-    /// every load (edits apply at once) but parsed (and its PROMPT regex compiled) only when
-    /// its text changed.
-    parsed: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (String, VmConfig)>>>,
+    /// Parsed configs by name, with the text they were parsed from and the file's stamp: a
+    /// config is looked at on every load (edits apply at once), re-read only when its stamp
+    /// changed or cannot be trusted yet, and parsed (its PROMPT regex compiled) only when its
+    /// text changed. A submission loads its VM's config, so this is on the API's hot path.
+    parsed: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Parsed>>>,
+}
+
+#[derive(Debug)]
+struct Parsed {
+    text: String,
+    vm: VmConfig,
+    /// The file as it was when `text` was read, if that read can vouch for later ones.
+    stamp: Option<Stamp>,
+}
+
+/// What tells a changed file from the same one without reading it: size, identity and
+/// times (mtime and ctime, so a rewrite that restores the old mtime still shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    dev: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// A stamp this recent may not tell two writes apart: file times advance in clock ticks, so
+/// a same-sized edit within the tick of the previous one keeps its stamp (git's "racily
+/// clean" files). Such a file is re-read on every load until it is older than this.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            len: m.len(),
+            dev: m.dev(),
+            ino: m.ino(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// The stamp of `m`, if it was last changed long enough ago to be trusted.
+    fn settled(m: &std::fs::Metadata) -> Option<Stamp> {
+        let stamp = Stamp::of(m);
+        let (secs, nanos) = stamp.mtime.max(stamp.ctime);
+        let changed =
+            std::time::Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        (now.checked_sub(changed)? >= RACY).then_some(stamp)
+    }
 }
 
 impl VmCatalog {
@@ -454,6 +504,16 @@ impl VmCatalog {
             return Err(VmConfigError::InvalidName(name.chars().take(80).collect()));
         }
         let conf = self.config_dir.join(format!("{name}.conf"));
+        // One stat instead of open + read + close when the file is known unchanged.
+        let meta = std::fs::metadata(&conf).ok();
+        if let Some(m) = &meta {
+            let parsed = self.parsed.lock().expect("catalog cache lock");
+            if let Some(p) = parsed.get(name) {
+                if p.stamp.is_some() && p.stamp == Some(Stamp::of(m)) {
+                    return Ok((p.vm.clone(), p.text.clone()));
+                }
+            }
+        }
         let text = match std::fs::read_to_string(&conf) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -468,14 +528,24 @@ impl VmCatalog {
             }
             Err(source) => return Err(VmConfigError::Io { path: conf, source }),
         };
+        // Taken before the read, so that a write racing it leaves a stamp that differs later.
+        let stamp = meta.as_ref().and_then(Stamp::settled);
         let mut parsed = self.parsed.lock().expect("catalog cache lock");
-        if let Some((cached_text, vm)) = parsed.get(name) {
-            if *cached_text == text {
-                return Ok((vm.clone(), text));
+        if let Some(p) = parsed.get_mut(name) {
+            if p.text == text {
+                p.stamp = stamp;
+                return Ok((p.vm.clone(), text));
             }
         }
         let vm = VmConfig::parse(name, &text, &conf, &self.images_dir, &self.config_dir)?;
-        parsed.insert(name.to_string(), (text.clone(), vm.clone()));
+        parsed.insert(
+            name.to_string(),
+            Parsed {
+                text: text.clone(),
+                vm: vm.clone(),
+                stamp,
+            },
+        );
         Ok((vm, text))
     }
 
@@ -674,6 +744,48 @@ mod tests {
         assert!(
             cat.load("conf-only").is_err(),
             "a broken edit is reported, not masked by the cache"
+        );
+    }
+
+    /// A config's stamp spares re-reading it only once it is older than [`RACY`]: edits of
+    /// the same size within one clock tick (a fresh file) or that restore the old mtime (an
+    /// older one; its ctime still moves) are all seen by the next load.
+    #[test]
+    fn cached_configs_see_every_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("v.conf");
+        let cat = VmCatalog::new(dir.path(), dir.path());
+        let memory = |cat: &VmCatalog| cat.load("v").unwrap().memory;
+        // Fresh: each same-sized rewrite is seen at once, however close together.
+        for m in ["1G", "2G", "3G"] {
+            std::fs::write(&conf, format!("KERNEL=\"/k\"\nMEMORY=\"{m}\"\n")).unwrap();
+            assert_eq!(memory(&cat), m);
+        }
+        // Settled (its mtime an hour ago): cached by stamp...
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let f = std::fs::File::options().write(true).open(&conf).unwrap();
+        f.set_modified(old).unwrap();
+        assert_eq!(memory(&cat), "3G");
+        assert_eq!(memory(&cat), "3G");
+        // ...and an edit that puts the same size and mtime back is still seen (ctime).
+        std::fs::write(&conf, "KERNEL=\"/k\"\nMEMORY=\"4G\"\n").unwrap();
+        f.set_modified(old).unwrap();
+        assert_eq!(memory(&cat), "4G");
+        // And one that replaces the file (a new inode) too.
+        let tmp = dir.path().join("v.conf.new");
+        std::fs::write(&tmp, "KERNEL=\"/k\"\nMEMORY=\"5G\"\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        std::fs::rename(&tmp, &conf).unwrap();
+        assert_eq!(memory(&cat), "5G");
+        std::fs::remove_file(&conf).unwrap();
+        assert!(
+            cat.load("v").is_err(),
+            "a removed config is not served from the cache"
         );
     }
 

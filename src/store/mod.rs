@@ -28,6 +28,7 @@ macro_rules! on_pg {
 }
 
 pub(crate) mod audit;
+mod checkpoint;
 mod console;
 mod control;
 mod files;
@@ -209,6 +210,10 @@ impl Store {
         };
         store.call_write(schema::migrate).await?;
         store.make_reserve();
+        checkpoint::start(
+            Self::connect(&store.inner.path)?,
+            Arc::downgrade(&store.inner),
+        )?;
         Ok(store)
     }
 
@@ -404,6 +409,8 @@ impl Store {
             // WAL + NORMAL survives any process crash; only an OS crash may lose the last commits.
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
+            // The checkpoint thread copies the WAL back; a commit does only past the backstop.
+            conn.pragma_update(None, "wal_autocheckpoint", checkpoint::BACKSTOP_PAGES)?;
             Ok(conn)
         };
         open().map_err(|source| StoreError::Open {
