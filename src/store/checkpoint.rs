@@ -31,14 +31,16 @@ pub(super) fn start(conn: Connection, alive: Weak<Inner>) -> Result<(), StoreErr
     std::thread::Builder::new()
         .name("store-checkpoint".into())
         .spawn(move || {
-            let mut seen = version(&conn).ok();
+            // None: the first pass always checkpoints, so commits made before this thread first
+            // looked (it may start late on a busy host) are not missed.
+            let mut seen = None;
             loop {
                 std::thread::sleep(EVERY);
                 if alive.strong_count() == 0 {
                     return;
                 }
                 let now = version(&conn).ok();
-                if now == seen && now.is_some() {
+                if now.is_some() && now == seen {
                     continue;
                 }
                 seen = now;

@@ -463,6 +463,19 @@ impl Store {
         }
     }
 
+    /// [`Store::call_batched`] for an `f` that runs exactly one statement: the writer gives it
+    /// no savepoint (a failed statement leaves nothing by itself).
+    pub(crate) async fn call_batched_statement<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        match &self.inner.writer {
+            Some(w) => w.submit_statement(f).await,
+            None => self.call_batched(f).await,
+        }
+    }
+
     /// Runs a point read (a primary-key lookup, microseconds from the page cache) on the
     /// calling thread. Handing such a read to the blocking pool costs more in thread
     /// hand-offs than the read itself, and WAL readers never wait for writers.

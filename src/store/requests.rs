@@ -220,7 +220,9 @@ impl Store {
         let uploads = new.uploads;
         // Committed with whatever other writes are queued (group commit); the insert and the
         // linking of its uploads are one savepoint, so a failure takes back both, and only them.
-        self.call_batched(move |tx| {
+        // Without uploads it is the one INSERT, which needs no savepoint.
+        let single = uploads.is_empty();
+        let op = move |tx: &rusqlite::Connection| {
             tx.prepare_cached(&format!(
                 "INSERT INTO requests (uuid, vm_name, commands, timeout, status, created_at, updated_at,
                                        boot, artifact_globs, requires, keep_on_failure,
@@ -261,8 +263,12 @@ impl Store {
                 }
             }
             Ok(())
-        })
-        .await?;
+        };
+        if single {
+            self.call_batched_statement(op).await?;
+        } else {
+            self.call_batched(op).await?;
+        }
         self.bump();
         Ok(req)
     }
@@ -449,7 +455,7 @@ impl Store {
     pub async fn mark_running(&self, id: RequestId, agent: &AgentId) -> Result<bool, StoreError> {
         on_pg!(self.mark_running(id, agent));
         let agent = agent.0.clone();
-        self.call_batched(move |c| {
+        self.call_batched_statement(move |c| {
             let now = timefmt::now();
             let n = c
                 .prepare_cached(
@@ -472,7 +478,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         on_pg!(self.heartbeat(id, agent, lease));
         let agent = agent.0.clone();
-        self.call_batched(move |c| {
+        self.call_batched_statement(move |c| {
             let n = c
                 .prepare_cached(
                     "UPDATE requests SET lease_expires_at = ?1
