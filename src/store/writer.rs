@@ -11,9 +11,11 @@
 //! and answered with its error while the others commit. An operation of exactly one
 //! statement ([`Writer::submit_statement`]) needs none: SQLite undoes a failed statement by
 //! itself, and a savepoint costs a copy of every page the operation is the first to touch
-//! (the sub-journal), a tenth of the thread's time when every submission is one `INSERT`. Answers are sent only after `COMMIT`
-//! returned: an operation answered `Ok` is committed, with the durability the connection is
-//! configured for (WAL, `synchronous = NORMAL`, as every other connection of the store). When
+//! (the sub-journal), a tenth of the thread's time when every submission is one `INSERT`.
+//! An error that makes SQLite roll back the whole transaction (a full disk, an I/O error)
+//! ends the batch either way. Answers are sent only after `COMMIT` returned: an operation
+//! answered `Ok` is committed, with the durability the connection is configured for (WAL,
+//! `synchronous = NORMAL`, as every other connection of the store). When
 //! the `COMMIT` itself fails (a full disk, an I/O error) every operation of the batch gets that
 //! error, and nothing of it is kept.
 //!
@@ -211,7 +213,16 @@ fn commit(c: &Connection, mut ops: impl Iterator<Item = Box<dyn Op>>) {
         }
         let done = op.run(c);
         let closed = if !own {
-            Ok(())
+            // Some errors (a full disk, I/O) roll the whole transaction back: what follows
+            // would run, and commit, on its own, while this batch is answered as failed.
+            if done.failed() && c.is_autocommit() {
+                Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                    Some("the transaction was rolled back by a failed write".into()),
+                ))
+            } else {
+                Ok(())
+            }
         } else if done.failed() {
             exec(c, "ROLLBACK TO op").and_then(|()| exec(c, "RELEASE op"))
         } else {
