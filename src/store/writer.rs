@@ -268,6 +268,46 @@ mod tests {
         Ok(())
     }
 
+    /// A one-statement write that fails with a full disk takes SQLite's whole transaction with
+    /// it: the batch ends there, every write of it is answered with an error and none is kept
+    /// (without the check, the third would commit on its own while answered as failed).
+    #[test]
+    fn a_statement_that_rolls_the_transaction_back_ends_the_batch() {
+        use super::{commit, Job, Op};
+        let dir = tempfile::tempdir().unwrap();
+        let c = rusqlite::Connection::open(dir.path().join("f.db")).unwrap();
+        c.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x)")
+            .unwrap();
+        let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+        c.pragma_update(None, "max_page_count", pages + 2).unwrap();
+        let mut answers = Vec::new();
+        let mut job = |sql: &'static str| -> Box<dyn Op> {
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            answers.push(answered);
+            Box::new(Job {
+                f: move |c: &rusqlite::Connection| -> Result<(), StoreError> {
+                    c.execute(sql, [])?;
+                    Ok(())
+                },
+                savepoint: false,
+                answer,
+            })
+        };
+        let ops = vec![
+            job("INSERT INTO t VALUES ('a')"),
+            job("INSERT INTO t VALUES (randomblob(1000000))"),
+            job("INSERT INTO t VALUES ('c')"),
+        ];
+        commit(&c, ops.into_iter());
+        for (i, mut a) in answers.into_iter().enumerate() {
+            assert!(a.try_recv().unwrap().is_err(), "write {i} answered Ok");
+        }
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0, "a write of the failed batch was kept");
+    }
+
     /// One statement inserting `uuid` and then a duplicate key: it fails as a whole.
     fn insert_two(c: &rusqlite::Connection, uuid: &str) -> Result<(), StoreError> {
         c.execute(
