@@ -303,4 +303,19 @@ mod tests {
             Err(StoreError::TooNew { found: 99, .. })
         ));
     }
+
+    /// `.cargo/config.toml` builds the bundled SQLite without the process-wide page-cache
+    /// group and allocation counters (two mutexes every point read queued on); a build that
+    /// lost the flags (a moved config, a changed env) fails here rather than only in figure 6.
+    #[test]
+    fn bundled_sqlite_has_no_process_wide_cache_or_memstatus_mutexes() {
+        let c = Connection::open_in_memory().unwrap();
+        let used = |opt: &str| -> bool {
+            c.query_row("SELECT sqlite_compileoption_used(?1)", [opt], |r| r.get(0))
+                .unwrap()
+        };
+        assert!(!used("ENABLE_MEMORY_MANAGEMENT"));
+        assert!(used("DEFAULT_MEMSTATUS=0"));
+        assert!(used("THREADSAFE=1"));
+    }
 }
