@@ -245,18 +245,18 @@ fn status_action(body: &[u8]) -> &'static str {
 
 /// The middleware: authenticate, authorise, run, audit.
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let path = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string());
     let uri_path = req.uri().path().to_string();
-    let route = path.as_deref().unwrap_or(&uri_path).to_string();
-    let rule = rule(req.method().as_str(), &route);
-    let addr = address(&req);
+    let rule = {
+        let matched = req.extensions().get::<MatchedPath>();
+        rule(
+            req.method().as_str(),
+            matched.map_or(uri_path.as_str(), MatchedPath::as_str),
+        )
+    };
     let mut audit = rule.audited.map(|kind| NewAudit {
         principal: None,
         role: None,
-        address: addr.clone(),
+        address: address(&req),
         action: match kind {
             Audited::Named(a) => a.to_string(),
             Audited::Status => "set_status".into(),

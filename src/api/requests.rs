@@ -340,8 +340,12 @@ pub async fn show(
     State(state): State<AppState>,
     Path(uuid): Path<String>,
 ) -> Result<Json<Request>, ApiError> {
-    let mut req = load(&state, &uuid).await?;
-    req.webhooks = Some(state.store.deliveries(req.uuid).await?);
+    let id = parse_id(&uuid)?;
+    let req = state
+        .store
+        .show(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(id.to_string()))?;
     Ok(Json(req))
 }
 

@@ -21,6 +21,16 @@ const COLUMNS: &str = "uuid, vm_name, commands, timeout, status, created_at, upd
 /// How many columns `COLUMNS` names (a query's extra columns come after them).
 const COLUMN_COUNT: usize = 33;
 
+/// One request by uuid: its columns, its place in the claim order (`KEY_COLUMNS`, then
+/// `AHEAD`'s two counts) and whether it has webhook targets (whether it can have deliveries).
+static GET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {COLUMNS}, {KEY_COLUMNS}, {ahead}, webhook_urls IS NOT NULL FROM requests r
+         WHERE uuid = ?1 AND deleting = 0",
+        ahead = *AHEAD
+    )
+});
+
 /// The extra columns after `COLUMNS` that place a row in the claim order.
 const KEY_COLUMNS: &str = "queue_tag, rowid";
 
@@ -276,39 +286,50 @@ impl Store {
     /// The request as the API shows it: one being deleted is already gone.
     pub async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
         on_pg!(self.get(id));
+        self.read_one(id, false).await
+    }
+
+    /// A request as `GET /requests/{uuid}` shows it: [`Store::get`] with its webhook
+    /// deliveries, read from the same snapshot as the row.
+    pub async fn show(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
+        on_pg!(self.show(id));
+        self.read_one(id, true).await
+    }
+
+    async fn read_one(
+        &self,
+        id: RequestId,
+        deliveries: bool,
+    ) -> Result<Option<Request>, StoreError> {
         let found = self.call_point_read(move |c| {
-            let row = c
-                .prepare_cached(&format!(
-                    "SELECT {COLUMNS}, {KEY_COLUMNS}, {ahead} FROM requests r
-                     WHERE uuid = ?1 AND deleting = 0",
-                    ahead = *AHEAD
-                ))?
-                .query_row([id.to_string()], |row| {
-                    let req = from_row(row)?;
-                    let (turn, rowid) = key_columns(row)?;
-                    let ahead: (Option<i64>, Option<i64>) =
-                        (row.get(COLUMN_COUNT + 2)?, row.get(COLUMN_COUNT + 3)?);
-                    Ok(req.map(|req| {
-                        let place = match ahead {
-                            (Some(higher), Some(earlier)) => {
-                                let key = ClaimKey::new(
-                                    req.priority,
-                                    turn,
-                                    req.created_at.clone(),
-                                    rowid,
-                                );
-                                vec![Place::counted(key, higher, earlier)]
-                            }
-                            _ => Vec::new(),
-                        };
-                        (req, place)
-                    }))
-                })
-                .optional()?;
-            let Some((mut req, place)) = row.transpose()? else {
+            let mut stmt = c.prepare_cached(&GET)?;
+            let mut rows = stmt.query([id.to_string()])?;
+            let Some(row) = rows.next()? else {
                 return Ok(None);
             };
+            let mut req = from_row(row)??;
+            let (turn, rowid) = key_columns(row)?;
+            let ahead: (Option<i64>, Option<i64>) =
+                (row.get(COLUMN_COUNT + 2)?, row.get(COLUMN_COUNT + 3)?);
+            let has_targets: bool = row.get(COLUMN_COUNT + 4)?;
+            let place = match ahead {
+                (Some(higher), Some(earlier)) => {
+                    let key = ClaimKey::new(req.priority, turn, req.created_at.clone(), rowid);
+                    vec![Place::counted(key, higher, earlier)]
+                }
+                _ => Vec::new(),
+            };
+            // `rows` is still open, so its read transaction (and snapshot) spans these reads:
+            // one transaction for the whole answer, and deliveries consistent with the row. A
+            // request submitted without targets has none to read.
+            if deliveries {
+                req.webhooks = Some(match has_targets {
+                    true => webhooks::deliveries_in(c, id)?,
+                    false => Vec::new(),
+                });
+            }
             fill_waiting(c, &self.inner.hosts, std::slice::from_mut(&mut req))?;
+            drop(rows);
             Ok(Some((req, place)))
         })?;
         let Some((mut req, place)) = found else {

@@ -63,6 +63,22 @@ pub(super) fn enqueue_in(
     Ok(())
 }
 
+/// A request's deliveries, oldest first, read on `c` (inside the caller's snapshot).
+pub(super) fn deliveries_in(
+    c: &rusqlite::Connection,
+    id: RequestId,
+) -> Result<Vec<Delivery>, StoreError> {
+    let mut stmt = c.prepare_cached(&DELIVERIES)?;
+    let rows = stmt
+        .query_map([id.to_string()], delivery_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().collect()
+}
+
+static DELIVERIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE request_uuid = ?1 ORDER BY id")
+});
+
 fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Delivery, StoreError>> {
     let id: String = r.get(0)?;
     let event: String = r.get(1)?;
@@ -97,16 +113,7 @@ impl Store {
     /// A request's deliveries, oldest first (what `GET /requests/{uuid}` shows).
     pub async fn deliveries(&self, id: RequestId) -> Result<Vec<Delivery>, StoreError> {
         on_pg!(self.deliveries(id));
-        self.call_point_read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE request_uuid = ?1
-                 ORDER BY id"
-            ))?;
-            let rows = stmt
-                .query_map([id.to_string()], delivery_from_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            rows.into_iter().collect()
-        })
+        self.call_point_read(move |c| deliveries_in(c, id))
     }
 
     /// Claims up to `limit` due deliveries for one attempt each: `attempts` counts it, and
@@ -207,7 +214,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::{AgentId, NewRequest, Status};
+    use crate::model::{AgentId, NewRequest, RequestId, Status};
     use crate::store::test_support::temp_store;
     use crate::store::{Finish, Store};
     use crate::webhooks::{Attempt, DeliveryState};
@@ -247,10 +254,20 @@ mod tests {
             .iter()
             .all(|d| d.state == DeliveryState::Pending && d.attempts == 0));
         assert_ne!(d[0].id, d[1].id);
+        // The request as shown carries them, in order; `get` leaves them out.
+        let shown = s.show(r.uuid).await.unwrap().unwrap().webhooks.unwrap();
+        assert_eq!(
+            shown.iter().map(|d| d.id).collect::<Vec<_>>(),
+            [d[0].id, d[1].id]
+        );
+        assert!(s.get(r.uuid).await.unwrap().unwrap().webhooks.is_none());
         // A request without targets queues nothing.
         let plain = with_targets(&s, &[]).await;
         s.control(plain.uuid, Status::Cancelled).await.unwrap();
         assert!(s.deliveries(plain.uuid).await.unwrap().is_empty());
+        let shown = s.show(plain.uuid).await.unwrap().unwrap();
+        assert!(shown.webhooks.is_some_and(|w| w.is_empty()));
+        assert!(s.show(RequestId::new()).await.unwrap().is_none());
     }
 
     #[tokio::test]

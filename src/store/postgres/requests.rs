@@ -25,7 +25,7 @@ pub(super) const COLUMNS: &str =
 /// A request, with its place in the claim order and the requests ahead of it.
 static GET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "SELECT {COLUMNS}, {KEY_COLUMNS}, {ahead} FROM requests r
+        "SELECT {COLUMNS}, {KEY_COLUMNS}, {ahead}, webhook_urls IS NOT NULL FROM requests r
          WHERE uuid = $1 AND NOT deleting",
         ahead = *AHEAD
     )
@@ -235,6 +235,20 @@ impl Pg {
     }
 
     pub(crate) async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
+        self.read_one(id, false).await
+    }
+
+    pub(crate) async fn show(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
+        self.read_one(id, true).await
+    }
+
+    /// The request, with its deliveries if asked (a round trip more, only for a request
+    /// submitted with webhook targets: one without has none).
+    async fn read_one(
+        &self,
+        id: RequestId,
+        deliveries: bool,
+    ) -> Result<Option<Request>, StoreError> {
         let uuid = id.to_string();
         let got = retry!(self, "get", pooled, |c| {
             // Prepared once per connection: planning it (the position's two subqueries) cost
@@ -255,13 +269,20 @@ impl Pg {
                         }
                         _ => Vec::new(),
                     };
-                    Ok((req, place))
+                    let has_targets: bool = r.try_get(COLUMN_COUNT + 4)?;
+                    Ok((req, place, has_targets))
                 })
                 .transpose()
         })?;
-        let Some((req, place)) = got else {
+        let Some((mut req, place, has_targets)) = got else {
             return Ok(None);
         };
+        if deliveries {
+            req.webhooks = Some(match has_targets {
+                true => self.deliveries(id).await?,
+                false => Vec::new(),
+            });
+        }
         let mut reqs = self.with_waiting(vec![req]).await?;
         self.fill_positions(&mut reqs, place).await?;
         Ok(reqs.pop())
