@@ -43,9 +43,14 @@ pub const BODY_LIMIT: usize = 128 * 1024;
 pub const PUBLIC_PATHS: &[&str] = &[HEALTH];
 const HEALTH: &str = "/health";
 
-/// Shared by every handler.
+/// Shared by every handler, behind one `Arc`: axum clones the state for the access layer and
+/// again for the handler of every call, and a clone is then one atomic increment rather than
+/// one per field (and two path copies for the catalog).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// What [`AppState`] shares (its fields, through `Deref`).
+pub struct Shared {
     pub settings: Arc<Settings>,
     pub store: Store,
     pub catalog: VmCatalog,
@@ -62,7 +67,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(settings: Arc<Settings>, store: Store, wake: Arc<Notify>) -> Self {
-        AppState {
+        AppState(Arc::new(Shared {
             catalog: VmCatalog::new(&settings.vm_images_dir, &settings.vm_config_dir),
             accel: Arc::new(AccelResolver::new(
                 &settings.qemu_binary,
@@ -74,7 +79,15 @@ impl AppState {
             settings,
             store,
             wake,
-        }
+        }))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
     }
 }
 
