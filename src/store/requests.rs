@@ -285,14 +285,14 @@ impl Store {
 
     /// The request as the API shows it: one being deleted is already gone.
     pub async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
-        on_pg!(self.get(id));
+        on_pg!(self.read_one(id, false));
         self.read_one(id, false).await
     }
 
     /// A request as `GET /requests/{uuid}` shows it: [`Store::get`] with its webhook
     /// deliveries, read from the same snapshot as the row.
     pub async fn show(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
-        on_pg!(self.show(id));
+        on_pg!(self.read_one(id, true));
         self.read_one(id, true).await
     }
 

@@ -234,17 +234,9 @@ impl Pg {
         Ok(reqs)
     }
 
-    pub(crate) async fn get(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
-        self.read_one(id, false).await
-    }
-
-    pub(crate) async fn show(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
-        self.read_one(id, true).await
-    }
-
-    /// The request, with its deliveries if asked (a round trip more, only for a request
-    /// submitted with webhook targets: one without has none).
-    async fn read_one(
+    /// `Store::get` (`deliveries` false) and `Store::show` (true): the deliveries cost a round
+    /// trip more, and only for a request submitted with webhook targets (one without has none).
+    pub(crate) async fn read_one(
         &self,
         id: RequestId,
         deliveries: bool,
