@@ -416,7 +416,8 @@ pub struct VmCatalog {
 
 #[derive(Debug)]
 struct Parsed {
-    text: String,
+    /// Shared with callers of `load_with_text`: a hit hands out the text without copying it.
+    text: std::sync::Arc<str>,
     vm: VmConfig,
     /// The file as it was when `text` was read, if that read can vouch for later ones.
     stamp: Option<Stamp>,
@@ -499,7 +500,10 @@ impl VmCatalog {
     }
 
     /// The VM's config and the text it was parsed from (empty for an image without a config).
-    pub fn load_with_text(&self, name: &str) -> Result<(VmConfig, String), VmConfigError> {
+    pub fn load_with_text(
+        &self,
+        name: &str,
+    ) -> Result<(VmConfig, std::sync::Arc<str>), VmConfigError> {
         if !is_valid_vm_name(name) {
             return Err(VmConfigError::InvalidName(name.chars().take(80).collect()));
         }
@@ -532,12 +536,13 @@ impl VmCatalog {
         let stamp = meta.as_ref().and_then(Stamp::settled);
         let mut parsed = self.parsed.lock().expect("catalog cache lock");
         if let Some(p) = parsed.get_mut(name) {
-            if p.text == text {
+            if *p.text == *text {
                 p.stamp = stamp;
-                return Ok((p.vm.clone(), text));
+                return Ok((p.vm.clone(), p.text.clone()));
             }
         }
         let vm = VmConfig::parse(name, &text, &conf, &self.images_dir, &self.config_dir)?;
+        let text: std::sync::Arc<str> = text.into();
         parsed.insert(
             name.to_string(),
             Parsed {
