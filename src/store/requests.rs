@@ -290,7 +290,8 @@ impl Store {
     }
 
     /// A request as `GET /requests/{uuid}` shows it: [`Store::get`] with its webhook
-    /// deliveries, read from the same snapshot as the row.
+    /// deliveries (on SQLite from the same snapshot as the row; on PostgreSQL by a second
+    /// query right after it).
     pub async fn show(&self, id: RequestId) -> Result<Option<Request>, StoreError> {
         on_pg!(self.read_one(id, true));
         self.read_one(id, true).await
